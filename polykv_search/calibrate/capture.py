@@ -1,0 +1,155 @@
+"""Forward hooks that turn one prefill and one teacher-forced decoding pass into per-layer rankings,
+signals and cost curves, without keeping any (layers x T x T) attention.
+
+Phase "prefill": after each layer's attention over the context, every policy's kvpress scorer ranks the
+context tokens (H2O's observed attention is accumulated over query chunks), and the observation window's
+attention is reduced to CAKE's signals. Phase "decode": the question and reference answer run on the full
+cache; their attention over the context gives the shift signal and each policy's cost at every budget.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+
+from polykv_search.calibrate.attention import attention_probs, decoder_layers, rotary_owner
+from polykv_search.calibrate.costs import cost_curves
+from polykv_search.calibrate.signals import SIGNAL_NAMES, decoding_signals, group_heads, window_signals
+from polykv_search.models import ModelInfo
+from polykv_search.policies import POLICIES, make_press, rank_scores
+
+
+@dataclass
+class SampleRecord:
+    """What one sample contributes: per layer (L, H_kv) signals and (L, H_kv, P, G) costs."""
+
+    mass_lost: torch.Tensor
+    out_err: torch.Tensor
+    signals: dict[str, torch.Tensor]
+
+
+@dataclass
+class _LayerState:
+    rankings: dict[str, torch.Tensor] = field(default_factory=dict)  # policy -> (H_kv, T)
+    window_mean: torch.Tensor | None = None  # (H, T)
+
+
+class LayerCapture:
+    """Hooks on every attention module; `phase` selects what a forward computes."""
+
+    def __init__(self, model: torch.nn.Module, info: ModelInfo, *, policies: Sequence[str],
+                 budgets: Sequence[int], window: int = 64, n_sink: int = 4, recent: int = 64,
+                 chunk: int = 256) -> None:
+        self.model, self.info = model, info
+        self.policies, self.budgets = list(policies), [int(b) for b in budgets]
+        self.window, self.n_sink, self.recent, self.chunk = window, n_sink, recent, chunk
+        self.presses = {name: make_press(name) for name in self.policies}
+        self.layer_ids = info.compressible_layers
+        self.phase: str | None = None
+        self.n_context = 0
+        self._state: dict[int, _LayerState] = {}
+        self._record: SampleRecord | None = None
+
+    @contextmanager
+    def attached(self) -> Iterator[LayerCapture]:
+        layers = decoder_layers(self.model)
+        owner = rotary_owner(self.model)
+        for press in self.presses.values():
+            press.post_init_from_model(self.model)
+        hooks = []
+        try:
+            for idx in self.layer_ids:
+                attn = layers[idx].self_attn
+                attn.rotary_emb = owner.rotary_emb  # ExpectedAttention reads it, as kvpress's own hook sets it
+                hooks.append(attn.register_forward_hook(self._hook, with_kwargs=True))
+            yield self
+        finally:
+            for hook in hooks:
+                hook.remove()
+            self.phase = None
+
+    def start_sample(self, n_context: int) -> None:
+        num_layers, num_kv = self.info.num_layers, self.info.num_kv_heads
+        shape = (num_layers, num_kv, len(self.policies), len(self.budgets))
+        nan = float("nan")
+        self.n_context = n_context
+        self._state = {idx: _LayerState() for idx in self.layer_ids}
+        self._record = SampleRecord(
+            mass_lost=torch.full(shape, nan), out_err=torch.full(shape, nan),
+            signals={name: torch.full((num_layers, num_kv), nan) for name in SIGNAL_NAMES})
+
+    def finish_sample(self) -> SampleRecord:
+        record, self._record, self._state = self._record, None, {}
+        assert record is not None
+        return record
+
+    # -- hooks -------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def _hook(self, module: torch.nn.Module, args: tuple, kwargs: dict, output: tuple) -> tuple:
+        if self.phase == "prefill":
+            self._on_prefill(module, kwargs)
+        elif self.phase == "decode":
+            self._on_decode(module, kwargs)
+        return output
+
+    def _on_prefill(self, module: torch.nn.Module, kwargs: dict) -> None:
+        idx = module.layer_idx
+        hidden = kwargs["hidden_states"]  # (1, T, d)
+        layer = kwargs["past_key_values"].layers[idx]
+        keys, values = layer.keys, layer.values  # (1, H_kv, T, D)
+        cos, sin = kwargs["position_embeddings"]
+        n = keys.shape[2]
+        state = self._state[idx]
+        observed = None
+        for name, press in self.presses.items():
+            if POLICIES[name].needs_attentions:
+                state.rankings[name], observed = self._observed_scores(name, press, module, hidden, keys, values,
+                                                                        kwargs)
+            else:
+                state.rankings[name] = rank_scores(name, press, module, hidden, keys, values, None, kwargs)[0].cpu()
+        w = min(self.window, n)
+        if observed is not None and observed.shape[1] >= w:
+            win = observed[:, -w:]  # the last chunk's final queries are the observation window
+        else:
+            win = attention_probs(module, hidden[:, -w:], keys, (cos[:, -w:], sin[:, -w:]), first_position=n - w)
+        sig = window_signals(win, n)  # each (H,)
+        state.window_mean = (win / win.sum(-1, keepdim=True)).mean(dim=1).cpu()  # (H, T)
+        for key, value in sig.items():
+            self._record.signals[key][idx] = group_heads(value, self.info.num_kv_heads).cpu()
+
+    def _observed_scores(self, name, press, module, hidden, keys, values, kwargs):
+        """H2O's kvpress score from query chunks (the score is a sum over queries, so chunks add up exactly).
+
+        Returns the (H_kv, T) ranking and the last chunk's attention (H, c, T), reused for the window signals.
+        """
+        cos, sin = kwargs["position_embeddings"]
+        n = keys.shape[2]
+        total, probs = None, None
+        for start in range(0, n, self.chunk):
+            stop = min(start + self.chunk, n)
+            probs = attention_probs(module, hidden[:, start:stop], keys, (cos[:, start:stop], sin[:, start:stop]),
+                                    first_position=start, pad_to=n)  # (H, c, T)
+            part = rank_scores(name, press, module, hidden, keys, values, probs[None], kwargs)  # (1, H_kv, T)
+            total = part if total is None else total + part
+        return total[0].cpu(), probs
+
+    def _on_decode(self, module: torch.nn.Module, kwargs: dict) -> None:
+        idx = module.layer_idx
+        hidden = kwargs["hidden_states"]  # (1, S, d)
+        layer = kwargs["past_key_values"].layers[idx]
+        keys, values = layer.keys, layer.values  # (1, H_kv, T + S, D)
+        n_ctx = self.n_context
+        probs = attention_probs(module, hidden, keys, kwargs["position_embeddings"], first_position=n_ctx)
+        probs = probs.cpu()  # (H, S, T + S)
+        state = self._state[idx]
+        sig = decoding_signals(probs, state.window_mean, n_ctx, n_sink=self.n_sink, recent=self.recent)
+        for key, value in sig.items():
+            self._record.signals[key][idx] = group_heads(value, self.info.num_kv_heads)
+        vals = values[0].cpu()  # (H_kv, T + S, D)
+        rankings = torch.stack([state.rankings[name] for name in self.policies])  # (P, H_kv, T)
+        lost, err = cost_curves(probs, vals, rankings, self.budgets, n_ctx)  # (P, H_kv, G) each
+        self._record.mass_lost[idx] = lost.transpose(0, 1)  # (H_kv, P, G)
+        self._record.out_err[idx] = err.transpose(0, 1)

@@ -1,0 +1,105 @@
+"""The calibration profile: safetensors arrays plus a JSON header, written atomically and checked on load.
+
+Arrays (N samples, L layers, H_kv KV heads, P policies, G budgets):
+  mass_lost (N, L, H_kv, P, G), out_err (N, L, H_kv, P, G), signal.<name> (N, L, H_kv), context_tokens (N,).
+Sliding-window layers hold NaN: the architecture fixes their cache and no plan touches them.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from polykv_search.errors import ProfileError
+from polykv_search.io import write_atomic
+from polykv_search.models import ModelInfo
+
+PROFILE_FORMAT = "polykv-profile"
+PROFILE_VERSION = 1  # bump when arrays or header fields change meaning
+HEADER_KEY = "polykv_profile"
+COST_KINDS = ("mass_lost", "out_err")
+
+
+@dataclass
+class Profile:
+    header: dict[str, Any]
+    arrays: dict[str, torch.Tensor]
+
+    # -- views -------------------------------------------------------------------------------------
+    @property
+    def model(self) -> ModelInfo:
+        return ModelInfo.from_dict(self.header["model"])
+
+    @property
+    def policies(self) -> list[str]:
+        return [p["name"] for p in self.header["policies"]]
+
+    @property
+    def budgets(self) -> list[int]:
+        return list(self.header["budgets"])
+
+    @property
+    def num_samples(self) -> int:
+        return int(self.arrays["mass_lost"].shape[0])
+
+    def layer_costs(self, kind: str = "mass_lost") -> torch.Tensor:
+        """Mean cost per (layer, policy, budget) over samples and KV heads: (L, P, G)."""
+        if kind not in COST_KINDS:
+            raise ProfileError(f"unknown cost kind {kind!r}; the profile has {', '.join(COST_KINDS)}")
+        return self.arrays[kind].mean(dim=(0, 2))
+
+    def layer_signals(self) -> dict[str, torch.Tensor]:
+        """Mean signal per layer over samples and KV heads: name -> (L,)."""
+        return {k.split(".", 1)[1]: v.mean(dim=(0, 2)) for k, v in self.arrays.items() if k.startswith("signal.")}
+
+    # -- files -------------------------------------------------------------------------------------
+    def save(self, path: str | Path) -> Path:
+        tensors = {k: v.contiguous().float() if v.is_floating_point() else v.contiguous()
+                   for k, v in self.arrays.items()}
+        meta = {HEADER_KEY: json.dumps(self.header)}
+        return write_atomic(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
+
+    @classmethod
+    def load(cls, path: str | Path) -> Profile:
+        path = Path(path)
+        if not path.is_file():
+            raise ProfileError(f"profile {path} does not exist; run `polykv-search calibrate` first")
+        try:
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="pt") as handle:
+                meta = handle.metadata() or {}
+            arrays = load_file(str(path))
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise ProfileError(f"{path} is not a readable safetensors profile ({exc}); re-run calibrate") from exc
+        if HEADER_KEY not in meta:
+            raise ProfileError(f"{path} has no polykv-search header; it is not a profile written by calibrate")
+        header = json.loads(meta[HEADER_KEY])
+        if header.get("format") != PROFILE_FORMAT:
+            raise ProfileError(f"{path} is not a polykv-search profile (format {header.get('format')!r})")
+        version = header.get("format_version")
+        if version != PROFILE_VERSION:
+            raise ProfileError(f"{path} is profile format version {version}, this polykv-search reads version "
+                               f"{PROFILE_VERSION}; re-run `polykv-search calibrate` to rebuild it")
+        profile = cls(header=header, arrays=arrays)
+        profile.check()
+        return profile
+
+    def check(self) -> None:
+        """Shapes agree with the header: raises ProfileError naming the first mismatch."""
+        info = self.model
+        expected = (info.num_layers, info.num_kv_heads, len(self.policies), len(self.budgets))
+        for kind in COST_KINDS:
+            if kind not in self.arrays:
+                raise ProfileError(f"profile lacks the {kind!r} array; re-run calibrate")
+            if tuple(self.arrays[kind].shape[1:]) != expected:
+                raise ProfileError(f"profile array {kind} has shape {tuple(self.arrays[kind].shape)}, expected "
+                                   f"(N, {', '.join(map(str, expected))}) from its header; re-run calibrate")
+        if self.num_samples != len(self.header.get("samples", [])):
+            raise ProfileError("profile sample count does not match its header; re-run calibrate")

@@ -1,0 +1,257 @@
+"""`calibrate`: one full-cache prefill per sample, the reference answer teacher-forced as decoding, per-sample
+checkpoints (so an interrupted run resumes), and the aggregated profile written atomically.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import platform
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import DynamicCache
+
+from polykv_search import __version__
+from polykv_search.calibrate.budgets import DEFAULT_BUDGETS
+from polykv_search.calibrate.capture import LayerCapture, SampleRecord
+from polykv_search.calibrate.profile import PROFILE_FORMAT, PROFILE_VERSION, Profile
+from polykv_search.calibrate.signals import SIGNAL_NAMES
+from polykv_search.data import Sample, build_prompt
+from polykv_search.errors import ConfigError, DataError, ProfileError
+from polykv_search.io import file_sha256, write_atomic, write_json_atomic
+from polykv_search.models import LoadedModel
+from polykv_search.policies import DEFAULT_POLICIES, POLICIES, check_policy_names, make_press
+
+logger = logging.getLogger(__name__)
+
+
+
+@dataclass(frozen=True)
+class CalibrationConfig:
+    policies: tuple[str, ...] = DEFAULT_POLICIES
+    budgets: tuple[int, ...] = DEFAULT_BUDGETS
+    window: int = 64  # observation window for CAKE's entropy and variance, as SnapKV's default
+    n_sink: int = 4  # StreamingLLM's sink count, for the sink-mass signal
+    recent: int = 64  # recent-window size for the recent-mass signal
+    max_context_tokens: int | None = None  # None: the model's context length
+
+    def validated(self) -> CalibrationConfig:
+        policies = tuple(check_policy_names(list(self.policies)))
+        if not self.budgets:
+            raise ConfigError("the budget grid is empty; pass e.g. --budgets 16,32,64,128,256,512")
+        bad = [b for b in self.budgets if int(b) < 1]
+        if bad:
+            raise ConfigError(f"budget grid values must be at least 1 token, got {bad}; "
+                              "pass positive integers, e.g. --budgets 16,32,64,128")
+        if self.window < 1 or self.recent < 1 or self.n_sink < 0:
+            raise ConfigError("--window and --recent must be at least 1 and --n-sink at least 0")
+        return CalibrationConfig(policies=policies, budgets=tuple(sorted({int(b) for b in self.budgets})),
+                                 window=self.window, n_sink=self.n_sink, recent=self.recent,
+                                 max_context_tokens=self.max_context_tokens)
+
+
+@dataclass
+class SampleResult:
+    index: int
+    sample_id: str
+    task: str
+    context_tokens: int
+    suffix_tokens: int
+    truncated: bool
+    skipped: str | None = None
+    seconds: float = 0.0
+
+
+@dataclass
+class CalibrationRun:
+    profile: Profile
+    path: Path
+    results: list[SampleResult] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+ProgressFn = Callable[[SampleResult], None]
+
+
+def calibrate(lm: LoadedModel, samples: Sequence[Sample], *, config: CalibrationConfig = CalibrationConfig(),
+              data_sources: Sequence[str] = (), out_dir: str | Path, resume: bool = False,
+              progress: ProgressFn | None = None) -> CalibrationRun:
+    """Calibrate `lm` on `samples` and write `out_dir/profile.safetensors`."""
+    config = config.validated()
+    if not samples:
+        raise DataError("the calibration data set is empty; pass a --data file with at least one row")
+    out_dir = Path(out_dir)
+    ckpt_dir = out_dir / "checkpoints"
+    max_ctx = config.max_context_tokens or lm.info.max_context or 8192
+    fingerprint = _fingerprint(lm, samples, config, data_sources, max_ctx)
+    _prepare_checkpoints(ckpt_dir, fingerprint, resume=resume)
+
+    capture = LayerCapture(lm.model, lm.info, policies=config.policies, budgets=config.budgets,
+                           window=config.window, n_sink=config.n_sink, recent=config.recent)
+    min_context = _min_context(config)
+    started = time.perf_counter()
+    records: list[SampleRecord] = []
+    results: list[SampleResult] = []
+    with capture.attached(), torch.inference_mode():
+        for index, sample in enumerate(samples):
+            ckpt = ckpt_dir / f"sample-{index:05d}.safetensors"
+            t0 = time.perf_counter()
+            if resume and ckpt.exists():
+                record, result = _load_checkpoint(ckpt, index)
+            else:
+                record, result = _calibrate_one(lm, capture, sample, index, max_ctx, min_context)
+                _save_checkpoint(ckpt, record, result)
+            result.seconds = time.perf_counter() - t0
+            results.append(result)
+            if record is not None:
+                records.append(record)
+            if progress:
+                progress(result)
+    if not records:
+        raise DataError("no sample was long enough to calibrate on (each needs more than "
+                        f"{min_context} context tokens); use longer contexts")
+    profile = _assemble(lm, config, records, [r for r in results if r.skipped is None], data_sources, max_ctx)
+    path = profile.save(out_dir / "profile.safetensors")
+    return CalibrationRun(profile=profile, path=path, results=results, seconds=time.perf_counter() - started)
+
+
+def _min_context(config: CalibrationConfig) -> int:
+    windows = [POLICIES[p].params.get("window_size", 0) for p in config.policies]
+    return max([config.window, config.n_sink, *windows]) + 1
+
+
+def _calibrate_one(lm: LoadedModel, capture: LayerCapture, sample: Sample, index: int, max_ctx: int,
+                   min_context: int) -> tuple[SampleRecord | None, SampleResult]:
+    parts = build_prompt(sample, lm.tokenizer, max_context_tokens=max_ctx)
+    suffix_ids = list(parts.question_ids) + list(parts.answer_ids)
+    result = SampleResult(index=index, sample_id=str(sample.id), task=sample.task,
+                          context_tokens=len(parts.context_ids), suffix_tokens=len(suffix_ids),
+                          truncated=parts.truncated)
+    if len(parts.context_ids) <= min_context or not suffix_ids:
+        result.skipped = f"context of {len(parts.context_ids)} tokens is too short (needs > {min_context})"
+        logger.warning("sample %s skipped: %s", sample.id, result.skipped)
+        return None, result
+    device = lm.device
+    context = torch.tensor([parts.context_ids], device=device)  # (1, T)
+    suffix = torch.tensor([suffix_ids], device=device)  # (1, S)
+    cache = DynamicCache(config=lm.model.config)
+    capture.start_sample(context.shape[1])
+    try:
+        capture.phase = "prefill"
+        lm.model(input_ids=context, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        capture.phase = "decode"
+        lm.model(input_ids=suffix, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    finally:
+        capture.phase = None
+    return capture.finish_sample(), result
+
+
+def _save_checkpoint(path: Path, record: SampleRecord | None, result: SampleResult) -> None:
+    tensors = {}
+    if record is not None:
+        tensors = {"mass_lost": record.mass_lost, "out_err": record.out_err,
+                   **{f"signal.{k}": v for k, v in record.signals.items()}}
+    else:
+        tensors = {"skipped": torch.zeros(1)}
+    meta = {"result": json.dumps(asdict(result))}
+    write_atomic(path, lambda tmp: save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=meta))
+
+
+def _load_checkpoint(path: Path, index: int) -> tuple[SampleRecord | None, SampleResult]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        meta = handle.metadata()
+    result = SampleResult(**json.loads(meta["result"]))
+    if result.skipped is not None:
+        return None, result
+    arrays = load_file(str(path))
+    signals = {k.split(".", 1)[1]: v for k, v in arrays.items() if k.startswith("signal.")}
+    return SampleRecord(mass_lost=arrays["mass_lost"], out_err=arrays["out_err"], signals=signals), result
+
+
+def _fingerprint(lm: LoadedModel, samples: Sequence[Sample], config: CalibrationConfig,
+                 data_sources: Sequence[str], max_ctx: int) -> dict[str, Any]:
+    ids = hashlib.sha256("\n".join(f"{s.id}\t{s.task}\t{len(s.context)}" for s in samples).encode()).hexdigest()
+    return {"model": lm.info.model_id, "revision": lm.info.revision, "config": asdict(config),
+            "max_context_tokens": max_ctx, "samples": ids, "data": list(data_sources),
+            "format_version": PROFILE_VERSION}
+
+
+def _prepare_checkpoints(ckpt_dir: Path, fingerprint: dict[str, Any], *, resume: bool) -> None:
+    run_file = ckpt_dir / "run.json"
+    if resume and run_file.exists():
+        previous = json.loads(run_file.read_text())
+        if previous != json.loads(json.dumps(fingerprint)):
+            changed = sorted(k for k in fingerprint if previous.get(k) != json.loads(json.dumps(fingerprint))[k])
+            raise ProfileError(f"--resume: the checkpoints in {ckpt_dir} were made with a different "
+                               f"{', '.join(changed)}; re-run with the same options or without --resume")
+        return
+    if resume:
+        logger.warning("--resume: no checkpoints in %s, starting from the first sample", ckpt_dir)
+    if ckpt_dir.exists():
+        shutil.rmtree(ckpt_dir)
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(run_file, fingerprint)
+
+
+def _versions() -> dict[str, str]:
+    found = {"python": platform.python_version(), "polykv-search": __version__}
+    for pkg in ("torch", "transformers", "kvpress"):
+        try:
+            found[pkg] = version(pkg)
+        except PackageNotFoundError:
+            found[pkg] = "not installed"
+    return found
+
+
+def _data_entries(sources: Sequence[str]) -> list[dict[str, str]]:
+    entries = []
+    for source in sources:
+        path = Path(source)
+        entries.append({"source": str(source), "sha256": file_sha256(path) if path.is_file() else "hub"})
+    return entries
+
+
+def _assemble(lm: LoadedModel, config: CalibrationConfig, records: list[SampleRecord],
+              results: list[SampleResult], data_sources: Sequence[str], max_ctx: int) -> Profile:
+    arrays = {
+        "mass_lost": torch.stack([r.mass_lost for r in records]),  # (N, L, H_kv, P, G)
+        "out_err": torch.stack([r.out_err for r in records]),
+        "context_tokens": torch.tensor([r.context_tokens for r in results], dtype=torch.int64),
+    }
+    for name in SIGNAL_NAMES:
+        arrays[f"signal.{name}"] = torch.stack([r.signals[name] for r in records])  # (N, L, H_kv)
+    policies = []
+    for name in config.policies:
+        press = make_press(name)
+        params = {k: v for k, v in asdict(press).items() if k != "compression_ratio"}
+        policies.append({"name": name, "press": type(press).__name__, "params": params,
+                         "ranking": POLICIES[name].ranking})
+    header = {
+        "format": PROFILE_FORMAT,
+        "format_version": PROFILE_VERSION,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "model": lm.info.to_dict(),
+        "policies": policies,
+        "budgets": list(config.budgets),
+        "budget_unit": "context tokens kept per layer",
+        "options": {"window": config.window, "n_sink": config.n_sink, "recent": config.recent,
+                    "max_context_tokens": max_ctx, "decoding_queries": "question + reference answer",
+                    "cost_kinds": ["mass_lost", "out_err"]},
+        "signals": list(SIGNAL_NAMES),
+        "data": _data_entries(data_sources),
+        "samples": [{"id": r.sample_id, "task": r.task, "context_tokens": r.context_tokens,
+                     "suffix_tokens": r.suffix_tokens, "truncated": r.truncated} for r in results],
+        "versions": _versions(),
+    }
+    return Profile(header=header, arrays=arrays)

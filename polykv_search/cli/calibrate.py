@@ -1,0 +1,88 @@
+"""`polykv-search calibrate`: measure per-layer signals and policy cost curves on calibration data.
+
+    polykv-search calibrate                                   # embedded SmolLM2, shipped calib split
+    polykv-search calibrate --model gemma3-270m --resume      # continue an interrupted run
+    polykv-search calibrate --model ./my-model --data longbench/qasper.jsonl --budgets 64,128,256,512
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from polykv_search.cli import app
+from polykv_search.cli._errors import err_console
+from polykv_search.cli._options import (
+    DEFAULT_MODEL, ColumnMapOpt, DataOpt, DeviceOpt, DtypeOpt, JsonOpt, ModelOpt, RevisionOpt, TrustOpt,
+    model_slug, parse_column_map, parse_int_list, parse_str_list)
+
+DEFAULT_DATA = "calibration_data/calib.jsonl"
+
+
+@app.command()
+def calibrate(
+    model: ModelOpt = DEFAULT_MODEL,
+    data: DataOpt = None,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Output folder (default: outputs/<model>)")] = None,
+    policies: Annotated[str | None, typer.Option(help="Comma-separated policies (default: all registered).")] = None,
+    budgets: Annotated[str | None, typer.Option(help="Comma-separated budget grid, tokens per layer.")] = None,
+    window: Annotated[int, typer.Option(help="Observation window (queries) for CAKE's entropy/variance.")] = 64,
+    max_samples: Annotated[int | None, typer.Option(help="Use only the first N samples.")] = None,
+    max_context: Annotated[int | None, typer.Option(help="Truncate prompts (middle) to this many tokens "
+                                                    "(default: the model context).")] = None,
+    column_map: ColumnMapOpt = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from the checkpoints of an interrupted run.")] = False,
+    device: DeviceOpt = "cpu",
+    dtype: DtypeOpt = "auto",
+    trust_remote_code: TrustOpt = False,
+    revision: RevisionOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Run the model on calibration data; write a profile of per-layer signals and policy cost curves."""
+    from polykv_search.calibrate.budgets import DEFAULT_BUDGETS
+    from polykv_search.calibrate.report import signal_heatmap, summary_table
+    from polykv_search.calibrate.run import CalibrationConfig, calibrate as run_calibration
+    from polykv_search.data import load_samples
+    from polykv_search.models import load_model
+    from polykv_search.policies import DEFAULT_POLICIES
+
+    config = CalibrationConfig(
+        policies=tuple(parse_str_list(policies)) if policies else DEFAULT_POLICIES,
+        budgets=tuple(parse_int_list(budgets, option="--budgets")) if budgets else DEFAULT_BUDGETS,
+        window=window, max_context_tokens=max_context).validated()
+    sources = data or [DEFAULT_DATA]
+    mapping = parse_column_map(column_map)
+    samples = [s for source in sources for s in load_samples(source, column_map=mapping)]
+    if max_samples is not None:
+        samples = samples[:max_samples]
+    out_dir = out or Path("outputs") / model_slug(model)
+
+    with err_console.status(f"loading {model}"):
+        lm = load_model(model, device=device, dtype=dtype, trust_remote_code=trust_remote_code, revision=revision)
+    columns = (TextColumn("[bold]calibrate"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+               TextColumn("{task.description}"))
+    with Progress(*columns, console=err_console, transient=False) as bar:
+        task = bar.add_task("", total=len(samples))
+
+        def advance(result) -> None:
+            note = f"skipped: {result.skipped}" if result.skipped else f"{result.task} ({result.context_tokens} tok)"
+            bar.update(task, advance=1, description=note)
+
+        run = run_calibration(lm, samples, config=config, data_sources=sources, out_dir=out_dir, resume=resume,
+                              progress=advance)
+    heatmap = signal_heatmap(run.profile, out_dir / "signals.png")
+    if as_json:
+        typer.echo(json.dumps({"profile": str(run.path), "heatmap": str(heatmap), "samples": run.profile.num_samples,
+                               "seconds": round(run.seconds, 2)}))
+        return
+    err_console.print(summary_table(run.profile))
+    skipped = sum(r.skipped is not None for r in run.results)
+    truncated = sum(r.truncated for r in run.results)
+    err_console.print(f"{run.profile.num_samples} samples in {run.seconds:.0f} s"
+                      + (f", {skipped} skipped" if skipped else "") + (f", {truncated} truncated" if truncated else ""))
+    typer.echo(f"profile: {run.path}")
+    typer.echo(f"heatmap: {heatmap}")

@@ -1,0 +1,233 @@
+"""Load a causal LM and its tokenizer from an alias, a .gguf file, a local folder or a hub id.
+
+A GGUF file is dequantized once by transformers and cached as safetensors under the cache root,
+keyed by the file's sha256, so later loads take about a second.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from polykv_search.errors import ConfigError, ModelError
+from polykv_search.io import file_sha256
+from polykv_search.models.cache import cache_root
+from polykv_search.models.embedded import EMBEDDED
+
+logger = logging.getLogger(__name__)
+
+DeviceName = Literal["cpu", "cuda", "auto"]
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What a profile or plan must match: identity and attention geometry of the model."""
+
+    model_id: str
+    revision: str  # commit hash, file sha256, or "local"
+    num_layers: int
+    layer_types: list[str]  # "full_attention" or "sliding_attention" per layer
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    max_context: int
+    sliding_window: int | None = None
+    architecture: str = ""
+    add_bos: bool = False
+
+    @property
+    def compressible_layers(self) -> list[int]:
+        """Layers whose cache a plan may shrink; sliding-window layers are fixed by the architecture."""
+        return [i for i, kind in enumerate(self.layer_types) if kind != "sliding_attention"]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelInfo:
+        return cls(**{k: data[k] for k in cls.__dataclass_fields__ if k in data})
+
+
+@dataclass
+class LoadedModel:
+    model: Any  # a transformers PreTrainedModel
+    tokenizer: Any
+    info: ModelInfo
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+
+def resolve_device(device: str) -> str:
+    if device not in ("cpu", "cuda", "auto"):
+        raise ConfigError(f"--device {device!r} is not one of cpu, cuda, auto")
+    if device in ("cuda", "auto") and not torch.cuda.is_available():
+        if device == "cuda":
+            raise ConfigError("--device cuda was asked but no CUDA GPU is visible; use --device cpu")
+        return "cpu"
+    return device
+
+
+def resolve_dtype(dtype: str, device: str) -> torch.dtype:
+    if dtype == "auto":
+        return torch.float32 if device == "cpu" else torch.bfloat16
+    if dtype not in DTYPES:
+        raise ConfigError(f"--dtype {dtype!r} is not one of auto, {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def load_model(
+    spec: str,
+    *,
+    device: str = "cpu",
+    dtype: str = "auto",
+    trust_remote_code: bool = False,
+    revision: str | None = None,
+    attn_implementation: str = "sdpa",
+) -> LoadedModel:
+    """Load `spec` (alias, .gguf path, folder or hub id) for inference, in eval mode."""
+    device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, device)
+    add_bos = False
+    if spec in EMBEDDED:
+        embedded = EMBEDDED[spec]
+        source, file_hash = _converted_gguf(embedded.locate())
+        model_id, rev, add_bos = embedded.alias, file_hash, embedded.add_bos
+    elif spec.endswith(".gguf"):
+        gguf = Path(spec).expanduser()
+        if not gguf.is_file():
+            raise ModelError(f"GGUF file {spec} does not exist; give an existing .gguf path or an alias "
+                             f"({', '.join(EMBEDDED)})")
+        source, file_hash = _converted_gguf(gguf)
+        model_id, rev = gguf.name, file_hash
+        add_bos = _gguf_needs_bos(source)
+    else:
+        source, model_id, rev = spec, spec, revision or "local"
+        if not Path(spec).expanduser().is_dir() and ("/" not in spec or spec.startswith((".", "/", "~"))):
+            raise ModelError(f"unknown model {spec!r}: not an embedded alias ({', '.join(EMBEDDED)}), "
+                             "not a local folder, not a .gguf file, and not a hub id of the form owner/name")
+    model, tokenizer = _from_pretrained(source, device=device, dtype=torch_dtype, revision=revision,
+                                        trust_remote_code=trust_remote_code,
+                                        attn_implementation=attn_implementation)
+    if rev == "local":
+        rev = getattr(model.config, "_commit_hash", None) or "local"
+    if add_bos:
+        _force_bos(tokenizer)
+    info = _model_info(model, model_id=model_id, revision=rev, add_bos=add_bos)
+    model.eval()
+    first = next(model.parameters()).device
+    return LoadedModel(model=model, tokenizer=tokenizer, info=info, device=first)
+
+
+def _from_pretrained(source: str | Path, *, device: str, dtype: torch.dtype, revision: str | None,
+                     trust_remote_code: bool, attn_implementation: str) -> tuple[Any, Any]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code, "revision": revision}
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(
+            source, dtype=dtype, attn_implementation=attn_implementation,
+            device_map="auto" if device == "auto" else None, **kwargs)
+    except (OSError, ValueError, KeyError) as exc:
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelError(f"cannot load model {source}: {first_line}; check the id or path "
+                         "(no hub access: use a local folder, a .gguf file or an embedded alias)") from exc
+    if device != "auto":
+        model.to(device)
+    return model, tokenizer
+
+
+def _converted_gguf(gguf: Path) -> tuple[Path, str]:
+    """Return a safetensors folder for `gguf`, converting it once; keyed by the file's sha256."""
+    digest = file_sha256(gguf)
+    target = cache_root() / "converted" / f"{gguf.stem}-{digest[:16]}"
+    if (target / "config.json").exists():
+        return target, digest
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    logger.info("converting %s to safetensors once (about a minute); cached in %s", gguf.name, target)
+    started = time.perf_counter()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    except Exception as exc:  # transformers raises many types for unsupported GGUF architectures
+        from transformers import __version__ as tf_version
+
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelError(f"transformers {tf_version} cannot read GGUF {gguf}: {reason}; "
+                         "convert it with llama.cpp to a supported architecture or pass a safetensors folder") from exc
+    # A GGUF-loaded model refuses save_pretrained until its quantizer is cleared.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent if target.parent.exists()
+                                else _mkdir(target.parent)))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        config = json.loads((tmp / "config.json").read_text())
+        config.pop("quantization_config", None)
+        config["_polykv_gguf"] = {"file": gguf.name, "sha256": digest}
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        if target.exists():
+            shutil.rmtree(target)
+        tmp.rename(target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    logger.info("converted in %.0f s", time.perf_counter() - started)
+    return target, digest
+
+
+def _mkdir(path: Path) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _gguf_needs_bos(folder: Path) -> bool:
+    config = json.loads((folder / "config.json").read_text())
+    return config.get("model_type", "").startswith("gemma")
+
+
+def _force_bos(tokenizer: Any) -> None:
+    """Make the tokenizer prepend BOS (Gemma's GGUF tokenizer forgets it, and the model then babbles)."""
+    if tokenizer.bos_token_id is None:
+        return
+    tokenizer.add_bos_token = True
+    probe = tokenizer("probe")["input_ids"]
+    if not probe or probe[0] != tokenizer.bos_token_id:
+        # Fall back to wrapping the tokenizer call; kept minimal and explicit.
+        raise ModelError("could not make this tokenizer add BOS; report this model so we can handle it")
+
+
+def _model_info(model: Any, *, model_id: str, revision: str, add_bos: bool) -> ModelInfo:
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    num_layers = int(config.num_hidden_layers)
+    num_heads = int(config.num_attention_heads)
+    num_kv_heads = int(getattr(config, "num_key_value_heads", None) or num_heads)
+    head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // num_heads)
+    layer_types = list(getattr(config, "layer_types", None) or ["full_attention"] * num_layers)
+    sliding = getattr(config, "sliding_window", None)
+    if sliding is None:
+        layer_types = ["full_attention" if t == "sliding_attention" else t for t in layer_types]
+    return ModelInfo(
+        model_id=model_id,
+        revision=revision,
+        num_layers=num_layers,
+        layer_types=layer_types,
+        num_heads=num_heads,
+        num_kv_heads=num_kv_heads,
+        head_dim=head_dim,
+        max_context=int(getattr(config, "max_position_embeddings", 0) or 0),
+        sliding_window=int(sliding) if sliding else None,
+        architecture=(model.config.architectures or [type(model).__name__])[0],
+        add_bos=add_bos,
+    )
