@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
+
 import torch
 from kvpress.utils import get_prerope_query_states
 from transformers.models.llama.modeling_llama import rotate_half
@@ -17,6 +20,18 @@ def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
 def rotary_owner(model: torch.nn.Module) -> torch.nn.Module:
     inner = model.model
     return getattr(inner, "language_model", inner)
+
+
+def rotary_for_layer(owner: torch.nn.Module, layer_type: str):
+    """The rotary embedding a layer's module should expose as `rotary_emb` (kvpress's ExpectedAttention calls it).
+
+    Gemma-3 keeps one rotary module for all layer types and needs the type as an argument; kvpress calls it
+    with two arguments only, so such a model gets a bound version.
+    """
+    rotary = owner.rotary_emb
+    if "layer_type" in inspect.signature(rotary.forward).parameters:
+        return functools.partial(rotary, layer_type=layer_type)
+    return rotary
 
 
 def attention_probs(module: torch.nn.Module, hidden_states: torch.Tensor, keys: torch.Tensor,

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from polykv_search.calibrate.attention import attention_probs, decoder_layers, rotary_owner
+from polykv_search.calibrate.attention import attention_probs, decoder_layers, rotary_for_layer, rotary_owner
 from polykv_search.calibrate.costs import cost_curves
 from polykv_search.calibrate.signals import SIGNAL_NAMES, decoding_signals, group_heads, window_signals
 from polykv_search.models import ModelInfo
@@ -63,7 +63,7 @@ class LayerCapture:
         try:
             for idx in self.layer_ids:
                 attn = layers[idx].self_attn
-                attn.rotary_emb = owner.rotary_emb  # ExpectedAttention reads it, as kvpress's own hook sets it
+                attn.rotary_emb = rotary_for_layer(owner, self.info.layer_types[idx])  # ExpectedAttention reads it
                 hooks.append(attn.register_forward_hook(self._hook, with_kwargs=True))
             yield self
         finally:

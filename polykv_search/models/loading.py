@@ -153,7 +153,7 @@ def _converted_gguf(gguf: Path) -> tuple[Path, str]:
         return target, digest
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    logger.info("converting %s to safetensors once (about a minute); cached in %s", gguf.name, target)
+    logger.debug("converting %s to safetensors once (about a minute)", gguf.name)
     started = time.perf_counter()
     try:
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
@@ -177,13 +177,16 @@ def _converted_gguf(gguf: Path) -> tuple[Path, str]:
         config.pop("quantization_config", None)
         config["_polykv_gguf"] = {"file": gguf.name, "sha256": digest}
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
-        if target.exists():
-            shutil.rmtree(target)
-        tmp.rename(target)
+        if (target / "config.json").exists():  # another process converted it meanwhile
+            shutil.rmtree(tmp)
+        else:
+            shutil.rmtree(target, ignore_errors=True)
+            tmp.rename(target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    logger.info("converted in %.0f s", time.perf_counter() - started)
+    logger.info("converted %s once in %.0f s; cached as safetensors in %s", gguf.name,
+                time.perf_counter() - started, target)
     return target, digest
 
 

@@ -1,0 +1,98 @@
+"""The calibrate command: a good run on a saved tiny model, and each bad input as one line with exit code 2."""
+
+import json
+import sys
+
+import pytest
+
+from polykv_search.calibrate.profile import Profile
+from polykv_search.cli import main
+from tests.conftest import sample_rows, tiny_loaded, write_jsonl
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny-llama")
+    lm = tiny_loaded("llama")
+    lm.model.save_pretrained(path)
+    lm.tokenizer.save_pretrained(path)
+    return path
+
+
+def run_cli(monkeypatch, capsys, *args):
+    monkeypatch.setattr(sys, "argv", ["polykv-search", *map(str, args)])
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    out, err = capsys.readouterr()
+    return exit_info.value.code, out, err
+
+
+def test_calibrate_writes_profile_and_heatmap(monkeypatch, capsys, tiny_dir, tmp_path):
+    data = write_jsonl(tmp_path / "d.jsonl", sample_rows(2))
+    monkeypatch.setattr(sys, "argv", ["polykv-search", "calibrate", "--model", str(tiny_dir), "--data", str(data),
+                                      "--out", str(tmp_path / "o"), "--budgets", "8,16,64", "--window", "16",
+                                      "--json"])
+    main()
+    out = json.loads(capsys.readouterr().out)
+    assert Profile.load(out["profile"]).num_samples == 2
+    assert (tmp_path / "o" / "signals.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_long_sample_is_truncated_with_a_warning(monkeypatch, capsys, tiny_dir, tmp_path):
+    data = write_jsonl(tmp_path / "d.jsonl", sample_rows(1, words=600))
+    monkeypatch.setattr(sys, "argv", ["polykv-search", "calibrate", "--model", str(tiny_dir), "--data", str(data),
+                                      "--out", str(tmp_path / "o"), "--budgets", "8,16", "--window", "16",
+                                      "--max-context", "300", "--json"])
+    main()
+    captured = capsys.readouterr()
+    profile = Profile.load(json.loads(captured.out)["profile"])
+    assert profile.header["samples"][0]["truncated"] is True
+    assert "cut in the middle" in captured.err
+
+
+def bad_cases(tmp_path, tiny_dir):
+    good = write_jsonl(tmp_path / "good.jsonl", sample_rows(1))
+    malformed = tmp_path / "bad.jsonl"
+    malformed.write_text(json.dumps(sample_rows(1)[0]) + "\n{not json\n")
+    missing_col = write_jsonl(tmp_path / "nocontext.jsonl", [{k: v for k, v in sample_rows(1)[0].items()
+                                                             if k != "context"}])
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    garbage_gguf = tmp_path / "broken.gguf"
+    garbage_gguf.write_bytes(b"GGUF" + b"\x00" * 64)
+    return {
+        "unknown model": (["--model", "no-such-model", "--data", good], "unknown model"),
+        "missing folder": (["--model", str(tmp_path / "nope" / "model"), "--data", good], "model"),
+        "unreadable gguf": (["--model", garbage_gguf, "--data", good], "cannot read GGUF"),
+        "missing data": (["--model", tiny_dir, "--data", tmp_path / "none.jsonl"], "does not exist"),
+        "malformed line": (["--model", tiny_dir, "--data", malformed], "bad.jsonl:2: malformed JSON line"),
+        "missing column": (["--model", tiny_dir, "--data", missing_col], "context"),
+        "empty data": (["--model", tiny_dir, "--data", empty], "empty"),
+        "budget below 1": (["--model", tiny_dir, "--data", good, "--budgets", "0,16"], "at least 1"),
+        "budget not a number": (["--model", tiny_dir, "--data", good, "--budgets", "8,x"], "integers"),
+        "unknown policy": (["--model", tiny_dir, "--data", good, "--policies", "snapkv,bogus"], "known policies"),
+    }
+
+
+CASES = ["unknown model", "missing folder", "unreadable gguf", "missing data", "malformed line", "missing column",
+         "empty data", "budget below 1", "budget not a number", "unknown policy"]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_bad_input_is_one_line_exit_2_and_nothing_written(case, monkeypatch, capsys, tiny_dir, tmp_path):
+    monkeypatch.delenv("POLYKV_DEBUG", raising=False)
+    args, expected = bad_cases(tmp_path, tiny_dir)[case]
+    out_dir = tmp_path / "out"
+    code, _, err = run_cli(monkeypatch, capsys, "calibrate", *args, "--out", out_dir)
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2, err
+    assert len(lines) == 1 and lines[0].startswith("error:"), err
+    assert expected.lower() in lines[0].lower()
+    assert "Traceback" not in err
+    assert not (out_dir / "profile.safetensors").exists()
+
+
+def test_debug_variable_shows_the_traceback(monkeypatch, capsys, tmp_path):
+    monkeypatch.setenv("POLYKV_DEBUG", "1")
+    code, _, err = run_cli(monkeypatch, capsys, "calibrate", "--data", tmp_path / "none.jsonl")
+    assert code == 2 and "Traceback" in err

@@ -1,0 +1,98 @@
+"""Shared fixtures: tiny random-weight models built from a config in code, a word-level tokenizer, sample rows."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach a hub
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+WORDS = ("the a of to and in is that it for on with as was be by this are or from at an which not have "
+         "special magic number what one two three four five six seven eight nine zero answer question "
+         "context read text below value key list python function return class def import data file").split()
+
+
+def make_tokenizer():
+    """A word-level fast tokenizer (offsets work) with BOS; no chat template."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
+    for word in WORDS + [str(d) for d in range(10)] + list(".,:;?!'\"()=-"):
+        vocab.setdefault(word, len(vocab))
+    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Whitespace(), pre_tokenizers.Digits(True)])
+    return PreTrainedTokenizerFast(tokenizer_object=core, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+
+
+def tiny_loaded(kind: str = "llama", *, seed: int = 0, attn: str = "sdpa"):
+    from transformers import AutoModelForCausalLM, Gemma3TextConfig, LlamaConfig
+
+    from polykv_search.models.loading import LoadedModel, _model_info
+
+    torch.manual_seed(seed)
+    tokenizer = make_tokenizer()
+    common = dict(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=16, max_position_embeddings=4096, bos_token_id=1,
+                  eos_token_id=2, pad_token_id=2)
+    if kind == "llama":
+        config = LlamaConfig(num_hidden_layers=3, **common)
+    else:  # Gemma-3 text: sliding-window layers around one full layer, q/k norms, its own scaling
+        config = Gemma3TextConfig(num_hidden_layers=4, sliding_window=32, query_pre_attn_scalar=24,
+                                  layer_types=["sliding_attention", "full_attention", "sliding_attention",
+                                               "full_attention"], **common)
+    config._attn_implementation = attn
+    model = AutoModelForCausalLM.from_config(config, attn_implementation=attn).eval()
+    for param in model.parameters():  # larger weights give peaked, non-uniform attention
+        param.data.mul_(4.0 if param.dim() > 1 else 1.0)
+    info = _model_info(model, model_id=f"tiny-{kind}", revision="test", add_bos=False)
+    return LoadedModel(model=model, tokenizer=tokenizer, info=info)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama():
+    return tiny_loaded("llama")
+
+
+@pytest.fixture(scope="session")
+def tiny_gemma():
+    return tiny_loaded("gemma")
+
+
+def prose(n_words: int, *, seed: int = 0) -> str:
+    gen = torch.Generator().manual_seed(seed)
+    picks = torch.randint(0, len(WORDS), (n_words,), generator=gen).tolist()
+    words = [WORDS[i] for i in picks]
+    return " ".join(w + ("." if i % 12 == 11 else "") for i, w in enumerate(words))
+
+
+def sample_rows(n: int, *, words: int = 220, seed: int = 0) -> list[dict]:
+    rows = []
+    for i in range(n):
+        number = f"{(seed * 7919 + i * 104729) % 900000 + 100000}"
+        context = prose(words, seed=seed * 100 + i)
+        cut = len(context) // 2
+        context = context[:cut] + f" the special magic number is {number}. " + context[cut:]
+        rows.append({"context": context, "input": "what is the special magic number?", "answers": [number],
+                     "length": len(context.split()), "dataset": "needle_qa", "all_classes": None, "_id": f"s{i}"})
+    return rows
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture
+def calib_file(tmp_path: Path) -> Path:
+    return write_jsonl(tmp_path / "calib.jsonl", sample_rows(3))
+
+
+def words_only(text: str) -> list[str]:
+    return re.findall(r"\w+", text)

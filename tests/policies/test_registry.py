@@ -1,0 +1,70 @@
+"""Every policy's ranking is budget-independent and its top-b is exactly what the kvpress press keeps at b."""
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+from polykv_search.calibrate.attention import decoder_layers
+from polykv_search.calibrate.capture import LayerCapture
+from polykv_search.errors import ConfigError
+from polykv_search.policies import DEFAULT_POLICIES, POLICIES, check_policy_names, make_press
+from tests.conftest import tiny_loaded
+
+T = 120
+
+
+def kvpress_kept(lm, name, n_kept, ids):
+    """Indices kvpress itself keeps in each layer when its press compresses the prefill to n_kept tokens."""
+    press = make_press(name, compression_ratio=1 - (n_kept + 0.5) / T)  # kvpress keeps int(T * (1 - r))
+    kept = {}
+    layers = decoder_layers(lm.model)
+    originals = {}
+
+    def record(module, args, kwargs, output):
+        keys_before = kwargs["past_key_values"].layers[module.layer_idx].keys.clone()
+        result = press.forward_hook(module, args, kwargs, output)
+        after = kwargs["past_key_values"].layers[module.layer_idx].keys  # (1, H_kv, n, D)
+        match = (after[0][:, :, None, :] == keys_before[0][:, None, :, :]).all(-1)  # (H_kv, n, T)
+        kept[module.layer_idx] = [set(match[h].float().argmax(-1).tolist()) for h in range(match.shape[0])]
+        return result
+
+    with press(lm.model):  # sets rotary_emb and post_init like kvpress does; we swap its hook for ours
+        for layer in layers:
+            for hook_id, fn in list(layer.self_attn._forward_hooks.items()):
+                originals[hook_id] = fn
+                layer.self_attn._forward_hooks[hook_id] = record
+        with torch.no_grad():
+            lm.model(input_ids=ids, past_key_values=DynamicCache(config=lm.model.config), use_cache=True)
+    return kept
+
+
+@pytest.mark.parametrize("name", [p for p in DEFAULT_POLICIES if p != "random"] + ["random"])
+def test_top_b_of_ranking_equals_kvpress_kept_set(name):
+    attn = "eager" if POLICIES[name].needs_attentions else "sdpa"
+    lm = tiny_loaded("llama", seed=1, attn=attn)
+    ids = torch.randint(3, 60, (1, T), generator=torch.Generator().manual_seed(3))
+    capture = LayerCapture(lm.model, lm.info, policies=[name], budgets=[16], chunk=32)
+    with capture.attached(), torch.no_grad():
+        capture.start_sample(T)
+        capture.phase = "prefill"
+        lm.model(input_ids=ids, past_key_values=DynamicCache(config=lm.model.config), use_cache=True)
+        rankings = {idx: capture._state[idx].rankings[name] for idx in capture.layer_ids}
+    for n_kept in (80, 40, 10):  # SnapKV's window (64) is kept first, so 80 and 40 test both regimes
+        kept = kvpress_kept(lm, name, n_kept, ids)
+        for idx, ranking in rankings.items():
+            for head in range(ranking.shape[0]):
+                ours = set(ranking[head].topk(n_kept).indices.tolist())
+                if name == "snapkv" and n_kept < 64:  # ties inside the always-kept window: any choice is valid
+                    assert ours <= set(range(T - 64, T)) and kept[idx][head] <= set(range(T - 64, T))
+                else:
+                    assert ours == kept[idx][head], (name, n_kept, idx, head)
+
+
+def test_unknown_policy_lists_the_known_ones():
+    with pytest.raises(ConfigError, match="known policies: snapkv"):
+        check_policy_names(["snapkv", "nope"])
+
+
+def test_bad_press_parameter_is_named():
+    with pytest.raises(ConfigError, match="window_siz"):
+        make_press("snapkv", window_siz=3)
