@@ -50,18 +50,17 @@ def attention_probs(module: torch.nn.Module, hidden_states: torch.Tensor, keys: 
     num_kv = keys.shape[1]
     visible = min(keys.shape[2], first_position + n)  # causal: no query sees past the last one's position
     key = keys[0, :, :visible].float()  # (H_kv, K', D)
-    query = query[0].float().reshape(num_kv, (num_heads // num_kv) * n, head_dim)  # (H_kv, G*n, D), GQA groups
+    query = query[0].float() * module.scaling  # (H, n, D): scaling the n queries is cheaper than n x K' logits
+    query = query.reshape(num_kv, (num_heads // num_kv) * n, head_dim)  # (H_kv, G*n, D), GQA groups
     logits = (query @ key.transpose(-1, -2)).reshape(num_heads, n, visible)  # (H, n, K')
-    logits.mul_(module.scaling)
     softcap = getattr(module, "attn_logit_softcapping", None) or getattr(module.config, "attn_logit_softcapping", None)
     if softcap:
         logits = torch.tanh(logits / softcap) * softcap
-    if first_position + 1 < visible:  # mask keys after each query's own position
+    if first_position + 1 < visible:  # mask keys after each query's own position (only the last n keys)
         q_pos = torch.arange(first_position, first_position + n, device=logits.device)[:, None]  # (n, 1)
         k_pos = torch.arange(first_position + 1, visible, device=logits.device)[None, :]  # (1, K' - p - 1)
         logits[..., first_position + 1:].masked_fill_(k_pos > q_pos, float("-inf"))
-    logits.sub_(logits.amax(dim=-1, keepdim=True)).exp_()  # in place: no second (H, n, K) buffer
-    logits.div_(logits.sum(dim=-1, keepdim=True))
+    probs = torch.softmax(logits, dim=-1)  # (H, n, K'), one fused pass
     if pad_to is not None and pad_to > visible:
-        logits = torch.nn.functional.pad(logits, (0, pad_to - visible))
-    return logits  # (H, n, K)
+        probs = torch.nn.functional.pad(probs, (0, pad_to - visible))
+    return probs  # (H, n, K)

@@ -42,11 +42,12 @@ class LayerCapture:
 
     def __init__(self, model: torch.nn.Module, info: ModelInfo, *, policies: Sequence[str],
                  budgets: Sequence[int], window: int = 64, n_sink: int = 4, recent: int = 64,
-                 chunk: int = 256) -> None:
+                 ) -> None:
         self.model, self.info = model, info
         self.policies, self.budgets = list(policies), [int(b) for b in budgets]
-        self.window, self.n_sink, self.recent, self.chunk = window, n_sink, recent, chunk
+        self.window, self.n_sink, self.recent = window, n_sink, recent
         self.presses = {name: make_press(name) for name in self.policies}
+        self.chunk_elements = 1 << 20  # logits per head in one query chunk (4 MB): bounds memory at long T
         self.layer_ids = info.compressible_layers
         self.phase: str | None = None
         self.n_context = 0
@@ -121,20 +122,24 @@ class LayerCapture:
             self._record.signals[key][idx] = group_heads(value, self.info.num_kv_heads).cpu()
 
     def _observed_scores(self, name, press, module, hidden, keys, values, kwargs):
-        """H2O's kvpress score from query chunks (the score is a sum over queries, so chunks add up exactly).
+        """H2O's kvpress score without a (T x T) map: its score is a per-key sum over queries, so the column
+        sums of query chunks are accumulated and handed to kvpress's own `score` as one summed query row.
 
         Returns the (H_kv, T) ranking and the last chunk's attention (H, c, T), reused for the window signals.
         """
         cos, sin = kwargs["position_embeddings"]
         n = keys.shape[2]
-        total, probs = None, None
-        for start in range(0, n, self.chunk):
-            stop = min(start + self.chunk, n)
+        chunk = max(self.window, min(512, self.chunk_elements // n))  # queries per chunk
+        column_sums = torch.zeros(keys.shape[0], self.info.num_heads, 1, n, device=keys.device)  # (1, H, 1, T)
+        probs = None
+        for start in range(0, n, chunk):
+            stop = min(start + chunk, n)
             probs = attention_probs(module, hidden[:, start:stop], keys, (cos[:, start:stop], sin[:, start:stop]),
-                                    first_position=start, pad_to=n)  # (H, c, T)
-            part = rank_scores(name, press, module, hidden, keys, values, probs[None], kwargs)  # (1, H_kv, T)
-            total = part if total is None else total + part
-        return total[0].cpu(), probs
+                                    first_position=start)  # (H, c, stop): later keys are masked anyway
+            column_sums[0, :, 0, :stop] += probs.sum(dim=1)
+        ranking = rank_scores(name, press, module, hidden, keys, values, column_sums, kwargs)  # (1, H_kv, T)
+        last = torch.nn.functional.pad(probs, (0, n - probs.shape[-1]))  # (H, c, T)
+        return ranking[0].cpu(), last
 
     def _on_decode(self, module: torch.nn.Module, kwargs: dict) -> None:
         idx = module.layer_idx

@@ -43,7 +43,8 @@ def test_top_b_of_ranking_equals_kvpress_kept_set(name):
     attn = "eager" if POLICIES[name].needs_attentions else "sdpa"
     lm = tiny_loaded("llama", seed=1, attn=attn)
     ids = torch.randint(3, 60, (1, T), generator=torch.Generator().manual_seed(3))
-    capture = LayerCapture(lm.model, lm.info, policies=[name], budgets=[16], chunk=32)
+    capture = LayerCapture(lm.model, lm.info, policies=[name], budgets=[16], window=16)
+    capture.chunk_elements = 16 * T  # H2O then sums 8 query chunks
     with capture.attached(), torch.no_grad():
         capture.start_sample(T)
         capture.phase = "prefill"
