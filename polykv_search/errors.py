@@ -23,3 +23,11 @@ class ProfileError(PolykvError):
 
 class MissingPackageError(PolykvError):
     """An optional package is needed; the message gives the pip command."""
+
+
+class PlanError(PolykvError):
+    """A plan file is malformed, inconsistent, or does not match the model; lists every problem found."""
+
+
+class SolverError(PolykvError):
+    """The optimizer could not solve the problem (infeasible budget, missing solver, bad storage URL)."""
