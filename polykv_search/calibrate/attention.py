@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import inspect
 
 import torch
@@ -22,15 +21,27 @@ def rotary_owner(model: torch.nn.Module) -> torch.nn.Module:
     return getattr(inner, "language_model", inner)
 
 
-def rotary_for_layer(owner: torch.nn.Module, layer_type: str):
+class _TypedRotary(torch.nn.Module):
+    """Calls a shared rotary module with a fixed layer type (the shared module is referenced, not owned)."""
+
+    def __init__(self, rotary: torch.nn.Module, layer_type: str) -> None:
+        super().__init__()
+        object.__setattr__(self, "_rotary", rotary)  # not a child: no duplicate buffers in state_dict
+        self.layer_type = layer_type
+
+    def forward(self, x: torch.Tensor, position_ids: torch.Tensor):
+        return self._rotary(x, position_ids, layer_type=self.layer_type)
+
+
+def rotary_for_layer(owner: torch.nn.Module, layer_type: str) -> torch.nn.Module:
     """The rotary embedding a layer's module should expose as `rotary_emb` (kvpress's ExpectedAttention calls it).
 
     Gemma-3 keeps one rotary module for all layer types and needs the type as an argument; kvpress calls it
-    with two arguments only, so such a model gets a bound version.
+    with two arguments only, so such a model gets a wrapper bound to the layer's type.
     """
     rotary = owner.rotary_emb
     if "layer_type" in inspect.signature(rotary.forward).parameters:
-        return functools.partial(rotary, layer_type=layer_type)
+        return _TypedRotary(rotary, layer_type)
     return rotary
 
 

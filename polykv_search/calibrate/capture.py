@@ -19,7 +19,8 @@ from polykv_search.calibrate.attention import attention_probs, decoder_layers, r
 from polykv_search.calibrate.costs import cost_curves
 from polykv_search.calibrate.signals import SIGNAL_NAMES, decoding_signals, group_heads, window_signals
 from polykv_search.models import ModelInfo
-from polykv_search.policies import POLICIES, make_press, rank_scores
+from polykv_search.policies import make_press
+from polykv_search.policies.scoring import CHUNK_ELEMENTS, policy_scores
 
 
 @dataclass
@@ -47,7 +48,7 @@ class LayerCapture:
         self.policies, self.budgets = list(policies), [int(b) for b in budgets]
         self.window, self.n_sink, self.recent = window, n_sink, recent
         self.presses = {name: make_press(name) for name in self.policies}
-        self.chunk_elements = 1 << 20  # logits per head in one query chunk (4 MB): bounds memory at long T
+        self.chunk_elements = CHUNK_ELEMENTS
         self.layer_ids = info.compressible_layers
         self.phase: str | None = None
         self.n_context = 0
@@ -106,11 +107,10 @@ class LayerCapture:
         state = self._state[idx]
         observed = None
         for name, press in self.presses.items():
-            if POLICIES[name].needs_attentions:
-                state.rankings[name], observed = self._observed_scores(name, press, module, hidden, keys, values,
-                                                                        kwargs)
-            else:
-                state.rankings[name] = rank_scores(name, press, module, hidden, keys, values, None, kwargs)[0].cpu()
+            scores, last_chunk = policy_scores(name, press, module, hidden, keys, values, kwargs,
+                                               min_chunk=self.window, chunk_elements=self.chunk_elements)
+            state.rankings[name] = scores[0].cpu()  # (H_kv, T)
+            observed = last_chunk if last_chunk is not None else observed
         w = min(self.window, n)
         if observed is not None and observed.shape[1] >= w:
             win = observed[:, -w:]  # the last chunk's final queries are the observation window
@@ -120,26 +120,6 @@ class LayerCapture:
         state.window_mean = (win / win.sum(-1, keepdim=True)).mean(dim=1).cpu()  # (H, T)
         for key, value in sig.items():
             self._record.signals[key][idx] = group_heads(value, self.info.num_kv_heads).cpu()
-
-    def _observed_scores(self, name, press, module, hidden, keys, values, kwargs):
-        """H2O's kvpress score without a (T x T) map: its score is a per-key sum over queries, so the column
-        sums of query chunks are accumulated and handed to kvpress's own `score` as one summed query row.
-
-        Returns the (H_kv, T) ranking and the last chunk's attention (H, c, T), reused for the window signals.
-        """
-        cos, sin = kwargs["position_embeddings"]
-        n = keys.shape[2]
-        chunk = max(self.window, min(512, self.chunk_elements // n))  # queries per chunk
-        column_sums = torch.zeros(keys.shape[0], self.info.num_heads, 1, n, device=keys.device)  # (1, H, 1, T)
-        probs = None
-        for start in range(0, n, chunk):
-            stop = min(start + chunk, n)
-            probs = attention_probs(module, hidden[:, start:stop], keys, (cos[:, start:stop], sin[:, start:stop]),
-                                    first_position=start)  # (H, c, stop): later keys are masked anyway
-            column_sums[0, :, 0, :stop] += probs.sum(dim=1)
-        ranking = rank_scores(name, press, module, hidden, keys, values, column_sums, kwargs)  # (1, H_kv, T)
-        last = torch.nn.functional.pad(probs, (0, n - probs.shape[-1]))  # (H, c, T)
-        return ranking[0].cpu(), last
 
     def _on_decode(self, module: torch.nn.Module, kwargs: dict) -> None:
         idx = module.layer_idx

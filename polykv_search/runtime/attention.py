@@ -1,0 +1,96 @@
+"""An SDPA attention function that is correct when layers hold caches of different lengths.
+
+transformers builds one causal mask per layer type from one layer's cache size; after a per-layer plan the
+other layers' key counts differ, and SDPA fails (or, with a mask of matching size but the original positions,
+attends to future query tokens). Registered as "polykv_sdpa", this function builds the causal mask from the
+layer's own key count: the q queries are the last q positions, so key j is visible to query i iff
+j <= K - q + i (bottom-right aligned). Batch rows of different plans mark padded cache slots in
+`module.polykv_valid` (B, K_cached). A layer whose cache was not shrunk (no `module.polykv_compressed`
+flag) and sliding-window layers, which no plan compresses, keep transformers' own mask, padding included,
+so leaving a model switched to this function changes nothing for ordinary use.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface, sdpa_mask
+
+ATTENTION_NAME = "polykv_sdpa"
+
+
+def polykv_sdpa_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                        attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
+                        is_causal: bool | None = None, **kwargs) -> tuple[torch.Tensor, None]:
+    """query (B, H, q, D), key/value (B, H_kv, K, D); same contract as transformers' sdpa_attention_forward."""
+    q_len, k_len = query.shape[2], key.shape[2]
+    valid = getattr(module, "polykv_valid", None)  # (B, K_cached) bool, or None
+    if getattr(module, "is_sliding", False) or getattr(module, "sliding_window", None):
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, is_causal,
+                                      **kwargs)
+    if q_len == k_len:  # a prefill from an empty cache: nothing is compressed yet
+        module.polykv_compressed = False
+    mask_fits = attention_mask is None or attention_mask.shape[-1] == k_len
+    if valid is None and mask_fits and not getattr(module, "polykv_compressed", False):  # transformers' mask is right
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, is_causal,
+                                      **kwargs)
+    mask = None
+    if q_len > 1:
+        q_pos = torch.arange(k_len - q_len, k_len, device=query.device)[:, None]  # (q, 1) positions in this cache
+        mask = torch.arange(k_len, device=query.device)[None, :] <= q_pos  # (q, K) bottom-right causal
+        mask = mask[None, None]  # (1, 1, q, K)
+    if valid is not None:
+        pad = torch.ones(valid.shape[0], k_len - valid.shape[1], dtype=torch.bool, device=valid.device)
+        rows = torch.cat([valid, pad], dim=1)[:, None, None, :]  # (B, 1, 1, K): new tokens are always valid
+        mask = rows if mask is None else mask & rows
+    return sdpa_attention_forward(module, query, key, value, mask, dropout, scaling, False, **kwargs)
+
+
+def register() -> None:
+    """Make "polykv_sdpa" known to transformers (idempotent)."""
+    AttentionInterface.register(ATTENTION_NAME, polykv_sdpa_forward)
+    if ATTENTION_NAME not in ALL_MASK_ATTENTION_FUNCTIONS._global_mapping:
+        AttentionMaskInterface.register(ATTENTION_NAME, sdpa_mask)
+
+
+def use_polykv_attention(model: torch.nn.Module) -> list[tuple[Any, str]]:
+    """Switch `model` to "polykv_sdpa"; returns what to restore. Only SDPA models are switched."""
+    register()
+    configs = {id(c): c for c in _configs(model)}.values()
+    previous = [(c, c._attn_implementation) for c in configs]
+    for config, name in previous:
+        if name not in ("sdpa", ATTENTION_NAME, None):
+            from polykv_search.errors import ConfigError
+
+            raise ConfigError(f"plans run on SDPA attention; this model uses {name!r}: load it with "
+                              "attn_implementation='sdpa'")
+        config._attn_implementation = ATTENTION_NAME
+    return previous
+
+
+@contextmanager
+def polykv_attention(model: torch.nn.Module) -> Iterator[None]:
+    """Switch `model` to the per-layer-length-safe attention for the duration; restore it after."""
+    previous = use_polykv_attention(model)
+    try:
+        yield
+    finally:
+        for config, name in previous:
+            config._attn_implementation = name
+
+
+def _configs(model: torch.nn.Module) -> list:
+    found = [model.config]
+    text = model.config.get_text_config() if hasattr(model.config, "get_text_config") else None
+    if text is not None:
+        found.append(text)
+    for module in model.modules():
+        config = getattr(module, "config", None)
+        if config is not None and hasattr(config, "_attn_implementation"):
+            found.append(config)
+    return found

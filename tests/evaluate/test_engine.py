@@ -1,0 +1,57 @@
+"""The shared-prefill engine is exact: kept indices and greedy answers equal kvpress's pipeline with PlanPress."""
+
+import pytest
+import torch
+from kvpress import KVPressTextGenerationPipeline
+
+from polykv_search.data import load_samples
+from polykv_search.evaluate.engine import EvaluationEngine, Method
+from polykv_search.policies import DEFAULT_POLICIES
+from polykv_search.runtime import PlanPress
+from tests.conftest import sample_rows, tiny_loaded, write_jsonl
+
+METHODS = [
+    Method("mix", "plan", 32, ("snapkv", "h2o", "expected_attention"), (16, 40, 60)),
+    Method("mix2", "plan", 32, ("streaming", "keydiff", "tova"), (50, 10, 10_000)),  # last: more than T
+    Method("knorm", "uniform", 32, ("knorm",) * 3, (32, 32, 32)),
+    Method("random", "uniform", 32, ("random",) * 3, (32, 32, 32)),
+]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    lm = tiny_loaded("llama")
+    path = write_jsonl(tmp_path_factory.mktemp("d") / "e.jsonl", sample_rows(2, words=300))
+    return lm, load_samples(path)
+
+
+def test_engine_equals_kvpress_pipeline_with_plan_press(setup):
+    lm, samples = setup
+    engine = EvaluationEngine(lm, policies=DEFAULT_POLICIES)
+    pipe = KVPressTextGenerationPipeline(model=lm.model, tokenizer=lm.tokenizer)
+    for sample in samples:
+        state = engine.prefill(sample)
+        for method in METHODS:
+            result = engine.run(state, method)
+            press = PlanPress(policies=list(method.policies), budgets=list(method.budgets))
+            inputs = {"context_ids": torch.tensor([state.parts.context_ids]),
+                      "questions_ids": [torch.tensor([state.parts.question_ids])]}
+            answer = pipe._forward(inputs, max_new_tokens=state.parts.max_new_tokens, press=press)[0]
+            ours = engine.kept_indices(state, method)
+            assert set(ours) == set(press.kept_indices)
+            for layer, indices in ours.items():
+                assert torch.equal(indices, press.kept_indices[layer][0]), (method.key, layer)
+            assert result.answer == answer, method.key
+            assert result.kl is not None and result.kl >= -1e-6
+    assert engine.prefills == len(samples)  # one prefill per sample, whatever the number of methods
+
+
+def test_full_method_has_zero_kl_and_budget_over_length_is_reported(setup):
+    lm, samples = setup
+    engine = EvaluationEngine(lm, policies=["snapkv", "tova"])
+    state = engine.prefill(samples[0])
+    full = engine.run(state, engine.full_method())
+    assert abs(full.kl) < 1e-5
+    result = engine.run(state, Method("big", "uniform", 9999, ("tova",) * 3, (9999,) * 3))
+    assert result.kept_all_layers == [0, 1, 2]
+    assert result.answer == full.answer
