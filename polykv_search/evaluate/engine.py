@@ -126,6 +126,28 @@ class EvaluationEngine:
         return MethodResult(sample_id=str(state.sample.id), task=state.sample.task, method=method.key,
                             answer=answer, kl=kl, kept_all_layers=kept_all)
 
+    @torch.inference_mode()
+    def run_many(self, state: PrefillState, methods: Sequence[Method], *, with_kl: bool = True,
+                 batch_size: int = 16) -> list[MethodResult]:
+        """Answer several methods at once: one batch row per method, each layer's cache padded to the longest
+        row and the padding masked out. Same selection as `run`; only the batching differs."""
+        results: list[MethodResult] = []
+        for start in range(0, len(methods), batch_size):
+            group = list(methods[start:start + batch_size])
+            cache, valid, kept_all = self._batched_cache(state, group)
+            answers = self._greedy_batch(state, cache, valid)
+            kls: list[float | None] = [None] * len(group)
+            if with_kl and state.full_logprobs is not None and state.parts.answer_ids:
+                cache, valid, _ = self._batched_cache(state, group)
+                logprobs = self._answer_logprobs(state, cache, valid=valid)  # (B, A, V)
+                full = state.full_logprobs[None]  # (1, A, V)
+                kls = (full.exp() * (full - logprobs)).sum(-1).mean(-1).tolist()
+            for row, method in enumerate(group):
+                results.append(MethodResult(sample_id=str(state.sample.id), task=state.sample.task,
+                                            method=method.key, answer=answers[row], kl=kls[row],
+                                            kept_all_layers=kept_all[row]))
+        return results
+
     def kept_indices(self, state: PrefillState, method: Method) -> dict[int, torch.Tensor]:
         """Per compressed layer, the (H_kv, b) context positions the method keeps, in kvpress's top-k order."""
         kept = {}
@@ -157,6 +179,78 @@ class EvaluationEngine:
             module.polykv_compressed = True
         return cache, kept_all
 
+    def _batched_cache(self, state: PrefillState, methods: list[Method]):
+        """A batch-B cache (one row per method) and per-layer validity masks (B, K_l) of the padded slots."""
+        batch, n = len(methods), state.n_context
+        cache = copy.copy(state.cache)
+        cache.layers = []
+        valid: dict[int, torch.Tensor] = {}
+        kept_all: list[list[int]] = [[] for _ in methods]
+        kept = [self.kept_indices(state, m) for m in methods]
+        for idx, layer in enumerate(state.cache.layers):
+            new = copy.copy(layer)
+            keys, values = layer.keys, layer.values  # (1, H_kv, T', D)
+            if idx not in self.compressible or not any(idx in k for k in kept):
+                new.keys = keys.expand(batch, -1, -1, -1)  # a view: update() concatenates into a new tensor
+                new.values = values.expand(batch, -1, -1, -1)
+                for row, method in enumerate(methods):
+                    if idx in self.compressible and method.budgets[idx] is not None and method.budgets[idx] >= n:
+                        kept_all[row].append(idx)
+                cache.layers.append(new)
+                continue
+            num_kv = keys.shape[1]
+            lengths = [k[idx].shape[-1] if idx in k else n for k in kept]
+            longest = max(lengths)
+            index = torch.zeros(batch, num_kv, longest, dtype=torch.long)  # (B, H_kv, K_l), pad -> position 0
+            mask = torch.zeros(batch, longest, dtype=torch.bool)  # (B, K_l)
+            for row, k in enumerate(kept):
+                if idx in k:
+                    index[row, :, :lengths[row]] = k[idx]
+                else:
+                    index[row, :, :n] = torch.arange(n)
+                    if methods[row].budgets[idx] is not None:
+                        kept_all[row].append(idx)
+                mask[row, :lengths[row]] = True
+            gather = index[..., None].expand(-1, -1, -1, keys.shape[-1]).to(keys.device)  # (B, H_kv, K_l, D)
+            new.keys = keys.expand(batch, -1, -1, -1).gather(2, gather)
+            new.values = values.expand(batch, -1, -1, -1).gather(2, gather)
+            valid[idx] = mask.to(keys.device)
+            cache.layers.append(new)
+        return cache, valid, kept_all
+
+    def _set_valid(self, valid: dict[int, torch.Tensor] | None) -> None:
+        for idx in self.compressible:
+            self.layers[idx].self_attn.polykv_valid = None if valid is None else valid.get(idx)
+
+    def _greedy_batch(self, state: PrefillState, cache: DynamicCache, valid: dict[int, torch.Tensor]) -> list[str]:
+        model, device = self.lm.model, self.lm.device
+        batch = cache.layers[0].keys.shape[0]
+        n, question = state.n_context, state.parts.question_ids
+        position_ids = torch.arange(n, n + len(question), device=device)[None].expand(batch, -1)  # (B, q)
+        generated = torch.zeros(batch, 0, dtype=torch.long)
+        finished = torch.zeros(batch, dtype=torch.bool)
+        stop = torch.tensor(sorted(self.stop_ids), dtype=torch.long)
+        self._set_valid(valid)
+        try:
+            with polykv_attention(model):
+                out = model(input_ids=torch.tensor([question] * batch, device=device), past_key_values=cache,
+                            position_ids=position_ids, logits_to_keep=1)
+                position = position_ids[:, -1:] + 1
+                for step in range(state.parts.max_new_tokens):
+                    token = out.logits[:, -1].argmax(-1).cpu()  # (B,)
+                    generated = torch.cat([generated, token[:, None]], dim=1)
+                    finished |= torch.isin(token, stop)
+                    if step == state.parts.max_new_tokens - 1 or bool(finished.all()):
+                        break
+                    out = model(input_ids=token[:, None].to(device), past_key_values=cache, position_ids=position + step)
+        finally:
+            self._set_valid(None)
+        answers = []
+        for row in generated.tolist():
+            cut = next((i + 1 for i, t in enumerate(row) if t in self.stop_ids), len(row))
+            answers.append(str(self.lm.tokenizer.decode(row[:cut], skip_special_tokens=True)))
+        return answers
+
     def _greedy(self, state: PrefillState, cache: DynamicCache) -> str:
         """kvpress's generate_answer: question forward at the true positions, then token by token."""
         model, device = self.lm.model, self.lm.device
@@ -175,16 +269,25 @@ class EvaluationEngine:
                 generated.append(int(out.logits[0, -1].argmax()))
         return str(self.lm.tokenizer.decode(generated, skip_special_tokens=True))
 
-    def _answer_logprobs(self, state: PrefillState, cache: DynamicCache) -> torch.Tensor | None:
-        """Log-probs (A, V) the model gives each reference answer token, teacher-forced after the question."""
+    def _answer_logprobs(self, state: PrefillState, cache: DynamicCache,
+                         valid: dict[int, torch.Tensor] | None = None) -> torch.Tensor | None:
+        """Log-probs the model gives each reference answer token, teacher-forced after the question:
+        (A, V) for a single cache, (B, A, V) for a batched one."""
         answer = list(state.parts.answer_ids)
         if not answer:
             return None
         suffix = list(state.parts.question_ids) + answer
+        batch = cache.layers[0].keys.shape[0]
         n = state.n_context
-        position_ids = torch.arange(n, n + len(suffix), device=self.lm.device)[None]
-        with polykv_attention(self.lm.model):
-            out = self.lm.model(input_ids=torch.tensor([suffix], device=self.lm.device), past_key_values=cache,
-                                position_ids=position_ids, logits_to_keep=len(answer) + 1)
-        logits = out.logits[0, :-1].float()  # (A, V): position i predicts answer token i
-        return torch.log_softmax(logits, dim=-1)
+        position_ids = torch.arange(n, n + len(suffix), device=self.lm.device)[None].expand(batch, -1)
+        self._set_valid(valid)
+        try:
+            with polykv_attention(self.lm.model):
+                out = self.lm.model(input_ids=torch.tensor([suffix] * batch, device=self.lm.device),
+                                    past_key_values=cache, position_ids=position_ids,
+                                    logits_to_keep=len(answer) + 1)
+        finally:
+            self._set_valid(None)
+        logits = out.logits[:, :-1].float()  # (B, A, V): position i predicts answer token i
+        logprobs = torch.log_softmax(logits, dim=-1)
+        return logprobs[0] if valid is None and batch == 1 else logprobs

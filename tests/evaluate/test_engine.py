@@ -55,3 +55,28 @@ def test_full_method_has_zero_kl_and_budget_over_length_is_reported(setup):
     result = engine.run(state, Method("big", "uniform", 9999, ("tova",) * 3, (9999,) * 3))
     assert result.kept_all_layers == [0, 1, 2]
     assert result.answer == full.answer
+
+
+def test_batched_methods_give_the_same_answers_as_one_by_one(setup):
+    lm, samples = setup
+    engine = EvaluationEngine(lm, policies=DEFAULT_POLICIES)
+    state = engine.prefill(samples[1])
+    single = [engine.run(state, m) for m in METHODS]
+    batched = engine.run_many(state, METHODS, batch_size=3)  # two batches, the second of one row
+    assert [r.answer for r in batched] == [r.answer for r in single]
+    for one, many in zip(single, batched):
+        assert many.kl == pytest.approx(one.kl, abs=1e-4)
+        assert many.kept_all_layers == one.kept_all_layers
+
+
+def test_gemma_sliding_layers_batched_and_single_agree(setup):
+    _, samples = setup
+    lm = tiny_loaded("gemma")
+    engine = EvaluationEngine(lm, policies=["snapkv", "knorm"])
+    state = engine.prefill(samples[0])
+    methods = [Method("a", "plan", 24, (None, "snapkv", None, "knorm"), (None, 16, None, 32)),
+               Method("b", "uniform", 24, (None, "knorm", None, "knorm"), (None, 24, None, 24))]
+    single = [engine.run(state, m) for m in methods]
+    batched = engine.run_many(state, methods)
+    assert [r.answer for r in batched] == [r.answer for r in single]
+    assert set(engine.kept_indices(state, methods[0])) == {1, 3}  # sliding layers are never compressed
