@@ -63,12 +63,19 @@ class MethodResult:
 class EvaluationEngine:
     """Prefill once per sample, then answer any number of methods from that prefill."""
 
-    def __init__(self, lm: LoadedModel, *, policies: Sequence[str], max_context_tokens: int | None = None) -> None:
+    def __init__(self, lm: LoadedModel, *, policies: Sequence[str] = (),
+                 variants: dict[str, tuple[str, dict]] | None = None, max_context_tokens: int | None = None) -> None:
+        """`policies`: registered names with their registered parameters; `variants`: key -> (name, params)
+        for a policy with other parameters (a Method then names the key instead of the policy)."""
         self.lm = lm
         self.policies = check_policy_names(list(policies)) if policies else []
         self.presses = {name: make_press(name) for name in self.policies}
+        for key, (name, params) in (variants or {}).items():
+            check_policy_names([name])
+            self.presses[key] = make_press(name, **params)
         self.layers = decoder_layers(lm.model)
         self.compressible = lm.info.compressible_layers
+        self._names = {key: name for key, (name, _) in (variants or {}).items()}
         self.max_context = max_context_tokens or lm.info.max_context or 8192
         self.prefills = 0  # counted, for the benchmark and the report
         eos = lm.model.generation_config.eos_token_id
@@ -86,10 +93,11 @@ class EvaluationEngine:
             idx = module.layer_idx
             layer = kwargs["past_key_values"].layers[idx]
             rankings[idx] = {}
-            for name, press in self.presses.items():
+            for key, press in self.presses.items():
+                name = self._names.get(key, key)
                 scores, _ = policy_scores(name, press, module, kwargs["hidden_states"], layer.keys, layer.values,
                                           kwargs)
-                rankings[idx][name] = scores[0].float()  # (H_kv, T)
+                rankings[idx][key] = scores[0].float()  # (H_kv, T)
             return output
 
         handles = []

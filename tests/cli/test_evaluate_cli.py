@@ -1,0 +1,85 @@
+"""The evaluate command end to end on a saved tiny model, and its bad inputs."""
+
+import json
+import sys
+
+import pytest
+
+from polykv_search.cli import main
+from polykv_search.models.loading import _model_info
+from polykv_search.plan import Plan, PlanFile, SearchInfo
+from tests.cli.test_calibrate_cli import run_cli, tiny_dir  # noqa: F401  (fixture)
+from tests.conftest import sample_rows, tiny_loaded, write_jsonl
+
+
+def hand_plan(info, budget):
+    policies = ["snapkv", "expected_attention", "knorm"][: info.num_layers]
+    budgets = [budget - 8, budget, budget + 8][: info.num_layers]
+    plan = Plan.build(info, average_budget=budget, policies=policies, budgets=budgets,
+                      search=SearchInfo(solver="manual", status="hand-made"))
+    return plan
+
+
+@pytest.fixture(scope="module")
+def tiny_info(tiny_dir):  # noqa: F811
+    lm = tiny_loaded("llama")
+    return _model_info(lm.model, model_id=str(tiny_dir), revision="local", add_bos=False)
+
+
+def test_evaluate_writes_report_with_recovery(monkeypatch, capsys, tiny_dir, tiny_info, tmp_path):  # noqa: F811
+    data = write_jsonl(tmp_path / "eval.jsonl", sample_rows(2, words=150, seed=5))
+    plan_path = tmp_path / "mine.json"
+    PlanFile.build(tiny_info, [hand_plan(tiny_info, 16), hand_plan(tiny_info, 32)]).save(plan_path)
+    monkeypatch.setattr(sys, "argv", ["polykv-search", "evaluate", "--model", str(tiny_dir), "--plan", str(plan_path),
+                                      "--data", str(data), "--out", str(tmp_path / "ev"), "--policies",
+                                      "snapkv,knorm,random", "--json"])
+    main()
+    out = json.loads(capsys.readouterr().out)
+    report = json.loads((tmp_path / "ev" / "report.json").read_text())
+    assert report["budgets"] == [16, 32]
+    keys = set(report["methods"])
+    assert {"full", "snapkv@16", "knorm@32", "random@16", "pyramidkv@32", "mine@16", "mine@32"} <= keys
+    assert "cake@16" not in keys  # no profile given and none at the default path
+    assert {r["method"] for r in out["recovery"]} == {"mine", "pyramidkv"}
+    assert report["methods"]["full"]["kl"] == 0.0
+    assert (tmp_path / "ev" / "scores.png").read_bytes()[:4] == b"\x89PNG"
+    assert "| budget | method |" in (tmp_path / "ev" / "report.md").read_text()
+
+
+def test_budget_longer_than_sample_keeps_everything_and_says_so(monkeypatch, capsys, tiny_dir, tmp_path):  # noqa: F811
+    data = write_jsonl(tmp_path / "eval.jsonl", sample_rows(1, words=80))
+    monkeypatch.setattr(sys, "argv", ["polykv-search", "evaluate", "--model", str(tiny_dir), "--data", str(data),
+                                      "--out", str(tmp_path / "ev"), "--policies", "snapkv", "--budgets", "4096",
+                                      "--no-kl", "--json"])
+    main()
+    report = json.loads((tmp_path / "ev" / "report.json").read_text())
+    assert report["methods"]["snapkv@4096"]["samples_keeping_all"] == 1
+    assert report["methods"]["snapkv@4096"]["score"] == report["methods"]["full"]["score"]
+
+
+def test_bad_inputs(monkeypatch, capsys, tiny_dir, tiny_info, tmp_path):  # noqa: F811
+    data = write_jsonl(tmp_path / "eval.jsonl", sample_rows(1))
+    not_json = tmp_path / "p.json"
+    not_json.write_text("{oops")
+    other = tiny_loaded("gemma")
+    other_plan = tmp_path / "other.json"
+    PlanFile.build(other.info, [Plan.build(other.info, average_budget=16, policies=[None, "snapkv", None, "knorm"],
+                                           budgets=[None, 16, None, 16],
+                                           search=SearchInfo(solver="manual", status="x"))]).save(other_plan)
+    no_answers = write_jsonl(tmp_path / "noans.jsonl", [{**sample_rows(1)[0], "answers": []}])
+    cases = [
+        (["--plan", not_json], "not JSON"),
+        (["--plan", other_plan], "layers"),
+        (["--policies", "snapkv,bogus"], "known policies"),
+        (["--budgets", "0,16"], "at least 1"),
+        (["--data", no_answers], "answers"),
+    ]
+    for args, expected in cases:
+        argv = ["evaluate", "--model", tiny_dir, "--out", tmp_path / "bad"]
+        if "--data" not in args:
+            argv += ["--data", data]
+        code, _, err = run_cli(monkeypatch, capsys, *argv, *args)
+        lines = [line for line in err.splitlines() if line.strip()]
+        assert code == 2, (args, err)
+        assert len(lines) == 1 and expected.lower() in lines[0].lower(), (args, err)
+        assert not (tmp_path / "bad" / "report.json").exists()
