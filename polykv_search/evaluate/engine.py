@@ -156,6 +156,21 @@ class EvaluationEngine:
                                             kept_all_layers=kept_all[row]))
         return results
 
+    @torch.inference_mode()
+    def kl_many(self, state: PrefillState, methods: Sequence[Method], *, batch_size: int = 16) -> list[float]:
+        """KL(full || method) over the reference answer for each method: one teacher-forced forward per batch,
+        no decoding. The optimizer's end-to-end objective."""
+        if state.full_logprobs is None:
+            return [0.0] * len(methods)
+        out: list[float] = []
+        for start in range(0, len(methods), batch_size):
+            group = list(methods[start:start + batch_size])
+            cache, valid, _ = self._batched_cache(state, group)
+            logprobs = self._answer_logprobs(state, cache, valid=valid)  # (B, A, V)
+            full = state.full_logprobs[None]
+            out += (full.exp() * (full - logprobs)).sum(-1).mean(-1).tolist()
+        return out
+
     def kept_indices(self, state: PrefillState, method: Method) -> dict[int, torch.Tensor]:
         """Per compressed layer, the (H_kv, b) context positions the method keeps, in kvpress's top-k order."""
         kept = {}

@@ -1,0 +1,234 @@
+"""`polykv-search optimize` and `polykv-search check-proxy`: choose a policy and budget per layer from a profile.
+
+    polykv-search optimize --budget 512                              # exact DP on outputs/<model>/profile
+    polykv-search optimize --budget 128,256,512,1024 --solver ilp    # one ladder file, HiGHS with status and gap
+    polykv-search optimize --budget 256 --solver optuna --n-trials 60 --storage journal:outputs/study.log
+    polykv-search check-proxy --budget 256                           # Spearman of predicted vs measured loss
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from polykv_search.cli import app
+from polykv_search.cli._errors import err_console
+from polykv_search.cli._options import (
+    DEFAULT_MODEL, DataOpt, DeviceOpt, DtypeOpt, JsonOpt, ModelOpt, model_slug, parse_str_list)
+
+ProfileOpt = Annotated[Path | None, typer.Option("--profile", help="Profile from calibrate "
+                                                 "(default: outputs/<model>/profile.safetensors).")]
+BudgetOpt = Annotated[str, typer.Option("--budget", "-b", help="Average tokens per compressible layer; a comma "
+                                        "list writes a ladder of plans.")]
+CostOpt = Annotated[str, typer.Option(help="Profile cost to minimise: mass_lost or out_err.")]
+
+
+def _parse_budgets(text: str) -> list[float]:
+    from polykv_search.errors import ConfigError
+
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ConfigError(f"--budget {text!r} is not a comma-separated list of numbers, e.g. 128,256,512") from None
+    if not values or any(v < 1 for v in values):
+        raise ConfigError(f"--budget {text!r}: budgets must be at least 1 token per layer")
+    return [int(v) if v.is_integer() else v for v in values]
+
+
+def _profile_path(profile: Path | None, model: str) -> Path:
+    return profile or Path("outputs") / model_slug(model) / "profile.safetensors"
+
+
+def _cap(loaded, cap: int | None) -> int:
+    """Never more than the longest calibration context: more budget than context buys nothing."""
+    longest = int(loaded.arrays["context_tokens"].max())
+    return min(cap, longest) if cap else longest
+
+
+@app.command()
+def optimize(
+    budget: BudgetOpt = "512",
+    model: ModelOpt = DEFAULT_MODEL,
+    profile: ProfileOpt = None,
+    solver: Annotated[str, typer.Option(help="dp (exact, default), ilp (cvxpy + HiGHS) or optuna "
+                                        "(end-to-end search seeded with the exact plan).")] = "dp",
+    cost: CostOpt = "mass_lost",
+    policies: Annotated[str | None, typer.Option(help="Allowed policies (default: all in the profile).")] = None,
+    floor: Annotated[int, typer.Option(help="Fewest tokens a layer may keep.")] = 1,
+    cap: Annotated[int | None, typer.Option(help="Most tokens a layer may keep (default: longest context).")] = None,
+    max_policies: Annotated[int | None, typer.Option(help="At most this many distinct policies.")] = None,
+    tie: Annotated[list[str] | None, typer.Option(help="Layers forced to one policy and budget, e.g. '0,1,2'; "
+                                                  "repeatable.")] = None,
+    only: Annotated[list[str] | None, typer.Option(help="Restrict a policy to layers, e.g. 'streaming=0,1'; "
+                                                   "repeatable.")] = None,
+    time_limit: Annotated[float, typer.Option(help="ilp: seconds before HiGHS stops.")] = 10.0,
+    gap: Annotated[float, typer.Option(help="ilp: relative MIP gap to stop at.")] = 1e-6,
+    n_trials: Annotated[int, typer.Option(help="optuna: trials (seeds included).")] = 40,
+    timeout: Annotated[float | None, typer.Option(help="optuna: seconds.")] = None,
+    storage: Annotated[str | None, typer.Option(help="optuna: journal:PATH or an RDB URL; shared by processes "
+                                                "and machines, resumable after a kill.")] = None,
+    data: DataOpt = None,
+    max_samples: Annotated[int | None, typer.Option(help="optuna: calibration samples measured per trial.")] = 8,
+    seed: Annotated[int, typer.Option(help="Random seed (optuna).")] = 0,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Plan file (default: outputs/<model>/plan.json)")] = None,
+    device: DeviceOpt = "cpu",
+    dtype: DtypeOpt = "auto",
+    as_json: JsonOpt = False,
+) -> None:
+    """Choose a KV policy and token budget for every layer under an exact total budget; write a plan file."""
+    from polykv_search.calibrate.profile import Profile
+    from polykv_search.errors import ConfigError
+    from polykv_search.optimize import Problem, solve
+    from polykv_search.optimize.plans import allocation_png, plan_from_allocation, profile_signature
+    from polykv_search.plan import PlanFile
+
+    if solver not in ("dp", "ilp", "optuna"):
+        raise ConfigError(f"--solver {solver!r} is not one of dp, ilp, optuna")
+    if cost not in ("mass_lost", "out_err"):
+        raise ConfigError(f"--cost {cost!r} is not one of mass_lost, out_err")
+    budgets = _parse_budgets(budget)
+    path = _profile_path(profile, model)
+    loaded = Profile.load(path)
+    info = loaded.model
+    signature = profile_signature(path)
+    names = parse_str_list(policies) if policies else None
+    tied = [[int(x) for x in parse_str_list(t)] for t in tie] if tie else None
+    allowed = None
+    if only:
+        allowed = {}
+        for item in only:
+            name, _, layers = item.partition("=")
+            allowed[name.strip()] = [int(x) for x in parse_str_list(layers)]
+    layer_cap = _cap(loaded, cap)
+    plans = []
+    for average in budgets:
+        problem = Problem.from_profile(loaded, average_budget=average, cost=cost, policies=names, floor=floor,
+                                       cap=layer_cap, allowed=allowed, tied=tied, max_policies=max_policies)
+        exact = solve(problem, solver="ilp" if solver == "ilp" else "dp", time_limit=time_limit, mip_gap=gap)
+        plan = plan_from_allocation(info, exact, average_budget=average, signature=signature)
+        if solver == "optuna":
+            plan = _optuna_plan(loaded, plan, model=model, average=average, names=names, floor=floor, cap=layer_cap,
+                                n_trials=n_trials, timeout=timeout, storage=storage, data=data,
+                                max_samples=max_samples, seed=seed, signature=signature, device=device, dtype=dtype)
+        plans.append(plan)
+    plan_file = PlanFile.build(info, plans)
+    out_path = out or Path("outputs") / model_slug(info.model_id) / "plan.json"
+    plan_file.save(out_path)
+    png = allocation_png(plan_file, out_path.with_suffix(".png"))
+    if as_json:
+        typer.echo(json.dumps({"plan": str(out_path), "png": str(png),
+                               "plans": [{"budget": p.average_budget, **p.search.__dict__} for p in plans]}))
+        return
+    err_console.print(_plan_table(plan_file))
+    typer.echo(f"plan: {out_path}")
+    typer.echo(f"allocation: {png}")
+
+
+def _plan_table(plan_file) -> Table:
+    plans = list(plan_file.plans)
+    table = Table(title=f"{plan_file.model.id}: policy and tokens per layer")
+    table.add_column("layer", justify="right")
+    for plan in plans:
+        table.add_column(f"@{plan.average_budget:g}")
+    for layer in range(plan_file.model.num_layers):
+        cells = []
+        for plan in plans:
+            entry = plan.layers[layer]
+            cells.append("(window)" if entry.policy is None else f"{entry.policy} {entry.budget}")
+        table.add_row(str(layer), *cells)
+    footer = []
+    for plan in plans:
+        s = plan.search
+        obj = f"{s.objective:.4g}" if s.objective is not None else "-"
+        gap = f" gap {s.gap:.2g}" if s.gap is not None else ""
+        footer.append(f"{s.solver} {s.status}, obj {obj}{gap}, sum {plan.constraint.total_realised}")
+    table.add_row("", *footer)
+    return table
+
+
+def _optuna_plan(profile, exact_plan, *, model, average, names, floor, cap, n_trials, timeout, storage, data,
+                 max_samples, seed, signature, device, dtype):
+    """Search end to end, seeded with the exact plan, every uniform plan, PyramidKV and CAKE."""
+    from polykv_search.data import load_samples
+    from polykv_search.models import load_model
+    from polykv_search.optimize.objective import EndToEndObjective
+    from polykv_search.optimize.optuna_search import search
+    from polykv_search.optimize.plans import plan_from_choices
+    from polykv_search.plan import SearchInfo, budget_total, cake_plan, pyramidkv_plan, uniform_plan
+    from polykv_search.plan.validate import check_matches_model
+
+    info = profile.model
+    lm = load_model(model if model != DEFAULT_MODEL or info.model_id == DEFAULT_MODEL else info.model_id,
+                    device=device, dtype=dtype)
+    from polykv_search.plan import PlanFile
+
+    check_matches_model(PlanFile.build(info, [exact_plan]), lm.info)
+    sources = data or [s["source"] for s in profile.header.get("data", [])] or ["calibration_data/calib.jsonl"]
+    samples = [s for source in sources for s in load_samples(source)][:max_samples]
+    policies = names or profile.policies
+    objective = EndToEndObjective(lm, samples, policies=policies)
+    seeds = {"exact": (exact_plan.policies, exact_plan.budgets)}
+    for policy in policies:
+        p = uniform_plan(info, policy=policy, budget=average)
+        seeds[f"uniform:{policy}"] = (p.policies, p.budgets)
+    p = pyramidkv_plan(info, policy="snapkv" if "snapkv" in policies else policies[0], budget=average)
+    seeds["pyramidkv"] = (p.policies, p.budgets)
+    p = cake_plan(info, profile, policy="snapkv" if "snapkv" in policies else policies[0], budget=average)
+    seeds["cake"] = (p.policies, p.budgets)
+    with err_console.status(f"optuna: {n_trials} trials at {average:g} tokens/layer on {len(samples)} samples"):
+        result = search(objective, num_layers=info.num_layers, layers=info.compressible_layers, policies=policies,
+                        total=budget_total(average, len(info.compressible_layers)), floor=floor, cap=cap,
+                        seeds=seeds, n_trials=n_trials, timeout=timeout, storage=storage,
+                        study_name=f"polykv-{signature[:12]}-{average:g}", seed=seed)
+    notes = (f"end-to-end mean KL over {len(objective.states)} calibration samples; best seed "
+             f"{result.best_seed or 'none (a searched trial won)'}; seeds: "
+             + ", ".join(f"{k}={v:.4g}" for k, v in sorted(result.seed_objectives.items(), key=lambda kv: kv[1])))
+    search_info = SearchInfo(solver="optuna", status=f"{result.trials} trials", objective=result.objective,
+                             bound=None, gap=None, profile_signature=signature, seed=seed, seconds=None, notes=notes)
+    return plan_from_choices(info, average_budget=average, policies=result.policies, budgets=result.budgets,
+                             search=search_info)
+
+
+@app.command("check-proxy")
+def check_proxy_cmd(
+    budget: Annotated[float, typer.Option("--budget", "-b", help="Average tokens per layer of the random plans.")] = 128,
+    model: ModelOpt = DEFAULT_MODEL,
+    profile: ProfileOpt = None,
+    cost: CostOpt = "mass_lost",
+    n_plans: Annotated[int, typer.Option(help="Random feasible plans (at least 20).")] = 24,
+    data: DataOpt = None,
+    max_samples: Annotated[int | None, typer.Option(help="Calibration samples measured per plan.")] = 8,
+    seed: int = 0,
+    device: DeviceOpt = "cpu",
+    dtype: DtypeOpt = "auto",
+    as_json: JsonOpt = False,
+) -> None:
+    """Spearman correlation between the profile's predicted loss and the measured KL of random plans."""
+    from polykv_search.calibrate.profile import Profile
+    from polykv_search.data import load_samples
+    from polykv_search.errors import ConfigError
+    from polykv_search.models import load_model
+    from polykv_search.optimize.objective import EndToEndObjective
+    from polykv_search.optimize.proxy import WEAK_PROXY, check_proxy
+
+    if n_plans < 20:
+        raise ConfigError(f"--n-plans {n_plans}: use at least 20 plans for a meaningful rank correlation")
+    loaded = Profile.load(_profile_path(profile, model))
+    lm = load_model(model, device=device, dtype=dtype)
+    sources = data or [s["source"] for s in loaded.header.get("data", [])] or ["calibration_data/calib.jsonl"]
+    samples = [s for source in sources for s in load_samples(source)][:max_samples]
+    objective = EndToEndObjective(lm, samples, policies=loaded.policies)
+    with err_console.status(f"measuring {n_plans} random plans on {len(samples)} samples"):
+        report = check_proxy(loaded, objective.many, budget=budget, n_plans=n_plans, cost=cost, seed=seed)
+    if as_json:
+        typer.echo(json.dumps(report.__dict__))
+    else:
+        typer.echo(f"spearman {report.spearman:.3f} (p={report.pvalue:.2g}) between predicted {cost} and measured "
+                   f"KL over {n_plans} random plans at {budget:g} tokens/layer")
+    if report.weak:
+        err_console.print(f"warning: the additive proxy ranks plans poorly (rho < {WEAK_PROXY}); prefer "
+                          "`--solver optuna` (end-to-end) or `--cost out_err`")
