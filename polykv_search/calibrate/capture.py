@@ -15,9 +15,19 @@ from dataclasses import dataclass, field
 
 import torch
 
-from polykv_search.calibrate.attention import attention_probs, decoder_layers, rotary_for_layer, rotary_owner
+from polykv_search.calibrate.attention import (
+    attention_probs,
+    decoder_layers,
+    rotary_for_layer,
+    rotary_owner,
+)
 from polykv_search.calibrate.costs import cost_curves
-from polykv_search.calibrate.signals import SIGNAL_NAMES, decoding_signals, group_heads, window_signals
+from polykv_search.calibrate.signals import (
+    SIGNAL_NAMES,
+    decoding_signals,
+    group_heads,
+    window_signals,
+)
 from polykv_search.models import ModelInfo
 from polykv_search.policies import make_press
 from polykv_search.policies.scoring import CHUNK_ELEMENTS, policy_scores

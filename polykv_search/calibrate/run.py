@@ -8,7 +8,6 @@ import hashlib
 import json
 import logging
 import platform
-import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -25,11 +24,17 @@ from polykv_search.calibrate.budgets import DEFAULT_BUDGETS
 from polykv_search.calibrate.capture import LayerCapture, SampleRecord
 from polykv_search.calibrate.profile import PROFILE_FORMAT, PROFILE_VERSION, Profile
 from polykv_search.calibrate.signals import SIGNAL_NAMES
+from polykv_search.checkpoints import prepare_checkpoints
 from polykv_search.data import Sample, build_prompt
-from polykv_search.errors import ConfigError, DataError, ProfileError
-from polykv_search.io import file_sha256, write_atomic, write_json_atomic
+from polykv_search.errors import ConfigError, DataError
+from polykv_search.io import file_sha256, write_atomic
 from polykv_search.models import LoadedModel
-from polykv_search.policies import DEFAULT_POLICIES, POLICIES, check_policy_names, make_press
+from polykv_search.policies import (
+    DEFAULT_POLICIES,
+    POLICIES,
+    check_policy_names,
+    make_press,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -93,7 +98,7 @@ def calibrate(lm: LoadedModel, samples: Sequence[Sample], *, config: Calibration
     ckpt_dir = out_dir / "checkpoints"
     max_ctx = config.max_context_tokens or lm.info.max_context or 8192
     fingerprint = _fingerprint(lm, samples, config, data_sources, max_ctx)
-    _prepare_checkpoints(ckpt_dir, fingerprint, resume=resume)
+    prepare_checkpoints(ckpt_dir, fingerprint, resume=resume)
 
     capture = LayerCapture(lm.model, lm.info, policies=config.policies, budgets=config.budgets,
                            window=config.window, n_sink=config.n_sink, recent=config.recent)
@@ -185,23 +190,6 @@ def _fingerprint(lm: LoadedModel, samples: Sequence[Sample], config: Calibration
     return {"model": lm.info.model_id, "revision": lm.info.revision, "config": asdict(config),
             "max_context_tokens": max_ctx, "samples": ids, "data": list(data_sources),
             "format_version": PROFILE_VERSION}
-
-
-def _prepare_checkpoints(ckpt_dir: Path, fingerprint: dict[str, Any], *, resume: bool) -> None:
-    run_file = ckpt_dir / "run.json"
-    if resume and run_file.exists():
-        previous = json.loads(run_file.read_text())
-        if previous != json.loads(json.dumps(fingerprint)):
-            changed = sorted(k for k in fingerprint if previous.get(k) != json.loads(json.dumps(fingerprint))[k])
-            raise ProfileError(f"--resume: the checkpoints in {ckpt_dir} were made with a different "
-                               f"{', '.join(changed)}; re-run with the same options or without --resume")
-        return
-    if resume:
-        logger.warning("--resume: no checkpoints in %s, starting from the first sample", ckpt_dir)
-    if ckpt_dir.exists():
-        shutil.rmtree(ckpt_dir)
-    ckpt_dir.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(run_file, fingerprint)
 
 
 def _versions() -> dict[str, str]:

@@ -12,13 +12,31 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+)
 
 from polykv_search.cli import app
 from polykv_search.cli._errors import err_console
 from polykv_search.cli._options import (
-    DEFAULT_MODEL, ColumnMapOpt, DataOpt, DeviceOpt, DtypeOpt, JsonOpt, ModelOpt, RevisionOpt, TrustOpt,
-    model_slug, parse_column_map, parse_int_list, parse_str_list)
+    DEFAULT_MODEL,
+    ColumnMapOpt,
+    DataOpt,
+    DeviceOpt,
+    DtypeOpt,
+    JsonOpt,
+    ModelOpt,
+    RevisionOpt,
+    TrustOpt,
+    model_slug,
+    parse_column_map,
+    parse_int_list,
+    parse_str_list,
+)
 
 DEFAULT_DATA = "calibration_data/calib.jsonl"
 
@@ -45,7 +63,8 @@ def calibrate(
     """Run the model on calibration data; write a profile of per-layer signals and policy cost curves."""
     from polykv_search.calibrate.budgets import DEFAULT_BUDGETS
     from polykv_search.calibrate.report import signal_heatmap, summary_table
-    from polykv_search.calibrate.run import CalibrationConfig, calibrate as run_calibration
+    from polykv_search.calibrate.run import CalibrationConfig
+    from polykv_search.calibrate.run import calibrate as run_calibration
     from polykv_search.data import load_samples
     from polykv_search.models import load_model
     from polykv_search.policies import DEFAULT_POLICIES

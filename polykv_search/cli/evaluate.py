@@ -13,13 +13,31 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+)
 
 from polykv_search.cli import app
 from polykv_search.cli._errors import err_console
 from polykv_search.cli._options import (
-    DEFAULT_MODEL, ColumnMapOpt, DataOpt, DeviceOpt, DtypeOpt, JsonOpt, ModelOpt, RevisionOpt, TrustOpt,
-    model_slug, parse_column_map, parse_int_list, parse_str_list)
+    DEFAULT_MODEL,
+    ColumnMapOpt,
+    DataOpt,
+    DeviceOpt,
+    DtypeOpt,
+    JsonOpt,
+    ModelOpt,
+    RevisionOpt,
+    TrustOpt,
+    model_slug,
+    parse_column_map,
+    parse_int_list,
+    parse_str_list,
+)
 
 DEFAULT_EVAL = "calibration_data/eval.jsonl"
 DEFAULT_BUDGETS = (64, 128, 256, 512)

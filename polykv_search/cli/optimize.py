@@ -18,7 +18,15 @@ from rich.table import Table
 from polykv_search.cli import app
 from polykv_search.cli._errors import err_console
 from polykv_search.cli._options import (
-    DEFAULT_MODEL, DataOpt, DeviceOpt, DtypeOpt, JsonOpt, ModelOpt, model_slug, parse_str_list)
+    DEFAULT_MODEL,
+    DataOpt,
+    DeviceOpt,
+    DtypeOpt,
+    JsonOpt,
+    ModelOpt,
+    model_slug,
+    parse_str_list,
+)
 
 ProfileOpt = Annotated[Path | None, typer.Option("--profile", help="Profile from calibrate "
                                                  "(default: outputs/<model>/profile.safetensors).")]
@@ -83,7 +91,11 @@ def optimize(
     from polykv_search.calibrate.profile import Profile
     from polykv_search.errors import ConfigError
     from polykv_search.optimize import Problem, solve
-    from polykv_search.optimize.plans import allocation_png, plan_from_allocation, profile_signature
+    from polykv_search.optimize.plans import (
+        allocation_png,
+        plan_from_allocation,
+        profile_signature,
+    )
     from polykv_search.plan import PlanFile
 
     if solver not in ("dp", "ilp", "optuna"):
@@ -158,7 +170,13 @@ def _optuna_plan(profile, exact_plan, *, model, average, names, floor, cap, n_tr
     from polykv_search.optimize.objective import EndToEndObjective
     from polykv_search.optimize.optuna_search import search
     from polykv_search.optimize.plans import plan_from_choices
-    from polykv_search.plan import SearchInfo, budget_total, cake_plan, pyramidkv_plan, uniform_plan
+    from polykv_search.plan import (
+        SearchInfo,
+        budget_total,
+        cake_plan,
+        pyramidkv_plan,
+        uniform_plan,
+    )
     from polykv_search.plan.validate import check_matches_model
 
     info = profile.model

@@ -17,7 +17,11 @@ from dataclasses import dataclass, field
 import torch
 from transformers import DynamicCache
 
-from polykv_search.calibrate.attention import decoder_layers, rotary_for_layer, rotary_owner
+from polykv_search.calibrate.attention import (
+    decoder_layers,
+    rotary_for_layer,
+    rotary_owner,
+)
 from polykv_search.data import PromptParts, Sample, build_prompt
 from polykv_search.models import LoadedModel
 from polykv_search.policies import check_policy_names, make_press

@@ -10,7 +10,14 @@ from dataclasses import dataclass, field
 from polykv_search.calibrate.profile import Profile
 from polykv_search.evaluate.engine import Method
 from polykv_search.models import ModelInfo
-from polykv_search.plan import Plan, PlanFile, cake_plan, policy_params, pyramidkv_plan, uniform_plan
+from polykv_search.plan import (
+    Plan,
+    PlanFile,
+    cake_plan,
+    policy_params,
+    pyramidkv_plan,
+    uniform_plan,
+)
 
 
 @dataclass

@@ -6,14 +6,14 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from polykv_search.checkpoints import prepare_checkpoints
 from polykv_search.data import Sample
-from polykv_search.errors import DataError, ProfileError
+from polykv_search.errors import DataError
 from polykv_search.evaluate.engine import EvaluationEngine, Method, MethodResult
 from polykv_search.evaluate.methods import MethodSet
 from polykv_search.evaluate.metrics import score_answer
@@ -50,7 +50,7 @@ def evaluate(lm: LoadedModel, samples: Sequence[Sample], methods: MethodSet, *, 
                         "reference answers (the `answers` column)")
     out_dir = Path(out_dir)
     ckpt_dir = out_dir / "checkpoints"
-    _prepare(ckpt_dir, _fingerprint(lm, samples, methods, with_kl, max_context_tokens), resume=resume)
+    prepare_checkpoints(ckpt_dir, _fingerprint(lm, samples, methods, with_kl, max_context_tokens), resume=resume)
     engine = EvaluationEngine(lm, policies=sorted(methods.policies), variants=methods.variants,
                               max_context_tokens=max_context_tokens)
     full = engine.full_method()
@@ -87,21 +87,6 @@ def _fingerprint(lm: LoadedModel, samples: Sequence[Sample], methods: MethodSet,
                                            default=str).encode()).hexdigest()
     return {"model": lm.info.model_id, "revision": lm.info.revision, "samples": ids, "methods": method_sig,
             "with_kl": with_kl, "max_context": max_context}
-
-
-def _prepare(ckpt_dir: Path, fingerprint: dict, *, resume: bool) -> None:
-    run_file = ckpt_dir / "run.json"
-    if resume and run_file.exists():
-        previous = json.loads(run_file.read_text())
-        if previous != fingerprint:
-            changed = sorted(k for k in fingerprint if previous.get(k) != fingerprint[k])
-            raise ProfileError(f"--resume: the checkpoints in {ckpt_dir} were made with a different "
-                               f"{', '.join(changed)}; re-run with the same options or without --resume")
-        return
-    if ckpt_dir.exists():
-        shutil.rmtree(ckpt_dir)
-    ckpt_dir.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(run_file, fingerprint)
 
 
 def method_index(methods: Sequence[Method]) -> dict[str, Method]:

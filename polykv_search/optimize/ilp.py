@@ -14,7 +14,13 @@ import numpy as np
 import scipy.sparse as sp
 
 from polykv_search.errors import ConfigError, SolverError
-from polykv_search.optimize.allocation import OPTIMAL, TIME_LIMIT, Allocation, assemble, distribute
+from polykv_search.optimize.allocation import (
+    OPTIMAL,
+    TIME_LIMIT,
+    Allocation,
+    assemble,
+    distribute,
+)
 from polykv_search.optimize.problem import Prepared, Problem
 
 logger = logging.getLogger(__name__)

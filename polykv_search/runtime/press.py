@@ -24,7 +24,11 @@ import torch
 from kvpress import BasePress
 from kvpress.presses.base_press import SUPPORTED_MODELS  # noqa: F401  (kvpress warns for others; so do we)
 
-from polykv_search.calibrate.attention import decoder_layers, rotary_for_layer, rotary_owner
+from polykv_search.calibrate.attention import (
+    decoder_layers,
+    rotary_for_layer,
+    rotary_owner,
+)
 from polykv_search.policies import POLICIES, check_policy_names, make_press, rank_scores
 from polykv_search.policies.scoring import policy_scores
 from polykv_search.runtime.attention import use_polykv_attention

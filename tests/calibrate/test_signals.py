@@ -5,8 +5,14 @@ import math
 import pytest
 import torch
 
-from polykv_search.calibrate.signals import (context_distribution, decoding_signals, entropy, group_heads,
-                                             mass_share_for, window_signals)
+from polykv_search.calibrate.signals import (
+    context_distribution,
+    decoding_signals,
+    entropy,
+    group_heads,
+    mass_share_for,
+    window_signals,
+)
 
 
 def test_entropy_of_uniform_and_one_hot():

@@ -5,8 +5,8 @@ import importlib.util
 import pytest
 
 from polykv_search.errors import ConfigError, ModelError
-from polykv_search.models import load_model, resolve_dtype
 from polykv_search.models import embedded as embedded_module
+from polykv_search.models import load_model, resolve_dtype
 from tests.conftest import tiny_loaded
 
 
