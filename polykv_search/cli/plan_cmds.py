@@ -1,0 +1,137 @@
+"""`polykv-search schema | validate | baseline`: print the plan schema, check a plan file, write baseline plans.
+
+    polykv-search schema > plan-v1.json
+    polykv-search validate outputs/plans/uniform-snapkv.json --model smollm2-135m
+    polykv-search baseline --kind pyramidkv --budget 128,256,512 --profile outputs/smollm2-135m/profile.safetensors
+    polykv-search baseline --kind cake --policy snapkv --budget 512 --profile outputs/smollm2-135m/profile.safetensors
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+from rich.table import Table
+
+from polykv_search.cli import app
+from polykv_search.cli._errors import err_console
+from polykv_search.cli._options import RevisionOpt, TrustOpt, parse_int_list
+from polykv_search.errors import ConfigError
+
+if TYPE_CHECKING:
+    from polykv_search.plan import PlanFile
+
+KINDS = ("uniform", "pyramidkv", "cake")
+
+PlanArg = Annotated[Path, typer.Argument(help="Plan file (JSON) to check.", show_default=False)]
+OptionalModelOpt = Annotated[str | None, typer.Option("--model", "-m", help="Embedded alias (smollm2-135m, "
+                             "gemma3-270m), a .gguf file, a local model folder, or a hub id.")]
+
+
+@app.command()
+def schema() -> None:
+    """Print the plan file's JSON Schema (Draft 2020-12) to stdout."""
+    from polykv_search.plan.schema import PLAN_SCHEMA
+
+    typer.echo(json.dumps(PLAN_SCHEMA, indent=2))
+
+
+@app.command()
+def validate(
+    plan: PlanArg,
+    model: OptionalModelOpt = None,
+    revision: RevisionOpt = None,
+    trust_remote_code: TrustOpt = False,
+) -> None:
+    """Check a plan file; with --model, also check that it was made for that model. Exit 2 lists every problem."""
+    from polykv_search.plan import PlanFile, check_matches_model
+
+    plan_file = PlanFile.load(plan)
+    if model is not None:
+        from polykv_search.models import load_model
+
+        info = load_model(model, revision=revision, trust_remote_code=trust_remote_code).info
+        check_matches_model(plan_file, info)
+    budgets = ", ".join(_fmt(b) for b in plan_file.budgets)
+    count = len(plan_file.plans)
+    typer.echo(f"valid: {count} plan{'s' if count != 1 else ''}, budgets [{budgets}]")
+
+
+@app.command()
+def baseline(
+    kind: Annotated[str, typer.Option(help="Allocator: uniform, pyramidkv or cake.", show_default=False)],
+    budget: Annotated[str, typer.Option(help="Average tokens per layer; comma-separated for a ladder, "
+                                        "e.g. 128,256,512.", show_default=False)],
+    policy: Annotated[str, typer.Option(help="Registered policy applied on every compressible layer.")] = "snapkv",
+    profile: Annotated[Path | None, typer.Option(help="Calibration profile: model geometry and, for cake, the "
+                                                 "per-layer entropy and variance.")] = None,
+    model: OptionalModelOpt = None,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Plan file to write "
+                                             "(default: outputs/plans/<kind>-<policy>.json).")] = None,
+    window: Annotated[int, typer.Option(help="PyramidKV: tokens of the recent window kept on every layer.")] = 64,
+    beta: Annotated[float, typer.Option(help="PyramidKV: top-to-bottom steepness (min = (B - window) / beta).")] = 20,
+    tau1: Annotated[float, typer.Option(help="CAKE: temperature of the entropy term.")] = 1.0,
+    tau2: Annotated[float, typer.Option(help="CAKE: temperature of the variance term.")] = 1.0,
+    max_budget: Annotated[int | None, typer.Option(help="Cap on any layer's budget (e.g. the context length); "
+                                                   "pyramidkv and cake.")] = None,
+    revision: RevisionOpt = None,
+    trust_remote_code: TrustOpt = False,
+) -> None:
+    """Write a baseline plan (or a ladder of them): uniform, PyramidKV or CAKE budgets for one policy."""
+    from polykv_search.io import file_sha256
+    from polykv_search.models import ModelInfo
+    from polykv_search.plan import PlanFile, cake_plan, pyramidkv_plan, uniform_plan
+
+    if kind not in KINDS:
+        raise ConfigError(f"--kind {kind!r} is not one of {', '.join(KINDS)}")
+    if (profile is None) == (model is None):
+        raise ConfigError("give exactly one of --profile (model geometry from its header) or --model")
+    if kind == "cake" and profile is None:
+        raise ConfigError("--kind cake needs --profile: CAKE weighs layers by the profile's entropy and variance")
+    budgets = list(dict.fromkeys(parse_int_list(budget, option="--budget")))
+    loaded = None
+    if profile is not None:
+        from polykv_search.calibrate.profile import Profile
+
+        loaded = Profile.load(profile)
+        info = ModelInfo.from_dict(loaded.header["model"])
+    else:
+        from polykv_search.models import load_model
+
+        info = load_model(model, revision=revision, trust_remote_code=trust_remote_code).info
+    if kind == "uniform":
+        plans = [uniform_plan(info, policy=policy, budget=b) for b in budgets]
+    elif kind == "pyramidkv":
+        plans = [pyramidkv_plan(info, policy=policy, budget=b, window=window, beta=beta, max_budget=max_budget)
+                 for b in budgets]
+    else:
+        signature = file_sha256(profile)
+        plans = [cake_plan(info, loaded, policy=policy, budget=b, tau1=tau1, tau2=tau2, max_budget=max_budget,
+                           profile_signature=signature) for b in budgets]
+    plan_file = PlanFile.build(info, plans)
+    path = plan_file.save(out or Path("outputs/plans") / f"{kind}-{policy}.json")
+    err_console.print(plan_table(plan_file, title=f"{kind} baseline, {info.model_id}"))
+    typer.echo(str(path))
+
+
+def plan_table(plan_file: PlanFile, *, title: str = "") -> Table:
+    """Layer, type, then policy and budget per ladder rung."""
+    table = Table(title=title or None, show_lines=False)
+    table.add_column("layer", justify="right")
+    table.add_column("type")
+    for plan in plan_file.plans:
+        table.add_column(f"B={_fmt(plan.average_budget)}", justify="right")
+    for i, kind in enumerate(plan_file.model.layer_types):
+        cells = []
+        for plan in plan_file.plans:
+            layer = plan.layers[i]
+            cells.append("fixed" if layer.sliding_window else f"{layer.policy} {layer.budget}")
+        table.add_row(str(i), "sliding" if kind == "sliding_attention" else "full", *cells)
+    table.add_row("sum", "", *[str(plan.constraint.total_realised) for plan in plan_file.plans], style="bold")
+    return table
+
+
+def _fmt(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else str(value)

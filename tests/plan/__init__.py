@@ -1,0 +1,1 @@
+"""Tests of the plan file, its validation and the baseline allocators."""
