@@ -13,7 +13,8 @@ from rich.logging import RichHandler
 
 from polykv_search.errors import PolykvError
 
-err_console = Console(stderr=True)
+# Tables are wide (a column per signal); when stderr is not a terminal, do not squeeze them into 80 columns.
+err_console = Console(stderr=True, width=None if sys.stderr.isatty() else 132)
 
 
 def debug_enabled() -> bool:

@@ -25,6 +25,8 @@ from polykv_search.models.embedded import EMBEDDED
 logger = logging.getLogger(__name__)
 
 DeviceName = Literal["cpu", "cuda", "auto"]
+CONVERSION_VERSION = 2  # bump when the cached conversion changes; v2 keeps GGUF tokenizers faithful
+PROBE = "The capital of France is a beautiful city. def f(x): return x + 1  # 123456"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -148,7 +150,7 @@ def _from_pretrained(source: str | Path, *, device: str, dtype: torch.dtype, rev
 def _converted_gguf(gguf: Path) -> tuple[Path, str]:
     """Return a safetensors folder for `gguf`, converting it once; keyed by the file's sha256."""
     digest = file_sha256(gguf)
-    target = cache_root() / "converted" / f"{gguf.stem}-{digest[:16]}"
+    target = cache_root() / "converted" / f"{gguf.stem}-{digest[:16]}-v{CONVERSION_VERSION}"
     if (target / "config.json").exists():
         return target, digest
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -172,7 +174,7 @@ def _converted_gguf(gguf: Path) -> tuple[Path, str]:
                                 else _mkdir(target.parent)))
     try:
         model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
+        _save_tokenizer(tokenizer, tmp)
         config = json.loads((tmp / "config.json").read_text())
         config.pop("quantization_config", None)
         config["_polykv_gguf"] = {"file": gguf.name, "sha256": digest}
@@ -188,6 +190,29 @@ def _converted_gguf(gguf: Path) -> tuple[Path, str]:
     logger.info("converted %s once in %.0f s; cached as safetensors in %s", gguf.name,
                 time.perf_counter() - started, target)
     return target, digest
+
+
+def _save_tokenizer(tokenizer: Any, folder: Path) -> None:
+    """Save the tokenizer so it reloads identically. Some GGUF tokenizers (Gemma-3 in transformers 5.2) come
+    back character-level after save_pretrained; then the exact backend (tokenizer.json) is kept instead."""
+    from transformers import AutoTokenizer
+
+    tokenizer.save_pretrained(folder)
+    reloaded = AutoTokenizer.from_pretrained(folder)
+    if reloaded(PROBE)["input_ids"] == tokenizer(PROBE)["input_ids"]:
+        return
+    tokenizer.backend_tokenizer.save(str(folder / "tokenizer.json"))
+    config_path = folder / "tokenizer_config.json"
+    config = json.loads(config_path.read_text()) if config_path.exists() else {}
+    config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    for key in ("bos_token", "eos_token", "unk_token", "pad_token"):
+        value = getattr(tokenizer, key, None)
+        if value is not None:
+            config[key] = str(value)
+    config_path.write_text(json.dumps(config, indent=2))
+    reloaded = AutoTokenizer.from_pretrained(folder)
+    if reloaded(PROBE)["input_ids"] != tokenizer(PROBE)["input_ids"]:
+        raise ModelError("the GGUF tokenizer does not survive saving; report this model")
 
 
 def _mkdir(path: Path) -> Path:
