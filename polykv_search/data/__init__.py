@@ -1,0 +1,12 @@
+"""Data: LongBench-schema samples, their loading, per-task prompts, and the generator of calibration data."""
+
+from polykv_search.data.loading import load_samples
+from polykv_search.data.prompts import (
+    PromptParts,
+    PromptTemplate,
+    build_prompt,
+    template_for,
+)
+from polykv_search.data.sample import Sample
+
+__all__ = ["PromptParts", "PromptTemplate", "Sample", "build_prompt", "load_samples", "template_for"]

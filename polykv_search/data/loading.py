@@ -1,0 +1,190 @@
+"""Load LongBench-schema rows (JSON lines, JSON, Parquet, or a hub data set) into `Sample`s, via `datasets`.
+
+Other schemas load with a column map from source column to canonical name, e.g. {"question": "input"}.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+from polykv_search.data.sample import Sample
+from polykv_search.errors import ConfigError, DataError
+
+logger = logging.getLogger(__name__)
+
+REQUIRED_COLUMNS = ("context", "input", "answers")
+CANONICAL_COLUMNS = (*REQUIRED_COLUMNS, "length", "dataset", "all_classes", "_id")
+_JSON_SUFFIXES = (".jsonl", ".json")
+_SUFFIX_BUILDER = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+_MAP_HINT = "pass --column-map (e.g. question=input,passage=context) to name the source columns"
+
+
+def load_samples(source: str | Path, *, column_map: Mapping[str, str] | None = None, limit: int | None = None,
+                 split: str = "train", name: str | None = None) -> list[Sample]:
+    """Read `source` (a .jsonl/.json/.parquet file, a folder of them, or a hub id) as a list of `Sample`s.
+
+    `column_map` renames source columns to the canonical LongBench names (context, input, answers, length,
+    dataset, all_classes, _id); `limit` keeps the first rows; `split` and `name` (config) apply to hub ids.
+    """
+    if limit is not None and limit < 1:
+        raise ConfigError(f"--limit {limit} must be at least 1; omit it to load every row")
+    column_map = dict(column_map or {})
+    _check_column_map(column_map)
+    path = Path(source).expanduser()
+    if path.exists():
+        files = _data_files(path)
+        default_task = path.stem if path.is_file() else path.name
+        builder = _SUFFIX_BUILDER[files[0].suffix]
+        for file in files:
+            if file.suffix in _JSON_SUFFIXES:
+                _prescan_json(file, column_map=column_map)
+        rows = _load_local(builder, files)
+        label = str(path)
+    else:
+        if _looks_like_path(str(source)):
+            raise DataError(f"data file {source} does not exist; check the path (or give a hub id owner/name)")
+        rows = _load_hub(str(source), split=split, name=name)
+        default_task = str(source).rsplit("/", 1)[-1] if name is None else name
+        label = str(source)
+    samples: list[Sample] = []
+    for index, row in enumerate(rows):
+        if limit is not None and index >= limit:
+            break
+        samples.append(_to_sample(_rename(row, column_map), index=index, where=f"{label} row {index + 1}",
+                                  default_task=default_task))
+    if not samples:
+        raise DataError(f"data set {label} has no rows; give a file with at least one LongBench-style row")
+    return samples
+
+
+def _check_column_map(column_map: Mapping[str, str]) -> None:
+    for src, dst in column_map.items():
+        if dst not in CANONICAL_COLUMNS:
+            raise ConfigError(f"column map {src}={dst}: {dst!r} is not a canonical column; "
+                              f"map to one of {', '.join(CANONICAL_COLUMNS)}")
+
+
+def _looks_like_path(source: str) -> bool:
+    return source.startswith((".", "/", "~")) or source.endswith(tuple(_SUFFIX_BUILDER)) or source.count("/") > 1
+
+
+def _data_files(path: Path) -> list[Path]:
+    if path.is_file():
+        if path.suffix not in _SUFFIX_BUILDER:
+            raise DataError(f"data file {path} has suffix {path.suffix!r}; use .jsonl, .json or .parquet")
+        return [path]
+    files = sorted(p for p in path.iterdir() if p.suffix in _SUFFIX_BUILDER and not p.name.startswith("."))
+    if not files:
+        raise DataError(f"folder {path} holds no .jsonl, .json or .parquet file; point at a data file")
+    kinds = {_SUFFIX_BUILDER[p.suffix] for p in files}
+    if len(kinds) > 1:
+        raise DataError(f"folder {path} mixes JSON and Parquet files; point at one file or keep one format")
+    return files
+
+
+def _prescan_json(file: Path, *, column_map: Mapping[str, str]) -> None:
+    """Parse JSON ourselves first: `datasets` reports a bad line without its number, and rows by position only."""
+    text = file.read_text(encoding="utf-8")
+    if file.suffix == ".json" and text.lstrip().startswith("["):
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{file}:{exc.lineno}: malformed JSON ({exc.msg}, column {exc.colno}); "
+                            "fix that line") from exc
+        located: Iterable[tuple[int, str, Any]] = ((i, f"{file} row {i + 1}", row) for i, row in enumerate(rows))
+    else:
+        located = _json_lines(file, text)
+    for index, where, row in located:
+        if not isinstance(row, dict):
+            raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}; "
+                            "write one object per line")
+        _to_sample(_rename(row, column_map), index=index, where=where, default_task=file.stem)
+
+
+def _json_lines(file: Path, text: str) -> Iterable[tuple[int, str, Any]]:
+    index = 0
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{file}:{lineno}: malformed JSON line ({exc.msg}, column {exc.colno}); "
+                            "fix or delete that line") from exc
+        yield index, f"{file}:{lineno} (row {index + 1})", row
+        index += 1
+
+
+def _load_local(builder: str, files: list[Path]) -> Any:
+    from datasets import load_dataset
+
+    try:
+        return load_dataset(builder, data_files=[str(f) for f in files], split="train")
+    except Exception as exc:  # datasets/pyarrow raise many types for inconsistent files
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise DataError(f"datasets could not read {files[0] if len(files) == 1 else files[0].parent}: {reason}; "
+                        "make every row use the same column types") from exc
+
+
+def _load_hub(source: str, *, split: str, name: str | None) -> Any:
+    from datasets import load_dataset
+
+    try:
+        return load_dataset(source, name, split=split)
+    except Exception as exc:  # offline: ConnectionError; unknown id: DatasetNotFoundError; bad split: ValueError
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise DataError(f"cannot load data set {source!r} (split {split!r}) from the Hugging Face hub: {reason}; "
+                        "pass a local .jsonl/.json/.parquet file, or check the id and network access") from exc
+
+
+def _rename(row: Mapping[str, Any], column_map: Mapping[str, str]) -> dict[str, Any]:
+    if not column_map:
+        return dict(row)
+    missing = [src for src in column_map if src not in row]
+    if missing:
+        raise DataError(f"column map names source column {missing[0]!r} but the rows have "
+                        f"{', '.join(sorted(row))}; fix --column-map")
+    renamed = {key: value for key, value in row.items() if key not in column_map}
+    for src, dst in column_map.items():
+        renamed[dst] = row[src]  # a mapped column wins over a same-named one already in the row
+    return renamed
+
+
+def _to_sample(row: Mapping[str, Any], *, index: int, where: str, default_task: str) -> Sample:
+    row_id = row.get("_id")
+    label = f"{where}" + (f" (_id {row_id})" if row_id is not None else "")
+    for column in REQUIRED_COLUMNS:
+        if column not in row or row[column] is None:
+            raise DataError(f"{label} has no {column!r} column (it has {', '.join(sorted(row)) or 'none'}); "
+                            f"{_MAP_HINT}")
+    context, question, answers = row["context"], row["input"], row["answers"]
+    if not isinstance(context, str) or not isinstance(question, str):
+        bad = "context" if not isinstance(context, str) else "input"
+        raise DataError(f"{label}: column {bad!r} is a {type(row[bad]).__name__}, not a string; "
+                        f"{_MAP_HINT} to a text column")
+    if isinstance(answers, str) or not isinstance(answers, (list, tuple)) or not answers \
+            or not all(isinstance(a, str) for a in answers):
+        raise DataError(f"{label}: column 'answers' must be a non-empty list of strings, got {answers!r:.80}; "
+                        "write it as [\"answer\", ...]")
+    classes = row.get("all_classes")
+    if classes is not None and (isinstance(classes, str) or not isinstance(classes, (list, tuple))
+                                or not all(isinstance(c, str) for c in classes)):
+        raise DataError(f"{label}: column 'all_classes' must be null or a list of strings, got {classes!r:.80}; "
+                        "fix that row")
+    length = row.get("length")
+    if not isinstance(length, int) or isinstance(length, bool):
+        length = len(context.split())
+    task = row.get("dataset") or default_task
+    return Sample(
+        id=str(row_id) if row_id is not None else f"{task}-{index}",
+        task=str(task),
+        context=context,
+        question=question,
+        answers=tuple(answers),
+        all_classes=tuple(classes) if classes else None,
+        length=length,
+    )

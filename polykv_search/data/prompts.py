@@ -1,0 +1,253 @@
+"""Per-task prompts split into a compressible context part and an uncompressed question part (kvpress convention).
+
+`build_prompt` renders the whole conversation once (chat template when the tokenizer has one), tokenizes it
+with offsets and cuts the ids where the context text ends; an over-long context is cut in the middle.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from polykv_search.data.sample import Sample
+from polykv_search.errors import DataError
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PromptTemplate:
+    """User turn = head + context + tail ("{input}" in tail is the question); the reply starts with a prefix."""
+
+    head: str
+    tail: str
+    max_new_tokens: int = 64
+    answer_prefix: str | Callable[[str], str] = ""  # a string, or a function of the question
+
+    def prefix_for(self, question: str) -> str:
+        return self.answer_prefix(question) if callable(self.answer_prefix) else self.answer_prefix
+
+
+@dataclass(frozen=True)
+class PromptParts:
+    """Token ids of one prompt: `context_ids` are compressed, `question_ids` are appended after compression."""
+
+    context_ids: list[int]  # template header + instruction + context, ending where the context text ends
+    question_ids: list[int]  # question, end of user turn, assistant header, answer prefix
+    answer_ids: list[int]  # first reference answer as it would follow the prompt, for teacher forcing
+    max_new_tokens: int
+    truncated: bool
+    task: str
+    sample_id: str = ""
+    answer_prefix: str = ""
+
+    @property
+    def prompt_ids(self) -> list[int]:
+        return self.context_ids + self.question_ids
+
+
+def _needle_prefix(question: str) -> str:
+    match = re.search(r"special magic number for (.+?) mentioned in the provided text", question)
+    key = match.group(1) if match else "it"
+    return f"The special magic number for {key} mentioned in the provided text is"
+
+
+def _continuation_prefix(question: str) -> str:
+    match = re.search(r'begins with "(.*)"', question)
+    return match.group(1) if match else ""
+
+
+def _variable_prefix(question: str) -> str:
+    match = re.search(r"hold the value (\d+)", question)
+    value = match.group(1) if match else "asked"
+    return f"Answer: According to the chain of variable assignments in the text above, the variables that " \
+           f"hold the value {value} are:"
+
+
+_NEEDLE_HEAD = ("Some special magic numbers are hidden within the following text. Make sure to memorize them. "
+                "I will quiz you about the numbers afterwards.\n\n")
+_LB_QA = "Answer the question based on the given passages. Only give me the answer and do not output any other words."
+_LB_QASPER = ("Answer the question as concisely as you can, using a single phrase or sentence if possible. If the "
+              "question cannot be answered based on the information in the article, write \"unanswerable\". If the "
+              "question is a yes/no question, answer \"yes\", \"no\", or \"unanswerable\". Do not provide any "
+              "explanation.")
+_LB_NARRATIVE = ("Answer the question as concisely as you can, using a single phrase if possible. Do not provide "
+                 "any explanation.")
+
+TEMPLATES: dict[str, PromptTemplate] = {
+    # polykv-search's generated families
+    "niah_single": PromptTemplate(_NEEDLE_HEAD, "\n\n{input}", 12, _needle_prefix),
+    "niah_multikey": PromptTemplate(_NEEDLE_HEAD, "\n\n{input}", 12, _needle_prefix),
+    "variable_tracking": PromptTemplate(
+        "Memorize and track the chain of variable assignments hidden in the following text.\n\n",
+        "\n\nQuestion: {input}", 24, _variable_prefix),
+    "code_completion": PromptTemplate("Please complete the code given below.\n\n", "\n{input}Next line of code:\n",
+                                      48),
+    "fewshot_classification": PromptTemplate(
+        "Classify each line of Python code by the kind of statement it is. Here are some examples.\n\n",
+        "\n{input}", 8),
+    "prose_continuation": PromptTemplate("Read the following text.\n\n", "\n\n{input}", 48, _continuation_prefix),
+    # LongBench (dataset2prompt.json); the question part starts where the context ends
+    "narrativeqa": PromptTemplate(
+        "You are given a story, which can be either a novel or a movie script, and a question. "
+        f"{_LB_NARRATIVE}\n\nStory: ",
+        "\n\nNow, answer the question based on the story as concisely as you can, using a single phrase if "
+        "possible. Do not provide any explanation.\n\nQuestion: {input}\n\nAnswer:", 128),
+    "qasper": PromptTemplate(f"You are given a scientific article and a question. {_LB_QASPER}\n\nArticle: ",
+                             f"\n\n Answer the question based on the above article. {_LB_QASPER}\n\n"
+                             "Question: {input}\n\nAnswer:", 128),
+    "multifieldqa_en": PromptTemplate(
+        "Read the following text and answer briefly.\n\n",
+        "\n\nNow, answer the following question based on the above text, only give me the answer and do not "
+        "output any other words.\n\nQuestion: {input}\nAnswer:", 64),
+    "hotpotqa": PromptTemplate(f"{_LB_QA}\n\nThe following are given passages.\n",
+                               f"\n\n{_LB_QA}\n\nQuestion: {{input}}\nAnswer:", 32),
+    "gov_report": PromptTemplate(
+        "You are given a report by a government agency. Write a one-page summary of the report.\n\nReport:\n",
+        "\n\nNow, write a one-page summary of the report.\n\nSummary:", 512),
+    "qmsum": PromptTemplate(
+        "You are given a meeting transcript and a query containing a question or instruction. Answer the query "
+        "in one or more sentences.\n\nTranscript:\n",
+        "\n\nNow, answer the query based on the above meeting transcript in one or more sentences.\n\n"
+        "Query: {input}\nAnswer:", 512),
+    "multi_news": PromptTemplate("You are given several news articles. Write a one-page summary of all news. "
+                                 "\n\nNews:\n", "\n\nNow, write a one-page summary of all the news.\n\nSummary:", 512),
+    "trec": PromptTemplate("Please determine the type of the question below. Here are some examples of "
+                           "questions.\n\n", "\n{input}", 64),
+    "triviaqa": PromptTemplate("Answer the question based on the given passage. Only give me the answer and do "
+                               "not output any other words. The following are some examples.\n\n", "\n\n{input}", 32),
+    "samsum": PromptTemplate("Summarize the dialogue into a few short sentences. The following are some "
+                             "examples.\n\n", "\n\n{input}", 128),
+    "passage_count": PromptTemplate(
+        "There are some paragraphs below sourced from Wikipedia. Some of them may be duplicates. Please carefully "
+        "read these paragraphs and determine how many unique paragraphs there are after removing duplicates. In "
+        "other words, how many non-repeating paragraphs are there in total?\n\n",
+        "\n\nPlease enter the final count of unique paragraphs after removing duplicates. The output format "
+        "should only contain the number, such as 1, 2, 3, and so on.\n\nThe final answer is: ", 32),
+    "passage_retrieval_en": PromptTemplate(
+        "Here are 30 paragraphs from Wikipedia, along with an abstract. Please determine which paragraph the "
+        "abstract is from.\n\n",
+        "\n\nThe following is an abstract.\n\n{input}\n\nPlease enter the number of the paragraph that the "
+        "abstract is from. The answer format must be like \"Paragraph 1\", \"Paragraph 2\", etc.\n\n"
+        "The answer is: ", 32),
+    "lcc": PromptTemplate("Please complete the code given below. \n", "{input}Next line of code:\n", 64),
+    "repobench-p": PromptTemplate("Please complete the code given below. \n", "{input}Next line of code:\n", 64),
+}
+TEMPLATES["2wikimqa"] = TEMPLATES["musique"] = TEMPLATES["hotpotqa"]
+DEFAULT_TEMPLATE = TEMPLATES["multifieldqa_en"]  # a generic "read, then answer briefly" prompt
+
+
+def template_for(task: str) -> PromptTemplate:
+    """The template for `task`; LongBench-E names ("lcc_e") use their base task, unknown tasks a generic QA one."""
+    if task in TEMPLATES:
+        return TEMPLATES[task]
+    if task.endswith("_e") and task[:-2] in TEMPLATES:
+        return TEMPLATES[task[:-2]]
+    return DEFAULT_TEMPLATE
+
+
+def build_prompt(sample: Sample, tokenizer: Any, *, max_context_tokens: int, add_bos: bool | None = None,
+                 template: PromptTemplate | None = None, use_chat_template: bool | None = None) -> PromptParts:
+    """Tokenize `sample` as context part + question part, cutting the context in the middle if it is too long.
+
+    The prompt (both parts) is kept within `max_context_tokens - max_new_tokens`. `add_bos=None` follows the
+    tokenizer (a chat template that writes BOS itself is not given a second one); `use_chat_template=None`
+    uses the tokenizer's chat template when it has one.
+    """
+    template = template or template_for(sample.task)
+    chat = bool(getattr(tokenizer, "chat_template", None)) if use_chat_template is None else use_chat_template
+    limit = max_context_tokens - template.max_new_tokens
+    if limit < 1:
+        raise DataError(f"max_context_tokens {max_context_tokens} leaves no room for the prompt of task "
+                        f"{sample.task} (answer room {template.max_new_tokens}); raise max_context_tokens")
+    context = sample.context
+    parts = _render(sample, context, tokenizer, template=template, chat=chat, add_bos=add_bos)
+    truncated = False
+    for _ in range(8):  # re-tokenising the joined halves can shift a few tokens; converge in a few rounds
+        excess = len(parts[0]) + len(parts[1]) - limit
+        if excess <= 0:
+            break
+        context = _cut_middle(context, tokenizer, drop=excess, sample=sample, limit=limit)
+        parts = _render(sample, context, tokenizer, template=template, chat=chat, add_bos=add_bos)
+        truncated = True
+    else:
+        raise DataError(f"sample {sample.id}: could not fit the prompt in {limit} tokens; raise max_context_tokens")
+    if truncated:
+        logger.warning("sample %s: context cut in the middle to fit %d prompt tokens (%d chars of %d kept)",
+                       sample.id, limit, len(context), len(sample.context))
+    context_ids, question_ids, answer_ids, prefix = parts
+    return PromptParts(context_ids=context_ids, question_ids=question_ids, answer_ids=answer_ids,
+                       max_new_tokens=template.max_new_tokens, truncated=truncated, task=sample.task,
+                       sample_id=sample.id, answer_prefix=prefix)
+
+
+def _render(sample: Sample, context: str, tokenizer: Any, *, template: PromptTemplate, chat: bool,
+            add_bos: bool | None) -> tuple[list[int], list[int], list[int], str]:
+    """Return (context_ids, question_ids, answer_ids, answer_prefix) for `context`."""
+    tail = template.tail.replace("{input}", sample.question)
+    prefix = template.prefix_for(sample.question)
+    user = template.head + context + tail
+    if chat:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": user}], tokenize=False,
+                                             add_generation_prompt=True)
+        context_end = _find_end(text, template.head + context, context)
+        text += prefix
+    else:
+        text = user + (" " if prefix and tail and not tail[-1].isspace() else "") + prefix
+        context_end = len(template.head) + len(context)
+    context_ids, question_ids = _split_ids(tokenizer, text, context_end)
+    bos = _bos_to_add(tokenizer, text, add_bos=add_bos)
+    if bos is not None:
+        context_ids = [bos, *context_ids]
+    answer = sample.answers[0]
+    sep = " " if answer and text and not text[-1].isspace() and not answer[0].isspace() else ""
+    _, answer_ids = _split_ids(tokenizer, text + sep + answer, len(text))
+    return context_ids, question_ids, answer_ids, prefix
+
+
+def _find_end(text: str, *probes: str) -> int:
+    for probe in (*probes, probes[-1].strip()):
+        if probe and (start := text.find(probe)) >= 0:
+            return start + len(probe)
+    raise DataError("the chat template changed the context text so it cannot be located in the prompt; "
+                    "pass use_chat_template=False")
+
+
+def _encode(tokenizer: Any, text: str) -> list[int]:
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def _split_ids(tokenizer: Any, text: str, cut: int) -> tuple[list[int], list[int]]:
+    """Tokenize `text` once and split the ids at character `cut`; if a token spans the cut, encode each side."""
+    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids, offsets = list(encoded["input_ids"]), list(encoded["offset_mapping"])
+    n = next((i for i, (start, _) in enumerate(offsets) if start >= cut), len(ids))
+    if n == 0 or offsets[n - 1][1] <= cut:
+        return ids[:n], ids[n:]
+    logger.debug("a token spans the split at char %d; encoding the two sides separately", cut)
+    return _encode(tokenizer, text[:cut]), _encode(tokenizer, text[cut:])
+
+
+def _bos_to_add(tokenizer: Any, text: str, *, add_bos: bool | None) -> int | None:
+    bos_id, bos_token = getattr(tokenizer, "bos_token_id", None), getattr(tokenizer, "bos_token", None)
+    if bos_id is None or add_bos is False or (bos_token and text.startswith(bos_token)):
+        return None
+    if add_bos is None:
+        probe = tokenizer("a")["input_ids"]
+        if not probe or probe[0] != bos_id:
+            return None
+    return int(bos_id)
+
+
+def _cut_middle(context: str, tokenizer: Any, *, drop: int, sample: Sample, limit: int) -> str:
+    """Drop `drop` tokens from the middle of `context`, keeping equal token counts of head and tail (LongBench)."""
+    offsets = list(tokenizer(context, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"])
+    keep = len(offsets) - drop
+    if keep < 2:
+        raise DataError(f"sample {sample.id}: the template and question alone take more than {limit} tokens; "
+                        "raise max_context_tokens or shorten the question")
+    head, tail = keep // 2, keep - keep // 2
+    return context[:offsets[head - 1][1]] + context[offsets[len(offsets) - tail][0]:]

@@ -1,0 +1,125 @@
+"""Real text present on every CPython install: standard-library source files and the pydoc topics prose.
+
+Each source document (one topic, one stdlib file) belongs to exactly one split, chosen by a hash of its name,
+so generated splits never share a passage.
+"""
+
+from __future__ import annotations
+
+import ast
+import hashlib
+import re
+import sysconfig
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+Split = Literal["calib", "eval", "eval_alt"]
+SPLITS: tuple[Split, ...] = ("calib", "eval", "eval_alt")
+
+# Partition B (eval_alt) takes 40% of the documents; partition A is shared 1:2 between calib and eval.
+_B_SHARE = 0.40
+_CALIB_SHARE_OF_A = 1 / 3
+# Folders and files that are tests, machine-specific, generated tables or not real prose/code.
+_SKIP_PARTS = frozenset({"test", "tests", "idle_test", "site-packages", "encodings", "pydoc_data", "__pycache__",
+                         "__phello__", "_bundled"})
+_SKIP_FILES = frozenset({"this.py", "antigravity.py", "__hello__.py", "keyword.py", "token.py", "stringprep.py"})
+
+
+@dataclass(frozen=True)
+class Document:
+    """One source: `paragraphs` is its prose (one string per paragraph), `code` its source text if any."""
+
+    id: str  # "topic:<key>" or "file:<path relative to the stdlib folder>"
+    paragraphs: tuple[str, ...]
+    code: str = ""
+
+
+def stdlib_root() -> Path:
+    return Path(sysconfig.get_paths()["stdlib"])
+
+
+def partition_of(doc_id: str) -> Split:
+    """The split a document belongs to: a fixed function of its id, independent of the seed."""
+    h1 = _unit_hash("partition-AB", doc_id)
+    if h1 < _B_SHARE:
+        return "eval_alt"
+    return "calib" if _unit_hash("partition-A", doc_id) < _CALIB_SHARE_OF_A else "eval"
+
+
+def _unit_hash(salt: str, name: str) -> float:
+    digest = hashlib.sha256(f"polykv-search:{salt}:{name}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
+def prose_paragraphs(text: str) -> list[str]:
+    """Paragraphs of running prose in reST-like text: no indented blocks, headings, lists or doctests."""
+    out: list[str] = []
+    for block in re.split(r"\n[ \t]*\n", text):
+        lines = [line for line in block.split("\n") if line.strip()]
+        if not lines or any(line.startswith((" ", "\t")) for line in lines):
+            continue
+        if any(line.strip().startswith((">>>", "...", "-", "*", ":", "+", "|", "=", "#")) for line in lines):
+            continue
+        paragraph = " ".join(line.strip() for line in lines)
+        words = re.findall(r"[A-Za-z]+", paragraph)
+        if len(paragraph) < 80 or not paragraph.endswith(".") or len(words) < 12 or "``" in paragraph \
+                or not paragraph[0].isupper() or "\\" in paragraph:
+            continue
+        out.append(paragraph)
+    return out
+
+
+def split_sentences(paragraph: str) -> list[str]:
+    """Sentences of a paragraph, split after . ! ? followed by a space and a capital letter or quote."""
+    parts = re.split(r"(?<=[.!?])\s+(?=[A-Z\"'(])", paragraph)
+    return [p.strip() for p in parts if p.strip()]
+
+
+@lru_cache(maxsize=1)
+def topic_documents() -> tuple[Document, ...]:
+    """The pydoc reference topics (`pydoc_data/topics.py`, PSF licence) as prose documents."""
+    from pydoc_data.topics import topics
+
+    docs = (Document(id=f"topic:{key}", paragraphs=tuple(prose_paragraphs(topics[key]))) for key in sorted(topics))
+    return tuple(doc for doc in docs if doc.paragraphs)
+
+
+@lru_cache(maxsize=1)
+def stdlib_documents() -> tuple[Document, ...]:
+    """Every non-test stdlib .py file: its source text and the prose of its docstrings, in source order."""
+    root = stdlib_root()
+    docs = []
+    for path in sorted(root.rglob("*.py")):
+        rel = path.relative_to(root)
+        if any(part in _SKIP_PARTS or part.startswith(("test_", "config-", "_sysconfigdata")) for part in rel.parts) \
+                or rel.name in _SKIP_FILES:
+            continue
+        try:
+            code = path.read_text(encoding="utf-8")
+            tree = ast.parse(code)
+        except (OSError, UnicodeDecodeError, SyntaxError, ValueError):
+            continue
+        lines = code.splitlines()
+        if not lines or sum(map(len, lines)) / len(lines) > 80:  # generated tables, not code people write
+            continue
+        docs.append(Document(id=f"file:{rel.as_posix()}", paragraphs=tuple(_docstring_prose(tree)), code=code))
+    return tuple(docs)
+
+
+def _docstring_prose(tree: ast.AST) -> list[str]:
+    nodes = [n for n in ast.walk(tree) if isinstance(n, (ast.Module, ast.ClassDef, ast.FunctionDef,
+                                                          ast.AsyncFunctionDef))]
+    nodes.sort(key=lambda n: getattr(n, "lineno", 0))
+    out: list[str] = []
+    for node in nodes:
+        doc = ast.get_docstring(node)
+        if doc:
+            out.extend(prose_paragraphs(doc))
+    return out
+
+
+def documents_for(split: Split) -> list[Document]:
+    """The documents of one split, topics first, in a seed-independent order."""
+    return [doc for doc in (*topic_documents(), *stdlib_documents()) if partition_of(doc.id) == split]
