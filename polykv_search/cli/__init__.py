@@ -35,6 +35,7 @@ from polykv_search.cli import calibrate as _calibrate  # noqa: E402,F401
 from polykv_search.cli import evaluate as _evaluate  # noqa: E402,F401
 from polykv_search.cli import optimize as _optimize  # noqa: E402,F401
 from polykv_search.cli import plan_cmds as _plan_cmds  # noqa: E402,F401
+from polykv_search.cli import run as _run  # noqa: E402,F401
 
 
 def main() -> None:
