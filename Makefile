@@ -22,7 +22,7 @@ $(VENV)/.installed: pyproject.toml
 setup: $(VENV)/.installed
 
 demo: setup
-	$(VENV)/bin/polykv-search calibrate --model smollm2-135m --data calibration_data/calib.jsonl
+	$(VENV)/bin/polykv-search run --model smollm2-135m --budget 128
 
 test: setup
 	$(PY) -m pytest -q
