@@ -45,3 +45,28 @@ def test_calibrates_two_short_shipped_samples(smollm2, tmp_path):
     # the control policy is worse than the best policy at a small budget in most layers
     random = costs[:, profile.policies.index("random"), 0]
     assert (random > costs[:, :, 0].min(dim=1).values).float().mean() > 0.8
+
+
+def test_engine_equals_kvpress_pipeline_on_a_short_real_sample(smollm2):
+    from kvpress import KVPressTextGenerationPipeline
+
+    from polykv_search.evaluate.engine import EvaluationEngine, Method
+    from polykv_search.runtime import PlanPress
+
+    sample = load_samples(ROOT / "calibration_data" / "eval.jsonl")[0]
+    engine = EvaluationEngine(smollm2, policies=["snapkv", "expected_attention", "knorm", "h2o"],
+                              max_context_tokens=700)
+    state = engine.prefill(sample)
+    n = smollm2.info.num_layers
+    policies = tuple(["snapkv", "expected_attention", "knorm", "h2o"][i % 4] for i in range(n))
+    budgets = tuple(32 + 8 * (i % 5) for i in range(n))
+    method = Method("mixed", "plan", None, policies, budgets)
+    ours = engine.run(state, method)
+    press = PlanPress(policies=list(policies), budgets=list(budgets))
+    pipe = KVPressTextGenerationPipeline(model=smollm2.model, tokenizer=smollm2.tokenizer)
+    inputs = {"context_ids": torch.tensor([state.parts.context_ids]),
+              "questions_ids": [torch.tensor([state.parts.question_ids])]}
+    answer = pipe._forward(inputs, max_new_tokens=state.parts.max_new_tokens, press=press)[0]
+    for layer, indices in engine.kept_indices(state, method).items():
+        assert torch.equal(indices, press.kept_indices[layer][0])
+    assert ours.answer == answer
