@@ -39,9 +39,8 @@ def load_samples(source: str | Path, *, column_map: Mapping[str, str] | None = N
         files = _data_files(path)
         default_task = path.stem if path.is_file() else path.name
         builder = _SUFFIX_BUILDER[files[0].suffix]
-        for file in files:
-            if file.suffix in _JSON_SUFFIXES:
-                _prescan_json(file, column_map=column_map)
+        if builder == "json" and sum(_prescan_json(file, column_map=column_map) for file in files) == 0:
+            raise DataError(f"data set {path} has no rows; give a file with at least one LongBench-style row")
         rows = _load_local(builder, files)
         label = str(path)
     else:
@@ -86,7 +85,7 @@ def _data_files(path: Path) -> list[Path]:
     return files
 
 
-def _prescan_json(file: Path, *, column_map: Mapping[str, str]) -> None:
+def _prescan_json(file: Path, *, column_map: Mapping[str, str]) -> int:
     """Parse JSON ourselves first: `datasets` reports a bad line without its number, and rows by position only."""
     text = file.read_text(encoding="utf-8")
     if file.suffix == ".json" and text.lstrip().startswith("["):
@@ -98,11 +97,14 @@ def _prescan_json(file: Path, *, column_map: Mapping[str, str]) -> None:
         located: Iterable[tuple[int, str, Any]] = ((i, f"{file} row {i + 1}", row) for i, row in enumerate(rows))
     else:
         located = _json_lines(file, text)
+    count = 0
     for index, where, row in located:
         if not isinstance(row, dict):
             raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}; "
                             "write one object per line")
         _to_sample(_rename(row, column_map), index=index, where=where, default_task=file.stem)
+        count += 1
+    return count
 
 
 def _json_lines(file: Path, text: str) -> Iterable[tuple[int, str, Any]]:

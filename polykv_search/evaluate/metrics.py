@@ -208,8 +208,8 @@ TASK_METRIC: dict[str, str] = {
 }
 DEFAULT_METRIC = "qa_f1"
 
-# LongBench scores only the first line of the prediction for these few-shot tasks.
-FIRST_LINE_TASKS = frozenset({"trec", "triviaqa", "samsum", "lsht", "fewshot_classification"})
+# LongBench scores only the first line of the prediction for its few-shot tasks; so do our one-line answers.
+FIRST_LINE_TASKS = frozenset({"trec", "triviaqa", "samsum", "lsht", "fewshot_classification", "prose_continuation"})
 
 
 def metric_for(task: str) -> str:
