@@ -68,8 +68,8 @@ def main() -> None:
 
     # kvpress: its pipeline, once per plan and sample (same token ids; PlanPress compresses in its hooks)
     pipe = KVPressTextGenerationPipeline(model=lm.model, tokenizer=lm.tokenizer)
+    states = [engine.prefill(s) for s in samples]  # prompts only (not timed or counted): same ids for both
     handle = lm.model.model.register_forward_pre_hook(count, with_kwargs=True)
-    states = [engine.prefill(s) for s in samples]  # prompts only (not timed): same ids for both
     start = time.perf_counter()
     agree = 0
     try:
