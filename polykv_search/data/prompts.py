@@ -23,6 +23,7 @@ class PromptTemplate:
     """User turn = head + context + tail ("{input}" in tail is the question); the reply starts with a prefix.
 
     `chat=False` renders plain text even for chat models, as LongBench does for its completion-style tasks.
+    `answer_sep` is what joins the prompt and the reference answer for teacher forcing ("\n" for a next line).
     """
 
     head: str
@@ -30,6 +31,7 @@ class PromptTemplate:
     max_new_tokens: int = 64
     answer_prefix: str | Callable[[str], str] = ""  # a string, or a function of the question
     chat: bool = True
+    answer_sep: str | None = None  # text between prompt and answer; None: a space after a non-space character
 
     def prefix_for(self, question: str) -> str:
         return self.answer_prefix(question) if callable(self.answer_prefix) else self.answer_prefix
@@ -95,7 +97,7 @@ TEMPLATES: dict[str, PromptTemplate] = {
         "\n\nQuestion: {input}", 32, _variable_prefix),
     # Plain completion: the question is the last lines before the answer line (measured: an instruction or a
     # chat turn around code cut SmolLM2's edit similarity from ~0.45 to ~0.15).
-    "code_completion": PromptTemplate("", "{input}", 48, chat=False),
+    "code_completion": PromptTemplate("", "{input}", 48, chat=False, answer_sep="\n"),
     # The line to classify is repeated at the start of the reply, so "Code: ...\nKind:" is contiguous as in the
     # examples (measured: with the line only in the user turn SmolLM2 ignored the examples).
     "fewshot_classification": PromptTemplate(
@@ -170,8 +172,8 @@ def build_prompt(sample: Sample, tokenizer: Any, *, max_context_tokens: int, add
     """Tokenize `sample` as context part + question part, cutting the context in the middle if it is too long.
 
     The prompt (both parts) is kept within `max_context_tokens - max_new_tokens`. `add_bos=None` follows the
-    chat template in chat mode and the tokenizer's default in plain mode; BOS is never doubled. `use_chat_template=None`
-    uses the tokenizer's chat template when it has one and the task's template asks for chat.
+    chat template in chat mode and the tokenizer's default in plain mode; BOS is never doubled.
+    `use_chat_template=None` uses the tokenizer's chat template when it has one and the task asks for chat.
     """
     template = template or template_for(sample.task)
     has_chat = bool(getattr(tokenizer, "chat_template", None))
@@ -213,14 +215,17 @@ def _render(sample: Sample, context: str, tokenizer: Any, *, template: PromptTem
         context_end = _find_end(text, template.head + context, context)
         text += prefix
     else:
-        text = user + (" " if prefix and tail and not tail[-1].isspace() else "") + prefix
+        sep = ("\n\n" if "\n" in prefix else " ") if prefix and user and not user[-1].isspace() else ""
+        text = user + sep + prefix
         context_end = len(template.head) + len(context)
     context_ids, question_ids = _split_ids(tokenizer, text, context_end)
     bos = _bos_to_add(tokenizer, text, add_bos=add_bos, chat=chat)
     if bos is not None:
         context_ids = [bos, *context_ids]
     answer = sample.answers[0]
-    sep = " " if answer and text and not text[-1].isspace() and not answer[0].isspace() else ""
+    sep = template.answer_sep
+    if sep is None:
+        sep = " " if text and not text[-1].isspace() and not answer[:1].isspace() else ""
     _, answer_ids = _split_ids(tokenizer, text + sep + answer, len(text))
     return context_ids, question_ids, answer_ids, prefix
 

@@ -10,7 +10,7 @@ import ast
 import hashlib
 import re
 import sysconfig
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
@@ -62,7 +62,7 @@ def prose_paragraphs(text: str) -> list[str]:
             continue
         if any(line.strip().startswith((">>>", "...", "-", "*", ":", "+", "|", "=", "#")) for line in lines):
             continue
-        paragraph = " ".join(line.strip() for line in lines)
+        paragraph = " ".join(" ".join(line.split()) for line in lines)
         words = re.findall(r"[A-Za-z]+", paragraph)
         if len(paragraph) < 80 or not paragraph.endswith(".") or len(words) < 12 or "``" in paragraph \
                 or not paragraph[0].isupper() or "\\" in paragraph:
@@ -120,6 +120,43 @@ def _docstring_prose(tree: ast.AST) -> list[str]:
     return out
 
 
+def sentence_key(sentence: str) -> str | None:
+    """A sentence's identity for de-duplication (lower-case words), or None when it is too short to matter."""
+    words = re.findall(r"\w+", sentence.lower())
+    return " ".join(words) if len(words) >= 6 else None
+
+
+@lru_cache(maxsize=1)
+def all_documents() -> tuple[Document, ...]:
+    """Every document, with prose de-duplicated across documents: the pydoc topics repeat one another (the
+    "compound" topic holds the "for" and "while" text) and docstrings repeat across classes, so a paragraph
+    is kept only in the first document (by id) that has none of its sentences seen before."""
+    seen: set[str] = set()
+    out = []
+    for doc in sorted((*topic_documents(), *stdlib_documents()), key=lambda d: d.id):
+        kept = []
+        for paragraph in doc.paragraphs:
+            keys = {k for k in map(sentence_key, split_sentences(paragraph)) if k}
+            if keys & seen:
+                continue
+            seen |= keys
+            kept.append(paragraph)
+        out.append(replace(doc, paragraphs=tuple(kept)))
+    return tuple(out)
+
+
+@lru_cache(maxsize=1)
+def line_owners() -> dict[str, Split]:
+    """For every stripped source line, the split of the first file (by id) that contains it: a line that
+    occurs in files of several splits (e.g. "import os") is used by one split only."""
+    owners: dict[str, Split] = {}
+    for doc in all_documents():
+        split = partition_of(doc.id)
+        for line in doc.code.splitlines():
+            owners.setdefault(line.strip(), split)
+    return owners
+
+
 def documents_for(split: Split) -> list[Document]:
-    """The documents of one split, topics first, in a seed-independent order."""
-    return [doc for doc in (*topic_documents(), *stdlib_documents()) if partition_of(doc.id) == split]
+    """The documents of one split, in id order (file:... before topic:...), prose de-duplicated."""
+    return [doc for doc in all_documents() if partition_of(doc.id) == split]

@@ -39,12 +39,14 @@ def test_chat_split_ends_exactly_at_the_context(chat_tokenizer):
 
 def test_plain_prompt_for_completion_tasks_and_bos(chat_tokenizer, plain_tokenizer):
     code = "def parse(self, text):\n    return self.decode(text)\n\ndef parse(self, text):"
-    sample = _sample("code_completion", context=code, question="\n    return", answers=("return self.decode(text)",))
+    sample = _sample("code_completion", context=code, question="\n    text = text.strip()",
+                     answers=("    return self.decode(text)",))
     for tokenizer in (chat_tokenizer, plain_tokenizer):  # code completion is plain text even with a chat template
         parts = build_prompt(sample, tokenizer, max_context_tokens=512)
         assert parts.context_ids[0] == tokenizer.bos_token_id  # the tokenizer adds BOS by default
         assert _decode(tokenizer, parts.context_ids[1:]) == code
-        assert _decode(tokenizer, parts.question_ids) == "\n    return"
+        assert _decode(tokenizer, parts.question_ids) == "\n    text = text.strip()"
+        assert _decode(tokenizer, parts.answer_ids) == "\n    return self.decode(text)"  # the next line, indented
     parts = build_prompt(sample, plain_tokenizer, max_context_tokens=512, add_bos=False)
     assert plain_tokenizer.bos_token_id not in parts.context_ids
 
@@ -54,6 +56,10 @@ def test_plain_rendering_of_a_chat_task(plain_tokenizer):
     assert parts.context_ids.count(plain_tokenizer.bos_token_id) == 1
     assert _decode(plain_tokenizer, parts.context_ids).endswith(CONTEXT)
     assert _decode(plain_tokenizer, parts.question_ids).startswith(f"\n\n{NEEDLE_Q} The special magic number")
+    fewshot = Sample(id="f", task="fewshot_classification", context="Code: import os\nKind: import",
+                     question="Code: import sys\nKind:", answers=("import",))
+    parts = build_prompt(fewshot, plain_tokenizer, max_context_tokens=512)
+    assert _decode(plain_tokenizer, parts.question_ids).endswith("same way.\n\nCode: import sys\nKind:")
 
 
 def test_fewshot_repeats_the_line_to_classify_in_the_reply(chat_tokenizer):
