@@ -29,8 +29,9 @@ from polykv_search.calibrate.signals import (
     window_signals,
 )
 from polykv_search.models import ModelInfo
-from polykv_search.policies import make_press
+from polykv_search.policies import POLICIES, make_press
 from polykv_search.policies.scoring import CHUNK_ELEMENTS, policy_scores
+from polykv_search.runtime.attention import observing_prefill, take_observed
 
 
 @dataclass
@@ -72,12 +73,17 @@ class LayerCapture:
         for press in self.presses.values():
             press.post_init_from_model(self.model)
         hooks = []
+        modules = [layers[idx].self_attn for idx in self.layer_ids]
+        observe = any(POLICIES[name].needs_attentions for name in self.policies)
         try:
-            for idx in self.layer_ids:
-                attn = layers[idx].self_attn
+            for idx, attn in zip(self.layer_ids, modules):
                 attn.rotary_emb = rotary_for_layer(owner, self.info.layer_types[idx])  # ExpectedAttention reads it
                 hooks.append(attn.register_forward_hook(self._hook, with_kwargs=True))
-            yield self
+            if observe:  # H2O's column sums come out of the model's own attention pass
+                with observing_prefill(self.model, modules, last=self.window):
+                    yield self
+            else:
+                yield self
         finally:
             for hook in hooks:
                 hook.remove()
@@ -115,10 +121,12 @@ class LayerCapture:
         cos, sin = kwargs["position_embeddings"]
         n = keys.shape[2]
         state = self._state[idx]
+        seen = take_observed(module)
         observed = None
         for name, press in self.presses.items():
             scores, last_chunk = policy_scores(name, press, module, hidden, keys, values, kwargs,
-                                               min_chunk=self.window, chunk_elements=self.chunk_elements)
+                                               min_chunk=self.window, chunk_elements=self.chunk_elements,
+                                               observed=seen)
             state.rankings[name] = scores[0].cpu()  # (H_kv, T)
             observed = last_chunk if last_chunk is not None else observed
         w = min(self.window, n)

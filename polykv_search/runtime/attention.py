@@ -26,6 +26,8 @@ from transformers.masking_utils import (
 )
 
 ATTENTION_NAME = "polykv_sdpa"
+OBSERVE_ATTR = "polykv_observe"  # int on an attention module: observe its next fresh prefill, keeping >= n last rows
+OBSERVED_ATTR = "polykv_observed"  # what the observation left: (column sums, last query chunk's probabilities)
 
 
 def polykv_sdpa_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -37,6 +39,15 @@ def polykv_sdpa_forward(module: torch.nn.Module, query: torch.Tensor, key: torch
     if getattr(module, "is_sliding", False) or getattr(module, "sliding_window", None):
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, is_causal,
                                       **kwargs)
+    observe = getattr(module, OBSERVE_ATTR, None)
+    if observe is not None and q_len == k_len and query.shape[0] == 1 and valid is None:
+        from polykv_search.policies.scoring import observed_attention
+
+        module.polykv_compressed = False
+        scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+        out, observed = observed_attention(module, query, key, value, attention_mask, scale, last=observe)
+        setattr(module, OBSERVED_ATTR, observed)
+        return out, None
     if q_len == k_len:  # a prefill from an empty cache: nothing is compressed yet
         module.polykv_compressed = False
     mask_fits = attention_mask is None or attention_mask.shape[-1] == k_len
@@ -86,6 +97,34 @@ def polykv_attention(model: torch.nn.Module) -> Iterator[None]:
     finally:
         for config, name in previous:
             config._attn_implementation = name
+
+
+@contextmanager
+def observing_prefill(model: torch.nn.Module, modules: list[torch.nn.Module], *, last: int) -> Iterator[bool]:
+    """Let `modules` observe their prefill attention inside the model's own attention call (H2O's column sums
+    without a second pass over the logits). Yields False, observing nothing, when the model is not on SDPA."""
+    from polykv_search.errors import ConfigError
+
+    try:
+        previous = use_polykv_attention(model)
+    except ConfigError:  # eager or another kernel: the caller recomputes the attention it needs
+        yield False
+        return
+    try:
+        for module in modules:
+            setattr(module, OBSERVE_ATTR, int(last))
+        yield True
+    finally:
+        for module in modules:
+            module.__dict__.pop(OBSERVE_ATTR, None)
+            module.__dict__.pop(OBSERVED_ATTR, None)
+        for config, name in previous:
+            config._attn_implementation = name
+
+
+def take_observed(module: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The observation a module's last prefill left (consumed: a later forward cannot reuse a stale one)."""
+    return module.__dict__.pop(OBSERVED_ATTR, None)
 
 
 def _configs(model: torch.nn.Module) -> list:
