@@ -33,19 +33,19 @@ def cost_curves(attn: torch.Tensor, values: torch.Tensor, rankings: torch.Tensor
     suf_mass = a_suf.sum(dim=-1, keepdim=True)  # (H, S, 1)
     ctx_mass = a_ctx.sum(dim=-1)  # (H, S)
 
-    order = rankings.float().argsort(dim=-1, descending=True, stable=True)  # (P, H_kv, T)
-    # Attention rows grouped by KV head: a query head shares the kept set of its KV head.
-    rows = a_ctx.reshape(num_kv, group * num_queries, n_context)  # (H_kv, G*S, T)
-    a_sorted = rows.unsqueeze(0).expand(num_policies, -1, -1, -1).gather(
-        -1, order[:, :, None, :].expand(-1, -1, group * num_queries, -1))  # (P, H_kv, G*S, T)
+    top = min(max(int(b) for b in budgets), n_context)  # tokens ranked below the largest budget never count
+    order = rankings.float().argsort(dim=-1, descending=True, stable=True)[..., :top]  # (P, H_kv, top)
+    # Keys as rows, so whole rows are indexed: a query head shares the kept set of its KV head.
+    cols = a_ctx.reshape(num_kv, group * num_queries, n_context).transpose(1, 2).contiguous()  # (H_kv, T, G*S)
+    heads = torch.arange(num_kv)[None, :, None]  # (1, H_kv, 1)
+    a_sorted = cols[heads, order]  # (P, H_kv, top, G*S): attention on the kept-first tokens, in keep order
     v_ctx = values[::group, :n_context]  # (H_kv, T, D): one copy per KV head
-    v_sorted = v_ctx.unsqueeze(0).expand(num_policies, -1, -1, -1).gather(
-        2, order[..., None].expand(-1, -1, -1, head_dim))  # (P, H_kv, T, D)
+    v_sorted = v_ctx[heads, order]  # (P, H_kv, top, D)
 
     kept_num = torch.zeros(num_policies, num_kv, group * num_queries, head_dim)
-    kept_mass = torch.zeros(num_policies, num_kv, group * num_queries, 1)
+    kept_mass = torch.zeros(num_policies, num_kv, group * num_queries)
     suf_num = suf_num.reshape(num_kv, group * num_queries, head_dim)  # (H_kv, G*S, D)
-    suf_mass = suf_mass.reshape(num_kv, group * num_queries, 1)
+    suf_mass = suf_mass.reshape(num_kv, group * num_queries)
     o_full = o_full.reshape(num_kv, group * num_queries, head_dim)
     o_norm = o_norm.reshape(num_kv, group * num_queries)
     ctx_mass = ctx_mass.reshape(num_kv, group * num_queries)
@@ -54,10 +54,11 @@ def cost_curves(attn: torch.Tensor, values: torch.Tensor, rankings: torch.Tensor
     for budget in budgets:
         end = min(int(budget), n_context)
         if end > start:
-            kept_num += a_sorted[..., start:end] @ v_sorted[:, :, start:end]  # (P, H_kv, G*S, D)
-            kept_mass += a_sorted[..., start:end].sum(dim=-1, keepdim=True)
+            segment = a_sorted[:, :, start:end]  # (P, H_kv, n, G*S)
+            kept_num += segment.transpose(-1, -2) @ v_sorted[:, :, start:end]  # (P, H_kv, G*S, D)
+            kept_mass += segment.sum(dim=-2)
             start = end
-        o_kept = (kept_num + suf_num) / (kept_mass + suf_mass).clamp_min(EPS)  # (P, H_kv, G*S, D)
+        o_kept = (kept_num + suf_num) / (kept_mass + suf_mass).clamp_min(EPS)[..., None]  # (P, H_kv, G*S, D)
         err.append(((o_kept - o_full).norm(dim=-1) / o_norm).mean(dim=-1))  # (P, H_kv)
-        lost.append((ctx_mass - kept_mass[..., 0]).clamp_min(0).mean(dim=-1))  # (P, H_kv)
+        lost.append((ctx_mass - kept_mass).clamp_min(0).mean(dim=-1))  # (P, H_kv)
     return torch.stack(lost, dim=-1), torch.stack(err, dim=-1)  # (P, H_kv, G) each

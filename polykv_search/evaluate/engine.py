@@ -11,6 +11,7 @@ over the reference answer's tokens.
 from __future__ import annotations
 
 import copy
+from contextlib import nullcontext
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -24,9 +25,10 @@ from polykv_search.calibrate.attention import (
 )
 from polykv_search.data import PromptParts, Sample, build_prompt
 from polykv_search.models import LoadedModel
-from polykv_search.policies import check_policy_names, make_press
+from polykv_search.policies import POLICIES, check_policy_names, make_press
+from polykv_search.policies.registry import derived_scores
 from polykv_search.policies.scoring import policy_scores
-from polykv_search.runtime.attention import polykv_attention
+from polykv_search.runtime.attention import observing_prefill, polykv_attention, take_observed
 
 
 @dataclass(frozen=True)
@@ -73,7 +75,7 @@ class EvaluationEngine:
         for a policy with other parameters (a Method then names the key instead of the policy)."""
         self.lm = lm
         self.policies = check_policy_names(list(policies)) if policies else []
-        self.presses = {name: make_press(name) for name in self.policies}
+        self.presses = {name: make_press(name) for name in sorted(self.policies, key=lambda n: POLICIES[n].base is not None)}
         for key, (name, params) in (variants or {}).items():
             check_policy_names([name])
             self.presses[key] = make_press(name, **params)
@@ -82,6 +84,7 @@ class EvaluationEngine:
         self._names = {key: name for key, (name, _) in (variants or {}).items()}
         self.max_context = max_context_tokens or lm.info.max_context or 8192
         self.prefills = 0  # counted, for the benchmark and the report
+        self._observe = any(POLICIES[self._names.get(key, key)].needs_attentions for key in self.presses)
         eos = lm.model.generation_config.eos_token_id
         self.stop_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
 
@@ -97,10 +100,15 @@ class EvaluationEngine:
             idx = module.layer_idx
             layer = kwargs["past_key_values"].layers[idx]
             rankings[idx] = {}
-            for key, press in self.presses.items():
+            observed = take_observed(module)
+            computed: dict[str, torch.Tensor] = {}
+            for key, press in self.presses.items():  # bases first: "+recent" policies reuse their scores
                 name = self._names.get(key, key)
-                scores, _ = policy_scores(name, press, module, kwargs["hidden_states"], layer.keys, layer.values,
-                                          kwargs)
+                scores = None if key in self._names else derived_scores(key, computed)
+                if scores is None:
+                    scores, _ = policy_scores(name, press, module, kwargs["hidden_states"], layer.keys, layer.values,
+                                              kwargs, observed=observed)
+                computed[key] = scores
                 rankings[idx][key] = scores[0].float()  # (H_kv, T)
             return output
 
@@ -113,7 +121,9 @@ class EvaluationEngine:
             cache = DynamicCache(config=self.lm.model.config)
             for press in self.presses.values():
                 press.post_init_from_model(self.lm.model)
-            self.lm.model.model(input_ids=context, past_key_values=cache, use_cache=True)  # no logits needed
+            modules = [self.layers[idx].self_attn for idx in self.compressible] if self._observe else []
+            with observing_prefill(self.lm.model, modules, last=1) if modules else nullcontext():
+                self.lm.model.model(input_ids=context, past_key_values=cache, use_cache=True)  # no logits needed
         finally:
             for handle in handles:
                 handle.remove()

@@ -13,6 +13,7 @@ from polykv_search.policies import (
     check_policy_names,
     make_press,
 )
+from polykv_search.policies.registry import N_SINK_RECENT, interleave_with_recent
 from tests.conftest import tiny_loaded
 
 T = 120
@@ -43,7 +44,10 @@ def kvpress_kept(lm, name, n_kept, ids):
     return kept
 
 
-@pytest.mark.parametrize("name", [p for p in DEFAULT_POLICIES if p != "random"] + ["random"])
+KVPRESS_ONLY = [p for p in POLICIES if POLICIES[p].ranking != "with_recent"]  # those kvpress runs on its own
+
+
+@pytest.mark.parametrize("name", [p for p in KVPRESS_ONLY if p != "random"] + ["random"])
 def test_top_b_of_ranking_equals_kvpress_kept_set(name):
     attn = "eager" if POLICIES[name].needs_attentions else "sdpa"
     lm = tiny_loaded("llama", seed=1, attn=attn)
@@ -74,3 +78,46 @@ def test_unknown_policy_lists_the_known_ones():
 def test_bad_press_parameter_is_named():
     with pytest.raises(ConfigError, match="window_siz"):
         make_press("snapkv", window_siz=3)
+
+
+def _interleaved_reference(scores: list[float], n_sink: int) -> list[int]:
+    """The keep order written out: StreamingLLM's order and the score order in turn, duplicates skipped."""
+    n = len(scores)
+    recency = list(range(min(n_sink, n))) + list(range(n - 1, n_sink - 1, -1))
+    by_score = sorted(range(n), key=lambda i: (-scores[i], i))
+    order: list[int] = []
+    for a, b in zip(recency, by_score):
+        for token in (a, b):
+            if token not in order:
+                order.append(token)
+    return order
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_with_recent_ranking_is_the_interleaved_keep_order(seed):
+    gen = torch.Generator().manual_seed(seed)
+    n = 37
+    scores = torch.randint(0, 12, (2, n), generator=gen).float()  # ties on purpose
+    ranking = interleave_with_recent(scores, 4)
+    for head in range(2):
+        expected = _interleaved_reference(scores[head].tolist(), 4)
+        assert ranking[head].argsort(descending=True).tolist() == expected
+        for budget in (10, 20):  # every other place goes to StreamingLLM's order: sinks, then newest
+            kept = set(expected[:budget])
+            assert set(range(4)) <= kept and n - 1 in kept
+
+
+@pytest.mark.parametrize("name", [p for p in POLICIES if POLICIES[p].ranking == "with_recent"])
+def test_with_recent_policy_interleaves_its_base_scorer(name):
+    base = {"h2o_recent": "h2o", "tova_recent": "tova", "keydiff_recent": "keydiff",
+            "expected_attention_recent": "expected_attention"}[name]
+    lm = tiny_loaded("llama", seed=1, attn="sdpa")
+    ids = torch.randint(3, 60, (1, T), generator=torch.Generator().manual_seed(3))
+    capture = LayerCapture(lm.model, lm.info, policies=[name, base], budgets=[16], window=16)
+    with capture.attached(), torch.no_grad():
+        capture.start_sample(T)
+        capture.phase = "prefill"
+        lm.model(input_ids=ids, past_key_values=DynamicCache(config=lm.model.config), use_cache=True)
+    for idx in capture.layer_ids:
+        rankings = capture._state[idx].rankings
+        torch.testing.assert_close(rankings[name], interleave_with_recent(rankings[base], N_SINK_RECENT))
