@@ -32,6 +32,7 @@ ProfileOpt = Annotated[Path | None, typer.Option("--profile", help="Profile from
                                                  "(default: outputs/<model>/profile.safetensors).")]
 BudgetOpt = Annotated[str, typer.Option("--budget", "-b", help="Average tokens per compressible layer; a comma "
                                         "list writes a ladder of plans.")]
+SOLVER_CHOICES = ("dp", "ilp", "select", "optuna")
 CostOpt = Annotated[str, typer.Option(help="Profile cost to minimise: mass_lost or out_err.")]
 
 
@@ -62,8 +63,12 @@ def optimize(
     budget: BudgetOpt = "512",
     model: ModelOpt = DEFAULT_MODEL,
     profile: ProfileOpt = None,
-    solver: Annotated[str, typer.Option(help="dp (exact, default), ilp (cvxpy + HiGHS) or optuna "
-                                        "(end-to-end search seeded with the exact plan).")] = "dp",
+    solver: Annotated[str, typer.Option(help="dp (exact, default), ilp (cvxpy + HiGHS), select (exact plans "
+                                        "under several proxies and floors, uniform plans and allocators, the "
+                                        "best measured end to end wins) or optuna (end-to-end search seeded "
+                                        "with those candidates).")] = "dp",
+    metric: Annotated[str, typer.Option(help="select/optuna: end-to-end measure on calibration samples: kl, "
+                                        "nll or miss.")] = "kl",
     cost: CostOpt = "mass_lost",
     policies: Annotated[str | None, typer.Option(help="Allowed policies (default: all in the profile).")] = None,
     floor: Annotated[int, typer.Option(help="Fewest tokens a layer may keep.")] = 1,
@@ -80,7 +85,8 @@ def optimize(
     storage: Annotated[str | None, typer.Option(help="optuna: journal:PATH or an RDB URL; shared by processes "
                                                 "and machines, resumable after a kill.")] = None,
     data: DataOpt = None,
-    max_samples: Annotated[int | None, typer.Option(help="optuna: calibration samples measured per trial.")] = 8,
+    max_samples: Annotated[int | None, typer.Option(help="select/optuna: calibration samples measured (default: "
+                                                    "all).")] = None,
     seed: Annotated[int, typer.Option(help="Random seed (optuna).")] = 0,
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Plan file (default: outputs/<model>/plan.json)")] = None,
     device: DeviceOpt = "cpu",
@@ -98,10 +104,11 @@ def optimize(
     )
     from polykv_search.plan import PlanFile
 
-    if solver not in ("dp", "ilp", "optuna"):
-        raise ConfigError(f"--solver {solver!r} is not one of dp, ilp, optuna")
+    if solver not in SOLVER_CHOICES:
+        raise ConfigError(f"--solver {solver!r} is not one of {', '.join(SOLVER_CHOICES)}")
     if cost not in ("mass_lost", "out_err"):
         raise ConfigError(f"--cost {cost!r} is not one of mass_lost, out_err")
+    _check_metric(metric)
     budgets = _parse_budgets(budget)
     path = _profile_path(profile, model)
     loaded = Profile.load(path)
@@ -116,16 +123,22 @@ def optimize(
             name, _, layers = item.partition("=")
             allowed[name.strip()] = [int(x) for x in parse_str_list(layers)]
     layer_cap = _cap(loaded, cap)
+    objective = None
+    if solver in ("select", "optuna"):
+        objective = _objective(loaded, model=model, data=data, max_samples=max_samples, device=device, dtype=dtype,
+                               metric=metric)
     plans = []
     for average in budgets:
         problem = Problem.from_profile(loaded, average_budget=average, cost=cost, policies=names, floor=floor,
                                        cap=layer_cap, allowed=allowed, tied=tied, max_policies=max_policies)
         exact = solve(problem, solver="ilp" if solver == "ilp" else "dp", time_limit=time_limit, mip_gap=gap)
         plan = plan_from_allocation(info, exact, average_budget=average, signature=signature)
-        if solver == "optuna":
-            plan = _optuna_plan(loaded, plan, model=model, average=average, names=names, floor=floor, cap=layer_cap,
-                                n_trials=n_trials, timeout=timeout, storage=storage, data=data,
-                                max_samples=max_samples, seed=seed, signature=signature, device=device, dtype=dtype)
+        if solver == "select":
+            plan = select_end_to_end(loaded, objective, average=average, names=names, cap=layer_cap,
+                                     signature=signature)
+        elif solver == "optuna":
+            plan = _optuna_plan(loaded, plan, objective, average=average, names=names, floor=floor, cap=layer_cap,
+                                n_trials=n_trials, timeout=timeout, storage=storage, seed=seed, signature=signature)
         plans.append(plan)
     plan_file = PlanFile.build(info, plans)
     out_path = out or Path("outputs") / model_slug(info.model_id) / "plan.json"
@@ -162,47 +175,77 @@ def _plan_table(plan_file) -> Table:
     return table
 
 
-def _optuna_plan(profile, exact_plan, *, model, average, names, floor, cap, n_trials, timeout, storage, data,
-                 max_samples, seed, signature, device, dtype):
-    """Search end to end, seeded with the exact plan, every uniform plan, PyramidKV and CAKE."""
+def _check_metric(metric: str) -> None:
+    from polykv_search.errors import ConfigError
+    from polykv_search.optimize.objective import METRICS
+
+    if metric not in METRICS:
+        raise ConfigError(f"--metric {metric!r} is not one of {', '.join(METRICS)}")
+
+
+def _objective(profile, *, model, data, max_samples, device, dtype, metric, lm=None):
+    """The end-to-end objective on the profile's calibration samples (prefilled once, reused for every budget)."""
     from polykv_search.data import load_samples
     from polykv_search.models import load_model
     from polykv_search.optimize.objective import EndToEndObjective
-    from polykv_search.optimize.optuna_search import search
-    from polykv_search.optimize.plans import plan_from_choices
-    from polykv_search.plan import (
-        SearchInfo,
-        budget_total,
-        cake_plan,
-        pyramidkv_plan,
-        uniform_plan,
-    )
+    from polykv_search.plan import PlanFile, uniform_plan
     from polykv_search.plan.validate import check_matches_model
 
     info = profile.model
-    lm = load_model(model if model != DEFAULT_MODEL or info.model_id == DEFAULT_MODEL else info.model_id,
-                    device=device, dtype=dtype)
-    from polykv_search.plan import PlanFile
-
-    check_matches_model(PlanFile.build(info, [exact_plan]), lm.info)
+    if lm is None:
+        lm = load_model(model if model != DEFAULT_MODEL or info.model_id == DEFAULT_MODEL else info.model_id,
+                        device=device, dtype=dtype)
+    probe = uniform_plan(info, policy=profile.policies[0], budget=16)
+    check_matches_model(PlanFile.build(info, [probe]), lm.info)
     sources = data or [s["source"] for s in profile.header.get("data", [])] or ["calibration_data/calib.jsonl"]
     samples = [s for source in sources for s in load_samples(source)][:max_samples]
+    with err_console.status(f"prefilling {len(samples)} calibration samples for the end-to-end objective"):
+        return EndToEndObjective(lm, samples, policies=profile.policies, metric=metric)
+
+
+def select_end_to_end(profile, objective, *, average, names, cap, signature):
+    """The best measured of the candidate plans (exact plans under each proxy and floor, uniform, allocators)."""
+    import time
+
+    from polykv_search.optimize.plans import plan_from_choices
+    from polykv_search.optimize.select import candidate_plans, select_plan
+    from polykv_search.plan import SearchInfo
+
+    started = time.perf_counter()
+    candidates = candidate_plans(profile, average=average, policies=names, cap=cap)
+    with err_console.status(f"select: measuring {len(candidates)} candidate plans at {average:g} tokens/layer on "
+                            f"{len(objective.states)} samples"):
+        chosen = select_plan(objective.measure, candidates, metric=objective.metric)
+    ranking = chosen.ranking()
+    notes = (f"end-to-end mean {chosen.metric} over {len(objective.states)} calibration samples (mean over tasks); "
+             f"{len(candidates)} candidates, best first: " + ", ".join(f"{k}={v:.4g}" for k, v in ranking[:8]))
+    search = SearchInfo(solver="select", status=chosen.name, objective=chosen.value, bound=None, gap=None,
+                        profile_signature=signature, seconds=round(time.perf_counter() - started, 2), notes=notes)
+    return plan_from_choices(profile.model, average_budget=average, policies=chosen.policies,
+                             budgets=chosen.budgets, search=search)
+
+
+def _optuna_plan(profile, exact_plan, objective, *, average, names, floor, cap, n_trials, timeout, storage, seed,
+                 signature):
+    """Search end to end, seeded with the exact plan and every candidate of `select`."""
+    from polykv_search.optimize.optuna_search import search
+    from polykv_search.optimize.plans import plan_from_choices
+    from polykv_search.optimize.select import candidate_plans
+    from polykv_search.plan import SearchInfo, budget_total
+
+    info = profile.model
     policies = names or profile.policies
-    objective = EndToEndObjective(lm, samples, policies=policies)
     seeds = {"exact": (exact_plan.policies, exact_plan.budgets)}
-    for policy in policies:
-        p = uniform_plan(info, policy=policy, budget=average)
-        seeds[f"uniform:{policy}"] = (p.policies, p.budgets)
-    p = pyramidkv_plan(info, policy="snapkv" if "snapkv" in policies else policies[0], budget=average)
-    seeds["pyramidkv"] = (p.policies, p.budgets)
-    p = cake_plan(info, profile, policy="snapkv" if "snapkv" in policies else policies[0], budget=average)
-    seeds["cake"] = (p.policies, p.budgets)
-    with err_console.status(f"optuna: {n_trials} trials at {average:g} tokens/layer on {len(samples)} samples"):
+    for name, candidate in candidate_plans(profile, average=average, policies=policies, cap=cap).items():
+        if candidate not in seeds.values():
+            seeds[name] = candidate
+    with err_console.status(f"optuna: {n_trials} trials at {average:g} tokens/layer on {len(objective.states)} "
+                            "samples"):
         result = search(objective, num_layers=info.num_layers, layers=info.compressible_layers, policies=policies,
                         total=budget_total(average, len(info.compressible_layers)), floor=floor, cap=cap,
                         seeds=seeds, n_trials=n_trials, timeout=timeout, storage=storage,
-                        study_name=f"polykv-{signature[:12]}-{average:g}", seed=seed)
-    notes = (f"end-to-end mean KL over {len(objective.states)} calibration samples; best seed "
+                        study_name=f"polykv-{signature[:12]}-{average:g}-{objective.metric}", seed=seed)
+    notes = (f"end-to-end mean {objective.metric} over {len(objective.states)} calibration samples; best seed "
              f"{result.best_seed or 'none (a searched trial won)'}; seeds: "
              + ", ".join(f"{k}={v:.4g}" for k, v in sorted(result.seed_objectives.items(), key=lambda kv: kv[1])))
     search_info = SearchInfo(solver="optuna", status=f"{result.trials} trials", objective=result.objective,

@@ -15,7 +15,14 @@ import typer
 
 from polykv_search.cli import app
 from polykv_search.cli._errors import err_console
-from polykv_search.cli._options import DEFAULT_MODEL, DeviceOpt, DtypeOpt, JsonOpt, ModelOpt, model_slug
+from polykv_search.cli._options import (
+    DEFAULT_MODEL,
+    DeviceOpt,
+    DtypeOpt,
+    JsonOpt,
+    ModelOpt,
+    model_slug,
+)
 
 
 @app.command()
@@ -23,7 +30,8 @@ def run(
     model: ModelOpt = DEFAULT_MODEL,
     budget: Annotated[str, typer.Option("--budget", "-b", help="Average tokens per layer; a comma list "
                                         "optimizes and evaluates a ladder.")] = "128",
-    solver: Annotated[str, typer.Option(help="dp, ilp or optuna.")] = "dp",
+    solver: Annotated[str, typer.Option(help="dp, ilp, select or optuna (see `optimize --help`).")] = "dp",
+    metric: Annotated[str, typer.Option(help="select/optuna: end-to-end measure: kl, nll or miss.")] = "kl",
     cost: Annotated[str, typer.Option(help="Profile cost: mass_lost or out_err.")] = "mass_lost",
     calib: Annotated[Path, typer.Option(help="Calibration split.")] = Path("calibration_data/calib.jsonl"),
     eval_data: Annotated[Path, typer.Option("--eval", help="Held-out split.")] = Path("calibration_data/eval.jsonl"),
@@ -37,7 +45,16 @@ def run(
     from polykv_search.calibrate.report import signal_heatmap
     from polykv_search.calibrate.run import CalibrationConfig
     from polykv_search.calibrate.run import calibrate as run_calibration
-    from polykv_search.cli.optimize import _cap, _parse_budgets, _plan_table
+    from polykv_search.cli.optimize import (
+        SOLVER_CHOICES,
+        _cap,
+        _check_metric,
+        _objective,
+        _optuna_plan,
+        _parse_budgets,
+        _plan_table,
+        select_end_to_end,
+    )
     from polykv_search.data import load_samples
     from polykv_search.errors import ConfigError
     from polykv_search.evaluate.methods import build_methods
@@ -45,12 +62,17 @@ def run(
     from polykv_search.evaluate.run import evaluate as run_evaluation
     from polykv_search.models import load_model
     from polykv_search.optimize import Problem, solve
-    from polykv_search.optimize.plans import allocation_png, plan_from_allocation, profile_signature
+    from polykv_search.optimize.plans import (
+        allocation_png,
+        plan_from_allocation,
+        profile_signature,
+    )
     from polykv_search.plan import PlanFile
     from polykv_search.policies import DEFAULT_POLICIES
 
-    if solver not in ("dp", "ilp", "optuna"):
-        raise ConfigError(f"--solver {solver!r} is not one of dp, ilp, optuna")
+    if solver not in SOLVER_CHOICES:
+        raise ConfigError(f"--solver {solver!r} is not one of {', '.join(SOLVER_CHOICES)}")
+    _check_metric(metric)
     budgets = _parse_budgets(budget)
     out_dir = out or Path("outputs") / model_slug(model)
     calib_samples = load_samples(calib)
@@ -68,17 +90,22 @@ def run(
     err_console.rule("2/3 optimize")
     profile = calibration.profile
     signature = profile_signature(calibration.path)
+    objective = None
+    if solver in ("select", "optuna"):
+        objective = _objective(profile, model=model, data=[str(calib)], max_samples=None, device=device,
+                               dtype=dtype, metric=metric, lm=lm)
     plans = []
     for average in budgets:
         problem = Problem.from_profile(profile, average_budget=average, cost=cost, cap=_cap(profile, None))
         exact = solve(problem, solver="ilp" if solver == "ilp" else "dp")
         plan = plan_from_allocation(lm.info, exact, average_budget=average, signature=signature)
-        if solver == "optuna":
-            from polykv_search.cli.optimize import _optuna_plan
-
-            plan = _optuna_plan(profile, plan, model=model, average=average, names=None, floor=1,
-                                cap=_cap(profile, None), n_trials=40, timeout=None, storage=None, data=[str(calib)],
-                                max_samples=8, seed=0, signature=signature, device=device, dtype=dtype)
+        if solver == "select":
+            plan = select_end_to_end(profile, objective, average=average, names=None, cap=_cap(profile, None),
+                                     signature=signature)
+        elif solver == "optuna":
+            plan = _optuna_plan(profile, plan, objective, average=average, names=None, floor=1,
+                                cap=_cap(profile, None), n_trials=40, timeout=None, storage=None, seed=0,
+                                signature=signature)
         plans.append(plan)
     plan_file = PlanFile.build(lm.info, plans)
     plan_path = plan_file.save(out_dir / "plan.json")

@@ -11,8 +11,8 @@ over the reference answer's tokens.
 from __future__ import annotations
 
 import copy
-from contextlib import nullcontext
 from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -28,7 +28,11 @@ from polykv_search.models import LoadedModel
 from polykv_search.policies import POLICIES, check_policy_names, make_press
 from polykv_search.policies.registry import derived_scores
 from polykv_search.policies.scoring import policy_scores
-from polykv_search.runtime.attention import observing_prefill, polykv_attention, take_observed
+from polykv_search.runtime.attention import (
+    observing_prefill,
+    polykv_attention,
+    take_observed,
+)
 
 
 @dataclass(frozen=True)
@@ -173,16 +177,29 @@ class EvaluationEngine:
     @torch.inference_mode()
     def kl_many(self, state: PrefillState, methods: Sequence[Method], *, batch_size: int = 16) -> list[float]:
         """KL(full || method) over the reference answer for each method: one teacher-forced forward per batch,
-        no decoding. The optimizer's end-to-end objective."""
+        no decoding."""
+        return [m["kl"] for m in self.answer_metrics_many(state, methods, batch_size=batch_size)]
+
+    @torch.inference_mode()
+    def answer_metrics_many(self, state: PrefillState, methods: Sequence[Method], *,
+                            batch_size: int = 16) -> list[dict[str, float]]:
+        """Teacher-forced measures over the reference answer, per method (the optimizer's end-to-end objectives):
+        "kl" = mean KL(full || method), "nll" = mean negative log-likelihood of the reference tokens,
+        "miss" = share of reference tokens that are not the method's top-1 prediction (what greedy decoding
+        would get wrong given a correct prefix). One forward per batch, no decoding."""
         if state.full_logprobs is None:
-            return [0.0] * len(methods)
-        out: list[float] = []
+            return [{"kl": 0.0, "nll": 0.0, "miss": 0.0} for _ in methods]
+        answer = torch.tensor(state.parts.answer_ids, device=state.full_logprobs.device)  # (A,)
+        full = state.full_logprobs[None]  # (1, A, V)
+        out: list[dict[str, float]] = []
         for start in range(0, len(methods), batch_size):
             group = list(methods[start:start + batch_size])
             cache, valid, _ = self._batched_cache(state, group)
             logprobs = self._answer_logprobs(state, cache, valid=valid)  # (B, A, V)
-            full = state.full_logprobs[None]
-            out += (full.exp() * (full - logprobs)).sum(-1).mean(-1).tolist()
+            kl = (full.exp() * (full - logprobs)).sum(-1).mean(-1)  # (B,)
+            nll = -logprobs.gather(-1, answer[None, :, None].expand(len(group), -1, 1))[..., 0].mean(-1)  # (B,)
+            miss = (logprobs.argmax(-1) != answer[None]).float().mean(-1)  # (B,)
+            out += [{"kl": float(k), "nll": float(n), "miss": float(m)} for k, n, m in zip(kl, nll, miss)]
         return out
 
     def kept_indices(self, state: PrefillState, method: Method) -> dict[int, torch.Tensor]:

@@ -1,6 +1,7 @@
-"""The end-to-end objective: mean KL(full cache || plan) over the reference answers of calibration samples,
-measured with the shared-prefill engine (each sample is prefilled once, then every candidate plan costs one
-short teacher-forced forward per sample)."""
+"""The end-to-end objective over the reference answers of calibration samples, measured with the shared-prefill
+engine (each sample is prefilled once, then every candidate plan costs one short teacher-forced forward per
+sample): "kl" = mean KL(full cache || plan), "nll" = the reference's negative log-likelihood, "miss" = the share
+of reference tokens that are not the top-1 prediction."""
 
 from __future__ import annotations
 
@@ -10,12 +11,19 @@ from polykv_search.data import Sample
 from polykv_search.evaluate.engine import EvaluationEngine, Method
 from polykv_search.models import LoadedModel
 
+METRICS = ("kl", "nll", "miss")
+
 
 class EndToEndObjective:
     """Call with per-layer policies and budgets (None on sliding layers); lower is better."""
 
     def __init__(self, lm: LoadedModel, samples: Sequence[Sample], *, policies: Sequence[str],
-                 max_context_tokens: int | None = None, batch_size: int = 16) -> None:
+                 max_context_tokens: int | None = None, batch_size: int = 16, metric: str = "kl") -> None:
+        if metric not in METRICS:
+            from polykv_search.errors import ConfigError
+
+            raise ConfigError(f"unknown end-to-end metric {metric!r}; choose one of {', '.join(METRICS)}")
+        self.metric = metric
         self.engine = EvaluationEngine(lm, policies=policies, max_context_tokens=max_context_tokens)
         self.states = [self.engine.prefill(sample) for sample in samples]  # one prefill per sample, kept
         self.states = [s for s in self.states if s.full_logprobs is not None]
@@ -23,14 +31,25 @@ class EndToEndObjective:
         self.evaluations = 0
 
     def many(self, candidates: Sequence[tuple[Sequence[str | None], Sequence[int | None]]]) -> list[float]:
-        """Mean KL of each candidate (policies, budgets), batched across candidates for each sample."""
+        """Mean metric of each candidate (policies, budgets), batched across candidates for each sample."""
+        return [m[self.metric] for m in self.measure(candidates)]
+
+    def measure(self, candidates: Sequence[tuple[Sequence[str | None], Sequence[int | None]]],
+                ) -> list[dict[str, float]]:
+        """Every metric of each candidate, each a mean over samples (the mean over tasks, when samples are
+        tagged with several tasks, so that each task family weighs the same)."""
         methods = [Method(f"c{i}", "plan", None, tuple(p), tuple(b)) for i, (p, b) in enumerate(candidates)]
-        totals = [0.0] * len(methods)
+        per_task: dict[str, list[list[dict[str, float]]]] = {}
         for state in self.states:
-            for i, kl in enumerate(self.engine.kl_many(state, methods, batch_size=self.batch_size)):
-                totals[i] += kl
+            per_task.setdefault(state.sample.task, []).append(
+                self.engine.answer_metrics_many(state, methods, batch_size=self.batch_size))
         self.evaluations += len(methods)
-        return [t / max(len(self.states), 1) for t in totals]
+        out = []
+        for i in range(len(methods)):
+            task_means = [{k: sum(rows[i][k] for rows in runs) / len(runs) for k in METRICS}
+                          for runs in per_task.values()]
+            out.append({k: sum(t[k] for t in task_means) / max(len(task_means), 1) for k in METRICS})
+        return out
 
     def __call__(self, policies: Sequence[str | None], budgets: Sequence[int | None]) -> float:
         return self.many([(policies, budgets)])[0]

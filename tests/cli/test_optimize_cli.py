@@ -39,6 +39,20 @@ def test_ladder_plan_has_exact_sums_and_provenance(monkeypatch, capsys, profile_
     assert out.with_suffix(".png").exists()
 
 
+def test_select_measures_candidates_end_to_end(monkeypatch, capsys, profile_path, tmp_path):
+    out = tmp_path / "plan.json"
+    monkeypatch.setattr(sys, "argv", ["polykv-search", "optimize", "--profile", str(profile_path), "--budget", "24",
+                                      "--solver", "select", "--metric", "nll", "--data", str(profile_path.parent / "c.jsonl"),
+                                      "--out", str(out), "--json"])
+    main()
+    plan = PlanFile.load(out).plans[0]
+    assert plan.search.solver == "select" and sum(plan.budgets) == 3 * 24
+    assert plan.search.status.startswith(("exact:", "split:", "uniform:", "pyramidkv", "cake"))
+    assert "mean nll over 3 calibration samples" in plan.search.notes
+    ranked = [float(item.split("=")[1]) for item in plan.search.notes.split("best first: ")[1].split(", ")]
+    assert ranked == sorted(ranked) and plan.search.objective == pytest.approx(ranked[0], abs=1e-3)
+
+
 def test_plan_is_accepted_by_evaluate(monkeypatch, capsys, profile_path, tiny_dir, tmp_path):  # noqa: F811
     plan = tmp_path / "plan.json"
     monkeypatch.setattr(sys, "argv", ["polykv-search", "optimize", "--profile", str(profile_path), "--budget", "32",
@@ -62,7 +76,7 @@ def test_bad_inputs(monkeypatch, capsys, profile_path, tmp_path):
         (["--profile", old_path, "--budget", "32"], "version"),
         (["--profile", profile_path, "--budget", "100000"], "feasible"),
         (["--profile", profile_path, "--budget", "32", "--policies", "snapkv,nope"], "nope"),
-        (["--profile", profile_path, "--budget", "32", "--solver", "gurobi"], "one of dp, ilp, optuna"),
+        (["--profile", profile_path, "--budget", "32", "--solver", "gurobi"], "one of dp, ilp, select, optuna"),
         (["--profile", tmp_path / "missing.safetensors", "--budget", "32"], "does not exist"),
     ]
     for args, expected in cases:

@@ -80,3 +80,19 @@ def test_gemma_sliding_layers_batched_and_single_agree(setup):
     batched = engine.run_many(state, methods)
     assert [r.answer for r in batched] == [r.answer for r in single]
     assert set(engine.kept_indices(state, methods[0])) == {1, 3}  # sliding layers are never compressed
+
+
+def test_answer_metrics_match_a_direct_computation(setup):
+    lm, samples = setup
+    engine = EvaluationEngine(lm, policies=["snapkv", "h2o_recent"])
+    state = engine.prefill(samples[0])
+    methods = [engine.full_method(), Method("m", "plan", 32, ("snapkv", "h2o_recent", "snapkv"), (16, 40, 60))]
+    metrics = engine.answer_metrics_many(state, methods)
+    answer = torch.tensor(state.parts.answer_ids)
+    full = state.full_logprobs  # (A, V)
+    assert metrics[0]["kl"] == pytest.approx(0.0, abs=1e-5)
+    assert metrics[0]["nll"] == pytest.approx(-full.gather(-1, answer[:, None]).mean().item(), abs=1e-4)
+    assert metrics[0]["miss"] == pytest.approx((full.argmax(-1) != answer).float().mean().item())
+    single = engine._answer_logprobs(state, engine._cache_for(state, methods[1])[0])  # (A, V), one row
+    assert metrics[1]["nll"] == pytest.approx(-single.gather(-1, answer[:, None]).mean().item(), abs=1e-4)
+    assert metrics[1]["kl"] == pytest.approx(engine.kl_many(state, methods[1:])[0], abs=1e-6)

@@ -8,7 +8,6 @@ from polykv_search.calibrate.attention import decoder_layers
 from polykv_search.calibrate.capture import LayerCapture
 from polykv_search.errors import ConfigError
 from polykv_search.policies import (
-    DEFAULT_POLICIES,
     POLICIES,
     check_policy_names,
     make_press,
