@@ -49,7 +49,7 @@ def calibrate(
     policies: Annotated[str | None, typer.Option(help="Comma-separated policies (default: all registered).")] = None,
     budgets: Annotated[str | None, typer.Option(help="Comma-separated budget grid, tokens per layer.")] = None,
     window: Annotated[int, typer.Option(help="Observation window (queries) for CAKE's entropy/variance.")] = 64,
-    max_samples: Annotated[int | None, typer.Option(help="Use only the first N samples.")] = None,
+    max_samples: Annotated[int | None, typer.Option(help="Use N samples, taken in turn from each task.")] = None,
     max_context: Annotated[int | None, typer.Option(help="Truncate prompts (middle) to this many tokens "
                                                     "(default: the model context).")] = None,
     column_map: ColumnMapOpt = None,
@@ -65,7 +65,7 @@ def calibrate(
     from polykv_search.calibrate.report import signal_heatmap, summary_table
     from polykv_search.calibrate.run import CalibrationConfig
     from polykv_search.calibrate.run import calibrate as run_calibration
-    from polykv_search.data import load_samples
+    from polykv_search.data import load_samples, spread_over_tasks
     from polykv_search.models import load_model
     from polykv_search.policies import DEFAULT_POLICIES
 
@@ -76,8 +76,7 @@ def calibrate(
     sources = data or [DEFAULT_DATA]
     mapping = parse_column_map(column_map)
     samples = [s for source in sources for s in load_samples(source, column_map=mapping)]
-    if max_samples is not None:
-        samples = samples[:max_samples]
+    samples = spread_over_tasks(samples, max_samples)
     out_dir = out or Path("outputs") / model_slug(model)
 
     with err_console.status(f"loading {model}"):

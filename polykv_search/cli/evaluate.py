@@ -56,7 +56,7 @@ def evaluate(
     profile: Annotated[Path | None, typer.Option(help="Profile for CAKE's signals (default: "
                                                  "outputs/<model>/profile.safetensors if present).")] = None,
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Output folder (default: outputs/<model>/eval)")] = None,
-    max_samples: Annotated[int | None, typer.Option(help="Use only the first N samples.")] = None,
+    max_samples: Annotated[int | None, typer.Option(help="Use N samples, taken in turn from each task.")] = None,
     max_context: Annotated[int | None, typer.Option(help="Truncate prompts (middle) to this many tokens.")] = None,
     kl: Annotated[bool, typer.Option("--kl/--no-kl", help="Also score KL to the full cache.")] = True,
     batch_size: Annotated[int, typer.Option(help="Methods decoded together per batch.")] = 16,
@@ -70,7 +70,7 @@ def evaluate(
 ) -> None:
     """Score the full cache, uniform policies, PyramidKV, CAKE and plans on held-out data; report gap recovery."""
     from polykv_search.calibrate.profile import Profile
-    from polykv_search.data import load_samples
+    from polykv_search.data import load_samples, spread_over_tasks
     from polykv_search.errors import ConfigError
     from polykv_search.evaluate.methods import build_methods
     from polykv_search.evaluate.report import summarize, write_report
@@ -92,7 +92,7 @@ def evaluate(
     mapping = parse_column_map(column_map)
     sources = data or [DEFAULT_EVAL]
     samples = [s for source in sources for s in load_samples(source, column_map=mapping)]
-    samples = samples[:max_samples] if max_samples is not None else samples
+    samples = spread_over_tasks(samples, max_samples)
     out_dir = out or Path("outputs") / model_slug(model) / "eval"
     profile_path = profile or Path("outputs") / model_slug(model) / "profile.safetensors"
     loaded_profile = Profile.load(profile_path) if (profile or profile_path.exists()) else None

@@ -185,7 +185,7 @@ def _check_metric(metric: str) -> None:
 
 def _objective(profile, *, model, data, max_samples, device, dtype, metric, lm=None):
     """The end-to-end objective on the profile's calibration samples (prefilled once, reused for every budget)."""
-    from polykv_search.data import load_samples
+    from polykv_search.data import load_samples, spread_over_tasks
     from polykv_search.models import load_model
     from polykv_search.optimize.objective import EndToEndObjective
     from polykv_search.plan import PlanFile, uniform_plan
@@ -198,7 +198,7 @@ def _objective(profile, *, model, data, max_samples, device, dtype, metric, lm=N
     probe = uniform_plan(info, policy=profile.policies[0], budget=16)
     check_matches_model(PlanFile.build(info, [probe]), lm.info)
     sources = data or [s["source"] for s in profile.header.get("data", [])] or ["calibration_data/calib.jsonl"]
-    samples = [s for source in sources for s in load_samples(source)][:max_samples]
+    samples = spread_over_tasks([s for source in sources for s in load_samples(source)], max_samples)
     with err_console.status(f"prefilling {len(samples)} calibration samples for the end-to-end objective"):
         return EndToEndObjective(lm, samples, policies=profile.policies, metric=metric)
 
@@ -270,7 +270,7 @@ def check_proxy_cmd(
 ) -> None:
     """Spearman correlation between the profile's predicted loss and the measured KL of random plans."""
     from polykv_search.calibrate.profile import Profile
-    from polykv_search.data import load_samples
+    from polykv_search.data import load_samples, spread_over_tasks
     from polykv_search.errors import ConfigError
     from polykv_search.models import load_model
     from polykv_search.optimize.objective import EndToEndObjective
@@ -281,7 +281,7 @@ def check_proxy_cmd(
     loaded = Profile.load(_profile_path(profile, model))
     lm = load_model(model, device=device, dtype=dtype)
     sources = data or [s["source"] for s in loaded.header.get("data", [])] or ["calibration_data/calib.jsonl"]
-    samples = [s for source in sources for s in load_samples(source)][:max_samples]
+    samples = spread_over_tasks([s for source in sources for s in load_samples(source)], max_samples)
     objective = EndToEndObjective(lm, samples, policies=loaded.policies)
     with err_console.status(f"measuring {n_plans} random plans on {len(samples)} samples"):
         report = check_proxy(loaded, objective.many, budget=budget, n_plans=n_plans, cost=cost, seed=seed)

@@ -35,7 +35,7 @@ def run(
     cost: Annotated[str, typer.Option(help="Profile cost: mass_lost or out_err.")] = "mass_lost",
     calib: Annotated[Path, typer.Option(help="Calibration split.")] = Path("calibration_data/calib.jsonl"),
     eval_data: Annotated[Path, typer.Option("--eval", help="Held-out split.")] = Path("calibration_data/eval.jsonl"),
-    max_eval_samples: Annotated[int | None, typer.Option(help="Evaluate on the first N samples only.")] = None,
+    max_eval_samples: Annotated[int | None, typer.Option(help="Evaluate on N samples, taken in turn from each task.")] = None,
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Folder (default: outputs/<model>)")] = None,
     device: DeviceOpt = "cpu",
     dtype: DtypeOpt = "auto",
@@ -55,7 +55,7 @@ def run(
         _plan_table,
         select_end_to_end,
     )
-    from polykv_search.data import load_samples
+    from polykv_search.data import load_samples, spread_over_tasks
     from polykv_search.errors import ConfigError
     from polykv_search.evaluate.methods import build_methods
     from polykv_search.evaluate.report import markdown, summarize, write_report
@@ -76,7 +76,7 @@ def run(
     budgets = _parse_budgets(budget)
     out_dir = out or Path("outputs") / model_slug(model)
     calib_samples = load_samples(calib)
-    eval_samples = load_samples(eval_data)[:max_eval_samples]
+    eval_samples = spread_over_tasks(load_samples(eval_data), max_eval_samples)
     with err_console.status(f"loading {model}"):
         lm = load_model(model, device=device, dtype=dtype)
 

@@ -7,6 +7,6 @@ from polykv_search.data.prompts import (
     build_prompt,
     template_for,
 )
-from polykv_search.data.sample import Sample
+from polykv_search.data.sample import Sample, spread_over_tasks
 
-__all__ = ["PromptParts", "PromptTemplate", "Sample", "build_prompt", "load_samples", "template_for"]
+__all__ = ["PromptParts", "PromptTemplate", "Sample", "build_prompt", "load_samples", "spread_over_tasks", "template_for"]

@@ -28,3 +28,22 @@ class Sample:
             "all_classes": list(self.all_classes) if self.all_classes is not None else None,
             "_id": self.id,
         }
+
+
+def spread_over_tasks(samples: list[Sample], n: int | None) -> list[Sample]:
+    """At most n samples taken in turn from each task (file order kept within a task), so that a subset of a
+    file grouped by task still covers every task; n=None keeps all."""
+    if n is None or n >= len(samples):
+        return list(samples)
+    by_task: dict[str, list[Sample]] = {}
+    for sample in samples:
+        by_task.setdefault(sample.task, []).append(sample)
+    chosen: list[Sample] = []
+    depth = 0
+    while len(chosen) < n:
+        for rows in by_task.values():
+            if depth < len(rows) and len(chosen) < n:
+                chosen.append(rows[depth])
+        depth += 1
+    keep = {id(s) for s in chosen}
+    return [s for s in samples if id(s) in keep]

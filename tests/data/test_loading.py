@@ -111,3 +111,12 @@ def test_hub_id_offline_fails_with_a_clear_message(monkeypatch):
 def test_limit_must_be_positive(write_rows, make_row):
     with pytest.raises(ConfigError, match="--limit"):
         load_samples(write_rows([make_row(0)]), limit=0)
+
+
+def test_spread_over_tasks_takes_each_task_in_turn():
+    from polykv_search.data import Sample, spread_over_tasks
+
+    rows = [Sample(id=f"{t}{i}", task=t, context="c", question="q", answers=("a",)) for t in "abc" for i in range(3)]
+    picked = spread_over_tasks(rows, 4)
+    assert [s.id for s in picked] == ["a0", "a1", "b0", "c0"]  # file order kept, every task present
+    assert spread_over_tasks(rows, None) == rows and spread_over_tasks(rows, 99) == rows
