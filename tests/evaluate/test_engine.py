@@ -15,6 +15,7 @@ METHODS = [
     Method("mix2", "plan", 32, ("streaming", "keydiff", "tova"), (50, 10, 10_000)),  # last: more than T
     Method("knorm", "uniform", 32, ("knorm",) * 3, (32, 32, 32)),
     Method("random", "uniform", 32, ("random",) * 3, (32, 32, 32)),
+    Method("recent", "plan", 32, ("h2o_recent", "keydiff_recent", "expected_attention_recent"), (20, 30, 46)),
 ]
 
 

@@ -1,0 +1,48 @@
+"""Print the README's results table from evaluate reports: FullKV, best uniform policy, PyramidKV, CAKE and each
+plan with R, per budget, one table per report.
+
+    python benchmarks/results_table.py outputs/smollm2-135m/eval/report.json outputs/smollm2-135m/eval_alt/report.json
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections import defaultdict
+
+
+def table(path: str) -> str:
+    report = json.load(open(path))
+    rows: dict[float, dict[str, dict]] = defaultdict(dict)
+    for r in report["recovery"]:
+        rows[r["budget"]][r["method"]] = r
+    plans = sorted({m for by in rows.values() for m, r in by.items() if r["family"] == "plan"})
+    head = ["budget", "full", "best uniform", "PyramidKV", "CAKE", *plans, *(f"R {p}" for p in plans),
+            "R PyramidKV", "R CAKE"]
+    lines = [f"{path} ({report.get('samples', '?')} samples)", "", "| " + " | ".join(head) + " |",
+             "|" + "---|" * len(head)]
+    mean_r: dict[str, list[float]] = defaultdict(list)
+    for budget in sorted(rows):
+        by = rows[budget]
+        any_row = next(iter(by.values()))
+
+        def score(name: str) -> str:
+            return f"{by[name]['score']:.3f}" if name in by else "-"
+
+        def rec(name: str) -> str:
+            if name not in by or by[name]["R"] is None:
+                return "-"
+            mean_r[name].append(by[name]["R"])
+            return f"{by[name]['R']:+.2f}"
+
+        cells = [f"{budget:g}", f"{any_row['full_score']:.3f}",
+                 f"{any_row['best_uniform']} {any_row['best_uniform_score']:.3f}", score("pyramidkv"), score("cake"),
+                 *(score(p) for p in plans), *(rec(p) for p in plans), rec("pyramidkv"), rec("cake")]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines.append("")
+    lines.append("mean R: " + ", ".join(f"{name} {sum(v) / len(v):+.2f}" for name, v in mean_r.items()))
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print("\n\n".join(table(path) for path in sys.argv[1:]))
