@@ -50,6 +50,13 @@ def candidate_plans(profile: Profile, *, average: float, policies: Sequence[str]
         if candidate not in found.values():
             found[name] = candidate
 
+    for policy in names:  # first, so that a proposal equal to a uniform plan keeps the uniform name
+        plan = uniform_plan(info, policy=policy, budget=average)
+        add(f"uniform:{policy}", (list(plan.policies), list(plan.budgets)))
+    allocator = allocator_policy if allocator_policy in names else names[0]
+    for name, plan in (("pyramidkv", pyramidkv_plan(info, policy=allocator, budget=average)),
+                       ("cake", cake_plan(info, profile, policy=allocator, budget=average))):
+        add(name, (list(plan.policies), list(plan.budgets)))
     for cost in costs:
         for share in floor_shares:
             floor = max(1, math.floor(share * average))
@@ -60,13 +67,6 @@ def candidate_plans(profile: Profile, *, average: float, policies: Sequence[str]
         problem = Problem.from_profile(profile, average_budget=average, cost=costs[0], policies=[policy], cap=cap,
                                        floor=max(1, math.floor(0.25 * average)))
         add(f"split:{policy}", _from_allocation(info.num_layers, solve(problem, solver="dp")))
-    for policy in names:
-        plan = uniform_plan(info, policy=policy, budget=average)
-        add(f"uniform:{policy}", (list(plan.policies), list(plan.budgets)))
-    allocator = allocator_policy if allocator_policy in names else names[0]
-    for name, plan in (("pyramidkv", pyramidkv_plan(info, policy=allocator, budget=average)),
-                       ("cake", cake_plan(info, profile, policy=allocator, budget=average))):
-        add(name, (list(plan.policies), list(plan.budgets)))
     return found
 
 
