@@ -35,7 +35,8 @@ def run(
     cost: Annotated[str, typer.Option(help="Profile cost: mass_lost or out_err.")] = "mass_lost",
     calib: Annotated[Path, typer.Option(help="Calibration split.")] = Path("calibration_data/calib.jsonl"),
     eval_data: Annotated[Path, typer.Option("--eval", help="Held-out split.")] = Path("calibration_data/eval.jsonl"),
-    max_eval_samples: Annotated[int | None, typer.Option(help="Evaluate on N samples, taken in turn from each task.")] = None,
+    max_eval_samples: Annotated[int | None, typer.Option(help="Evaluate on N samples, taken in turn from each "
+                                                         "task.")] = None,
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Folder (default: outputs/<model>)")] = None,
     device: DeviceOpt = "cpu",
     dtype: DtypeOpt = "auto",

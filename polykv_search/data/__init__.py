@@ -9,4 +9,5 @@ from polykv_search.data.prompts import (
 )
 from polykv_search.data.sample import Sample, spread_over_tasks
 
-__all__ = ["PromptParts", "PromptTemplate", "Sample", "build_prompt", "load_samples", "spread_over_tasks", "template_for"]
+__all__ = ["PromptParts", "PromptTemplate", "Sample", "build_prompt", "load_samples", "spread_over_tasks",
+           "template_for"]

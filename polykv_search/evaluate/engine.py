@@ -79,7 +79,8 @@ class EvaluationEngine:
         for a policy with other parameters (a Method then names the key instead of the policy)."""
         self.lm = lm
         self.policies = check_policy_names(list(policies)) if policies else []
-        self.presses = {name: make_press(name) for name in sorted(self.policies, key=lambda n: POLICIES[n].base is not None)}
+        bases_first = sorted(self.policies, key=lambda n: POLICIES[n].base is not None)  # "+recent" reuse bases
+        self.presses = {name: make_press(name) for name in bases_first}
         for key, (name, params) in (variants or {}).items():
             check_policy_names([name])
             self.presses[key] = make_press(name, **params)
