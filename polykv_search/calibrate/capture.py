@@ -30,13 +30,8 @@ from polykv_search.calibrate.signals import (
 )
 from polykv_search.models import ModelInfo
 from polykv_search.policies import POLICIES, make_press
-from polykv_search.policies.registry import derived_scores
-from polykv_search.policies.scoring import CHUNK_ELEMENTS, policy_scores
+from polykv_search.policies.scoring import CHUNK_ELEMENTS, score_policies
 from polykv_search.runtime.attention import observing_prefill, take_observed
-
-
-def _derived_last(name: str) -> bool:
-    return POLICIES[name].base is not None
 
 
 @dataclass
@@ -63,7 +58,7 @@ class LayerCapture:
         self.model, self.info = model, info
         self.policies, self.budgets = list(policies), [int(b) for b in budgets]
         self.window, self.n_sink, self.recent = window, n_sink, recent
-        self.presses = {name: make_press(name) for name in sorted(self.policies, key=_derived_last)}
+        self.presses = {name: make_press(name) for name in self.policies}
         self.chunk_elements = CHUNK_ELEMENTS
         self.layer_ids = info.compressible_layers
         self.phase: str | None = None
@@ -126,19 +121,11 @@ class LayerCapture:
         cos, sin = kwargs["position_embeddings"]
         n = keys.shape[2]
         state = self._state[idx]
-        seen = take_observed(module)
-        observed = None
-        computed: dict[str, torch.Tensor] = {}
-        for name, press in self.presses.items():  # base policies first, so "+recent" ones reuse their scores
-            derived = derived_scores(name, computed)
-            if derived is None:
-                scores, last_chunk = policy_scores(name, press, module, hidden, keys, values, kwargs,
-                                                   min_chunk=self.window, chunk_elements=self.chunk_elements,
-                                                   observed=seen)
-                derived = scores
-                observed = last_chunk if last_chunk is not None else observed
-            computed[name] = derived
-            state.rankings[name] = derived[0].cpu()  # (H_kv, T)
+        scores, observed = score_policies(self.presses, module, hidden, keys, values, kwargs,
+                                          observed=take_observed(module), min_chunk=self.window,
+                                          chunk_elements=self.chunk_elements)
+        for name, ranking in scores.items():
+            state.rankings[name] = ranking[0].cpu()  # (H_kv, T)
         w = min(self.window, n)
         if observed is not None and observed.shape[1] >= w:
             win = observed[:, -w:]  # the last chunk's final queries are the observation window

@@ -26,8 +26,7 @@ from polykv_search.calibrate.attention import (
 from polykv_search.data import PromptParts, Sample, build_prompt
 from polykv_search.models import LoadedModel
 from polykv_search.policies import POLICIES, check_policy_names, make_press
-from polykv_search.policies.registry import derived_scores
-from polykv_search.policies.scoring import policy_scores
+from polykv_search.policies.scoring import score_policies
 from polykv_search.runtime.attention import (
     observing_prefill,
     polykv_attention,
@@ -79,8 +78,7 @@ class EvaluationEngine:
         for a policy with other parameters (a Method then names the key instead of the policy)."""
         self.lm = lm
         self.policies = check_policy_names(list(policies)) if policies else []
-        bases_first = sorted(self.policies, key=lambda n: POLICIES[n].base is not None)  # "+recent" reuse bases
-        self.presses = {name: make_press(name) for name in bases_first}
+        self.presses = {name: make_press(name) for name in self.policies}
         for key, (name, params) in (variants or {}).items():
             check_policy_names([name])
             self.presses[key] = make_press(name, **params)
@@ -104,17 +102,9 @@ class EvaluationEngine:
         def hook(module, args, kwargs, output):
             idx = module.layer_idx
             layer = kwargs["past_key_values"].layers[idx]
-            rankings[idx] = {}
-            observed = take_observed(module)
-            computed: dict[str, torch.Tensor] = {}
-            for key, press in self.presses.items():  # bases first: "+recent" policies reuse their scores
-                name = self._names.get(key, key)
-                scores = None if key in self._names else derived_scores(key, computed)
-                if scores is None:
-                    scores, _ = policy_scores(name, press, module, kwargs["hidden_states"], layer.keys, layer.values,
-                                              kwargs, observed=observed)
-                computed[key] = scores
-                rankings[idx][key] = scores[0].float()  # (H_kv, T)
+            scores, _ = score_policies(self.presses, module, kwargs["hidden_states"], layer.keys, layer.values,
+                                       kwargs, names=self._names, observed=take_observed(module))
+            rankings[idx] = {key: score[0].float() for key, score in scores.items()}  # (H_kv, T) each
             return output
 
         handles = []

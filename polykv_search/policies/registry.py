@@ -108,14 +108,6 @@ def rank_scores(name: str, press: ScorerPress, module: torch.nn.Module, hidden_s
     return scores
 
 
-def derived_scores(name: str, computed: dict[str, torch.Tensor]) -> torch.Tensor | None:
-    """A "with_recent" policy's scores from its base policy's scores when those were already computed."""
-    base = POLICIES[name].base
-    if POLICIES[name].ranking != "with_recent" or base not in computed:
-        return None
-    return interleave_with_recent(computed[base], N_SINK_RECENT)
-
-
 def sink_recency_order(n: int, n_sink: int, *, device: torch.device | str = "cpu") -> torch.Tensor:
     """Each token's place (0 = kept first) in StreamingLLM's order: the n_sink first tokens, then newest first."""
     positions = torch.arange(n, device=device)

@@ -5,10 +5,17 @@ Shared by calibrate, the evaluation engine and the plan presses, so every stage 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 from kvpress import ScorerPress
 
-from polykv_search.policies.registry import POLICIES, rank_scores
+from polykv_search.policies.registry import (
+    N_SINK_RECENT,
+    POLICIES,
+    interleave_with_recent,
+    rank_scores,
+)
 
 # Logits per head in one query chunk (512 KB). Measured on one CPU thread, SmolLM2 geometry at 2.8k tokens: 46-row
 # chunks took 73 ms a layer against 171 ms for 374-row chunks (the logits of a small chunk stay in cache).
@@ -94,4 +101,33 @@ def policy_scores(name: str, press: ScorerPress, module: torch.nn.Module, hidden
         column_sums[0, :, 0, :stop] += probs.sum(dim=1)
     scores = rank_scores(name, press, module, hidden, keys, values, column_sums, kwargs)  # (1, H_kv, T)
     last = torch.nn.functional.pad(probs, (0, n - probs.shape[-1]))  # (H, c, T)
+    return scores, last
+
+
+def score_policies(presses: Mapping[str, ScorerPress], module: torch.nn.Module, hidden: torch.Tensor,
+                   keys: torch.Tensor, values: torch.Tensor, kwargs: dict, *, names: Mapping[str, str] | None = None,
+                   observed: tuple[torch.Tensor, torch.Tensor] | None = None, min_chunk: int = 64,
+                   chunk_elements: int = CHUNK_ELEMENTS) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
+    """Every press's (B, H_kv, T) scores for one layer's prefill, keyed as `presses`, plus the last query chunk's
+    attention (H, c, T) when a policy needed the prefill attention (else None).
+
+    `names` maps a key to its registered policy when the key is a variant with other parameters (default: the key
+    is the policy). A "+recent" policy with registered parameters whose base policy is also asked for reuses the
+    base's scores instead of scoring again.
+    """
+    names = names or {}
+
+    def derivable(key: str) -> bool:
+        base = POLICIES[key].base if key in POLICIES and key not in names else None
+        return base is not None and base in presses and base not in names
+
+    scores: dict[str, torch.Tensor] = {}
+    last = None
+    for key in sorted(presses, key=derivable):  # bases first
+        if derivable(key):
+            scores[key] = interleave_with_recent(scores[POLICIES[key].base], N_SINK_RECENT)
+            continue
+        scores[key], chunk = policy_scores(names.get(key, key), presses[key], module, hidden, keys, values, kwargs,
+                                           min_chunk=min_chunk, chunk_elements=chunk_elements, observed=observed)
+        last = chunk if chunk is not None else last
     return scores, last
