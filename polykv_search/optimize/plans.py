@@ -20,13 +20,19 @@ def plan_from_choices(info: ModelInfo, *, average_budget: float, policies: Seque
                       search=search)
 
 
+def per_layer_choices(num_layers: int, allocation) -> tuple[list[str | None], list[int | None]]:
+    """An Allocation's choices as one policy and one budget per model layer (None where nothing is chosen)."""
+    policies: list[str | None] = [None] * num_layers
+    budgets: list[int | None] = [None] * num_layers
+    for choice in allocation.choices:
+        policies[choice.layer], budgets[choice.layer] = choice.policy, int(choice.budget)
+    return policies, budgets
+
+
 def plan_from_allocation(info: ModelInfo, allocation, *, average_budget: float, signature: str | None,
                          seed: int | None = None) -> Plan:
     """An exact-solver Allocation (choices per compressible layer) as a Plan with its provenance."""
-    policies: list[str | None] = [None] * info.num_layers
-    budgets: list[int | None] = [None] * info.num_layers
-    for choice in allocation.choices:
-        policies[choice.layer], budgets[choice.layer] = choice.policy, int(choice.budget)
+    policies, budgets = per_layer_choices(info.num_layers, allocation)
     search = SearchInfo(solver=allocation.solver, status=allocation.status, objective=float(allocation.objective),
                         bound=float(allocation.bound), gap=float(allocation.gap), profile_signature=signature,
                         seed=seed, seconds=round(float(allocation.seconds), 4))

@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from polykv_search.calibrate.profile import Profile
+from polykv_search.optimize.plans import per_layer_choices
 from polykv_search.optimize.problem import Problem
 from polykv_search.optimize.solve import solve
 from polykv_search.plan import cake_plan, pyramidkv_plan, uniform_plan
@@ -62,11 +63,11 @@ def candidate_plans(profile: Profile, *, average: float, policies: Sequence[str]
             floor = max(1, math.floor(share * average))
             problem = Problem.from_profile(profile, average_budget=average, cost=cost, policies=names,
                                            floor=floor, cap=cap)
-            add(f"exact:{cost}:floor{share:g}", _from_allocation(info.num_layers, solve(problem, solver="dp")))
+            add(f"exact:{cost}:floor{share:g}", per_layer_choices(info.num_layers, solve(problem, solver="dp")))
     for policy in names:  # one policy everywhere, the budget split chosen by the proxy
         problem = Problem.from_profile(profile, average_budget=average, cost=costs[0], policies=[policy], cap=cap,
                                        floor=max(1, math.floor(0.25 * average)))
-        add(f"split:{policy}", _from_allocation(info.num_layers, solve(problem, solver="dp")))
+        add(f"split:{policy}", per_layer_choices(info.num_layers, solve(problem, solver="dp")))
     return found
 
 
@@ -80,11 +81,3 @@ def select_plan(measure: Callable[[list[Candidate]], list[dict[str, float]]], ca
     policies, budgets = candidates[best]
     return Selection(name=best, policies=list(policies), budgets=list(budgets), value=measured[best][metric],
                      metric=metric, measured=measured)
-
-
-def _from_allocation(num_layers: int, allocation) -> Candidate:
-    policies: list[str | None] = [None] * num_layers
-    budgets: list[int | None] = [None] * num_layers
-    for choice in allocation.choices:
-        policies[choice.layer], budgets[choice.layer] = choice.policy, int(choice.budget)
-    return policies, budgets
