@@ -270,20 +270,15 @@ def check_proxy_cmd(
 ) -> None:
     """Spearman correlation between the profile's predicted loss and the measured KL of random plans."""
     from polykv_search.calibrate.profile import Profile
-    from polykv_search.data import load_samples, spread_over_tasks
     from polykv_search.errors import ConfigError
-    from polykv_search.models import load_model
-    from polykv_search.optimize.objective import EndToEndObjective
     from polykv_search.optimize.proxy import WEAK_PROXY, check_proxy
 
     if n_plans < 20:
         raise ConfigError(f"--n-plans {n_plans}: use at least 20 plans for a meaningful rank correlation")
     loaded = Profile.load(_profile_path(profile, model))
-    lm = load_model(model, device=device, dtype=dtype)
-    sources = data or [s["source"] for s in loaded.header.get("data", [])] or ["calibration_data/calib.jsonl"]
-    samples = spread_over_tasks([s for source in sources for s in load_samples(source)], max_samples)
-    objective = EndToEndObjective(lm, samples, policies=loaded.policies)
-    with err_console.status(f"measuring {n_plans} random plans on {len(samples)} samples"):
+    objective = _objective(loaded, model=model, data=data, max_samples=max_samples, device=device, dtype=dtype,
+                           metric="kl")
+    with err_console.status(f"measuring {n_plans} random plans on {len(objective.states)} samples"):
         report = check_proxy(loaded, objective.many, budget=budget, n_plans=n_plans, cost=cost, seed=seed)
     if as_json:
         typer.echo(json.dumps(report.__dict__))

@@ -95,8 +95,12 @@ def polykv_attention(model: torch.nn.Module) -> Iterator[None]:
     try:
         yield
     finally:
-        for config, name in previous:
-            config._attn_implementation = name
+        _restore(previous)
+
+
+def _restore(previous: list[tuple[Any, str]]) -> None:
+    for config, name in previous:
+        config._attn_implementation = name
 
 
 @contextmanager
@@ -118,8 +122,7 @@ def observing_prefill(model: torch.nn.Module, modules: list[torch.nn.Module], *,
         for module in modules:
             module.__dict__.pop(OBSERVE_ATTR, None)
             module.__dict__.pop(OBSERVED_ATTR, None)
-        for config, name in previous:
-            config._attn_implementation = name
+        _restore(previous)
 
 
 def take_observed(module: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor] | None:
