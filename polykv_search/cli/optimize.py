@@ -287,4 +287,4 @@ def check_proxy_cmd(
                    f"KL over {n_plans} random plans at {budget:g} tokens/layer")
     if report.weak:
         err_console.print(f"warning: the additive proxy ranks plans poorly (rho < {WEAK_PROXY}); prefer "
-                          "`--solver optuna` (end-to-end) or `--cost out_err`")
+                          "`--solver select` or `--solver optuna` (both measured end to end)")
