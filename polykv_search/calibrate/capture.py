@@ -30,6 +30,7 @@ from polykv_search.calibrate.signals import (
 )
 from polykv_search.models import ModelInfo
 from polykv_search.policies import POLICIES, make_press
+from polykv_search.policies.projections import keeping_query_projections
 from polykv_search.policies.scoring import CHUNK_ELEMENTS, score_policies
 from polykv_search.runtime.attention import observing_prefill, take_observed
 
@@ -79,11 +80,12 @@ class LayerCapture:
             for idx, attn in zip(self.layer_ids, modules):
                 attn.rotary_emb = rotary_for_layer(owner, self.info.layer_types[idx])  # ExpectedAttention reads it
                 hooks.append(attn.register_forward_hook(self._hook, with_kwargs=True))
-            if observe:  # H2O's column sums come out of the model's own attention pass
-                with observing_prefill(self.model, modules, last=self.window):
+            with keeping_query_projections(modules):  # scorers reuse the prefill's q_proj
+                if observe:  # H2O's column sums come out of the model's own attention pass
+                    with observing_prefill(self.model, modules, last=self.window):
+                        yield self
+                else:
                     yield self
-            else:
-                yield self
         finally:
             for hook in hooks:
                 hook.remove()

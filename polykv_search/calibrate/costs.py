@@ -24,38 +24,35 @@ def cost_curves(attn: torch.Tensor, values: torch.Tensor, rankings: torch.Tensor
     num_kv, _, head_dim = values.shape
     num_policies = rankings.shape[0]
     group = num_heads // num_kv
-    attn = attn.float()
-    values = values.float().repeat_interleave(group, dim=0)  # (H, K, D)
+    columns = group * num_queries  # a query head shares the kept set of its KV head: its queries are columns
+    attn, values = attn.float(), values.float()
     a_ctx, a_suf = attn[..., :n_context], attn[..., n_context:]  # (H, S, T), (H, S, S')
-    o_full = attn @ values  # (H, S, D)
-    o_norm = o_full.norm(dim=-1).clamp_min(EPS)  # (H, S)
-    suf_num = a_suf @ values[:, n_context:]  # (H, S, D)
-    suf_mass = a_suf.sum(dim=-1, keepdim=True)  # (H, S, 1)
-    ctx_mass = a_ctx.sum(dim=-1)  # (H, S)
+    per_head = values.repeat_interleave(group, dim=0)  # (H, K, D)
+    o_full = (attn @ per_head).reshape(num_kv, columns, head_dim)
+    o_norm = o_full.norm(dim=-1).clamp_min(EPS)  # (H_kv, G*S)
+    suf_num = (a_suf @ per_head[:, n_context:]).reshape(num_kv, columns, head_dim)
+    suf_mass = a_suf.sum(dim=-1).reshape(num_kv, columns)
+    ctx_mass = a_ctx.sum(dim=-1).reshape(num_kv, columns)
 
     top = min(max(int(b) for b in budgets), n_context)  # tokens ranked below the largest budget never count
     order = rankings.float().argsort(dim=-1, descending=True, stable=True)[..., :top]  # (P, H_kv, top)
-    # Keys as rows, so whole rows are indexed: a query head shares the kept set of its KV head.
-    cols = a_ctx.reshape(num_kv, group * num_queries, n_context).transpose(1, 2).contiguous()  # (H_kv, T, G*S)
-    heads = torch.arange(num_kv)[None, :, None]  # (1, H_kv, 1)
-    a_sorted = cols[heads, order]  # (P, H_kv, top, G*S): attention on the kept-first tokens, in keep order
-    v_ctx = values[::group, :n_context]  # (H_kv, T, D): one copy per KV head
-    v_sorted = v_ctx[heads, order]  # (P, H_kv, top, D)
+    rows = order + torch.arange(num_kv)[None, :, None] * n_context  # row of (KV head, token) in the flat tables
+    # Keys as rows (index_select copies whole rows); each budget's segment is gathered and multiplied while it is
+    # in cache: gathering all `top` rows first and multiplying after read them twice from memory (36 vs 21 ms).
+    a_rows = a_ctx.reshape(num_kv, columns, n_context).transpose(1, 2).reshape(num_kv * n_context, columns)
+    v_rows = values[:, :n_context].reshape(num_kv * n_context, head_dim)
 
-    kept_num = torch.zeros(num_policies, num_kv, group * num_queries, head_dim)
-    kept_mass = torch.zeros(num_policies, num_kv, group * num_queries)
-    suf_num = suf_num.reshape(num_kv, group * num_queries, head_dim)  # (H_kv, G*S, D)
-    suf_mass = suf_mass.reshape(num_kv, group * num_queries)
-    o_full = o_full.reshape(num_kv, group * num_queries, head_dim)
-    o_norm = o_norm.reshape(num_kv, group * num_queries)
-    ctx_mass = ctx_mass.reshape(num_kv, group * num_queries)
+    kept_num = torch.zeros(num_policies, num_kv, columns, head_dim)
+    kept_mass = torch.zeros(num_policies, num_kv, columns)
     lost, err = [], []
     start = 0
     for budget in budgets:
         end = min(int(budget), n_context)
         if end > start:
-            segment = a_sorted[:, :, start:end]  # (P, H_kv, n, G*S)
-            kept_num += segment.transpose(-1, -2) @ v_sorted[:, :, start:end]  # (P, H_kv, G*S, D)
+            index = rows[..., start:end].reshape(-1)
+            segment = a_rows.index_select(0, index).view(num_policies, num_kv, end - start, columns)
+            v_segment = v_rows.index_select(0, index).view(num_policies, num_kv, end - start, head_dim)
+            kept_num += segment.transpose(-1, -2) @ v_segment  # (P, H_kv, G*S, D)
             kept_mass += segment.sum(dim=-2)
             start = end
         o_kept = (kept_num + suf_num) / (kept_mass + suf_mass).clamp_min(EPS)[..., None]  # (P, H_kv, G*S, D)

@@ -42,8 +42,11 @@ def mass_share_for(attn: torch.Tensor, *, mass: float = 0.9) -> torch.Tensor:
 def window_signals(window_attn: torch.Tensor, n_context: int) -> dict[str, torch.Tensor]:
     """CAKE's signals from the prefill window's attention (H, w, K): entropy and variance per head (H,)."""
     probs = context_distribution(window_attn, n_context)  # (H, w, T)
-    mean = probs.mean(dim=1)  # (H, T)
-    return {"entropy": entropy(mean), "variance": probs.var(dim=1, unbiased=False).sum(dim=-1)}
+    mean = probs.mean(dim=1, keepdim=True)  # (H, 1, T)
+    # sum over keys of the population variance across the window; torch's var over the middle dim took 5.6 ms
+    # against 0.2 ms for this centred sum on (9, 64, 2800), two threads
+    variance = (probs - mean).square_().sum(dim=(1, 2)) / probs.shape[1]
+    return {"entropy": entropy(mean[:, 0]), "variance": variance}
 
 
 def decoding_signals(decode_attn: torch.Tensor, window_mean: torch.Tensor, n_context: int, *,

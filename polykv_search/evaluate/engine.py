@@ -26,6 +26,7 @@ from polykv_search.calibrate.attention import (
 from polykv_search.data import PromptParts, Sample, build_prompt
 from polykv_search.models import LoadedModel
 from polykv_search.policies import POLICIES, check_policy_names, make_press
+from polykv_search.policies.projections import keeping_query_projections
 from polykv_search.policies.scoring import score_policies
 from polykv_search.runtime.attention import (
     observing_prefill,
@@ -116,8 +117,10 @@ class EvaluationEngine:
             cache = DynamicCache(config=self.lm.model.config)
             for press in self.presses.values():
                 press.post_init_from_model(self.lm.model)
-            modules = [self.layers[idx].self_attn for idx in self.compressible] if self._observe else []
-            with observing_prefill(self.lm.model, modules, last=1) if modules else nullcontext():
+            attentions = [self.layers[idx].self_attn for idx in self.compressible]
+            modules = attentions if self._observe else []
+            with (keeping_query_projections(attentions),  # scorers reuse the prefill's q_proj
+                  observing_prefill(self.lm.model, modules, last=1) if modules else nullcontext()):
                 self.lm.model.model(input_ids=context, past_key_values=cache, use_cache=True)  # no logits needed
         finally:
             for handle in handles:

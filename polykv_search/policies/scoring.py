@@ -10,6 +10,7 @@ from collections.abc import Mapping
 import torch
 from kvpress import ScorerPress
 
+from polykv_search.policies.projections import reused_query_projection
 from polykv_search.policies.registry import (
     N_SINK_RECENT,
     POLICIES,
@@ -123,11 +124,13 @@ def score_policies(presses: Mapping[str, ScorerPress], module: torch.nn.Module, 
 
     scores: dict[str, torch.Tensor] = {}
     last = None
-    for key in sorted(presses, key=derivable):  # bases first
-        if derivable(key):
-            scores[key] = interleave_with_recent(scores[POLICIES[key].base], N_SINK_RECENT)
-            continue
-        scores[key], chunk = policy_scores(names.get(key, key), presses[key], module, hidden, keys, values, kwargs,
-                                           min_chunk=min_chunk, chunk_elements=chunk_elements, observed=observed)
-        last = chunk if chunk is not None else last
+    with reused_query_projection(module, hidden):  # the model's own q_proj(hidden), when it was kept
+        for key in sorted(presses, key=derivable):  # bases first
+            if derivable(key):
+                scores[key] = interleave_with_recent(scores[POLICIES[key].base], N_SINK_RECENT)
+                continue
+            scores[key], chunk = policy_scores(names.get(key, key), presses[key], module, hidden, keys, values,
+                                               kwargs, min_chunk=min_chunk, chunk_elements=chunk_elements,
+                                               observed=observed)
+            last = chunk if chunk is not None else last
     return scores, last
