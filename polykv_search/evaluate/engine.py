@@ -24,6 +24,7 @@ from polykv_search.calibrate.attention import (
     rotary_owner,
 )
 from polykv_search.data import PromptParts, Sample, build_prompt
+from polykv_search.evaluate.metrics import scored_part_complete
 from polykv_search.models import LoadedModel
 from polykv_search.policies import POLICIES, check_policy_names, make_press
 from polykv_search.policies.projections import keeping_query_projections
@@ -288,6 +289,8 @@ class EvaluationEngine:
                     token = out.logits[:, -1].argmax(-1).cpu()  # (B,)
                     generated = torch.cat([generated, token[:, None]], dim=1)
                     finished |= torch.isin(token, stop)
+                    for row in (~finished).nonzero()[:, 0].tolist():
+                        finished[row] = self._scored_part_done(state, generated[row].tolist())
                     if step == state.parts.max_new_tokens - 1 or bool(finished.all()):
                         break
                     out = model(input_ids=token[:, None].to(device), past_key_values=cache, position_ids=position + step)
@@ -298,6 +301,11 @@ class EvaluationEngine:
             cut = next((i + 1 for i, t in enumerate(row) if t in self.stop_ids), len(row))
             answers.append(str(self.lm.tokenizer.decode(row[:cut], skip_special_tokens=True)))
         return answers
+
+    def _scored_part_done(self, state: PrefillState, tokens: list[int]) -> bool:
+        """Whether the answer so far already holds everything its task's metric reads (the first line of a one-line
+        answer): decoding further would not change the score, only the time."""
+        return scored_part_complete(state.sample.task, self.lm.tokenizer.decode(tokens, skip_special_tokens=True))
 
     def _greedy(self, state: PrefillState, cache: DynamicCache) -> str:
         """kvpress's generate_answer: question forward at the true positions, then token by token."""
@@ -310,7 +318,7 @@ class EvaluationEngine:
             generated = [int(out.logits[0, -1].argmax())]
             position = position_ids[:, -1:] + 1
             for step in range(state.parts.max_new_tokens - 1):
-                if generated[-1] in self.stop_ids:
+                if generated[-1] in self.stop_ids or self._scored_part_done(state, generated):
                     break
                 out = model(input_ids=torch.tensor([[generated[-1]]], device=device), past_key_values=cache,
                             position_ids=position + step)

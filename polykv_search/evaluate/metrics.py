@@ -221,6 +221,19 @@ def metric_for(task: str) -> str:
     return DEFAULT_METRIC
 
 
+def scored_part_complete(task: str, prediction: str) -> bool:
+    """True when more generated text cannot change the score of `prediction` for `task`: the first line is finished
+    for first-line tasks, the first code line for code tasks. Lets decoding stop early with the same scores."""
+    base_task = task[:-2] if task.endswith("_e") and task[:-2] in TASK_METRIC else task
+    text = prediction.lstrip("\n")
+    if base_task in FIRST_LINE_TASKS:
+        return "\n" in text
+    if metric_for(task) == "code_edit_similarity":
+        finished_lines = text.split("\n")[:-1]  # lines already followed by a newline
+        return any(first_code_line(line) == line for line in finished_lines)
+    return False
+
+
 def substring_match_all(prediction: str, answers: Sequence[str]) -> float:
     """Share of the references that occur in the prediction, case-insensitive (RULER `string_match_all`)."""
     if not answers:

@@ -97,3 +97,22 @@ def test_answer_metrics_match_a_direct_computation(setup):
     single = engine._answer_logprobs(state, engine._cache_for(state, methods[1])[0])  # (A, V), one row
     assert metrics[1]["nll"] == pytest.approx(-single.gather(-1, answer[:, None]).mean().item(), abs=1e-4)
     assert metrics[1]["kl"] == pytest.approx(engine.kl_many(state, methods[1:])[0], abs=1e-6)
+
+
+def test_decoding_stops_per_row_once_the_scored_part_is_complete(setup, monkeypatch):
+    """A row stops when its task's metric has read everything it will read (here: three words); other rows of the
+    batch go on, and each answer is the start of the one decoded without stopping."""
+    lm, samples = setup
+    engine = EvaluationEngine(lm, policies=DEFAULT_POLICIES)
+    state = engine.prefill(samples[0])
+    unstopped = [engine.run(state, m).answer for m in METHODS]
+    import polykv_search.evaluate.engine as engine_module
+
+    monkeypatch.setattr(engine_module, "scored_part_complete", lambda task, text: len(text.split()) >= 3)
+    single = [engine.run(state, m).answer for m in METHODS]
+    batched = [r.answer for r in engine.run_many(state, METHODS, batch_size=4)]
+    assert batched == single
+    for short, full in zip(single, unstopped):
+        assert full.startswith(short)
+        assert len(short.split()) == min(3, len(full.split()))  # stopped exactly when complete, not later
+    assert any(len(full.split()) > 3 for full in unstopped)  # the stop did cut something

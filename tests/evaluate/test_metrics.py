@@ -20,7 +20,7 @@ from polykv_search.evaluate import (
     substring_match,
     substring_match_all,
 )
-from polykv_search.evaluate.metrics import METRICS
+from polykv_search.evaluate.metrics import METRICS, scored_part_complete
 
 
 def test_normalize_answer_like_longbench():
@@ -97,3 +97,31 @@ def test_metric_table():
 def test_unknown_metric_override_is_a_config_error():
     with pytest.raises(ConfigError, match="unknown metric 'bleu'"):
         score_answer("hotpotqa", "a", ["a"], metric="bleu")
+
+
+@pytest.mark.parametrize("task,text,done", [
+    ("prose_continuation", "The river", False),
+    ("prose_continuation", "\n\nThe river ran.\nMore", True),
+    ("fewshot_classification", "assignment", False),
+    ("fewshot_classification", "assignment\n", True),
+    ("code_completion", "    x = 1", False),  # the line may still grow a comment
+    ("code_completion", "# a comment\n", False),  # comments are skipped by the metric
+    ("code_completion", "```python\n    x = 1\n", True),
+    ("niah_single", "The number is 12345.\nAnd", False),  # substring metrics read everything
+])
+def test_scored_part_complete(task, text, done):
+    assert scored_part_complete(task, text) is done
+
+
+@pytest.mark.parametrize("task,answer", [("code_completion", "return value + 1"),
+                                         ("prose_continuation", "the river ran to the sea"),
+                                         ("fewshot_classification", "assignment")])
+def test_stopping_when_complete_keeps_the_score(task, answer):
+    """Whatever follows a prefix judged complete, the score of the prefix equals the score of the whole text."""
+    tails = ["", "\nreturn x", " # note\nmore text", "```\nanything\n"]
+    for prediction in ["return value + 1\nnext", "# c\n  return value\n", "\nthe river ran\nfar", "assignment\nx"]:
+        for cut in range(len(prediction) + 1):
+            prefix = prediction[:cut]
+            if scored_part_complete(task, prefix):
+                for tail in tails:
+                    assert score_answer(task, prefix + tail, [answer]) == score_answer(task, prefix, [answer])
