@@ -42,6 +42,7 @@ class SampleRecord:
     mass_lost: torch.Tensor
     out_err: torch.Tensor
     signals: dict[str, torch.Tensor]
+    layer_kl: torch.Tensor | None = None  # (L, 1, P, G), `--layer-kl` only
 
 
 @dataclass
@@ -100,6 +101,10 @@ class LayerCapture:
         self._record = SampleRecord(
             mass_lost=torch.full(shape, nan), out_err=torch.full(shape, nan),
             signals={name: torch.full((num_layers, num_kv), nan) for name in SIGNAL_NAMES})
+
+    def rankings(self) -> dict[int, dict[str, torch.Tensor]]:
+        """The current sample's prefill rankings: layer -> policy -> (H_kv, T) scores, higher kept first."""
+        return {idx: dict(state.rankings) for idx, state in self._state.items()}
 
     def finish_sample(self) -> SampleRecord:
         record, self._record, self._state = self._record, None, {}

@@ -1,7 +1,8 @@
 """The calibration profile: safetensors arrays plus a JSON header, written atomically and checked on load.
 
 Arrays (N samples, L layers, H_kv KV heads, P policies, G budgets):
-  mass_lost (N, L, H_kv, P, G), out_err (N, L, H_kv, P, G), signal.<name> (N, L, H_kv), context_tokens (N,).
+  mass_lost (N, L, H_kv, P, G), out_err (N, L, H_kv, P, G), signal.<name> (N, L, H_kv), context_tokens (N,);
+  with `calibrate --layer-kl` also layer_kl (N, L, 1, P, G): KL to the full cache with only that layer compressed.
 Sliding-window layers hold NaN: the architecture fixes their cache and no plan touches them.
 """
 
@@ -23,7 +24,8 @@ from polykv_search.models import ModelInfo
 PROFILE_FORMAT = "polykv-profile"
 PROFILE_VERSION = 1  # bump when arrays or header fields change meaning
 HEADER_KEY = "polykv_profile"
-COST_KINDS = ("mass_lost", "out_err")
+COST_KINDS = ("mass_lost", "out_err")  # in every profile
+OPTIONAL_COST_KINDS = ("layer_kl",)  # measured by `calibrate --layer-kl` only
 
 
 @dataclass
@@ -50,9 +52,16 @@ class Profile:
 
     def layer_costs(self, kind: str = "mass_lost") -> torch.Tensor:
         """Mean cost per (layer, policy, budget) over samples and KV heads: (L, P, G)."""
-        if kind not in COST_KINDS:
-            raise ProfileError(f"unknown cost kind {kind!r}; the profile has {', '.join(COST_KINDS)}")
+        if kind in OPTIONAL_COST_KINDS and kind not in self.arrays:
+            raise ProfileError(f"this profile has no {kind} costs; re-run calibrate with --layer-kl to measure them")
+        if kind not in self.cost_kinds:
+            raise ProfileError(f"unknown cost kind {kind!r}; the profile has {', '.join(self.cost_kinds)}")
         return self.arrays[kind].mean(dim=(0, 2))
+
+    @property
+    def cost_kinds(self) -> list[str]:
+        """The cost kinds this profile holds."""
+        return [*COST_KINDS, *(k for k in OPTIONAL_COST_KINDS if k in self.arrays)]
 
     def layer_signals(self) -> dict[str, torch.Tensor]:
         """Mean signal per layer over samples and KV heads: name -> (L,)."""
@@ -101,5 +110,9 @@ class Profile:
             if tuple(self.arrays[kind].shape[1:]) != expected:
                 raise ProfileError(f"profile array {kind} has shape {tuple(self.arrays[kind].shape)}, expected "
                                    f"(N, {', '.join(map(str, expected))}) from its header; re-run calibrate")
+        kl = self.arrays.get("layer_kl")
+        if kl is not None and tuple(kl.shape[1:]) != (info.num_layers, 1, *expected[2:]):
+            raise ProfileError(f"profile array layer_kl has shape {tuple(kl.shape)}, expected (N, {info.num_layers}, "
+                               f"1, {expected[2]}, {expected[3]}) from its header; re-run calibrate")
         if self.num_samples != len(self.header.get("samples", [])):
             raise ProfileError("profile sample count does not match its header; re-run calibrate")

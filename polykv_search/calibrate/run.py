@@ -48,6 +48,7 @@ class CalibrationConfig:
     n_sink: int = 4  # StreamingLLM's sink count, for the sink-mass signal
     recent: int = 64  # recent-window size for the recent-mass signal
     max_context_tokens: int | None = None  # None: the model's context length
+    layer_kl: bool = False  # slower mode: KL to the full cache with one layer compressed, per policy and budget
 
     def validated(self) -> CalibrationConfig:
         policies = tuple(check_policy_names(list(self.policies)))
@@ -61,7 +62,7 @@ class CalibrationConfig:
             raise ConfigError("--window and --recent must be at least 1 and --n-sink at least 0")
         return CalibrationConfig(policies=policies, budgets=tuple(sorted({int(b) for b in self.budgets})),
                                  window=self.window, n_sink=self.n_sink, recent=self.recent,
-                                 max_context_tokens=self.max_context_tokens)
+                                 max_context_tokens=self.max_context_tokens, layer_kl=self.layer_kl)
 
 
 @dataclass
@@ -103,6 +104,11 @@ def calibrate(lm: LoadedModel, samples: Sequence[Sample], *, config: Calibration
     capture = LayerCapture(lm.model, lm.info, policies=config.policies, budgets=config.budgets,
                            window=config.window, n_sink=config.n_sink, recent=config.recent)
     min_context = _min_context(config)
+    probe = None
+    if config.layer_kl:
+        from polykv_search.evaluate.engine import EvaluationEngine
+
+        probe = EvaluationEngine(lm, max_context_tokens=max_ctx)
     started = time.perf_counter()
     records: list[SampleRecord] = []
     results: list[SampleResult] = []
@@ -113,7 +119,7 @@ def calibrate(lm: LoadedModel, samples: Sequence[Sample], *, config: Calibration
             if resume and ckpt.exists():
                 record, result = _load_checkpoint(ckpt, index)
             else:
-                record, result = _calibrate_one(lm, capture, sample, index, max_ctx, min_context)
+                record, result = _calibrate_one(lm, capture, sample, index, max_ctx, min_context, probe=probe)
                 _save_checkpoint(ckpt, record, result)
             result.seconds = time.perf_counter() - t0
             results.append(result)
@@ -135,7 +141,7 @@ def _min_context(config: CalibrationConfig) -> int:
 
 
 def _calibrate_one(lm: LoadedModel, capture: LayerCapture, sample: Sample, index: int, max_ctx: int,
-                   min_context: int) -> tuple[SampleRecord | None, SampleResult]:
+                   min_context: int, *, probe=None) -> tuple[SampleRecord | None, SampleResult]:
     parts = build_prompt(sample, lm.tokenizer, max_context_tokens=max_ctx)
     suffix_ids = list(parts.question_ids) + list(parts.answer_ids)
     result = SampleResult(index=index, sample_id=str(sample.id), task=sample.task,
@@ -153,11 +159,20 @@ def _calibrate_one(lm: LoadedModel, capture: LayerCapture, sample: Sample, index
     try:
         capture.phase = "prefill"
         lm.model(input_ids=context, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        capture.phase = None
+        kl = None
+        if probe is not None:  # before the decoding pass appends to the cache
+            from polykv_search.calibrate.layer_kl import layer_kl
+
+            kl = layer_kl(probe, sample, parts, cache, capture.rankings(), num_layers=lm.info.num_layers,
+                          layers=capture.layer_ids, policies=capture.policies, budgets=capture.budgets)
         capture.phase = "decode"
         lm.model(input_ids=suffix, past_key_values=cache, use_cache=True, logits_to_keep=1)
     finally:
         capture.phase = None
-    return capture.finish_sample(), result
+    record = capture.finish_sample()
+    record.layer_kl = kl
+    return record, result
 
 
 def _save_checkpoint(path: Path, record: SampleRecord | None, result: SampleResult) -> None:
@@ -165,6 +180,8 @@ def _save_checkpoint(path: Path, record: SampleRecord | None, result: SampleResu
     if record is not None:
         tensors = {"mass_lost": record.mass_lost, "out_err": record.out_err,
                    **{f"signal.{k}": v for k, v in record.signals.items()}}
+        if record.layer_kl is not None:
+            tensors["layer_kl"] = record.layer_kl
     else:
         tensors = {"skipped": torch.zeros(1)}
     meta = {"result": json.dumps(asdict(result))}
@@ -181,7 +198,8 @@ def _load_checkpoint(path: Path, index: int) -> tuple[SampleRecord | None, Sampl
         return None, result
     arrays = load_file(str(path))
     signals = {k.split(".", 1)[1]: v for k, v in arrays.items() if k.startswith("signal.")}
-    return SampleRecord(mass_lost=arrays["mass_lost"], out_err=arrays["out_err"], signals=signals), result
+    return SampleRecord(mass_lost=arrays["mass_lost"], out_err=arrays["out_err"], signals=signals,
+                        layer_kl=arrays.get("layer_kl")), result
 
 
 def _fingerprint(lm: LoadedModel, samples: Sequence[Sample], config: CalibrationConfig,
@@ -217,6 +235,8 @@ def _assemble(lm: LoadedModel, config: CalibrationConfig, records: list[SampleRe
         "out_err": torch.stack([r.out_err for r in records]),
         "context_tokens": torch.tensor([r.context_tokens for r in results], dtype=torch.int64),
     }
+    if config.layer_kl:
+        arrays["layer_kl"] = torch.stack([r.layer_kl for r in records])  # (N, L, 1, P, G)
     for name in SIGNAL_NAMES:
         arrays[f"signal.{name}"] = torch.stack([r.signals[name] for r in records])  # (N, L, H_kv)
     policies = []
@@ -235,7 +255,7 @@ def _assemble(lm: LoadedModel, config: CalibrationConfig, records: list[SampleRe
         "budget_unit": "context tokens kept per layer",
         "options": {"window": config.window, "n_sink": config.n_sink, "recent": config.recent,
                     "max_context_tokens": max_ctx, "decoding_queries": "question + reference answer",
-                    "cost_kinds": ["mass_lost", "out_err"]},
+                    "cost_kinds": ["mass_lost", "out_err", *(["layer_kl"] if config.layer_kl else [])]},
         "signals": list(SIGNAL_NAMES),
         "data": _data_entries(data_sources),
         "samples": [{"id": r.sample_id, "task": r.task, "context_tokens": r.context_tokens,

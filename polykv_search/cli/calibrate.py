@@ -53,6 +53,11 @@ def calibrate(
     max_context: Annotated[int | None, typer.Option(help="Truncate prompts (middle) to this many tokens "
                                                     "(default: the model context).")] = None,
     column_map: ColumnMapOpt = None,
+    layer_kl: Annotated[bool, typer.Option("--layer-kl", help="Slower: also measure, per layer, policy and budget, "
+                                           "the KL to the full cache over the answer with only that layer "
+                                           "compressed (layers x policies x budgets batched forwards per sample; "
+                                           "a shorter --budgets or --policies list makes it cheaper). "
+                                           "`optimize --cost layer_kl` uses it.")] = False,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the checkpoints of an interrupted run.")] = False,
     device: DeviceOpt = "cpu",
     dtype: DtypeOpt = "auto",
@@ -72,7 +77,7 @@ def calibrate(
     config = CalibrationConfig(
         policies=tuple(parse_str_list(policies)) if policies else DEFAULT_POLICIES,
         budgets=tuple(parse_int_list(budgets, option="--budgets")) if budgets else DEFAULT_BUDGETS,
-        window=window, max_context_tokens=max_context).validated()
+        window=window, max_context_tokens=max_context, layer_kl=layer_kl).validated()
     sources = data or [DEFAULT_DATA]
     mapping = parse_column_map(column_map)
     samples = [s for source in sources for s in load_samples(source, column_map=mapping)]

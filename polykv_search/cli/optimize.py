@@ -33,7 +33,8 @@ ProfileOpt = Annotated[Path | None, typer.Option("--profile", help="Profile from
 BudgetOpt = Annotated[str, typer.Option("--budget", "-b", help="Average tokens per compressible layer; a comma "
                                         "list writes a ladder of plans.")]
 SOLVER_CHOICES = ("dp", "ilp", "select", "optuna")
-CostOpt = Annotated[str, typer.Option(help="Profile cost to minimise: mass_lost or out_err.")]
+CostOpt = Annotated[str, typer.Option(help="Profile cost to minimise: mass_lost, out_err, or layer_kl (profiles "
+                                          "from `calibrate --layer-kl`).")]
 
 
 def _parse_budgets(text: str) -> list[float]:
@@ -94,7 +95,7 @@ def optimize(
     as_json: JsonOpt = False,
 ) -> None:
     """Choose a KV policy and token budget for every layer under an exact total budget; write a plan file."""
-    from polykv_search.calibrate.profile import Profile
+    from polykv_search.calibrate.profile import COST_KINDS, OPTIONAL_COST_KINDS, Profile
     from polykv_search.errors import ConfigError
     from polykv_search.optimize import Problem, solve
     from polykv_search.optimize.plans import (
@@ -106,8 +107,8 @@ def optimize(
 
     if solver not in SOLVER_CHOICES:
         raise ConfigError(f"--solver {solver!r} is not one of {', '.join(SOLVER_CHOICES)}")
-    if cost not in ("mass_lost", "out_err"):
-        raise ConfigError(f"--cost {cost!r} is not one of mass_lost, out_err")
+    if cost not in (*COST_KINDS, *OPTIONAL_COST_KINDS):
+        raise ConfigError(f"--cost {cost!r} is not one of {', '.join((*COST_KINDS, *OPTIONAL_COST_KINDS))}")
     _check_metric(metric)
     budgets = _parse_budgets(budget)
     path = _profile_path(profile, model)

@@ -32,7 +32,8 @@ def run(
                                         "optimizes and evaluates a ladder.")] = "128",
     solver: Annotated[str, typer.Option(help="dp, ilp, select or optuna (see `optimize --help`).")] = "dp",
     metric: Annotated[str, typer.Option(help="select/optuna: end-to-end measure: kl, nll or miss.")] = "kl",
-    cost: Annotated[str, typer.Option(help="Profile cost: mass_lost or out_err.")] = "mass_lost",
+    cost: Annotated[str, typer.Option(help="Profile cost: mass_lost, out_err, or layer_kl (calibrates with "
+                                      "--layer-kl: slower).")] = "mass_lost",
     calib: Annotated[Path, typer.Option(help="Calibration split.")] = Path("calibration_data/calib.jsonl"),
     eval_data: Annotated[Path, typer.Option("--eval", help="Held-out split.")] = Path("calibration_data/eval.jsonl"),
     max_eval_samples: Annotated[int | None, typer.Option(help="Evaluate on N samples, taken in turn from each "
@@ -73,6 +74,8 @@ def run(
 
     if solver not in SOLVER_CHOICES:
         raise ConfigError(f"--solver {solver!r} is not one of {', '.join(SOLVER_CHOICES)}")
+    if cost not in ("mass_lost", "out_err", "layer_kl"):
+        raise ConfigError(f"--cost {cost!r} is not one of mass_lost, out_err, layer_kl")
     _check_metric(metric)
     budgets = _parse_budgets(budget)
     out_dir = out or Path("outputs") / model_slug(model)
@@ -83,8 +86,8 @@ def run(
 
     err_console.rule("1/3 calibrate")
     with err_console.status(f"calibrating on {len(calib_samples)} samples of {calib.name}"):
-        calibration = run_calibration(lm, calib_samples, config=CalibrationConfig(), data_sources=[str(calib)],
-                                      out_dir=out_dir, resume=True)
+        calibration = run_calibration(lm, calib_samples, config=CalibrationConfig(layer_kl=cost == "layer_kl"),
+                                      data_sources=[str(calib)], out_dir=out_dir, resume=True)
     signal_heatmap(calibration.profile, out_dir / "signals.png")
     err_console.print(f"profile: {calibration.path} ({calibration.seconds:.0f} s)")
 

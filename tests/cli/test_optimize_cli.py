@@ -78,6 +78,8 @@ def test_bad_inputs(monkeypatch, capsys, profile_path, tmp_path):
         (["--profile", profile_path, "--budget", "32", "--policies", "snapkv,nope"], "nope"),
         (["--profile", profile_path, "--budget", "32", "--solver", "gurobi"], "one of dp, ilp, select, optuna"),
         (["--profile", tmp_path / "missing.safetensors", "--budget", "32"], "does not exist"),
+        (["--profile", profile_path, "--budget", "32", "--cost", "layer_kl"], "--layer-kl"),
+        (["--profile", profile_path, "--budget", "32", "--cost", "attention"], "not one of mass_lost"),
     ]
     for args, expected in cases:
         code, _, err = run_cli(monkeypatch, capsys, "optimize", *args, "--out", tmp_path / "p.json")

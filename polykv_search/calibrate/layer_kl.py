@@ -1,0 +1,57 @@
+"""calibrate's optional slower mode: the isolated effect of compressing one layer on the output distribution.
+
+For each compressible layer, policy and budget of the grid, only that layer keeps its policy's top-b context
+tokens; the question and reference answer are teacher-forced and the KL divergence to the full cache is averaged
+over the answer tokens. The probes reuse the prefill's cache and rankings (no extra prefill) and run as batch rows
+of the evaluation engine, so they are the same measurement as `evaluate`'s KL, one layer at a time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from polykv_search.data import PromptParts, Sample
+from polykv_search.evaluate.engine import EvaluationEngine, Method
+
+
+def probe_methods(num_layers: int, layers: Sequence[int], policies: Sequence[str], budgets: Sequence[int],
+                  n_context: int) -> list[tuple[tuple[int, int, int], Method]]:
+    """((layer, policy index, budget index), method compressing only that layer) for every budget below the context
+    length; a budget at or above it keeps everything and costs nothing."""
+    probes = []
+    for layer in layers:
+        for p, policy in enumerate(policies):
+            for g, budget in enumerate(budgets):
+                if budget >= n_context:
+                    continue
+                names: list[str | None] = [None] * num_layers
+                sizes: list[int | None] = [None] * num_layers
+                names[layer], sizes[layer] = policy, int(budget)
+                probes.append(((layer, p, g), Method(f"L{layer}:{policy}", "probe", int(budget), tuple(names),
+                                                     tuple(sizes))))
+    return probes
+
+
+def layer_kl(engine: EvaluationEngine, sample: Sample, parts: PromptParts, cache, rankings: dict[int, dict[str,
+             torch.Tensor]], *, num_layers: int, layers: Sequence[int], policies: Sequence[str],
+             budgets: Sequence[int], batch_size: int = 16) -> torch.Tensor:
+    """(L, 1, P, G) mean KL(full || one layer compressed) over the answer tokens; NaN on layers not probed.
+
+    `cache` is the full cache right after the context prefill (not modified) and `rankings` the layers' policy
+    scores from that prefill, (H_kv, T) each.
+    """
+    n_context = len(parts.context_ids)
+    out = torch.full((num_layers, 1, len(policies), len(budgets)), float("nan"))
+    for layer in layers:
+        out[layer] = 0.0  # budgets at or above the context length keep everything
+    if not parts.answer_ids:
+        return out
+    state = engine.state_from(sample, parts, cache, {idx: {k: v.float() for k, v in ranks.items()}
+                                                      for idx, ranks in rankings.items()})
+    probes = probe_methods(num_layers, layers, policies, budgets, n_context)
+    metrics = engine.answer_metrics_many(state, [m for _, m in probes], batch_size=batch_size)
+    for ((layer, p, g), _), measured in zip(probes, metrics):
+        out[layer, 0, p, g] = measured["kl"]
+    return out

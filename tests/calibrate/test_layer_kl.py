@@ -1,0 +1,78 @@
+"""calibrate's slower mode: per-layer KL with only that layer compressed, checked against the evaluation engine
+compressing the same layer, and used by the optimizer as a cost."""
+
+import pytest
+import torch
+
+from polykv_search.calibrate.profile import Profile
+from polykv_search.calibrate.run import CalibrationConfig, calibrate
+from polykv_search.data import load_samples
+from polykv_search.errors import ProfileError
+from polykv_search.evaluate.engine import EvaluationEngine, Method
+from polykv_search.optimize import Problem, solve
+from tests.conftest import sample_rows, write_jsonl
+
+POLICIES = ("snapkv", "h2o", "streaming", "knorm")
+BUDGETS = (8, 32, 1000)  # 1000 is above every context length: keeps everything
+
+
+@pytest.fixture(scope="module")
+def calibrated(tmp_path_factory):
+    from tests.conftest import tiny_loaded
+
+    lm = tiny_loaded("llama")
+    tmp = tmp_path_factory.mktemp("kl")
+    samples = load_samples(write_jsonl(tmp / "c.jsonl", sample_rows(2, words=200)))
+    config = CalibrationConfig(policies=POLICIES, budgets=BUDGETS, window=16, layer_kl=True)
+    run = calibrate(lm, samples, config=config, out_dir=tmp / "out")
+    return lm, samples, run
+
+
+def test_layer_kl_is_stored_with_its_shape_and_round_trips(calibrated):
+    lm, _, run = calibrated
+    kl = run.profile.arrays["layer_kl"]
+    assert kl.shape == (2, lm.info.num_layers, 1, len(POLICIES), len(BUDGETS))
+    assert torch.isfinite(kl).all() and (kl >= -1e-5).all()
+    assert (kl[..., 2] == 0).all()  # a budget above the context keeps everything
+    assert (kl[..., 0] > 0).any()
+    assert run.profile.header["options"]["cost_kinds"] == ["mass_lost", "out_err", "layer_kl"]
+    loaded = Profile.load(run.path)
+    torch.testing.assert_close(loaded.arrays["layer_kl"], kl)
+    assert loaded.cost_kinds == ["mass_lost", "out_err", "layer_kl"]
+
+
+def test_layer_kl_equals_the_engine_compressing_that_layer_alone(calibrated):
+    lm, samples, run = calibrated
+    engine = EvaluationEngine(lm, policies=POLICIES)
+    kl = run.profile.arrays["layer_kl"]
+    for index, sample in enumerate(samples):
+        state = engine.prefill(sample)
+        for layer in lm.info.compressible_layers:
+            for p, policy in enumerate(POLICIES):
+                names, sizes = [None] * lm.info.num_layers, [None] * lm.info.num_layers
+                names[layer], sizes[layer] = policy, BUDGETS[0]
+                result = engine.run(state, Method("one", "probe", BUDGETS[0], tuple(names), tuple(sizes)))
+                assert kl[index, layer, 0, p, 0].item() == pytest.approx(result.kl, rel=1e-3, abs=1e-5)
+
+
+def test_optimizer_takes_layer_kl_as_cost_and_explains_when_it_is_missing(calibrated, tiny_llama, tmp_path):
+    _, _, run = calibrated
+    problem = Problem.from_profile(run.profile, average_budget=16, cost="layer_kl")
+    allocation = solve(problem, solver="dp")
+    assert sum(allocation.budgets) == problem.total
+    expected = run.profile.arrays["layer_kl"].mean(dim=(0, 2))
+    torch.testing.assert_close(run.profile.layer_costs("layer_kl"), expected)
+    plain = calibrate(tiny_llama, load_samples(write_jsonl(tmp_path / "c.jsonl", sample_rows(1))),
+                      config=CalibrationConfig(policies=POLICIES, budgets=BUDGETS, window=16),
+                      out_dir=tmp_path / "plain").profile
+    with pytest.raises(ProfileError, match="--layer-kl"):
+        plain.layer_costs("layer_kl")
+
+
+def test_sliding_window_layers_get_no_layer_kl(tiny_gemma, tmp_path):
+    samples = load_samples(write_jsonl(tmp_path / "c.jsonl", sample_rows(1, words=200)))
+    config = CalibrationConfig(policies=("snapkv", "streaming"), budgets=(8, 32), window=16, layer_kl=True)
+    kl = calibrate(tiny_gemma, samples, config=config, out_dir=tmp_path / "g").profile.arrays["layer_kl"]
+    sliding = [i for i, kind in enumerate(tiny_gemma.info.layer_types) if kind == "sliding_attention"]
+    assert sliding and torch.isnan(kl[:, sliding]).all()
+    assert torch.isfinite(kl[:, tiny_gemma.info.compressible_layers]).all()
