@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
 
 from polykv_search.calibrate.attention import (
     decoder_layers,
@@ -34,6 +35,7 @@ from polykv_search.runtime.attention import (
     polykv_attention,
     take_observed,
 )
+from polykv_search.runtime.reserved import ReservedLayer
 
 
 @dataclass(frozen=True)
@@ -127,7 +129,15 @@ class EvaluationEngine:
             for handle in handles:
                 handle.remove()
         self.prefills += 1
-        state = PrefillState(sample=sample, parts=parts, n_context=context.shape[1], cache=cache, rankings=rankings)
+        return self.state_from(sample, parts, cache, rankings)
+
+    @torch.inference_mode()
+    def state_from(self, sample: Sample, parts: PromptParts, cache: DynamicCache,
+                   rankings: dict[int, dict[str, torch.Tensor]]) -> PrefillState:
+        """The state of a context prefill run elsewhere (calibrate's): its cache, never modified here, and its
+        rankings (H_kv, T) per layer and policy; adds the full cache's log-probs over the reference answer."""
+        state = PrefillState(sample=sample, parts=parts, n_context=len(parts.context_ids), cache=cache,
+                             rankings=rankings)
         state.full_logprobs = self._answer_logprobs(state, self._cache_for(state, None)[0])
         return state
 
@@ -156,13 +166,20 @@ class EvaluationEngine:
         for start in range(0, len(methods), batch_size):
             group = list(methods[start:start + batch_size])
             cache, valid, kept_all = self._batched_cache(state, group)
-            answers = self._greedy_batch(state, cache, valid)
             kls: list[float | None] = [None] * len(group)
+            first_logits = None
             if with_kl and state.full_logprobs is not None and state.parts.answer_ids:
-                cache, valid, _ = self._batched_cache(state, group)
-                logprobs = self._answer_logprobs(state, cache, valid=valid)  # (B, A, V)
+                logits = self._suffix_logits(state, cache, valid)  # (B, A + 1, V)
+                logprobs = torch.log_softmax(logits[:, :-1], dim=-1)  # (B, A, V)
                 full = state.full_logprobs[None]  # (1, A, V)
                 kls = (full.exp() * (full - logprobs)).sum(-1).mean(-1).tolist()
+                if self._rewindable(cache):  # the question's forward is in the teacher-forced one: reuse it
+                    for layer in cache.layers:
+                        layer.crop(-len(state.parts.answer_ids))
+                    first_logits = logits[:, 0]
+                else:
+                    cache, valid, _ = self._batched_cache(state, group)
+            answers = self._greedy_batch(state, cache, valid, first_logits=first_logits)
             for row, method in enumerate(group):
                 results.append(MethodResult(sample_id=str(state.sample.id), task=state.sample.task,
                                             method=method.key, answer=answers[row], kl=kls[row],
@@ -209,7 +226,8 @@ class EvaluationEngine:
     def _cache_for(self, state: PrefillState, method: Method | None) -> tuple[DynamicCache, list[int]]:
         """A new cache holding, per layer, the kept context entries (shares unchanged tensors, never mutates)."""
         cache = copy.copy(state.cache)
-        cache.layers = [copy.copy(layer) for layer in state.cache.layers]
+        room = self._room(state)
+        cache.layers = [_reserved(layer, layer.keys, layer.values, room) for layer in state.cache.layers]
         kept_all: list[int] = []
         if method is None:
             return cache, kept_all
@@ -221,12 +239,17 @@ class EvaluationEngine:
                 if method.budgets[idx] is not None and method.budgets[idx] >= state.n_context:
                     kept_all.append(idx)
                 continue
-            layer = cache.layers[idx]
+            layer = state.cache.layers[idx]
             index = kept[idx][None, :, :, None].expand(-1, -1, -1, layer.keys.shape[-1])  # (1, H_kv, b, D)
-            layer.keys = layer.keys.gather(2, index.to(layer.keys.device))
-            layer.values = layer.values.gather(2, index.to(layer.values.device))
+            cache.layers[idx] = _reserved(layer, layer.keys.gather(2, index.to(layer.keys.device)),
+                                          layer.values.gather(2, index.to(layer.values.device)), room)
             module.polykv_compressed = True
         return cache, kept_all
+
+    @staticmethod
+    def _room(state: PrefillState) -> int:
+        """Cache slots a method's cache needs after the context: the question, then the answer or the decoding."""
+        return len(state.parts.question_ids) + max(len(state.parts.answer_ids), state.parts.max_new_tokens) + 1
 
     def _batched_cache(self, state: PrefillState, methods: list[Method]):
         """A batch-B cache (one row per method) and per-layer validity masks (B, K_l) of the padded slots."""
@@ -236,16 +259,16 @@ class EvaluationEngine:
         valid: dict[int, torch.Tensor] = {}
         kept_all: list[list[int]] = [[] for _ in methods]
         kept = [self.kept_indices(state, m) for m in methods]
+        room = self._room(state)
         for idx, layer in enumerate(state.cache.layers):
-            new = copy.copy(layer)
             keys, values = layer.keys, layer.values  # (1, H_kv, T', D)
             if idx not in self.compressible or not any(idx in k for k in kept):
-                new.keys = keys.expand(batch, -1, -1, -1)  # a view: update() concatenates into a new tensor
-                new.values = values.expand(batch, -1, -1, -1)
                 for row, method in enumerate(methods):
                     if idx in self.compressible and method.budgets[idx] is not None and method.budgets[idx] >= n:
                         kept_all[row].append(idx)
-                cache.layers.append(new)
+                # expanded views: a sliding layer's update() concatenates them into a new tensor
+                cache.layers.append(_reserved(layer, keys.expand(batch, -1, -1, -1),
+                                              values.expand(batch, -1, -1, -1), room))
                 continue
             num_kv = keys.shape[1]
             lengths = [k[idx].shape[-1] if idx in k else n for k in kept]
@@ -261,17 +284,19 @@ class EvaluationEngine:
                         kept_all[row].append(idx)
                 mask[row, :lengths[row]] = True
             gather = index[..., None].expand(-1, -1, -1, keys.shape[-1]).to(keys.device)  # (B, H_kv, K_l, D)
-            new.keys = keys.expand(batch, -1, -1, -1).gather(2, gather)
-            new.values = values.expand(batch, -1, -1, -1).gather(2, gather)
+            cache.layers.append(_reserved(layer, keys.expand(batch, -1, -1, -1).gather(2, gather),
+                                          values.expand(batch, -1, -1, -1).gather(2, gather), room))
             valid[idx] = mask.to(keys.device)
-            cache.layers.append(new)
         return cache, valid, kept_all
 
     def _set_valid(self, valid: dict[int, torch.Tensor] | None) -> None:
         for idx in self.compressible:
             self.layers[idx].self_attn.polykv_valid = None if valid is None else valid.get(idx)
 
-    def _greedy_batch(self, state: PrefillState, cache: DynamicCache, valid: dict[int, torch.Tensor]) -> list[str]:
+    def _greedy_batch(self, state: PrefillState, cache: DynamicCache, valid: dict[int, torch.Tensor],
+                      first_logits: torch.Tensor | None = None) -> list[str]:
+        """Greedy answers, one per batch row. `first_logits` (B, V): the question is already in `cache` and these
+        are its last position's logits (from a teacher-forced pass rewound to the question)."""
         model, device = self.lm.model, self.lm.device
         batch = cache.layers[0].keys.shape[0]
         n, question = state.n_context, state.parts.question_ids
@@ -282,18 +307,22 @@ class EvaluationEngine:
         self._set_valid(valid)
         try:
             with polykv_attention(model):
-                out = model(input_ids=torch.tensor([question] * batch, device=device), past_key_values=cache,
-                            position_ids=position_ids, logits_to_keep=1)
+                if first_logits is None:
+                    logits = model(input_ids=torch.tensor([question] * batch, device=device), past_key_values=cache,
+                                   position_ids=position_ids, logits_to_keep=1).logits[:, -1]
+                else:
+                    logits = first_logits
                 position = position_ids[:, -1:] + 1
                 for step in range(state.parts.max_new_tokens):
-                    token = out.logits[:, -1].argmax(-1).cpu()  # (B,)
+                    token = logits.argmax(-1).cpu()  # (B,)
                     generated = torch.cat([generated, token[:, None]], dim=1)
                     finished |= torch.isin(token, stop)
                     for row in (~finished).nonzero()[:, 0].tolist():
                         finished[row] = self._scored_part_done(state, generated[row].tolist())
                     if step == state.parts.max_new_tokens - 1 or bool(finished.all()):
                         break
-                    out = model(input_ids=token[:, None].to(device), past_key_values=cache, position_ids=position + step)
+                    logits = model(input_ids=token[:, None].to(device), past_key_values=cache,
+                                   position_ids=position + step).logits[:, -1]
         finally:
             self._set_valid(None)
         answers = []
@@ -329,9 +358,23 @@ class EvaluationEngine:
                          valid: dict[int, torch.Tensor] | None = None) -> torch.Tensor | None:
         """Log-probs the model gives each reference answer token, teacher-forced after the question:
         (A, V) for a single cache, (B, A, V) for a batched one."""
-        answer = list(state.parts.answer_ids)
-        if not answer:
+        if not state.parts.answer_ids:
             return None
+        logits = self._suffix_logits(state, cache, valid)[:, :-1]  # (B, A, V): position i predicts answer token i
+        logprobs = torch.log_softmax(logits, dim=-1)
+        return logprobs[0] if valid is None and logits.shape[0] == 1 else logprobs
+
+    @staticmethod
+    def _rewindable(cache: DynamicCache) -> bool:
+        """Whether every layer can drop its newest entries exactly (full attention: a sliding window has already
+        pushed its oldest entries out)."""
+        return all(type(layer) in (DynamicLayer, ReservedLayer) for layer in cache.layers)
+
+    def _suffix_logits(self, state: PrefillState, cache: DynamicCache,
+                       valid: dict[int, torch.Tensor] | None = None) -> torch.Tensor:
+        """(B, A + 1, V) float logits of the question's last position and of every answer token, with the question
+        and reference answer teacher-forced into `cache`."""
+        answer = list(state.parts.answer_ids)
         suffix = list(state.parts.question_ids) + answer
         batch = cache.layers[0].keys.shape[0]
         n = state.n_context
@@ -344,6 +387,14 @@ class EvaluationEngine:
                                     logits_to_keep=len(answer) + 1)
         finally:
             self._set_valid(None)
-        logits = out.logits[:, :-1].float()  # (B, A, V): position i predicts answer token i
-        logprobs = torch.log_softmax(logits, dim=-1)
-        return logprobs[0] if valid is None and batch == 1 else logprobs
+        return out.logits.float()
+
+
+def _reserved(layer, keys: torch.Tensor, values: torch.Tensor, room: int):
+    """A layer for one method's decoding: full-attention layers get a ReservedLayer (decoding writes in place);
+    other layer kinds (sliding windows) a shallow copy holding `keys`/`values`. The prefill's layer is untouched."""
+    if type(layer) is DynamicLayer:
+        return ReservedLayer(keys, values, room)
+    new = copy.copy(layer)
+    new.keys, new.values = keys, values
+    return new
