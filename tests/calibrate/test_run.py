@@ -68,9 +68,9 @@ def test_resume_continues_without_redoing_samples(tiny_llama, samples, tmp_path,
     computed = []
     original = run_module._calibrate_one
 
-    def counting(lm, capture, sample, index, *args):
+    def counting(lm, capture, sample, index, *args, **kwargs):
         computed.append(index)
-        return original(lm, capture, sample, index, *args)
+        return original(lm, capture, sample, index, *args, **kwargs)
 
     monkeypatch.setattr(run_module, "_calibrate_one", counting)
     resumed = calibrate(tiny_llama, samples, config=CONFIG, out_dir=out, resume=True).profile
