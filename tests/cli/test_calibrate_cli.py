@@ -96,3 +96,14 @@ def test_debug_variable_shows_the_traceback(monkeypatch, capsys, tmp_path):
     monkeypatch.setenv("POLYKV_DEBUG", "1")
     code, _, err = run_cli(monkeypatch, capsys, "calibrate", "--data", tmp_path / "none.jsonl")
     assert code == 2 and "Traceback" in err
+
+
+def test_layer_kl_flag_adds_the_isolated_kl_costs(monkeypatch, capsys, tiny_dir, tmp_path):
+    data = write_jsonl(tmp_path / "d.jsonl", sample_rows(1))
+    monkeypatch.setattr(sys, "argv", ["polykv-search", "calibrate", "--model", str(tiny_dir), "--data", str(data),
+                                      "--out", str(tmp_path / "o"), "--budgets", "8,16", "--window", "16",
+                                      "--policies", "snapkv,streaming", "--layer-kl", "--json"])
+    main()
+    profile = Profile.load(json.loads(capsys.readouterr().out)["profile"])
+    assert profile.cost_kinds == ["mass_lost", "out_err", "layer_kl"]
+    assert profile.arrays["layer_kl"].shape[2:] == (1, 2, 2)
