@@ -21,7 +21,6 @@ from polykv_search.optimize.solve import solve
 from polykv_search.plan import cake_plan, pyramidkv_plan, uniform_plan
 
 Candidate = tuple[list[str | None], list[int | None]]
-COSTS = ("mass_lost", "out_err")
 FLOOR_SHARES = (0.0, 0.25, 0.5)  # a layer keeps at least this share of the average budget (0: one token)
 
 
@@ -39,12 +38,13 @@ class Selection:
 
 
 def candidate_plans(profile: Profile, *, average: float, policies: Sequence[str] | None = None,
-                    cap: int | None = None, costs: Sequence[str] = COSTS,
+                    cap: int | None = None, costs: Sequence[str] | None = None,
                     floor_shares: Sequence[float] = FLOOR_SHARES, allocator_policy: str = "snapkv",
                     ) -> dict[str, Candidate]:
     """Named candidate plans at `average` tokens per compressible layer, duplicates removed."""
     info = profile.model
     names = list(policies or profile.policies)
+    costs = list(costs or profile.cost_kinds)  # every cost the profile holds (layer_kl with --layer-kl)
     found: dict[str, Candidate] = {}
 
     def add(name: str, candidate: Candidate) -> None:

@@ -76,3 +76,12 @@ def test_sliding_window_layers_get_no_layer_kl(tiny_gemma, tmp_path):
     sliding = [i for i, kind in enumerate(tiny_gemma.info.layer_types) if kind == "sliding_attention"]
     assert sliding and torch.isnan(kl[:, sliding]).all()
     assert torch.isfinite(kl[:, tiny_gemma.info.compressible_layers]).all()
+
+
+def test_select_proposes_plans_from_every_cost_the_profile_holds(calibrated):
+    from polykv_search.optimize.select import candidate_plans
+
+    _, _, run = calibrated
+    names = list(candidate_plans(run.profile, average=16))
+    assert any(name.startswith("exact:layer_kl") for name in names)
+    assert any(name.startswith("exact:mass_lost") for name in names)
