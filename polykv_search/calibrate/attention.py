@@ -9,6 +9,11 @@ from kvpress.utils import get_prerope_query_states
 from transformers.models.llama.modeling_llama import rotate_half
 
 
+def logit_softcap(module: torch.nn.Module) -> float | None:
+    """The attention-logit soft cap of an attention module (Gemma-2 style), or None."""
+    return getattr(module, "attn_logit_softcapping", None) or getattr(module.config, "attn_logit_softcapping", None)
+
+
 def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
     """The decoder layers of a causal LM (text-only or the language model of a multimodal one)."""
     inner = model.model
@@ -64,7 +69,7 @@ def attention_probs(module: torch.nn.Module, hidden_states: torch.Tensor, keys: 
     query = query[0].float() * module.scaling  # (H, n, D): scaling the n queries is cheaper than n x K' logits
     query = query.reshape(num_kv, (num_heads // num_kv) * n, head_dim)  # (H_kv, G*n, D), GQA groups
     logits = (query @ key.transpose(-1, -2)).reshape(num_heads, n, visible)  # (H, n, K')
-    softcap = getattr(module, "attn_logit_softcapping", None) or getattr(module.config, "attn_logit_softcapping", None)
+    softcap = logit_softcap(module)
     if softcap:
         logits = torch.tanh(logits / softcap) * softcap
     if first_position + 1 < visible:  # mask keys after each query's own position (only the last n keys)

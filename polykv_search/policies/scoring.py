@@ -10,6 +10,7 @@ from collections.abc import Mapping
 import torch
 from kvpress import ScorerPress
 
+from polykv_search.calibrate.attention import logit_softcap
 from polykv_search.policies.projections import reused_query_projection
 from polykv_search.policies.registry import (
     N_SINK_RECENT,
@@ -48,7 +49,7 @@ def observed_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.
     offset = k_len - n
     q = query[0].float() * scaling  # (H, n, D)
     k, v = key[0].float(), value[0].float()  # (H_kv, K, D)
-    softcap = getattr(module, "attn_logit_softcapping", None) or getattr(module.config, "attn_logit_softcapping", None)
+    softcap = logit_softcap(module)
     out = torch.empty(num_heads, n, head_dim, device=query.device)
     column_sums = torch.zeros(1, num_heads, 1, k_len, device=query.device)
     probs = None

@@ -25,6 +25,8 @@ from transformers.masking_utils import (
     sdpa_mask,
 )
 
+from polykv_search.calibrate.attention import logit_softcap
+
 ATTENTION_NAME = "polykv_sdpa"
 OBSERVE_ATTR = "polykv_observe"  # int on an attention module: observe its next fresh prefill, keeping >= n last rows
 OBSERVED_ATTR = "polykv_observed"  # what the observation left: (column sums, last query chunk's probabilities)
@@ -63,7 +65,7 @@ def polykv_sdpa_forward(module: torch.nn.Module, query: torch.Tensor, key: torch
         pad = torch.ones(valid.shape[0], k_len - valid.shape[1], dtype=torch.bool, device=valid.device)
         rows = torch.cat([valid, pad], dim=1)[:, None, None, :]  # (B, 1, 1, K): new tokens are always valid
         mask = rows if mask is None else mask & rows
-    softcap = getattr(module, "attn_logit_softcapping", None) or getattr(module.config, "attn_logit_softcapping", None)
+    softcap = logit_softcap(module)
     if dropout or softcap:
         return sdpa_attention_forward(module, query, key, value, mask, dropout, scaling, False, **kwargs)
     return grouped_attention(query, key, value, mask, scaling if scaling is not None else query.shape[-1] ** -0.5)
