@@ -44,6 +44,7 @@ def run(
     as_json: JsonOpt = False,
 ) -> None:
     """Calibrate, optimize and evaluate in one go; interrupted runs resume where they stopped."""
+    from polykv_search.calibrate.profile import COST_KINDS, OPTIONAL_COST_KINDS
     from polykv_search.calibrate.report import signal_heatmap
     from polykv_search.calibrate.run import CalibrationConfig
     from polykv_search.calibrate.run import calibrate as run_calibration
@@ -74,8 +75,8 @@ def run(
 
     if solver not in SOLVER_CHOICES:
         raise ConfigError(f"--solver {solver!r} is not one of {', '.join(SOLVER_CHOICES)}")
-    if cost not in ("mass_lost", "out_err", "layer_kl"):
-        raise ConfigError(f"--cost {cost!r} is not one of mass_lost, out_err, layer_kl")
+    if cost not in (*COST_KINDS, *OPTIONAL_COST_KINDS):
+        raise ConfigError(f"--cost {cost!r} is not one of {', '.join((*COST_KINDS, *OPTIONAL_COST_KINDS))}")
     _check_metric(metric)
     budgets = _parse_budgets(budget)
     out_dir = out or Path("outputs") / model_slug(model)
