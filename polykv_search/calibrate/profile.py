@@ -26,6 +26,7 @@ PROFILE_VERSION = 1  # bump when arrays or header fields change meaning
 HEADER_KEY = "polykv_profile"
 COST_KINDS = ("mass_lost", "out_err")  # in every profile
 OPTIONAL_COST_KINDS = ("layer_kl",)  # measured by `calibrate --layer-kl` only
+WEIGHTINGS = ("mean", "equal")  # how samples are combined into one cost table
 
 
 @dataclass
@@ -50,13 +51,24 @@ class Profile:
     def num_samples(self) -> int:
         return int(self.arrays["mass_lost"].shape[0])
 
-    def layer_costs(self, kind: str = "mass_lost") -> torch.Tensor:
-        """Mean cost per (layer, policy, budget) over samples and KV heads: (L, P, G)."""
+    def layer_costs(self, kind: str = "mass_lost", weighting: str = "mean") -> torch.Tensor:
+        """Cost per (layer, policy, budget) averaged over samples and KV heads: (L, P, G).
+
+        weighting "mean": the plain mean, so samples whose answers are long or hard (large costs everywhere) weigh
+        most; "equal": each sample's costs are first divided by its own scale (its mean cost over compressible
+        layers and policies at the lowest budget level), so every sample, and so every task, counts the same.
+        """
         if kind in OPTIONAL_COST_KINDS and kind not in self.arrays:
             raise ProfileError(f"this profile has no {kind} costs; re-run calibrate with --layer-kl to measure them")
         if kind not in self.cost_kinds:
             raise ProfileError(f"unknown cost kind {kind!r}; the profile has {', '.join(self.cost_kinds)}")
-        return self.arrays[kind].mean(dim=(0, 2))
+        if weighting not in WEIGHTINGS:
+            raise ProfileError(f"unknown sample weighting {weighting!r}; use one of {', '.join(WEIGHTINGS)}")
+        costs = self.arrays[kind].mean(dim=2)  # (N, L, P, G)
+        if weighting == "equal":
+            scale = costs[..., 0].nanmean(dim=(1, 2))  # (N,): NaN rows are the sliding-window layers
+            costs = costs / scale.clamp_min(1e-12)[:, None, None, None]
+        return costs.mean(dim=0)
 
     @property
     def cost_kinds(self) -> list[str]:

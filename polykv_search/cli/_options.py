@@ -21,9 +21,12 @@ DataOpt = Annotated[list[str] | None, typer.Option("--data", "-d", help="JSON/JS
 ColumnMapOpt = Annotated[str | None, typer.Option(help="Rename columns to the LongBench schema, e.g. "
                                                   "'question=input,passage=context'.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")]
+WeightingOpt = Annotated[str, typer.Option(help="How calibration samples combine: mean (plain mean of the costs) or "
+                                           "equal (each sample scaled by its own cost level first, so every "
+                                           "sample counts the same).")]
 
 __all__ = ["DEFAULT_MODEL", "ColumnMapOpt", "DataOpt", "DeviceOpt", "DtypeOpt", "JsonOpt", "ModelOpt",
-           "RevisionOpt", "TrustOpt", "parse_column_map", "parse_int_list", "parse_str_list", "model_slug"]
+           "RevisionOpt", "TrustOpt", "WeightingOpt", "parse_column_map", "parse_int_list", "parse_str_list", "model_slug"]
 
 
 def parse_int_list(text: str, *, option: str) -> list[int]:

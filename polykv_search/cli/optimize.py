@@ -24,6 +24,7 @@ from polykv_search.cli._options import (
     DtypeOpt,
     JsonOpt,
     ModelOpt,
+    WeightingOpt,
     model_slug,
     parse_str_list,
 )
@@ -71,6 +72,7 @@ def optimize(
     metric: Annotated[str, typer.Option(help="select/optuna: end-to-end measure on calibration samples: kl, "
                                         "nll or miss.")] = "kl",
     cost: CostOpt = "mass_lost",
+    weighting: WeightingOpt = "mean",
     policies: Annotated[str | None, typer.Option(help="Allowed policies (default: all in the profile).")] = None,
     floor: Annotated[int, typer.Option(help="Fewest tokens a layer may keep.")] = 1,
     cap: Annotated[int | None, typer.Option(help="Most tokens a layer may keep (default: longest context).")] = None,
@@ -130,8 +132,9 @@ def optimize(
                                metric=metric)
     plans = []
     for average in budgets:
-        problem = Problem.from_profile(loaded, average_budget=average, cost=cost, policies=names, floor=floor,
-                                       cap=layer_cap, allowed=allowed, tied=tied, max_policies=max_policies)
+        problem = Problem.from_profile(loaded, average_budget=average, cost=cost, weighting=weighting, policies=names,
+                                       floor=floor, cap=layer_cap, allowed=allowed, tied=tied,
+                                       max_policies=max_policies)
         exact = solve(problem, solver="ilp" if solver == "ilp" else "dp", time_limit=time_limit, mip_gap=gap)
         plan = plan_from_allocation(info, exact, average_budget=average, signature=signature)
         if solver == "select":

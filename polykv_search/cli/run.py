@@ -21,6 +21,7 @@ from polykv_search.cli._options import (
     DtypeOpt,
     JsonOpt,
     ModelOpt,
+    WeightingOpt,
     model_slug,
 )
 
@@ -34,6 +35,7 @@ def run(
     metric: Annotated[str, typer.Option(help="select/optuna: end-to-end measure: kl, nll or miss.")] = "kl",
     cost: Annotated[str, typer.Option(help="Profile cost: mass_lost, out_err, or layer_kl (calibrates with "
                                       "--layer-kl: slower).")] = "mass_lost",
+    weighting: WeightingOpt = "mean",
     calib: Annotated[Path, typer.Option(help="Calibration split.")] = Path("calibration_data/calib.jsonl"),
     eval_data: Annotated[Path, typer.Option("--eval", help="Held-out split.")] = Path("calibration_data/eval.jsonl"),
     max_eval_samples: Annotated[int | None, typer.Option(help="Evaluate on N samples, taken in turn from each "
@@ -101,7 +103,8 @@ def run(
                                dtype=dtype, metric=metric, lm=lm)
     plans = []
     for average in budgets:
-        problem = Problem.from_profile(profile, average_budget=average, cost=cost, cap=_cap(profile, None))
+        problem = Problem.from_profile(profile, average_budget=average, cost=cost, weighting=weighting,
+                                       cap=_cap(profile, None))
         exact = solve(problem, solver="ilp" if solver == "ilp" else "dp")
         plan = plan_from_allocation(lm.info, exact, average_budget=average, signature=signature)
         if solver == "select":

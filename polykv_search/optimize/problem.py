@@ -120,10 +120,11 @@ class Problem:
     # -- construction ------------------------------------------------------------------------------
     @classmethod
     def from_profile(cls, profile: Profile, *, average_budget: float, cost: str = "mass_lost",
-                     policies: Sequence[str] | None = None, floor: int = 1, cap: int | None = None,
+                     weighting: str = "mean", policies: Sequence[str] | None = None, floor: int = 1, cap: int | None = None,
                      allowed: Mapping[str, Sequence[int]] | None = None,
                      tied: Sequence[Sequence[int]] | None = None, max_policies: int | None = None) -> Problem:
-        """The problem for a profile at `average_budget` tokens per compressible layer (total rounded half up)."""
+        """The problem for a profile at `average_budget` tokens per compressible layer (total rounded half up);
+        `weighting` says how the profile's samples combine (`Profile.layer_costs`)."""
         known = profile.policies
         names = list(known) if policies is None else list(dict.fromkeys(policies))
         unknown = [p for p in names if p not in known]
@@ -139,7 +140,7 @@ class Problem:
         layers = profile.model.compressible_layers
         if not layers:
             raise ConfigError(f"model {profile.model.model_id} has no compressible layer (all are sliding-window)")
-        table = profile.layer_costs(cost).double().numpy()  # (L, P_all, G)
+        table = profile.layer_costs(cost, weighting).double().numpy()  # (L, P_all, G)
         chosen = [known.index(p) for p in names]
         costs = table[np.ix_(layers, chosen, range(table.shape[2]))]  # (L_c, P, G)
         total = math.floor(average * len(layers) + 0.5)

@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from polykv_search.calibrate.profile import PROFILE_FORMAT, PROFILE_VERSION, Profile
-from polykv_search.errors import ConfigError, SolverError
+from polykv_search.errors import ConfigError, ProfileError, SolverError
 from polykv_search.models import ModelInfo
 from polykv_search.optimize import Problem, solve
 from polykv_search.optimize.problem import frontier
@@ -144,3 +144,22 @@ def test_from_profile_unknown_policy_lists_the_known_ones():
         Problem.from_profile(profile, average_budget=64, policies=["snapkv", "h2o"])
     with pytest.raises(ConfigError, match="positive number"):
         Problem.from_profile(profile, average_budget=-1)
+
+
+def test_equal_weighting_makes_a_sample_count_the_same_whatever_its_cost_scale():
+    profile = _profile(["sliding_attention", "full_attention", "full_attention"], samples=2)
+    mean = profile.layer_costs("mass_lost")
+    scaled = Profile(header=profile.header, arrays={k: v.clone() for k, v in profile.arrays.items()})
+    scaled.arrays["mass_lost"][0] *= 100.0  # sample 0: a long answer, every cost 100x larger
+    assert not torch.allclose(scaled.layer_costs("mass_lost"), mean, equal_nan=True)  # the plain mean is swamped
+    torch.testing.assert_close(scaled.layer_costs("mass_lost", "equal"), profile.layer_costs("mass_lost", "equal"),
+                               equal_nan=True)
+    # each sample divided by its mean over compressible layers and policies at the lowest level, then averaged
+    per_sample = profile.arrays["mass_lost"].mean(dim=2)[:, 1:]  # (N, L_c, P, G)
+    expected = (per_sample / per_sample[..., 0].mean(dim=(1, 2))[:, None, None, None]).mean(dim=0)
+    torch.testing.assert_close(profile.layer_costs("mass_lost", "equal")[1:], expected)
+    assert torch.isnan(profile.layer_costs("mass_lost", "equal")[0]).all()  # sliding layer stays out
+    problem = Problem.from_profile(profile, average_budget=32, weighting="equal")
+    np.testing.assert_allclose(problem.costs, expected.double().numpy(), rtol=1e-6)
+    with pytest.raises(ProfileError, match="unknown sample weighting 'median'"):
+        profile.layer_costs("mass_lost", "median")
