@@ -61,6 +61,8 @@ class PrefillState:
     cache: DynamicCache  # the full cache after the context prefill (never mutated)
     rankings: dict[int, dict[str, torch.Tensor]]  # layer -> policy -> (H_kv, T)
     full_logprobs: torch.Tensor | None = None  # (A, V) full-cache log-probs over the reference answer
+    # per decoder layer, the (1, S, D) hidden states entering it in that full-cache teacher-forced pass
+    suffix_inputs: list[torch.Tensor] | None = None
 
 
 @dataclass
@@ -138,7 +140,21 @@ class EvaluationEngine:
         rankings (H_kv, T) per layer and policy; adds the full cache's log-probs over the reference answer."""
         state = PrefillState(sample=sample, parts=parts, n_context=len(parts.context_ids), cache=cache,
                              rankings=rankings)
-        state.full_logprobs = self._answer_logprobs(state, self._cache_for(state, None)[0])
+        if not parts.answer_ids:
+            return state
+        inputs: dict[int, torch.Tensor] = {}
+
+        def record(module, args, kwargs):
+            inputs[len(inputs)] = args[0] if args else kwargs["hidden_states"]
+
+        handles = [layer.register_forward_pre_hook(record, with_kwargs=True) for layer in self.layers]
+        try:
+            state.full_logprobs = self._answer_logprobs(state, self._cache_for(state, None)[0])
+        finally:
+            for handle in handles:
+                handle.remove()
+        if len(inputs) == len(self.layers):
+            state.suffix_inputs = [inputs[i] for i in range(len(self.layers))]
         return state
 
     # -- per method ------------------------------------------------------------------------------
@@ -203,16 +219,33 @@ class EvaluationEngine:
             return [{"kl": 0.0, "nll": 0.0, "miss": 0.0} for _ in methods]
         answer = torch.tensor(state.parts.answer_ids, device=state.full_logprobs.device)  # (A,)
         full = state.full_logprobs[None]  # (1, A, V)
-        out: list[dict[str, float]] = []
-        for start in range(0, len(methods), batch_size):
-            group = list(methods[start:start + batch_size])
+        # rows are batched by their first compressed layer: below it every row is the full cache, whose hidden
+        # states were kept, so the forward starts there (on average half the layers for one-layer probes)
+        first = [self._first_compressed(state, m) for m in methods]
+        order = sorted(range(len(methods)), key=lambda i: first[i])
+        out: list[dict[str, float]] = [{} for _ in methods]
+        for begin in range(0, len(order), batch_size):
+            rows = order[begin:begin + batch_size]
+            group = [methods[i] for i in rows]
             cache, valid, _ = self._batched_cache(state, group)
-            logprobs = self._answer_logprobs(state, cache, valid=valid)  # (B, A, V)
+            logits = self._suffix_logits(state, cache, valid, start=min(first[i] for i in rows))
+            logprobs = torch.log_softmax(logits[:, :-1], dim=-1)  # (B, A, V)
             kl = (full.exp() * (full - logprobs)).sum(-1).mean(-1)  # (B,)
             nll = -logprobs.gather(-1, answer[None, :, None].expand(len(group), -1, 1))[..., 0].mean(-1)  # (B,)
             miss = (logprobs.argmax(-1) != answer[None]).float().mean(-1)  # (B,)
-            out += [{"kl": float(k), "nll": float(n), "miss": float(m)} for k, n, m in zip(kl, nll, miss)]
+            for i, k, n, m in zip(rows, kl, nll, miss):
+                out[i] = {"kl": float(k), "nll": float(n), "miss": float(m)}
         return out
+
+    def _first_compressed(self, state: PrefillState, method: Method) -> int:
+        """The first layer whose cache the method changes (the layer count when it changes none); 0 when the
+        full cache's hidden states were not kept, so a forward must start at the embeddings."""
+        if state.suffix_inputs is None:
+            return 0
+        changed = [idx for idx in self.compressible
+                   if method.policies[idx] is not None and method.budgets[idx] is not None
+                   and method.budgets[idx] < state.n_context]
+        return min(changed, default=len(self.layers))
 
     def kept_indices(self, state: PrefillState, method: Method) -> dict[int, torch.Tensor]:
         """Per compressed layer, the (H_kv, b) context positions the method keeps, in kvpress's top-k order."""
@@ -371,22 +404,34 @@ class EvaluationEngine:
         return all(type(layer) in (DynamicLayer, ReservedLayer) for layer in cache.layers)
 
     def _suffix_logits(self, state: PrefillState, cache: DynamicCache,
-                       valid: dict[int, torch.Tensor] | None = None) -> torch.Tensor:
+                       valid: dict[int, torch.Tensor] | None = None, start: int = 0) -> torch.Tensor:
         """(B, A + 1, V) float logits of the question's last position and of every answer token, with the question
-        and reference answer teacher-forced into `cache`."""
+        and reference answer teacher-forced into `cache`.
+
+        `start` > 0: every row holds the full cache below layer `start`, so the forward begins at that layer from
+        the full-cache pass's hidden states (`state.suffix_inputs`); layers below it are neither run nor written,
+        so the cache then serves this call only."""
         answer = list(state.parts.answer_ids)
         suffix = list(state.parts.question_ids) + answer
         batch = cache.layers[0].keys.shape[0]
         n = state.n_context
         position_ids = torch.arange(n, n + len(suffix), device=self.lm.device)[None].expand(batch, -1)
+        inner, model = self.lm.model.model, self.lm.model
+        if state.suffix_inputs is None or getattr(inner, "layers", None) is not self.layers \
+                or start >= len(self.layers):  # a multimodal wrapper, or rows that change no layer: run them all
+            start = 0
+        inputs = {"input_ids": torch.tensor([suffix] * batch, device=self.lm.device)}
+        if start > 0:
+            inputs = {"inputs_embeds": state.suffix_inputs[start].expand(batch, -1, -1)}
+            inner.layers = torch.nn.ModuleList(list(self.layers)[start:])  # each keeps its own layer_idx
         self._set_valid(valid)
         try:
-            with polykv_attention(self.lm.model):
-                out = self.lm.model(input_ids=torch.tensor([suffix] * batch, device=self.lm.device),
-                                    past_key_values=cache, position_ids=position_ids,
-                                    logits_to_keep=len(answer) + 1)
+            with polykv_attention(model):
+                out = model(**inputs, past_key_values=cache, position_ids=position_ids,
+                            logits_to_keep=len(answer) + 1)
         finally:
             self._set_valid(None)
+            inner.layers = self.layers
         return out.logits.float()
 
 

@@ -99,6 +99,31 @@ def test_answer_metrics_match_a_direct_computation(setup):
     assert metrics[1]["kl"] == pytest.approx(engine.kl_many(state, methods[1:])[0], abs=1e-6)
 
 
+@pytest.mark.parametrize("arch", ["llama", "gemma"])
+def test_answer_metrics_starting_at_the_first_compressed_layer_equal_a_forward_from_the_embeddings(setup, arch):
+    _, samples = setup
+    lm = tiny_loaded(arch)
+    engine = EvaluationEngine(lm, policies=["snapkv", "knorm"])
+    state = engine.prefill(samples[0])
+    n, last = lm.info.num_layers, lm.info.compressible_layers[-1]
+    one_layer = [None] * n
+    one_layer[last] = "snapkv"
+    sizes = [None] * n
+    sizes[last] = 8
+    mixed = [p if i in lm.info.compressible_layers else None for i, p in enumerate(["knorm", "snapkv"] * n)][:n]
+    methods = [Method("late", "probe", 8, tuple(one_layer), tuple(sizes)),  # starts at the last layer
+               Method("all", "plan", 16, tuple(mixed), tuple(16 if p else None for p in mixed)),  # starts at 0/1
+               Method("late2", "probe", 8, tuple(one_layer), tuple(12 if s else None for s in sizes))]
+    assert state.suffix_inputs is not None and len(state.suffix_inputs) == n
+    skipped = engine.answer_metrics_many(state, methods, batch_size=2)  # batches {late, late2} and {all}
+    state.suffix_inputs = None  # every row from the embeddings, in the given order
+    full_run = engine.answer_metrics_many(state, methods, batch_size=2)
+    for a, b in zip(skipped, full_run):
+        for key in ("kl", "nll", "miss"):
+            assert a[key] == pytest.approx(b[key], abs=1e-5)
+    assert skipped[0]["kl"] != pytest.approx(skipped[1]["kl"], abs=1e-4)  # results stay in the methods' order
+
+
 def test_decoding_stops_per_row_once_the_scored_part_is_complete(setup, monkeypatch):
     """A row stops when its task's metric has read everything it will read (here: three words); other rows of the
     batch go on, and each answer is the start of the one decoded without stopping."""
