@@ -42,7 +42,7 @@ class SampleRecord:
     mass_lost: torch.Tensor
     out_err: torch.Tensor
     signals: dict[str, torch.Tensor]
-    layer_kl: torch.Tensor | None = None  # (L, 1, P, G), `--layer-kl` only
+    layer_probes: dict[str, torch.Tensor] | None = None  # `--layer-kl` only: layer_kl, layer_nll (L, 1, P, G)
 
 
 @dataclass

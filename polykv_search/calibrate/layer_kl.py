@@ -2,8 +2,10 @@
 
 For each compressible layer, policy and budget of the grid, only that layer keeps its policy's top-b context
 tokens; the question and reference answer are teacher-forced and the KL divergence to the full cache is averaged
-over the answer tokens. The probes reuse the prefill's cache and rankings (no extra prefill) and run as batch rows
-of the evaluation engine, so they are the same measurement as `evaluate`'s KL, one layer at a time.
+over the answer tokens. The same probe also gives how much the reference answer's negative log-likelihood rises
+(layer_nll: the loss on the reference tokens themselves, where the KL weighs the whole output distribution).
+The probes reuse the prefill's cache and rankings (no extra prefill) and run as batch rows of the evaluation
+engine, so they are the same measurement as `evaluate`'s KL, one layer at a time.
 """
 
 from __future__ import annotations
@@ -34,26 +36,33 @@ def probe_methods(num_layers: int, layers: Sequence[int], policies: Sequence[str
     return probes
 
 
-def layer_kl(engine: EvaluationEngine, sample: Sample, parts: PromptParts, cache, rankings: dict[int, dict[str,
-             torch.Tensor]], *, num_layers: int, layers: Sequence[int], policies: Sequence[str],
-             budgets: Sequence[int], batch_size: int = 4) -> torch.Tensor:
-    """(L, 1, P, G) mean KL(full || one layer compressed) over the answer tokens; NaN on layers not probed.
+def layer_probes(engine: EvaluationEngine, sample: Sample, parts: PromptParts, cache,
+                 rankings: dict[int, dict[str, torch.Tensor]], *, num_layers: int, layers: Sequence[int],
+                 policies: Sequence[str], budgets: Sequence[int], batch_size: int = 4) -> dict[str, torch.Tensor]:
+    """{"layer_kl": mean KL(full || one layer compressed) over the answer tokens, "layer_nll": mean rise of the
+    reference tokens' negative log-likelihood}, each (L, 1, P, G); NaN on layers not probed.
 
     `cache` is the full cache right after the context prefill (not modified) and `rankings` the layers' policy
     scores from that prefill, (H_kv, T) each. Every row but one layer holds the whole context, so rows are
     costly: batches of 4 measured fastest (60 probes on SmolLM2 at 2k tokens: 8.7 s, against 13.4 s in 16s and
-    11.9 s one by one).
+    11.9 s one by one); each row's forward starts at its compressed layer (the engine keeps the full cache's
+    hidden states below it).
     """
     n_context = len(parts.context_ids)
-    out = torch.full((num_layers, 1, len(policies), len(budgets)), float("nan"))
+    out = {kind: torch.full((num_layers, 1, len(policies), len(budgets)), float("nan"))
+           for kind in ("layer_kl", "layer_nll")}
     for layer in layers:
-        out[layer] = 0.0  # budgets at or above the context length keep everything
+        for table in out.values():
+            table[layer] = 0.0  # budgets at or above the context length keep everything
     if not parts.answer_ids:
         return out
     state = engine.state_from(sample, parts, cache, {idx: {k: v.float() for k, v in ranks.items()}
                                                       for idx, ranks in rankings.items()})
+    answer = torch.tensor(parts.answer_ids, device=state.full_logprobs.device)
+    full_nll = float(-state.full_logprobs.gather(-1, answer[:, None]).mean())
     probes = probe_methods(num_layers, layers, policies, budgets, n_context)
     metrics = engine.answer_metrics_many(state, [m for _, m in probes], batch_size=batch_size)
     for ((layer, p, g), _), measured in zip(probes, metrics):
-        out[layer, 0, p, g] = measured["kl"]
+        out["layer_kl"][layer, 0, p, g] = measured["kl"]
+        out["layer_nll"][layer, 0, p, g] = measured["nll"] - full_nll
     return out

@@ -2,7 +2,8 @@
 
 Arrays (N samples, L layers, H_kv KV heads, P policies, G budgets):
   mass_lost (N, L, H_kv, P, G), out_err (N, L, H_kv, P, G), signal.<name> (N, L, H_kv), context_tokens (N,);
-  with `calibrate --layer-kl` also layer_kl (N, L, 1, P, G): KL to the full cache with only that layer compressed.
+  with `calibrate --layer-kl` also layer_kl (N, L, 1, P, G): KL to the full cache with only that layer compressed,
+  and layer_nll (N, L, 1, P, G): the rise of the reference answer's negative log-likelihood in the same probe.
 Sliding-window layers hold NaN: the architecture fixes their cache and no plan touches them.
 """
 
@@ -25,7 +26,7 @@ PROFILE_FORMAT = "polykv-profile"
 PROFILE_VERSION = 1  # bump when arrays or header fields change meaning
 HEADER_KEY = "polykv_profile"
 COST_KINDS = ("mass_lost", "out_err")  # in every profile
-OPTIONAL_COST_KINDS = ("layer_kl",)  # measured by `calibrate --layer-kl` only
+OPTIONAL_COST_KINDS = ("layer_kl", "layer_nll")  # measured by `calibrate --layer-kl` only
 WEIGHTINGS = ("mean", "equal")  # how samples are combined into one cost table
 
 
@@ -122,9 +123,11 @@ class Profile:
             if tuple(self.arrays[kind].shape[1:]) != expected:
                 raise ProfileError(f"profile array {kind} has shape {tuple(self.arrays[kind].shape)}, expected "
                                    f"(N, {', '.join(map(str, expected))}) from its header; re-run calibrate")
-        kl = self.arrays.get("layer_kl")
-        if kl is not None and tuple(kl.shape[1:]) != (info.num_layers, 1, *expected[2:]):
-            raise ProfileError(f"profile array layer_kl has shape {tuple(kl.shape)}, expected (N, {info.num_layers}, "
-                               f"1, {expected[2]}, {expected[3]}) from its header; re-run calibrate")
+        for kind in OPTIONAL_COST_KINDS:
+            probed = self.arrays.get(kind)
+            if probed is not None and tuple(probed.shape[1:]) != (info.num_layers, 1, *expected[2:]):
+                raise ProfileError(f"profile array {kind} has shape {tuple(probed.shape)}, expected (N, "
+                                   f"{info.num_layers}, 1, {expected[2]}, {expected[3]}) from its header; re-run "
+                                   "calibrate")
         if self.num_samples != len(self.header.get("samples", [])):
             raise ProfileError("profile sample count does not match its header; re-run calibrate")

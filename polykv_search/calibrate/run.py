@@ -22,7 +22,13 @@ from transformers import DynamicCache
 from polykv_search import __version__
 from polykv_search.calibrate.budgets import DEFAULT_BUDGETS
 from polykv_search.calibrate.capture import LayerCapture, SampleRecord
-from polykv_search.calibrate.profile import PROFILE_FORMAT, PROFILE_VERSION, Profile
+from polykv_search.calibrate.profile import (
+    COST_KINDS,
+    OPTIONAL_COST_KINDS,
+    PROFILE_FORMAT,
+    PROFILE_VERSION,
+    Profile,
+)
 from polykv_search.calibrate.signals import SIGNAL_NAMES
 from polykv_search.checkpoints import prepare_checkpoints
 from polykv_search.data import Sample, build_prompt
@@ -160,18 +166,18 @@ def _calibrate_one(lm: LoadedModel, capture: LayerCapture, sample: Sample, index
         capture.phase = "prefill"
         lm.model(input_ids=context, past_key_values=cache, use_cache=True, logits_to_keep=1)
         capture.phase = None
-        kl = None
+        probes = None
         if probe is not None:  # before the decoding pass appends to the cache
-            from polykv_search.calibrate.layer_kl import layer_kl
+            from polykv_search.calibrate.layer_kl import layer_probes
 
-            kl = layer_kl(probe, sample, parts, cache, capture.rankings(), num_layers=lm.info.num_layers,
-                          layers=capture.layer_ids, policies=capture.policies, budgets=capture.budgets)
+            probes = layer_probes(probe, sample, parts, cache, capture.rankings(), num_layers=lm.info.num_layers,
+                                  layers=capture.layer_ids, policies=capture.policies, budgets=capture.budgets)
         capture.phase = "decode"
         lm.model(input_ids=suffix, past_key_values=cache, use_cache=True, logits_to_keep=1)
     finally:
         capture.phase = None
     record = capture.finish_sample()
-    record.layer_kl = kl
+    record.layer_probes = probes
     return record, result
 
 
@@ -180,8 +186,7 @@ def _save_checkpoint(path: Path, record: SampleRecord | None, result: SampleResu
     if record is not None:
         tensors = {"mass_lost": record.mass_lost, "out_err": record.out_err,
                    **{f"signal.{k}": v for k, v in record.signals.items()}}
-        if record.layer_kl is not None:
-            tensors["layer_kl"] = record.layer_kl
+        tensors.update(record.layer_probes or {})
     else:
         tensors = {"skipped": torch.zeros(1)}
     meta = {"result": json.dumps(asdict(result))}
@@ -199,7 +204,7 @@ def _load_checkpoint(path: Path, index: int) -> tuple[SampleRecord | None, Sampl
     arrays = load_file(str(path))
     signals = {k.split(".", 1)[1]: v for k, v in arrays.items() if k.startswith("signal.")}
     return SampleRecord(mass_lost=arrays["mass_lost"], out_err=arrays["out_err"], signals=signals,
-                        layer_kl=arrays.get("layer_kl")), result
+                        layer_probes={k: arrays[k] for k in OPTIONAL_COST_KINDS if k in arrays} or None), result
 
 
 def _fingerprint(lm: LoadedModel, samples: Sequence[Sample], config: CalibrationConfig,
@@ -235,8 +240,11 @@ def _assemble(lm: LoadedModel, config: CalibrationConfig, records: list[SampleRe
         "out_err": torch.stack([r.out_err for r in records]),
         "context_tokens": torch.tensor([r.context_tokens for r in results], dtype=torch.int64),
     }
-    if config.layer_kl:
-        arrays["layer_kl"] = torch.stack([r.layer_kl for r in records])  # (N, L, 1, P, G)
+    probed: list[str] = []
+    if config.layer_kl:  # kinds every sample has (checkpoints from an older version may lack layer_nll)
+        probed = [k for k in OPTIONAL_COST_KINDS if all(k in (r.layer_probes or {}) for r in records)]
+        for kind in probed:
+            arrays[kind] = torch.stack([r.layer_probes[kind] for r in records])  # (N, L, 1, P, G)
     for name in SIGNAL_NAMES:
         arrays[f"signal.{name}"] = torch.stack([r.signals[name] for r in records])  # (N, L, H_kv)
     policies = []
@@ -255,7 +263,7 @@ def _assemble(lm: LoadedModel, config: CalibrationConfig, records: list[SampleRe
         "budget_unit": "context tokens kept per layer",
         "options": {"window": config.window, "n_sink": config.n_sink, "recent": config.recent,
                     "max_context_tokens": max_ctx, "decoding_queries": "question + reference answer",
-                    "cost_kinds": ["mass_lost", "out_err", *(["layer_kl"] if config.layer_kl else [])]},
+                    "cost_kinds": [*COST_KINDS, *probed]},
         "signals": list(SIGNAL_NAMES),
         "data": _data_entries(data_sources),
         "samples": [{"id": r.sample_id, "task": r.task, "context_tokens": r.context_tokens,

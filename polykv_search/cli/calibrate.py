@@ -55,9 +55,10 @@ def calibrate(
     column_map: ColumnMapOpt = None,
     layer_kl: Annotated[bool, typer.Option("--layer-kl", help="Slower: also measure, per layer, policy and budget, "
                                            "the KL to the full cache over the answer with only that layer "
-                                           "compressed (layers x policies x budgets batched forwards per sample; "
+                                           "compressed, and the rise of the answer's NLL "
+                                           "(layers x policies x budgets batched forwards per sample; "
                                            "a shorter --budgets or --policies list makes it cheaper). "
-                                           "`optimize --cost layer_kl` uses it.")] = False,
+                                           "`optimize --cost layer_kl|layer_nll` uses them.")] = False,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the checkpoints of an interrupted run.")] = False,
     device: DeviceOpt = "cpu",
     dtype: DtypeOpt = "auto",

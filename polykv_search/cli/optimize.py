@@ -34,8 +34,8 @@ ProfileOpt = Annotated[Path | None, typer.Option("--profile", help="Profile from
 BudgetOpt = Annotated[str, typer.Option("--budget", "-b", help="Average tokens per compressible layer; a comma "
                                         "list writes a ladder of plans.")]
 SOLVER_CHOICES = ("dp", "ilp", "select", "optuna")
-CostOpt = Annotated[str, typer.Option(help="Profile cost to minimise: mass_lost, out_err, or layer_kl (profiles "
-                                          "from `calibrate --layer-kl`).")]
+CostOpt = Annotated[str, typer.Option(help="Profile cost to minimise: mass_lost, out_err, or layer_kl / layer_nll "
+                                          "(profiles from `calibrate --layer-kl`).")]
 
 
 def _parse_budgets(text: str) -> list[float]:

@@ -33,8 +33,8 @@ def run(
                                         "optimizes and evaluates a ladder.")] = "128",
     solver: Annotated[str, typer.Option(help="dp, ilp, select or optuna (see `optimize --help`).")] = "dp",
     metric: Annotated[str, typer.Option(help="select/optuna: end-to-end measure: kl, nll or miss.")] = "kl",
-    cost: Annotated[str, typer.Option(help="Profile cost: mass_lost, out_err, or layer_kl (calibrates with "
-                                      "--layer-kl: slower).")] = "mass_lost",
+    cost: Annotated[str, typer.Option(help="Profile cost: mass_lost, out_err, layer_kl or layer_nll "
+                                      "(these two calibrate with --layer-kl: slower).")] = "mass_lost",
     weighting: WeightingOpt = "mean",
     calib: Annotated[Path, typer.Option(help="Calibration split.")] = Path("calibration_data/calib.jsonl"),
     eval_data: Annotated[Path, typer.Option("--eval", help="Held-out split.")] = Path("calibration_data/eval.jsonl"),
@@ -89,7 +89,7 @@ def run(
 
     err_console.rule("1/3 calibrate")
     with err_console.status(f"calibrating on {len(calib_samples)} samples of {calib.name}"):
-        calibration = run_calibration(lm, calib_samples, config=CalibrationConfig(layer_kl=cost == "layer_kl"),
+        calibration = run_calibration(lm, calib_samples, config=CalibrationConfig(layer_kl=cost in OPTIONAL_COST_KINDS),
                                       data_sources=[str(calib)], out_dir=out_dir, resume=True)
     signal_heatmap(calibration.profile, out_dir / "signals.png")
     err_console.print(f"profile: {calibration.path} ({calibration.seconds:.0f} s)")

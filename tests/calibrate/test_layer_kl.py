@@ -35,24 +35,30 @@ def test_layer_kl_is_stored_with_its_shape_and_round_trips(calibrated):
     assert torch.isfinite(kl).all() and (kl >= -1e-5).all()
     assert (kl[..., 2] == 0).all()  # a budget above the context keeps everything
     assert (kl[..., 0] > 0).any()
-    assert run.profile.header["options"]["cost_kinds"] == ["mass_lost", "out_err", "layer_kl"]
+    assert run.profile.header["options"]["cost_kinds"] == ["mass_lost", "out_err", "layer_kl", "layer_nll"]
+    nll = run.profile.arrays["layer_nll"]
+    assert nll.shape == kl.shape and torch.isfinite(nll).all() and (nll[..., 2] == 0).all()
     loaded = Profile.load(run.path)
     torch.testing.assert_close(loaded.arrays["layer_kl"], kl)
-    assert loaded.cost_kinds == ["mass_lost", "out_err", "layer_kl"]
+    torch.testing.assert_close(loaded.arrays["layer_nll"], nll)
+    assert loaded.cost_kinds == ["mass_lost", "out_err", "layer_kl", "layer_nll"]
 
 
-def test_layer_kl_equals_the_engine_compressing_that_layer_alone(calibrated):
+def test_layer_kl_and_nll_equal_the_engine_compressing_that_layer_alone(calibrated):
     lm, samples, run = calibrated
     engine = EvaluationEngine(lm, policies=POLICIES)
-    kl = run.profile.arrays["layer_kl"]
+    kl, nll = run.profile.arrays["layer_kl"], run.profile.arrays["layer_nll"]
     for index, sample in enumerate(samples):
         state = engine.prefill(sample)
         for layer in lm.info.compressible_layers:
             for p, policy in enumerate(POLICIES):
                 names, sizes = [None] * lm.info.num_layers, [None] * lm.info.num_layers
                 names[layer], sizes[layer] = policy, BUDGETS[0]
-                result = engine.run(state, Method("one", "probe", BUDGETS[0], tuple(names), tuple(sizes)))
+                method = Method("one", "probe", BUDGETS[0], tuple(names), tuple(sizes))
+                result = engine.run(state, method)
                 assert kl[index, layer, 0, p, 0].item() == pytest.approx(result.kl, rel=1e-3, abs=1e-5)
+                full, one = engine.answer_metrics_many(state, [engine.full_method(), method])
+                assert nll[index, layer, 0, p, 0].item() == pytest.approx(one["nll"] - full["nll"], abs=1e-4)
 
 
 def test_optimizer_takes_layer_kl_as_cost_and_explains_when_it_is_missing(calibrated, tiny_llama, tmp_path):

@@ -105,5 +105,5 @@ def test_layer_kl_flag_adds_the_isolated_kl_costs(monkeypatch, capsys, tiny_dir,
                                       "--policies", "snapkv,streaming", "--layer-kl", "--json"])
     main()
     profile = Profile.load(json.loads(capsys.readouterr().out)["profile"])
-    assert profile.cost_kinds == ["mass_lost", "out_err", "layer_kl"]
-    assert profile.arrays["layer_kl"].shape[2:] == (1, 2, 2)
+    assert profile.cost_kinds == ["mass_lost", "out_err", "layer_kl", "layer_nll"]
+    assert profile.arrays["layer_kl"].shape[2:] == profile.arrays["layer_nll"].shape[2:] == (1, 2, 2)
