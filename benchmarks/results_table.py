@@ -33,7 +33,8 @@ def table(path: str) -> str:
             if name not in by or by[name]["R"] is None:
                 return "-"
             mean_r[name].append(by[name]["R"])
-            return f"{by[name]['R']:+.2f}"
+            low_high = by[name].get("R_90")
+            return f"{by[name]['R']:+.2f}" + (f" [{low_high[0]:+.2f}, {low_high[1]:+.2f}]" if low_high else "")
 
         cells = [f"{budget:g}", f"{any_row['full_score']:.3f}",
                  f"{any_row['best_uniform']} {any_row['best_uniform_score']:.3f}", score("pyramidkv"), score("cake"),

@@ -135,7 +135,8 @@ def run(
     err_console.print(markdown(summary), markup=False, highlight=False)
     for r in summary["recovery"]:
         if r["method"] == "plan":
+            interval = f", 90% bootstrap [{r['R_90'][0]:+.2f}, {r['R_90'][1]:+.2f}]" if r.get("R_90") else ""
             typer.echo(f"R at {r['budget']:g} tokens/layer: {r['R'] if r['R'] is None else round(r['R'], 3)} "
                        f"(plan {r['score']:.3f}, best uniform {r['best_uniform']} {r['best_uniform_score']:.3f}, "
-                       f"full {r['full_score']:.3f})")
+                       f"full {r['full_score']:.3f}{interval})")
     typer.echo(f"report: {paths['markdown']}")

@@ -3,11 +3,14 @@ a Markdown table and a PNG of score against budget.
 
 R = (S_plan - S_best_uniform) / (S_full - S_best_uniform), all on the same samples; S is the mean over tasks
 of the per-task mean score (LongBench's convention), S_best_uniform the best single policy at that budget.
+Each R comes with a 90% paired bootstrap interval: the samples are redrawn with replacement within each task
+(the best uniform policy stays the one chosen on all samples), so a difference inside it is noise.
 """
 
 from __future__ import annotations
 
 import math
+import random
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import asdict
@@ -49,12 +52,43 @@ def summarize(results: Sequence[ScoredResult], methods: Sequence[Method]) -> dic
                 continue
             gap = (full - best) if full is not None else None
             r = (row["score"] - best) / gap if gap and gap > 1e-12 else None
+            interval = _bootstrap_r(by_method, key, best_key) if r is not None else None
             recovery.append({"budget": budget, "method": row["method"], "family": row["family"],
                              "score": row["score"], "best_uniform": uniform[best_key]["method"],
-                             "best_uniform_score": best, "full_score": full, "R": r,
+                             "best_uniform_score": best, "full_score": full, "R": r, "R_90": interval,
                              "kl": row["kl"], "best_uniform_kl": uniform[best_key]["kl"]})
     return {"tasks": tasks, "methods": rows, "recovery": recovery, "budgets": budgets,
             "samples": len({r.sample_id for r in results})}
+
+
+def _bootstrap_r(by_method: dict[str, list[ScoredResult]], key: str, best_key: str, *, rounds: int = 2000,
+                 seed: int = 0) -> list[float] | None:
+    """5th and 95th percentiles of R over `rounds` redraws of the samples within each task (paired: one redraw
+    serves the method, the best uniform policy and the full cache)."""
+    scores: dict[str, dict[str, float]] = {}
+    for name in (key, best_key, "full"):
+        scores[name] = {r.sample_id: r.score for r in by_method.get(name, [])}
+    tasks: dict[str, list[str]] = defaultdict(list)
+    for row in by_method.get("full", []):
+        if all(row.sample_id in scores[name] for name in (key, best_key)):
+            tasks[row.task].append(row.sample_id)
+    if not tasks:
+        return None
+    rng = random.Random(seed)
+    values = []
+    for _ in range(rounds):
+        means = {name: 0.0 for name in scores}
+        for ids in tasks.values():
+            drawn = [rng.choice(ids) for _ in ids]
+            for name in scores:
+                means[name] += sum(scores[name][i] for i in drawn) / len(drawn) / len(tasks)
+        gap = means["full"] - means[best_key]
+        if gap > 1e-12:
+            values.append((means[key] - means[best_key]) / gap)
+    if len(values) < rounds // 2:
+        return None
+    values.sort()
+    return [values[int(0.05 * (len(values) - 1))], values[int(0.95 * (len(values) - 1))]]
 
 
 def _mean(values: Sequence[float]) -> float | None:
@@ -78,10 +112,14 @@ def markdown(summary: dict[str, Any]) -> str:
                      + f" | **{_fmt(row['score'])}** | {_fmt(row['kl'], 4)} |")
     if summary["recovery"]:
         lines += ["", "Gap recovery R = (S - S_best_uniform) / (S_full - S_best_uniform):", "",
-                  "| budget | method | score | best uniform | its score | full | R |", "|---|---|---|---|---|---|---|"]
+                  "| budget | method | score | best uniform | its score | full | R | R 90% bootstrap |",
+                  "|---|---|---|---|---|---|---|---|"]
         for r in summary["recovery"]:
+            low_high = r.get("R_90")
+            interval = f"[{low_high[0]:+.2f}, {low_high[1]:+.2f}]" if low_high else "-"
             lines.append(f"| {r['budget']} | {r['method']} | {_fmt(r['score'])} | {r['best_uniform']} | "
-                         f"{_fmt(r['best_uniform_score'])} | {_fmt(r['full_score'])} | {_fmt(r['R'], 2)} |")
+                         f"{_fmt(r['best_uniform_score'])} | {_fmt(r['full_score'])} | {_fmt(r['R'], 2)} | "
+                         f"{interval} |")
     return "\n".join(lines) + "\n"
 
 
