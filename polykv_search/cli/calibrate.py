@@ -110,3 +110,18 @@ def calibrate(
                       + (f", {skipped} skipped" if skipped else "") + (f", {truncated} truncated" if truncated else ""))
     typer.echo(f"profile: {run.path}")
     typer.echo(f"heatmap: {heatmap}")
+
+
+@app.command("merge-profiles")
+def merge_profiles(
+    profiles: Annotated[list[Path], typer.Argument(help="Profiles of the same model, samples and policies, on "
+                                                   "disjoint budget grids.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Merged profile file.")],
+) -> None:
+    """Join profiles calibrated on disjoint budget grids into one on the union grid (no re-measuring)."""
+    from polykv_search.calibrate.merge import merge_budget_grids
+    from polykv_search.calibrate.profile import Profile
+
+    merged = merge_budget_grids([Profile.load(p) for p in profiles])
+    path = merged.save(out)
+    typer.echo(f"profile: {path} (budgets {','.join(map(str, merged.budgets))}; {', '.join(merged.cost_kinds)})")

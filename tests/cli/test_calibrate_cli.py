@@ -107,3 +107,20 @@ def test_layer_kl_flag_adds_the_isolated_kl_costs(monkeypatch, capsys, tiny_dir,
     profile = Profile.load(json.loads(capsys.readouterr().out)["profile"])
     assert profile.cost_kinds == ["mass_lost", "out_err", "layer_kl", "layer_nll"]
     assert profile.arrays["layer_kl"].shape[2:] == profile.arrays["layer_nll"].shape[2:] == (1, 2, 2)
+
+
+def test_merge_profiles_joins_grids_and_refuses_overlaps_in_one_line(monkeypatch, capsys, tiny_dir, tmp_path):
+    data = write_jsonl(tmp_path / "d.jsonl", sample_rows(1))
+    paths = []
+    for name, grid in (("a", "8"), ("b", "16,32")):
+        monkeypatch.setattr(sys, "argv", ["polykv-search", "calibrate", "--model", str(tiny_dir), "--data", str(data),
+                                          "--out", str(tmp_path / name), "--budgets", grid, "--window", "16",
+                                          "--policies", "snapkv", "--json"])
+        main()
+        paths.append(json.loads(capsys.readouterr().out)["profile"])
+    monkeypatch.setattr(sys, "argv", ["polykv-search", "merge-profiles", *paths, "--out", str(tmp_path / "m.st")])
+    main()
+    assert "budgets 8,16,32" in capsys.readouterr().out
+    assert Profile.load(tmp_path / "m.st").budgets == [8, 16, 32]
+    code, _, err = run_cli(monkeypatch, capsys, "merge-profiles", paths[0], paths[0], "--out", tmp_path / "x")
+    assert code == 2 and "more than one profile" in err and len(err.strip().splitlines()) == 1
