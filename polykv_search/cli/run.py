@@ -3,6 +3,9 @@ held-out eval split — with everything under outputs/<model>/ and the compariso
 
     polykv-search run                                    # smollm2-135m at 128 tokens per layer
     polykv-search run --model gemma3-270m --budget 64,128,256,512 --solver dp
+    polykv-search run --budget 64,128,256,512 --cost layer_kl --max-calib-samples 12 \\
+        --policies streaming,snapkv,h2o_recent,tova_recent,expected_attention_recent \\
+        --grid 16,32,64,128,256,512,1024,2048           # the per-layer KL cost (slower calibration)
 """
 
 from __future__ import annotations
@@ -23,6 +26,8 @@ from polykv_search.cli._options import (
     ModelOpt,
     WeightingOpt,
     model_slug,
+    parse_int_list,
+    parse_str_list,
 )
 
 
@@ -36,6 +41,12 @@ def run(
     cost: Annotated[str, typer.Option(help="Profile cost: mass_lost, out_err, layer_kl or layer_nll "
                                       "(these two calibrate with --layer-kl: slower).")] = "mass_lost",
     weighting: WeightingOpt = "mean",
+    policies: Annotated[str | None, typer.Option(help="Policies to calibrate and plan with (default: all); the "
+                                                 "evaluation still compares every uniform policy.")] = None,
+    grid: Annotated[str | None, typer.Option(help="Calibration budget grid, e.g. 16,32,64,128,256,512,1024,2048 "
+                                             "(default: calibrate's).")] = None,
+    max_calib_samples: Annotated[int | None, typer.Option(help="Calibrate on N samples, taken in turn from each "
+                                                          "task (default: all).")] = None,
     calib: Annotated[Path, typer.Option(help="Calibration split.")] = Path("calibration_data/calib.jsonl"),
     eval_data: Annotated[Path, typer.Option("--eval", help="Held-out split.")] = Path("calibration_data/eval.jsonl"),
     max_eval_samples: Annotated[int | None, typer.Option(help="Evaluate on N samples, taken in turn from each "
@@ -46,6 +57,7 @@ def run(
     as_json: JsonOpt = False,
 ) -> None:
     """Calibrate, optimize and evaluate in one go; interrupted runs resume where they stopped."""
+    from polykv_search.calibrate.budgets import DEFAULT_BUDGETS
     from polykv_search.calibrate.profile import COST_KINDS, OPTIONAL_COST_KINDS
     from polykv_search.calibrate.report import signal_heatmap
     from polykv_search.calibrate.run import CalibrationConfig
@@ -82,14 +94,18 @@ def run(
     _check_metric(metric)
     budgets = _parse_budgets(budget)
     out_dir = out or Path("outputs") / model_slug(model)
-    calib_samples = load_samples(calib)
+    calib_samples = spread_over_tasks(load_samples(calib), max_calib_samples)
+    config = CalibrationConfig(
+        policies=tuple(parse_str_list(policies)) if policies else DEFAULT_POLICIES,
+        budgets=tuple(parse_int_list(grid, option="--grid")) if grid else DEFAULT_BUDGETS,
+        layer_kl=cost in OPTIONAL_COST_KINDS).validated()
     eval_samples = spread_over_tasks(load_samples(eval_data), max_eval_samples)
     with err_console.status(f"loading {model}"):
         lm = load_model(model, device=device, dtype=dtype)
 
     err_console.rule("1/3 calibrate")
     with err_console.status(f"calibrating on {len(calib_samples)} samples of {calib.name}"):
-        calibration = run_calibration(lm, calib_samples, config=CalibrationConfig(layer_kl=cost in OPTIONAL_COST_KINDS),
+        calibration = run_calibration(lm, calib_samples, config=config,
                                       data_sources=[str(calib)], out_dir=out_dir, resume=True)
     signal_heatmap(calibration.profile, out_dir / "signals.png")
     err_console.print(f"profile: {calibration.path} ({calibration.seconds:.0f} s)")

@@ -1,0 +1,37 @@
+"""`polykv-search run` end to end on a tiny model: calibrate (with the options it passes on), optimize, evaluate."""
+
+import json
+import sys
+
+import pytest
+
+from polykv_search.calibrate.profile import Profile
+from polykv_search.cli import main
+from polykv_search.plan import PlanFile
+from tests.conftest import sample_rows, tiny_loaded, write_jsonl
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny-llama")
+    lm = tiny_loaded("llama")
+    lm.model.save_pretrained(path)
+    lm.tokenizer.save_pretrained(path)
+    return path
+
+
+def test_run_calibrates_with_its_grid_policies_and_layer_kl_then_evaluates(monkeypatch, capsys, tiny_dir, tmp_path):
+    calib = write_jsonl(tmp_path / "c.jsonl", sample_rows(3, words=200))
+    held_out = write_jsonl(tmp_path / "e.jsonl", sample_rows(2, words=200))
+    monkeypatch.setattr(sys, "argv", ["polykv-search", "run", "--model", str(tiny_dir), "--budget", "16",
+                                      "--calib", str(calib), "--eval", str(held_out), "--out", str(tmp_path / "o"),
+                                      "--cost", "layer_kl", "--policies", "snapkv,streaming", "--grid", "8,16,32",
+                                      "--max-calib-samples", "2", "--json"])
+    main()
+    out = json.loads(capsys.readouterr().out)
+    profile = Profile.load(out["profile"])
+    assert profile.budgets == [8, 16, 32] and profile.policies == ["snapkv", "streaming"]
+    assert profile.num_samples == 2 and "layer_kl" in profile.cost_kinds
+    plan = PlanFile.load(out["plan"]).plans[0]
+    assert {entry.policy for entry in plan.layers} <= {"snapkv", "streaming"}
+    assert [r["budget"] for r in out["recovery"] if r["method"] == "plan"] == [16]
