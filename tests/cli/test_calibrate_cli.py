@@ -7,16 +7,7 @@ import pytest
 
 from polykv_search.calibrate.profile import Profile
 from polykv_search.cli import main
-from tests.conftest import sample_rows, tiny_loaded, write_jsonl
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny-llama")
-    lm = tiny_loaded("llama")
-    lm.model.save_pretrained(path)
-    lm.tokenizer.save_pretrained(path)
-    return path
+from tests.conftest import sample_rows, write_jsonl
 
 
 def run_cli(monkeypatch, capsys, *args):

@@ -8,7 +8,7 @@ import pytest
 from polykv_search.cli import main
 from polykv_search.models.loading import _model_info
 from polykv_search.plan import Plan, PlanFile, SearchInfo
-from tests.cli.test_calibrate_cli import run_cli, tiny_dir  # noqa: F401  (fixture)
+from tests.cli.test_calibrate_cli import run_cli
 from tests.conftest import sample_rows, tiny_loaded, write_jsonl
 
 

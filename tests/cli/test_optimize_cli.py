@@ -10,7 +10,7 @@ from polykv_search.calibrate.run import CalibrationConfig, calibrate
 from polykv_search.cli import main
 from polykv_search.data import load_samples
 from polykv_search.plan import PlanFile
-from tests.cli.test_calibrate_cli import run_cli, tiny_dir  # noqa: F401  (fixture)
+from tests.cli.test_calibrate_cli import run_cli
 from tests.conftest import sample_rows, tiny_loaded, write_jsonl
 
 

@@ -3,21 +3,10 @@
 import json
 import sys
 
-import pytest
-
 from polykv_search.calibrate.profile import Profile
 from polykv_search.cli import main
 from polykv_search.plan import PlanFile
-from tests.conftest import sample_rows, tiny_loaded, write_jsonl
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny-llama")
-    lm = tiny_loaded("llama")
-    lm.model.save_pretrained(path)
-    lm.tokenizer.save_pretrained(path)
-    return path
+from tests.conftest import sample_rows, write_jsonl
 
 
 def test_run_calibrates_with_its_grid_policies_and_layer_kl_then_evaluates(monkeypatch, capsys, tiny_dir, tmp_path):
