@@ -26,7 +26,8 @@ WeightingOpt = Annotated[str, typer.Option(help="How calibration samples combine
                                            "sample counts the same).")]
 
 __all__ = ["DEFAULT_MODEL", "ColumnMapOpt", "DataOpt", "DeviceOpt", "DtypeOpt", "JsonOpt", "ModelOpt",
-           "RevisionOpt", "TrustOpt", "WeightingOpt", "parse_column_map", "parse_int_list", "parse_str_list", "model_slug"]
+           "RevisionOpt", "TrustOpt", "WeightingOpt", "parse_column_map", "parse_int_list", "parse_str_list",
+           "model_slug"]
 
 
 def parse_int_list(text: str, *, option: str) -> list[int]:

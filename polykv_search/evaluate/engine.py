@@ -242,19 +242,18 @@ class EvaluationEngine:
         full cache's hidden states were not kept, so a forward must start at the embeddings."""
         if state.suffix_inputs is None:
             return 0
-        changed = [idx for idx in self.compressible
-                   if method.policies[idx] is not None and method.budgets[idx] is not None
-                   and method.budgets[idx] < state.n_context]
-        return min(changed, default=len(self.layers))
+        return min(self._compressed_layers(state, method), default=len(self.layers))
+
+    def _compressed_layers(self, state: PrefillState, method: Method) -> list[int]:
+        """The compressible layers where the method keeps fewer tokens than the context."""
+        return [idx for idx in self.compressible
+                if method.policies[idx] is not None and method.budgets[idx] is not None
+                and method.budgets[idx] < state.n_context]
 
     def kept_indices(self, state: PrefillState, method: Method) -> dict[int, torch.Tensor]:
         """Per compressed layer, the (H_kv, b) context positions the method keeps, in kvpress's top-k order."""
-        kept = {}
-        for idx in self.compressible:
-            policy, budget = method.policies[idx], method.budgets[idx]
-            if policy is not None and budget is not None and budget < state.n_context:
-                kept[idx] = state.rankings[idx][policy].topk(int(budget), dim=-1).indices
-        return kept
+        return {idx: state.rankings[idx][method.policies[idx]].topk(int(method.budgets[idx]), dim=-1).indices
+                for idx in self._compressed_layers(state, method)}
 
     def _cache_for(self, state: PrefillState, method: Method | None) -> tuple[DynamicCache, list[int]]:
         """A new cache holding, per layer, the kept context entries (shares unchanged tensors, never mutates)."""

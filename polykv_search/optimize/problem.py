@@ -120,7 +120,8 @@ class Problem:
     # -- construction ------------------------------------------------------------------------------
     @classmethod
     def from_profile(cls, profile: Profile, *, average_budget: float, cost: str = "mass_lost",
-                     weighting: str = "mean", policies: Sequence[str] | None = None, floor: int = 1, cap: int | None = None,
+                     weighting: str = "mean", policies: Sequence[str] | None = None, floor: int = 1,
+                     cap: int | None = None,
                      allowed: Mapping[str, Sequence[int]] | None = None,
                      tied: Sequence[Sequence[int]] | None = None, max_policies: int | None = None) -> Problem:
         """The problem for a profile at `average_budget` tokens per compressible layer (total rounded half up);
