@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import replace
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.progress import (
@@ -39,6 +40,9 @@ from polykv_search.cli._options import (
     parse_str_list,
 )
 
+if TYPE_CHECKING:
+    from polykv_search.plan import PlanFile
+
 DEFAULT_EVAL = "calibration_data/eval.jsonl"
 DEFAULT_BUDGETS = (64, 128, 256, 512)
 logger = logging.getLogger("polykv_search.cli")
@@ -50,7 +54,7 @@ def evaluate(
     plan: Annotated[list[Path] | None, typer.Option("--plan", "-p", help="Plan file(s) to score; repeatable.")] = None,
     data: DataOpt = None,
     budgets: Annotated[str | None, typer.Option(help="Budgets to compare at (default: the plans' budgets, "
-                                                "else 64,128,256,512).")] = None,
+                                                "else 64,128,256,512); plan rungs at other budgets are skipped.")] = None,
     policies: Annotated[str | None, typer.Option(help="Uniform policies to compare (default: all).")] = None,
     allocator_policy: Annotated[str, typer.Option(help="Policy used by the PyramidKV and CAKE allocations.")] = "snapkv",
     profile: Annotated[Path | None, typer.Option(help="Profile for CAKE's signals (default: "
@@ -84,6 +88,7 @@ def evaluate(
         grid = parse_int_list(budgets, option="--budgets")
         if any(b < 1 for b in grid):
             raise ConfigError(f"--budgets {budgets!r}: budgets must be at least 1 token per layer")
+        plan_files = [(name, only_budgets(name, f, grid)) for name, f in plan_files]
     else:
         from_plans = sorted({p.average_budget for _, f in plan_files for p in f.plans})
         grid = [int(b) if float(b).is_integer() else b for b in from_plans] or list(DEFAULT_BUDGETS)
@@ -123,3 +128,16 @@ def evaluate(
     err_console.print(markdown(summary), markup=False, highlight=False)
     for kind, path in paths.items():
         typer.echo(f"{kind}: {path}")
+
+
+def only_budgets(name: str, plan_file: PlanFile, grid: list[int]) -> PlanFile:
+    """The plan file's rungs at the asked budgets: a rung with no baseline beside it would only cost time."""
+    from polykv_search.errors import ConfigError
+
+    kept = [p for p in plan_file.plans if p.average_budget in grid]
+    if not kept:
+        have = ", ".join(f"{p.average_budget:g}" for p in plan_file.plans)
+        raise ConfigError(f"plan {name} has budgets {have}, none of them in --budgets "
+                          f"{','.join(map(str, grid))}; add one of its budgets or leave --budgets out")
+    return replace(plan_file, plans=tuple(kept))
+

@@ -83,3 +83,18 @@ def test_bad_inputs(monkeypatch, capsys, tiny_dir, tiny_info, tmp_path):  # noqa
         assert code == 2, (args, err)
         assert len(lines) == 1 and expected.lower() in lines[0].lower(), (args, err)
         assert not (tmp_path / "bad" / "report.json").exists()
+
+
+def test_budgets_option_keeps_only_those_plan_rungs(monkeypatch, capsys, tiny_dir, tiny_info, tmp_path):  # noqa: F811
+    data = write_jsonl(tmp_path / "eval.jsonl", sample_rows(1, words=120, seed=3))
+    plan_path = tmp_path / "mine.json"
+    PlanFile.build(tiny_info, [hand_plan(tiny_info, 16), hand_plan(tiny_info, 32)]).save(plan_path)
+    monkeypatch.setattr(sys, "argv", ["polykv-search", "evaluate", "--model", str(tiny_dir), "--plan", str(plan_path),
+                                      "--data", str(data), "--out", str(tmp_path / "ev"), "--policies", "snapkv",
+                                      "--budgets", "32", "--no-kl"])
+    main()
+    keys = set(json.loads((tmp_path / "ev" / "report.json").read_text())["methods"])
+    assert "mine@32" in keys and "mine@16" not in keys
+    code, _, err = run_cli(monkeypatch, capsys, "evaluate", "--model", tiny_dir, "--plan", plan_path, "--data",
+                           data, "--out", tmp_path / "ev2", "--policies", "snapkv", "--budgets", "64")
+    assert code == 2 and "none of them in --budgets" in err, err
