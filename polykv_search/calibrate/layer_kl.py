@@ -15,52 +15,58 @@ from collections.abc import Sequence
 import torch
 
 from polykv_search.data import PromptParts, Sample
-from polykv_search.evaluate.engine import EvaluationEngine, Method
+from polykv_search.evaluate.engine import EvaluationEngine, Method, PrefillState
 
 
 def probe_methods(num_layers: int, layers: Sequence[int], policies: Sequence[str], budgets: Sequence[int],
-                  n_context: int) -> list[tuple[tuple[int, int, int], Method]]:
-    """((layer, policy index, budget index), method compressing only that layer) for every budget below the context
-    length; a budget at or above it keeps everything and costs nothing."""
+                  n_context: int, *, background: tuple[Sequence[str | None], Sequence[int | None]] | None = None,
+                  ) -> list[tuple[tuple[int, int, int], Method]]:
+    """((layer, policy index, budget index), method changing only that layer) for every grid cell.
+
+    Without a `background` every other layer keeps the full cache and budgets at or above the context length are
+    left out (they keep everything and cost nothing); with one, every other layer keeps the background's policy
+    and budget and every cell is probed (keeping everything in one layer is then a measurable gain)."""
+    base_names, base_sizes = background or ([None] * num_layers, [None] * num_layers)
     probes = []
     for layer in layers:
         for p, policy in enumerate(policies):
             for g, budget in enumerate(budgets):
-                if budget >= n_context:
+                if budget >= n_context and background is None:
                     continue
-                names: list[str | None] = [None] * num_layers
-                sizes: list[int | None] = [None] * num_layers
+                names, sizes = list(base_names), list(base_sizes)
                 names[layer], sizes[layer] = policy, int(budget)
                 probes.append(((layer, p, g), Method(f"L{layer}:{policy}", "probe", int(budget), tuple(names),
                                                      tuple(sizes))))
     return probes
 
 
-def layer_probes(engine: EvaluationEngine, sample: Sample, parts: PromptParts, cache,
-                 rankings: dict[int, dict[str, torch.Tensor]], *, num_layers: int, layers: Sequence[int],
+def probe_state(engine: EvaluationEngine, sample: Sample, parts: PromptParts, cache,
+                rankings: dict[int, dict[str, torch.Tensor]]) -> PrefillState:
+    """The engine's state for a prefill run by calibrate: `cache` is the full cache right after the context prefill
+    (not modified) and `rankings` the layers' policy scores from that prefill, (H_kv, T) each."""
+    return engine.state_from(sample, parts, cache, {idx: {k: v.float() for k, v in ranks.items()}
+                                                    for idx, ranks in rankings.items()})
+
+
+def layer_probes(engine: EvaluationEngine, state: PrefillState, *, num_layers: int, layers: Sequence[int],
                  policies: Sequence[str], budgets: Sequence[int], batch_size: int = 4) -> dict[str, torch.Tensor]:
     """{"layer_kl": mean KL(full || one layer compressed) over the answer tokens, "layer_nll": mean rise of the
     reference tokens' negative log-likelihood}, each (L, 1, P, G); NaN on layers not probed.
 
-    `cache` is the full cache right after the context prefill (not modified) and `rankings` the layers' policy
-    scores from that prefill, (H_kv, T) each. Every row but one layer holds the whole context, so rows are
-    costly: batches of 4 measured fastest (60 probes on SmolLM2 at 2k tokens: 8.7 s, against 13.4 s in 16s and
-    11.9 s one by one); each row's forward starts at its compressed layer (the engine keeps the full cache's
-    hidden states below it).
+    Every row but one layer holds the whole context, so rows are costly: batches of 4 measured fastest (60 probes
+    on SmolLM2 at 2k tokens: 8.7 s, against 13.4 s in 16s and 11.9 s one by one); each row's forward starts at its
+    compressed layer (the engine keeps the full cache's hidden states below it).
     """
-    n_context = len(parts.context_ids)
     out = {kind: torch.full((num_layers, 1, len(policies), len(budgets)), float("nan"))
            for kind in ("layer_kl", "layer_nll")}
     for layer in layers:
         for table in out.values():
             table[layer] = 0.0  # budgets at or above the context length keep everything
-    if not parts.answer_ids:
+    if not state.parts.answer_ids:
         return out
-    state = engine.state_from(sample, parts, cache, {idx: {k: v.float() for k, v in ranks.items()}
-                                                      for idx, ranks in rankings.items()})
-    answer = torch.tensor(parts.answer_ids, device=state.full_logprobs.device)
+    answer = torch.tensor(state.parts.answer_ids, device=state.full_logprobs.device)
     full_nll = float(-state.full_logprobs.gather(-1, answer[:, None]).mean())
-    probes = probe_methods(num_layers, layers, policies, budgets, n_context)
+    probes = probe_methods(num_layers, layers, policies, budgets, state.n_context)
     metrics = engine.answer_metrics_many(state, [m for _, m in probes], batch_size=batch_size)
     for ((layer, p, g), _), measured in zip(probes, metrics):
         out["layer_kl"][layer, 0, p, g] = measured["kl"]

@@ -1,8 +1,8 @@
 """Join profiles measured on other budget grids: a finer or wider grid without re-measuring the levels already
 in a profile.
 
-Every per-budget array entry (mass_lost, out_err, layer_kl, layer_nll) is measured for each budget on its own
-from the same prefill, so profiles of the same model, samples, policies and options, on disjoint grids, join
+Every per-budget array entry (mass_lost, out_err, layer_kl, layer_nll, around_kl) is measured for each budget on
+its own from the same prefill, so profiles of the same model, samples, policies and options, on disjoint grids, join
 into exactly the profile one calibrate run on the union grid would have written.
 """
 
@@ -13,7 +13,13 @@ from collections.abc import Sequence
 
 import torch
 
-from polykv_search.calibrate.profile import COST_KINDS, OPTIONAL_COST_KINDS, Profile
+from polykv_search.calibrate.profile import (
+    AROUND_BASE,
+    AROUND_KL,
+    COST_KINDS,
+    OPTIONAL_COST_KINDS,
+    Profile,
+)
 from polykv_search.errors import ProfileError
 
 _SAME = ("model", "policies", "samples", "signals", "data")  # header fields that must agree exactly
@@ -39,12 +45,26 @@ def merge_budget_grids(profiles: Sequence[Profile]) -> Profile:
     if repeated:
         raise ProfileError(f"budget level(s) {repeated} are in more than one profile; merge disjoint grids")
     kinds = [*COST_KINDS, *(k for k in OPTIONAL_COST_KINDS if all(k in p.arrays for p in profiles))]
+    if all(AROUND_KL in p.arrays for p in profiles):
+        if any(p.header.get("around") != first.header.get("around") for p in profiles):
+            raise ProfileError("the profiles were probed around other --around backgrounds; calibrate them with "
+                               "the same --around budgets and --around-policy")
+        kinds.append(AROUND_KL)  # its background KL (around_base_kl) does not depend on the grid
     order = torch.tensor(sorted(range(len(budgets)), key=budgets.__getitem__))
-    arrays = {k: v.clone() for k, v in first.arrays.items() if k not in (*COST_KINDS, *OPTIONAL_COST_KINDS)}
+    per_level = (*COST_KINDS, *OPTIONAL_COST_KINDS, AROUND_KL)
+    arrays = {k: v.clone() for k, v in first.arrays.items() if k not in per_level}
+    if AROUND_KL not in kinds:
+        arrays.pop(AROUND_BASE, None)
+        header_around = None
+    else:
+        header_around = first.header.get("around")
     for kind in kinds:
         arrays[kind] = torch.cat([p.arrays[kind] for p in profiles], dim=-1).index_select(-1, order)
     header = dict(first.header)
     header["budgets"] = sorted(budgets)
+    header.pop("around", None)
+    if header_around is not None:
+        header["around"] = header_around
     header["options"] = {**first.header["options"], "cost_kinds": kinds}
     header["created"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     header["merged_from"] = [{"budgets": p.budgets, "created": p.header.get("created")} for p in profiles]

@@ -3,7 +3,10 @@
 Arrays (N samples, L layers, H_kv KV heads, P policies, G budgets):
   mass_lost (N, L, H_kv, P, G), out_err (N, L, H_kv, P, G), signal.<name> (N, L, H_kv), context_tokens (N,);
   with `calibrate --layer-kl` also layer_kl (N, L, 1, P, G): KL to the full cache with only that layer compressed,
-  and layer_nll (N, L, 1, P, G): the rise of the reference answer's negative log-likelihood in the same probe.
+  and layer_nll (N, L, 1, P, G): the rise of the reference answer's negative log-likelihood in the same probe;
+  with `calibrate --around B1,B2,...` also around_kl (N, L, A, P, G): KL with every other layer at the uniform
+  background of budget B_a (header "around": budget and policy of each), and around_base_kl (N, A): the
+  background's own KL.
 Sliding-window layers hold NaN: the architecture fixes their cache and no plan touches them.
 """
 
@@ -27,6 +30,9 @@ PROFILE_VERSION = 1  # bump when arrays or header fields change meaning
 HEADER_KEY = "polykv_profile"
 COST_KINDS = ("mass_lost", "out_err")  # in every profile
 OPTIONAL_COST_KINDS = ("layer_kl", "layer_nll")  # measured by `calibrate --layer-kl` only
+AROUND_KL = "around_kl"  # measured by `calibrate --around` only; a cost at the measured budgets only
+AROUND_BASE = "around_base_kl"
+ALL_COST_KINDS = (*COST_KINDS, *OPTIONAL_COST_KINDS, AROUND_KL)
 WEIGHTINGS = ("mean", "equal")  # how samples are combined into one cost table
 
 
@@ -52,29 +58,56 @@ class Profile:
     def num_samples(self) -> int:
         return int(self.arrays["mass_lost"].shape[0])
 
-    def layer_costs(self, kind: str = "mass_lost", weighting: str = "mean") -> torch.Tensor:
+    @property
+    def around_budgets(self) -> list[int]:
+        """The target budgets whose operating points `calibrate --around` measured (empty without it)."""
+        return [int(a["budget"]) for a in self.header.get("around", [])] if AROUND_KL in self.arrays else []
+
+    def layer_costs(self, kind: str = "mass_lost", weighting: str = "mean", budget: float | None = None,
+                    ) -> torch.Tensor:
         """Cost per (layer, policy, budget) averaged over samples and KV heads: (L, P, G).
 
         weighting "mean": the plain mean, so samples whose answers are long or hard (large costs everywhere) weigh
         most; "equal": each sample's costs are first divided by its own scale (its mean cost over compressible
         layers and policies at the lowest budget level), so every sample, and so every task, counts the same.
+        "around_kl" needs the target `budget` (one of `around_budgets`): the share of the output distribution lost
+        against that budget's background, exp(-KL_background) - exp(-KL_probe) (negative where a layer gains).
         """
         if kind in OPTIONAL_COST_KINDS and kind not in self.arrays:
             raise ProfileError(f"this profile has no {kind} costs; re-run calibrate with --layer-kl to measure them")
+        if kind == AROUND_KL and kind not in self.arrays:
+            raise ProfileError("this profile has no around_kl costs; re-run calibrate with --around BUDGETS")
         if kind not in self.cost_kinds:
             raise ProfileError(f"unknown cost kind {kind!r}; the profile has {', '.join(self.cost_kinds)}")
         if weighting not in WEIGHTINGS:
             raise ProfileError(f"unknown sample weighting {weighting!r}; use one of {', '.join(WEIGHTINGS)}")
+        if kind == AROUND_KL:
+            return self._around_costs(budget, weighting)
         costs = self.arrays[kind].mean(dim=2)  # (N, L, P, G)
         if weighting == "equal":
             scale = costs[..., 0].nanmean(dim=(1, 2))  # (N,): NaN rows are the sliding-window layers
             costs = costs / scale.clamp_min(1e-12)[:, None, None, None]
         return costs.mean(dim=0)
 
+    def _around_costs(self, budget: float | None, weighting: str) -> torch.Tensor:
+        if budget is None or float(budget) not in [float(b) for b in self.around_budgets]:
+            raise ProfileError(f"around_kl was measured at average budgets {','.join(map(str, self.around_budgets))}"
+                               f", not {budget:g}; re-run calibrate with --around {budget:g} or pick one of those"
+                               if budget is not None else "around_kl costs need the target average budget")
+        if weighting != "mean":
+            raise ProfileError("around_kl costs are shares of the output distribution, one scale for every sample; "
+                               "use --weighting mean")
+        a = [float(b) for b in self.around_budgets].index(float(budget))
+        base = self.arrays[AROUND_BASE][:, a].double()  # (N,)
+        probe = self.arrays[AROUND_KL][:, :, a].double()  # (N, L, P, G)
+        lost = torch.exp(-base)[:, None, None, None] - torch.exp(-probe)
+        return lost.mean(dim=0).float()
+
     @property
     def cost_kinds(self) -> list[str]:
         """The cost kinds this profile holds."""
-        return [*COST_KINDS, *(k for k in OPTIONAL_COST_KINDS if k in self.arrays)]
+        kinds = [*COST_KINDS, *(k for k in OPTIONAL_COST_KINDS if k in self.arrays)]
+        return kinds + [AROUND_KL] if AROUND_KL in self.arrays else kinds
 
     def layer_signals(self) -> dict[str, torch.Tensor]:
         """Mean signal per layer over samples and KV heads: name -> (L,)."""
@@ -129,5 +162,14 @@ class Profile:
                 raise ProfileError(f"profile array {kind} has shape {tuple(probed.shape)}, expected (N, "
                                    f"{info.num_layers}, 1, {expected[2]}, {expected[3]}) from its header; re-run "
                                    "calibrate")
+        if AROUND_KL in self.arrays:
+            n_around = len(self.header.get("around", []))
+            want = {AROUND_KL: (info.num_layers, n_around, *expected[2:]), AROUND_BASE: (n_around,)}
+            for kind, shape in want.items():
+                got = self.arrays.get(kind)
+                if got is None or tuple(got.shape[1:]) != shape:
+                    raise ProfileError(f"profile array {kind} has shape {None if got is None else tuple(got.shape)}"
+                                       f", expected (N, {', '.join(map(str, shape))}) from its header; re-run "
+                                       "calibrate")
         if self.num_samples != len(self.header.get("samples", [])):
             raise ProfileError("profile sample count does not match its header; re-run calibrate")

@@ -23,6 +23,8 @@ from polykv_search import __version__
 from polykv_search.calibrate.budgets import DEFAULT_BUDGETS
 from polykv_search.calibrate.capture import LayerCapture, SampleRecord
 from polykv_search.calibrate.profile import (
+    AROUND_BASE,
+    AROUND_KL,
     COST_KINDS,
     OPTIONAL_COST_KINDS,
     PROFILE_FORMAT,
@@ -43,6 +45,7 @@ from polykv_search.policies import (
 )
 
 logger = logging.getLogger(__name__)
+PROBE_ARRAYS = (*OPTIONAL_COST_KINDS, AROUND_KL, AROUND_BASE)  # a checkpoint's optional per-sample arrays
 
 
 
@@ -55,6 +58,8 @@ class CalibrationConfig:
     recent: int = 64  # recent-window size for the recent-mass signal
     max_context_tokens: int | None = None  # None: the model's context length
     layer_kl: bool = False  # slower mode: KL to the full cache with one layer compressed, per policy and budget
+    around: tuple[int, ...] = ()  # operating points: probes with every other layer at this uniform budget
+    around_policy: str | None = None  # the background's policy (None: the best uniform one on the samples)
 
     def validated(self) -> CalibrationConfig:
         policies = tuple(check_policy_names(list(self.policies)))
@@ -66,9 +71,16 @@ class CalibrationConfig:
                               "pass positive integers, e.g. --budgets 16,32,64,128")
         if self.window < 1 or self.recent < 1 or self.n_sink < 0:
             raise ConfigError("--window and --recent must be at least 1 and --n-sink at least 0")
+        if any(int(b) < 1 for b in self.around):
+            raise ConfigError(f"--around budgets must be at least 1 token per layer, got {list(self.around)}")
+        if self.around_policy is not None and self.around_policy not in policies:
+            raise ConfigError(f"--around-policy {self.around_policy!r} is not among the calibrated policies "
+                              f"({', '.join(policies)}); add it to --policies")
         return CalibrationConfig(policies=policies, budgets=tuple(sorted({int(b) for b in self.budgets})),
                                  window=self.window, n_sink=self.n_sink, recent=self.recent,
-                                 max_context_tokens=self.max_context_tokens, layer_kl=self.layer_kl)
+                                 max_context_tokens=self.max_context_tokens, layer_kl=self.layer_kl,
+                                 around=tuple(sorted({int(b) for b in self.around})),
+                                 around_policy=self.around_policy)
 
 
 @dataclass
@@ -111,10 +123,11 @@ def calibrate(lm: LoadedModel, samples: Sequence[Sample], *, config: Calibration
                            window=config.window, n_sink=config.n_sink, recent=config.recent)
     min_context = _min_context(config)
     probe = None
-    if config.layer_kl:
+    if config.layer_kl or config.around:
         from polykv_search.evaluate.engine import EvaluationEngine
 
         probe = EvaluationEngine(lm, max_context_tokens=max_ctx)
+    backgrounds = _backgrounds(lm, samples, config, ckpt_dir, max_ctx, resume=resume) if config.around else []
     started = time.perf_counter()
     records: list[SampleRecord] = []
     results: list[SampleResult] = []
@@ -125,7 +138,8 @@ def calibrate(lm: LoadedModel, samples: Sequence[Sample], *, config: Calibration
             if resume and ckpt.exists():
                 record, result = _load_checkpoint(ckpt, index)
             else:
-                record, result = _calibrate_one(lm, capture, sample, index, max_ctx, min_context, probe=probe)
+                record, result = _calibrate_one(lm, capture, sample, index, max_ctx, min_context, probe=probe,
+                                                layer_kl=config.layer_kl, backgrounds=backgrounds)
                 _save_checkpoint(ckpt, record, result)
             result.seconds = time.perf_counter() - t0
             results.append(result)
@@ -136,7 +150,8 @@ def calibrate(lm: LoadedModel, samples: Sequence[Sample], *, config: Calibration
     if not records:
         raise DataError("no sample was long enough to calibrate on (each needs more than "
                         f"{min_context} context tokens); use longer contexts")
-    profile = _assemble(lm, config, records, [r for r in results if r.skipped is None], data_sources, max_ctx)
+    profile = _assemble(lm, config, records, [r for r in results if r.skipped is None], data_sources, max_ctx,
+                        backgrounds)
     path = profile.save(out_dir / "profile.safetensors")
     return CalibrationRun(profile=profile, path=path, results=results, seconds=time.perf_counter() - started)
 
@@ -146,8 +161,31 @@ def _min_context(config: CalibrationConfig) -> int:
     return max([config.window, config.n_sink, *windows]) + 1
 
 
+def _backgrounds(lm: LoadedModel, samples: Sequence[Sample], config: CalibrationConfig, ckpt_dir: Path,
+                 max_ctx: int, *, resume: bool) -> list[dict]:
+    """The `--around` backgrounds, chosen once (a prefill per sample) and kept with the checkpoints, so a resumed
+    run probes around the same ones."""
+    from polykv_search.calibrate.around import choose_backgrounds
+    from polykv_search.evaluate.engine import EvaluationEngine
+
+    path = ckpt_dir / "around.json"
+    if resume and path.exists():
+        return json.loads(path.read_text())
+    if config.around_policy is not None:
+        chosen = [{"budget": b, "policy": config.around_policy, "kept": None} for b in config.around]
+    else:
+        logger.info("choosing the --around backgrounds: one prefill per sample, %d uniform rows each",
+                    len(config.around) * len(config.policies))
+        engine = EvaluationEngine(lm, policies=config.policies, max_context_tokens=max_ctx)
+        chosen = choose_backgrounds(engine, samples, budgets=config.around, policies=config.policies,
+                                    num_layers=lm.info.num_layers, layers=lm.info.compressible_layers)
+    write_atomic(path, lambda tmp: tmp.write_text(json.dumps(chosen)))
+    return chosen
+
+
 def _calibrate_one(lm: LoadedModel, capture: LayerCapture, sample: Sample, index: int, max_ctx: int,
-                   min_context: int, *, probe=None) -> tuple[SampleRecord | None, SampleResult]:
+                   min_context: int, *, probe=None, layer_kl: bool = True, backgrounds: Sequence[dict] = (),
+                   ) -> tuple[SampleRecord | None, SampleResult]:
     parts = build_prompt(sample, lm.tokenizer, max_context_tokens=max_ctx)
     suffix_ids = list(parts.question_ids) + list(parts.answer_ids)
     result = SampleResult(index=index, sample_id=str(sample.id), task=sample.task,
@@ -168,10 +206,15 @@ def _calibrate_one(lm: LoadedModel, capture: LayerCapture, sample: Sample, index
         capture.phase = None
         probes = None
         if probe is not None:  # before the decoding pass appends to the cache
-            from polykv_search.calibrate.layer_kl import layer_probes
+            from polykv_search.calibrate.around import around_probes
+            from polykv_search.calibrate.layer_kl import layer_probes, probe_state
 
-            probes = layer_probes(probe, sample, parts, cache, capture.rankings(), num_layers=lm.info.num_layers,
-                                  layers=capture.layer_ids, policies=capture.policies, budgets=capture.budgets)
+            state = probe_state(probe, sample, parts, cache, capture.rankings())
+            grid = {"num_layers": lm.info.num_layers, "layers": capture.layer_ids, "policies": capture.policies,
+                    "budgets": capture.budgets}
+            probes = layer_probes(probe, state, **grid) if layer_kl else {}
+            if backgrounds:
+                probes.update(around_probes(probe, state, backgrounds=backgrounds, **grid))
         capture.phase = "decode"
         lm.model(input_ids=suffix, past_key_values=cache, use_cache=True, logits_to_keep=1)
     finally:
@@ -204,7 +247,7 @@ def _load_checkpoint(path: Path, index: int) -> tuple[SampleRecord | None, Sampl
     arrays = load_file(str(path))
     signals = {k.split(".", 1)[1]: v for k, v in arrays.items() if k.startswith("signal.")}
     return SampleRecord(mass_lost=arrays["mass_lost"], out_err=arrays["out_err"], signals=signals,
-                        layer_probes={k: arrays[k] for k in OPTIONAL_COST_KINDS if k in arrays} or None), result
+                        layer_probes={k: arrays[k] for k in PROBE_ARRAYS if k in arrays} or None), result
 
 
 def _fingerprint(lm: LoadedModel, samples: Sequence[Sample], config: CalibrationConfig,
@@ -234,7 +277,8 @@ def _data_entries(sources: Sequence[str]) -> list[dict[str, str]]:
 
 
 def _assemble(lm: LoadedModel, config: CalibrationConfig, records: list[SampleRecord],
-              results: list[SampleResult], data_sources: Sequence[str], max_ctx: int) -> Profile:
+              results: list[SampleResult], data_sources: Sequence[str], max_ctx: int,
+              backgrounds: Sequence[dict] = ()) -> Profile:
     arrays = {
         "mass_lost": torch.stack([r.mass_lost for r in records]),  # (N, L, H_kv, P, G)
         "out_err": torch.stack([r.out_err for r in records]),
@@ -245,6 +289,10 @@ def _assemble(lm: LoadedModel, config: CalibrationConfig, records: list[SampleRe
         probed = [k for k in OPTIONAL_COST_KINDS if all(k in (r.layer_probes or {}) for r in records)]
         for kind in probed:
             arrays[kind] = torch.stack([r.layer_probes[kind] for r in records])  # (N, L, 1, P, G)
+    if backgrounds:
+        for kind in (AROUND_KL, AROUND_BASE):  # (N, L, A, P, G) and (N, A)
+            arrays[kind] = torch.stack([r.layer_probes[kind] for r in records])
+        probed.append(AROUND_KL)
     for name in SIGNAL_NAMES:
         arrays[f"signal.{name}"] = torch.stack([r.signals[name] for r in records])  # (N, L, H_kv)
     policies = []
@@ -270,4 +318,6 @@ def _assemble(lm: LoadedModel, config: CalibrationConfig, records: list[SampleRe
                      "suffix_tokens": r.suffix_tokens, "truncated": r.truncated} for r in results],
         "versions": _versions(),
     }
+    if backgrounds:
+        header["around"] = list(backgrounds)
     return Profile(header=header, arrays=arrays)

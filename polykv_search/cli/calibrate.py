@@ -59,6 +59,14 @@ def calibrate(
                                            "(layers x policies x budgets batched forwards per sample; "
                                            "a shorter --budgets or --policies list makes it cheaper). "
                                            "`optimize --cost layer_kl|layer_nll` uses them.")] = False,
+    around: Annotated[str | None, typer.Option(help="Slower: per layer, policy and budget, the KL with every other "
+                                               "layer at a uniform background of each of these average budgets "
+                                               "(e.g. 64,128,256,512; one background per budget, a prefill per "
+                                               "sample to choose it). `optimize --cost around_kl` uses them at "
+                                               "those budgets.")] = None,
+    around_policy: Annotated[str | None, typer.Option(help="--around: the background's policy (default: the "
+                                                      "uniform policy keeping most of the output distribution "
+                                                      "on the calibration samples).")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the checkpoints of an interrupted run.")] = False,
     device: DeviceOpt = "cpu",
     dtype: DtypeOpt = "auto",
@@ -78,7 +86,9 @@ def calibrate(
     config = CalibrationConfig(
         policies=tuple(parse_str_list(policies)) if policies else DEFAULT_POLICIES,
         budgets=tuple(parse_int_list(budgets, option="--budgets")) if budgets else DEFAULT_BUDGETS,
-        window=window, max_context_tokens=max_context, layer_kl=layer_kl).validated()
+        window=window, max_context_tokens=max_context, layer_kl=layer_kl,
+        around=tuple(parse_int_list(around, option="--around")) if around else (),
+        around_policy=around_policy).validated()
     sources = data or [DEFAULT_DATA]
     mapping = parse_column_map(column_map)
     samples = [s for source in sources for s in load_samples(source, column_map=mapping)]

@@ -34,8 +34,9 @@ ProfileOpt = Annotated[Path | None, typer.Option("--profile", help="Profile from
 BudgetOpt = Annotated[str, typer.Option("--budget", "-b", help="Average tokens per compressible layer; a comma "
                                         "list writes a ladder of plans.")]
 SOLVER_CHOICES = ("dp", "ilp", "select", "optuna")
-CostOpt = Annotated[str, typer.Option(help="Profile cost to minimise: mass_lost, out_err, or layer_kl / layer_nll "
-                                          "(profiles from `calibrate --layer-kl`).")]
+CostOpt = Annotated[str, typer.Option(help="Profile cost to minimise: mass_lost, out_err, layer_kl / layer_nll "
+                                          "(profiles from `calibrate --layer-kl`) or around_kl (from `calibrate "
+                                          "--around`, at its budgets).")]
 
 
 def _parse_budgets(text: str) -> list[float]:
@@ -97,7 +98,7 @@ def optimize(
     as_json: JsonOpt = False,
 ) -> None:
     """Choose a KV policy and token budget for every layer under an exact total budget; write a plan file."""
-    from polykv_search.calibrate.profile import COST_KINDS, OPTIONAL_COST_KINDS, Profile
+    from polykv_search.calibrate.profile import ALL_COST_KINDS, Profile
     from polykv_search.errors import ConfigError
     from polykv_search.optimize import Problem, solve
     from polykv_search.optimize.plans import (
@@ -109,8 +110,8 @@ def optimize(
 
     if solver not in SOLVER_CHOICES:
         raise ConfigError(f"--solver {solver!r} is not one of {', '.join(SOLVER_CHOICES)}")
-    if cost not in (*COST_KINDS, *OPTIONAL_COST_KINDS):
-        raise ConfigError(f"--cost {cost!r} is not one of {', '.join((*COST_KINDS, *OPTIONAL_COST_KINDS))}")
+    if cost not in ALL_COST_KINDS:
+        raise ConfigError(f"--cost {cost!r} is not one of {', '.join(ALL_COST_KINDS)}")
     _check_metric(metric)
     budgets = _parse_budgets(budget)
     path = _profile_path(profile, model)

@@ -39,7 +39,8 @@ def run(
     solver: Annotated[str, typer.Option(help="dp, ilp, select or optuna (see `optimize --help`).")] = "dp",
     metric: Annotated[str, typer.Option(help="select/optuna: end-to-end measure: kl, nll or miss.")] = "kl",
     cost: Annotated[str, typer.Option(help="Profile cost: mass_lost, out_err, layer_kl or layer_nll "
-                                      "(these two calibrate with --layer-kl: slower).")] = "mass_lost",
+                                      "(these two calibrate with --layer-kl: slower), or around_kl (calibrates "
+                                      "with --around at the --budget values: slower still).")] = "mass_lost",
     weighting: WeightingOpt = "mean",
     policies: Annotated[str | None, typer.Option(help="Policies to calibrate and plan with (default: all); the "
                                                  "evaluation still compares every uniform policy.")] = None,
@@ -58,7 +59,11 @@ def run(
 ) -> None:
     """Calibrate, optimize and evaluate in one go; interrupted runs resume where they stopped."""
     from polykv_search.calibrate.budgets import DEFAULT_BUDGETS
-    from polykv_search.calibrate.profile import COST_KINDS, OPTIONAL_COST_KINDS
+    from polykv_search.calibrate.profile import (
+        ALL_COST_KINDS,
+        AROUND_KL,
+        OPTIONAL_COST_KINDS,
+    )
     from polykv_search.calibrate.report import signal_heatmap
     from polykv_search.calibrate.run import CalibrationConfig
     from polykv_search.calibrate.run import calibrate as run_calibration
@@ -89,8 +94,8 @@ def run(
 
     if solver not in SOLVER_CHOICES:
         raise ConfigError(f"--solver {solver!r} is not one of {', '.join(SOLVER_CHOICES)}")
-    if cost not in (*COST_KINDS, *OPTIONAL_COST_KINDS):
-        raise ConfigError(f"--cost {cost!r} is not one of {', '.join((*COST_KINDS, *OPTIONAL_COST_KINDS))}")
+    if cost not in ALL_COST_KINDS:
+        raise ConfigError(f"--cost {cost!r} is not one of {', '.join(ALL_COST_KINDS)}")
     _check_metric(metric)
     budgets = _parse_budgets(budget)
     out_dir = out or Path("outputs") / model_slug(model)
@@ -98,7 +103,7 @@ def run(
     config = CalibrationConfig(
         policies=tuple(parse_str_list(policies)) if policies else DEFAULT_POLICIES,
         budgets=tuple(parse_int_list(grid, option="--grid")) if grid else DEFAULT_BUDGETS,
-        layer_kl=cost in OPTIONAL_COST_KINDS).validated()
+        layer_kl=cost in OPTIONAL_COST_KINDS, around=_around(budgets) if cost == AROUND_KL else ()).validated()
     eval_samples = spread_over_tasks(load_samples(eval_data), max_eval_samples)
     with err_console.status(f"loading {model}"):
         lm = load_model(model, device=device, dtype=dtype)
@@ -156,3 +161,14 @@ def run(
                        f"(plan {r['score']:.3f}, best uniform {r['best_uniform']} {r['best_uniform_score']:.3f}, "
                        f"full {r['full_score']:.3f}{interval})")
     typer.echo(f"report: {paths['markdown']}")
+
+
+def _around(budgets: list[float]) -> tuple[int, ...]:
+    """--cost around_kl: the operating points to calibrate at are the budgets to plan for (whole tokens)."""
+    from polykv_search.errors import ConfigError
+
+    if any(not float(b).is_integer() for b in budgets):
+        raise ConfigError(f"--cost around_kl measures whole-token operating points; --budget {budgets} has a "
+                          "fraction: use whole numbers of tokens per layer")
+    return tuple(int(b) for b in budgets)
+

@@ -141,7 +141,7 @@ class Problem:
         layers = profile.model.compressible_layers
         if not layers:
             raise ConfigError(f"model {profile.model.model_id} has no compressible layer (all are sliding-window)")
-        table = profile.layer_costs(cost, weighting).double().numpy()  # (L, P_all, G)
+        table = profile.layer_costs(cost, weighting, budget=average).double().numpy()  # (L, P_all, G)
         chosen = [known.index(p) for p in names]
         costs = table[np.ix_(layers, chosen, range(table.shape[2]))]  # (L_c, P, G)
         total = math.floor(average * len(layers) + 0.5)

@@ -31,9 +31,10 @@ class ProxyReport:
 
 
 def predicted_loss(profile: Profile, policies: Sequence[str | None], budgets: Sequence[int | None], *,
-                   cost: str = "mass_lost") -> float:
-    """Sum over compressed layers of the profile's cost, monotone in budget, linear between grid levels."""
-    curves = np.minimum.accumulate(profile.layer_costs(cost).numpy(), axis=-1)  # (L, P, G) non-increasing
+                   cost: str = "mass_lost", average: float | None = None) -> float:
+    """Sum over compressed layers of the profile's cost, monotone in budget, linear between grid levels
+    (`average`: the plan's average budget, which picks the operating point of an around_kl cost)."""
+    curves = np.minimum.accumulate(profile.layer_costs(cost, budget=average).numpy(), axis=-1)  # (L, P, G)
     grid = np.asarray(profile.budgets, dtype=float)
     names = profile.policies
     total = 0.0
@@ -69,7 +70,7 @@ def check_proxy(profile: Profile, measure: Callable[[list[Candidate]], list[floa
                 n_plans: int = 24, cost: str = "mass_lost", seed: int = 0,
                 policies: Sequence[str] | None = None) -> ProxyReport:
     plans = random_plans(profile, budget=budget, n=n_plans, policies=policies, seed=seed)
-    predicted = [predicted_loss(profile, p, b, cost=cost) for p, b in plans]
+    predicted = [predicted_loss(profile, p, b, cost=cost, average=budget) for p, b in plans]
     measured = list(measure(plans))
     rho, pvalue = spearmanr(predicted, measured)
     return ProxyReport(budget=budget, cost=cost, spearman=float(rho), pvalue=float(pvalue),

@@ -14,7 +14,7 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from polykv_search.calibrate.profile import Profile
+from polykv_search.calibrate.profile import AROUND_KL, COST_KINDS, Profile
 from polykv_search.optimize.plans import per_layer_choices
 from polykv_search.optimize.problem import Problem
 from polykv_search.optimize.solve import solve
@@ -59,13 +59,16 @@ def candidate_plans(profile: Profile, *, average: float, policies: Sequence[str]
                        ("cake", cake_plan(info, profile, policy=allocator, budget=average))):
         add(name, (list(plan.policies), list(plan.budgets)))
     for cost in costs:
+        if cost == AROUND_KL and average not in profile.around_budgets:
+            continue  # its operating points are at other budgets
         for share in floor_shares:
             floor = max(1, math.floor(share * average))
             problem = Problem.from_profile(profile, average_budget=average, cost=cost, policies=names,
                                            floor=floor, cap=cap)
             add(f"exact:{cost}:floor{share:g}", per_layer_choices(info.num_layers, solve(problem, solver="dp")))
+    split_cost = costs[0] if costs[0] != AROUND_KL or average in profile.around_budgets else COST_KINDS[0]
     for policy in names:  # one policy everywhere, the budget split chosen by the proxy
-        problem = Problem.from_profile(profile, average_budget=average, cost=costs[0], policies=[policy], cap=cap,
+        problem = Problem.from_profile(profile, average_budget=average, cost=split_cost, policies=[policy], cap=cap,
                                        floor=max(1, math.floor(0.25 * average)))
         add(f"split:{policy}", per_layer_choices(info.num_layers, solve(problem, solver="dp")))
     return found

@@ -115,3 +115,23 @@ def test_merge_profiles_joins_grids_and_refuses_overlaps_in_one_line(monkeypatch
     assert Profile.load(tmp_path / "m.st").budgets == [8, 16, 32]
     code, _, err = run_cli(monkeypatch, capsys, "merge-profiles", paths[0], paths[0], "--out", tmp_path / "x")
     assert code == 2 and "more than one profile" in err and len(err.strip().splitlines()) == 1
+
+
+def test_around_flag_adds_operating_point_costs_that_optimize_uses(monkeypatch, capsys, tiny_dir, tmp_path):
+    data = write_jsonl(tmp_path / "d.jsonl", sample_rows(1))
+    monkeypatch.setattr(sys, "argv", ["polykv-search", "calibrate", "--model", str(tiny_dir), "--data", str(data),
+                                      "--out", str(tmp_path / "o"), "--budgets", "8,16,32", "--window", "16",
+                                      "--policies", "snapkv,streaming", "--around", "16", "--json"])
+    main()
+    path = json.loads(capsys.readouterr().out)["profile"]
+    profile = Profile.load(path)
+    assert profile.cost_kinds == ["mass_lost", "out_err", "around_kl"] and profile.around_budgets == [16]
+    monkeypatch.setattr(sys, "argv", ["polykv-search", "optimize", "--profile", path, "--budget", "16", "--cost",
+                                      "around_kl", "--out", str(tmp_path / "plan.json"), "--json"])
+    main()
+    capsys.readouterr()
+    assert (tmp_path / "plan.json").exists()
+    code, _, err = run_cli(monkeypatch, capsys, "optimize", "--profile", path, "--budget", "32", "--cost",
+                           "around_kl", "--out", tmp_path / "p32.json")
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2 and len(lines) == 1 and "--around 32" in lines[0], err

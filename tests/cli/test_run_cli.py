@@ -24,3 +24,17 @@ def test_run_calibrates_with_its_grid_policies_and_layer_kl_then_evaluates(monke
     plan = PlanFile.load(out["plan"]).plans[0]
     assert {entry.policy for entry in plan.layers} <= {"snapkv", "streaming"}
     assert [r["budget"] for r in out["recovery"] if r["method"] == "plan"] == [16]
+
+
+def test_run_with_around_kl_calibrates_around_its_budgets(monkeypatch, capsys, tiny_dir, tmp_path):
+    calib = write_jsonl(tmp_path / "c.jsonl", sample_rows(2, words=200))
+    held_out = write_jsonl(tmp_path / "e.jsonl", sample_rows(1, words=200))
+    monkeypatch.setattr(sys, "argv", ["polykv-search", "run", "--model", str(tiny_dir), "--budget", "8,16",
+                                      "--calib", str(calib), "--eval", str(held_out), "--out", str(tmp_path / "o"),
+                                      "--cost", "around_kl", "--policies", "snapkv,streaming", "--grid", "4,8,16,32",
+                                      "--json"])
+    main()
+    out = json.loads(capsys.readouterr().out)
+    profile = Profile.load(out["profile"])
+    assert profile.around_budgets == [8, 16] and "layer_kl" not in profile.cost_kinds
+    assert [p.average_budget for p in PlanFile.load(out["plan"]).plans] == [8, 16]

@@ -1,0 +1,130 @@
+"""calibrate --around: probes around a uniform background at the target budget, checked against the evaluation
+engine running the same plans, the background's choice, the optimizer's cost, resume and merge."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from polykv_search.calibrate.merge import merge_budget_grids
+from polykv_search.calibrate.profile import AROUND_BASE, AROUND_KL, Profile
+from polykv_search.calibrate.run import CalibrationConfig, calibrate
+from polykv_search.data import load_samples
+from polykv_search.errors import ConfigError, ProfileError
+from polykv_search.evaluate.engine import EvaluationEngine, Method
+from polykv_search.optimize import Problem, solve
+from tests.conftest import sample_rows, write_jsonl
+
+POLICIES = ("snapkv", "streaming", "knorm")
+BUDGETS = (8, 16, 1000)  # 1000 is above every context length: keeps that layer whole
+AROUND = 16
+
+
+def around_config(budgets=BUDGETS, **kw):
+    return CalibrationConfig(policies=POLICIES, budgets=budgets, window=16, around=(AROUND,), **kw)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    from tests.conftest import tiny_loaded
+
+    lm = tiny_loaded("llama")
+    tmp = tmp_path_factory.mktemp("around")
+    samples = load_samples(write_jsonl(tmp / "c.jsonl", sample_rows(2, words=200)))
+    run = calibrate(lm, samples, config=around_config(), out_dir=tmp / "out")
+    return lm, samples, run, tmp
+
+
+def background_of(lm, policy, budget):
+    names = [policy if i in lm.info.compressible_layers else None for i in range(lm.info.num_layers)]
+    sizes = [budget if i in lm.info.compressible_layers else None for i in range(lm.info.num_layers)]
+    return names, sizes
+
+
+def test_arrays_header_and_cost_kinds(setup):
+    lm, _, run, _ = setup
+    kl, base = run.profile.arrays[AROUND_KL], run.profile.arrays[AROUND_BASE]
+    assert kl.shape == (2, lm.info.num_layers, 1, len(POLICIES), len(BUDGETS)) and base.shape == (2, 1)
+    assert torch.isfinite(kl).all() and (base > 0).all()
+    (chosen,) = run.profile.header["around"]
+    assert chosen["budget"] == AROUND and chosen["policy"] in POLICIES
+    p, g = POLICIES.index(chosen["policy"]), BUDGETS.index(AROUND)
+    # changing a layer to the background's own policy and budget is the background itself
+    torch.testing.assert_close(kl[:, :, 0, p, g], base[:, :1].expand(-1, lm.info.num_layers), atol=1e-4, rtol=1e-3)
+    assert (kl[..., 2] <= base[:, None, :, None] + 1e-4).all()  # keeping one layer whole never hurts here
+    assert run.profile.cost_kinds == ["mass_lost", "out_err", AROUND_KL]
+    assert run.profile.around_budgets == [AROUND]
+    loaded = Profile.load(run.path)
+    torch.testing.assert_close(loaded.arrays[AROUND_KL], kl)
+    assert loaded.header["around"] == run.profile.header["around"]
+
+
+def test_each_cell_is_the_engine_kl_of_the_background_with_that_layer_changed(setup):
+    lm, samples, run, _ = setup
+    engine = EvaluationEngine(lm, policies=POLICIES)
+    chosen = run.profile.header["around"][0]["policy"]
+    kl = run.profile.arrays[AROUND_KL]
+    for index, sample in enumerate(samples):
+        state = engine.prefill(sample)
+        for layer in lm.info.compressible_layers:
+            names, sizes = background_of(lm, chosen, AROUND)
+            names[layer], sizes[layer] = "knorm", BUDGETS[0]
+            result = engine.run(state, Method("one", "plan", AROUND, tuple(names), tuple(sizes)))
+            assert kl[index, layer, 0, POLICIES.index("knorm"), 0].item() == pytest.approx(result.kl, rel=1e-3,
+                                                                                            abs=1e-5)
+
+
+def test_background_is_the_uniform_policy_keeping_most_of_the_output(setup):
+    lm, samples, run, _ = setup
+    engine = EvaluationEngine(lm, policies=POLICIES)
+    kept = {p: 0.0 for p in POLICIES}
+    for sample in samples:  # one task: the plain mean over samples
+        state = engine.prefill(sample)
+        for policy in POLICIES:
+            method = Method(policy, "uniform", AROUND, *map(tuple, background_of(lm, policy, AROUND)))
+            kept[policy] += math.exp(-engine.run(state, method).kl) / len(samples)
+    assert run.profile.header["around"][0]["policy"] == max(POLICIES, key=kept.get)
+    assert run.profile.header["around"][0]["kept"] == pytest.approx(max(kept.values()), abs=1e-4)
+
+
+def test_cost_is_the_share_of_the_output_lost_and_only_at_measured_budgets(setup):
+    lm, _, run, _ = setup
+    profile = run.profile
+    kl, base = profile.arrays[AROUND_KL].double(), profile.arrays[AROUND_BASE].double()
+    expected = (torch.exp(-base)[:, None, :, None, None] - torch.exp(-kl))[:, :, 0].mean(0).float()
+    torch.testing.assert_close(profile.layer_costs(AROUND_KL, budget=AROUND), expected)
+    problem = Problem.from_profile(profile, average_budget=AROUND, cost=AROUND_KL)
+    allocation = solve(problem, solver="dp")
+    assert sum(allocation.budgets) == problem.total
+    with pytest.raises(ProfileError, match="--around 32"):
+        Problem.from_profile(profile, average_budget=32, cost=AROUND_KL)
+    with pytest.raises(ProfileError, match="weighting mean"):
+        profile.layer_costs(AROUND_KL, weighting="equal", budget=AROUND)
+
+
+def test_resume_reuses_the_backgrounds_and_checkpoints(setup):
+    lm, samples, run, tmp = setup
+    out = tmp / "out"
+    saved = json.loads((out / "checkpoints" / "around.json").read_text())
+    assert saved == run.profile.header["around"]
+    again = calibrate(lm, samples, config=around_config(), out_dir=out, resume=True)
+    torch.testing.assert_close(again.profile.arrays[AROUND_KL], run.profile.arrays[AROUND_KL])
+
+
+def test_profiles_on_disjoint_grids_merge_into_the_union(setup):
+    lm, samples, run, tmp = setup
+    policy = run.profile.header["around"][0]["policy"]
+    parts = [calibrate(lm, samples, config=around_config(grid, around_policy=policy), out_dir=tmp / f"g{i}").profile
+             for i, grid in enumerate([(8, 1000), (16,)])]
+    merged = merge_budget_grids(parts)
+    assert merged.budgets == list(BUDGETS) and merged.around_budgets == [AROUND]
+    torch.testing.assert_close(merged.arrays[AROUND_KL], run.profile.arrays[AROUND_KL], atol=1e-4, rtol=1e-3)
+    torch.testing.assert_close(merged.arrays[AROUND_BASE], run.profile.arrays[AROUND_BASE], atol=1e-4, rtol=1e-3)
+
+
+def test_bad_around_options():
+    with pytest.raises(ConfigError, match="at least 1"):
+        CalibrationConfig(policies=POLICIES, around=(0,)).validated()
+    with pytest.raises(ConfigError, match="--around-policy"):
+        CalibrationConfig(policies=POLICIES, around=(16,), around_policy="h2o").validated()
