@@ -1,9 +1,10 @@
-"""`polykv-search optimize` and `polykv-search check-proxy`: choose a policy and budget per layer from a profile.
+"""`polykv-search optimize`, `check-proxy` and `choose`: choose a policy and budget per layer from a profile.
 
     polykv-search optimize --budget 512                              # exact DP on outputs/<model>/profile
     polykv-search optimize --budget 128,256,512,1024 --solver ilp    # one ladder file, HiGHS with status and gap
     polykv-search optimize --budget 256 --solver optuna --n-trials 60 --storage journal:outputs/study.log
     polykv-search check-proxy --budget 256                           # Spearman of predicted vs measured loss
+    polykv-search choose --plan a.json --plan b.json --out best.json  # per budget, the rung measuring best
 """
 
 from __future__ import annotations
@@ -71,7 +72,7 @@ def optimize(
                                         "best measured end to end wins) or optuna (end-to-end search seeded "
                                         "with those candidates).")] = "dp",
     metric: Annotated[str, typer.Option(help="select/optuna: end-to-end measure on calibration samples: kl, "
-                                        "nll or miss.")] = "kl",
+                                        "nll, miss or lost (1 - exp(-KL) per sample).")] = "kl",
     cost: CostOpt = "mass_lost",
     weighting: WeightingOpt = "mean",
     policies: Annotated[str | None, typer.Option(help="Allowed policies (default: all in the profile).")] = None,
@@ -293,3 +294,53 @@ def check_proxy_cmd(
     if report.weak:
         err_console.print(f"warning: the additive proxy ranks plans poorly (rho < {WEAK_PROXY}); prefer "
                           "`--solver select` or `--solver optuna` (both measured end to end)")
+
+
+@app.command("choose")
+def choose_cmd(
+    plan: Annotated[list[Path], typer.Option("--plan", "-p", help="Plan files to choose from (at least two).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="The chosen ladder (one plan per budget).")],
+    model: ModelOpt = DEFAULT_MODEL,
+    metric: Annotated[str, typer.Option(help="End-to-end measure on calibration samples (lower is better): "
+                                        "lost (1 - exp(-KL) per sample), kl, nll or miss.")] = "lost",
+    data: DataOpt = None,
+    max_samples: Annotated[int | None, typer.Option(help="Calibration samples measured (default: all).")] = None,
+    device: DeviceOpt = "cpu",
+    dtype: DtypeOpt = "auto",
+    as_json: JsonOpt = False,
+) -> None:
+    """Per budget, keep the plan file's rung that measures best on calibration samples (never the eval data)."""
+    from polykv_search.data import load_samples, spread_over_tasks
+    from polykv_search.models import load_model
+    from polykv_search.optimize.choose import choose_rungs
+    from polykv_search.optimize.objective import EndToEndObjective
+    from polykv_search.plan import PlanFile
+    from polykv_search.plan.validate import check_matches_model
+
+    _check_metric(metric)
+    files = [(path.stem, PlanFile.load(path)) for path in plan]
+    with err_console.status(f"loading {model}"):
+        lm = load_model(model, device=device, dtype=dtype)
+    for _, plan_file in files:
+        check_matches_model(plan_file, lm.info)
+    policies = sorted({p for _, f in files for rung in f.plans for p in rung.policies if p is not None})
+    samples = spread_over_tasks([s for source in data or ["calibration_data/calib.jsonl"]
+                                 for s in load_samples(source)], max_samples)
+    with err_console.status(f"prefilling {len(samples)} calibration samples"):
+        objective = EndToEndObjective(lm, samples, policies=policies, metric=metric)
+    with err_console.status("measuring every rung"):
+        plans, choices = choose_rungs(files, objective.many, metric=metric)
+    path = PlanFile.build(lm.info, plans).save(out)
+    if as_json:
+        typer.echo(json.dumps({"plan": str(path), "choices": [c.__dict__ for c in choices]}))
+        return
+    table = Table(title=f"mean {metric} on {len(objective.states)} calibration samples (lower is better)")
+    table.add_column("budget", justify="right")
+    for name, _ in files:
+        table.add_column(name, justify="right")
+    table.add_column("chosen")
+    for choice in choices:
+        table.add_row(f"{choice.budget:g}", *(f"{choice.measured[n]:.4f}" if n in choice.measured else "-"
+                                             for n, _ in files), choice.chosen)
+    err_console.print(table)
+    typer.echo(f"plan: {path}")

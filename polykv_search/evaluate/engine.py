@@ -214,9 +214,10 @@ class EvaluationEngine:
         """Teacher-forced measures over the reference answer, per method (the optimizer's end-to-end objectives):
         "kl" = mean KL(full || method), "nll" = mean negative log-likelihood of the reference tokens,
         "miss" = share of reference tokens that are not the method's top-1 prediction (what greedy decoding
-        would get wrong given a correct prefix). One forward per batch, no decoding."""
+        would get wrong given a correct prefix), "lost" = 1 - exp(-kl), the share of the full cache's output
+        distribution lost (at most 1 per sample). One forward per batch, no decoding."""
         if state.full_logprobs is None:
-            return [{"kl": 0.0, "nll": 0.0, "miss": 0.0} for _ in methods]
+            return [{"kl": 0.0, "nll": 0.0, "miss": 0.0, "lost": 0.0} for _ in methods]
         answer = torch.tensor(state.parts.answer_ids, device=state.full_logprobs.device)  # (A,)
         full = state.full_logprobs[None]  # (1, A, V)
         # rows are batched by their first compressed layer: below it every row is the full cache, whose hidden
@@ -234,7 +235,7 @@ class EvaluationEngine:
             nll = -logprobs.gather(-1, answer[None, :, None].expand(len(group), -1, 1))[..., 0].mean(-1)  # (B,)
             miss = (logprobs.argmax(-1) != answer[None]).float().mean(-1)  # (B,)
             for i, k, n, m in zip(rows, kl, nll, miss):
-                out[i] = {"kl": float(k), "nll": float(n), "miss": float(m)}
+                out[i] = {"kl": float(k), "nll": float(n), "miss": float(m), "lost": float(-torch.expm1(-k))}
         return out
 
     def _first_compressed(self, state: PrefillState, method: Method) -> int:

@@ -1,7 +1,8 @@
 """The end-to-end objective over the reference answers of calibration samples, measured with the shared-prefill
 engine (each sample is prefilled once, then every candidate plan costs one short teacher-forced forward per
 sample): "kl" = mean KL(full cache || plan), "nll" = the reference's negative log-likelihood, "miss" = the share
-of reference tokens that are not the top-1 prediction."""
+of reference tokens that are not the top-1 prediction, "lost" = 1 - exp(-KL) per sample, the share of the full
+cache's output distribution lost (it saturates, so samples that every plan gets wrong do not decide the mean)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from polykv_search.data import Sample
 from polykv_search.evaluate.engine import EvaluationEngine, Method
 from polykv_search.models import LoadedModel
 
-METRICS = ("kl", "nll", "miss")
+METRICS = ("kl", "nll", "miss", "lost")
 
 
 class EndToEndObjective:

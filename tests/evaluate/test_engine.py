@@ -1,5 +1,7 @@
 """The shared-prefill engine is exact: kept indices and greedy answers equal kvpress's pipeline with PlanPress."""
 
+import math
+
 import pytest
 import torch
 from kvpress import KVPressTextGenerationPipeline
@@ -119,7 +121,7 @@ def test_answer_metrics_starting_at_the_first_compressed_layer_equal_a_forward_f
     state.suffix_inputs = None  # every row from the embeddings, in the given order
     full_run = engine.answer_metrics_many(state, methods, batch_size=2)
     for a, b in zip(skipped, full_run):
-        for key in ("kl", "nll", "miss"):
+        for key in ("kl", "nll", "miss", "lost"):
             assert a[key] == pytest.approx(b[key], abs=1e-5)
     assert skipped[0]["kl"] != pytest.approx(skipped[1]["kl"], abs=1e-4)  # results stay in the methods' order
 
@@ -141,3 +143,14 @@ def test_decoding_stops_per_row_once_the_scored_part_is_complete(setup, monkeypa
         assert full.startswith(short)
         assert len(short.split()) == min(3, len(full.split()))  # stopped exactly when complete, not later
     assert any(len(full.split()) > 3 for full in unstopped)  # the stop did cut something
+
+
+def test_lost_is_the_share_of_the_output_distribution_lost(setup):
+    lm, samples = setup
+    engine = EvaluationEngine(lm, policies=("snapkv",))
+    state = engine.prefill(samples[0])
+    plan = Method("p", "plan", 8, *map(tuple, zip(*[("snapkv", 8) if i in lm.info.compressible_layers
+                                                     else (None, None) for i in range(lm.info.num_layers)])))
+    full, measured = engine.answer_metrics_many(state, [engine.full_method(), plan])
+    assert full["lost"] == pytest.approx(0.0, abs=1e-6)
+    assert measured["kl"] > 0 and measured["lost"] == pytest.approx(1 - math.exp(-measured["kl"]), rel=1e-5)

@@ -1,0 +1,31 @@
+"""The choose command on a tiny model: two ladders measured on calibration samples, the best rung per budget."""
+
+import json
+import sys
+
+from polykv_search.cli import main
+from polykv_search.plan import PlanFile
+from tests.conftest import sample_rows, tiny_loaded, write_jsonl
+from tests.optimize.test_choose import ladder
+
+
+def test_choose_command_measures_on_calibration_samples(monkeypatch, capsys, tiny_dir, tmp_path):
+    from polykv_search.models.loading import _model_info
+
+    info = _model_info(tiny_loaded("llama").model, model_id=str(tiny_dir), revision="local", add_bos=False)
+    paths = []
+    for name, policy in (("snap", "snapkv"), ("stream", "streaming")):
+        paths.append(tmp_path / f"{name}.json")
+        ladder(info, policy, [8, 16]).save(paths[-1])
+    data = write_jsonl(tmp_path / "c.jsonl", sample_rows(2, words=200))
+    monkeypatch.setattr(sys, "argv", ["polykv-search", "choose", "--model", str(tiny_dir), "--plan", str(paths[0]),
+                                      "--plan", str(paths[1]), "--data", str(data), "--out",
+                                      str(tmp_path / "best.json"), "--json"])
+    main()
+    out = json.loads(capsys.readouterr().out)
+    chosen = PlanFile.load(out["plan"])
+    assert chosen.budgets == [8, 16]
+    for choice, plan in zip(out["choices"], chosen.plans):
+        assert choice["chosen"] == min(choice["measured"], key=choice["measured"].get)
+        policy = {"snap": "snapkv", "stream": "streaming"}[choice["chosen"]]
+        assert set(plan.policies) - {None} == {policy}

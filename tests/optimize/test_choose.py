@@ -1,0 +1,41 @@
+"""choose: per budget, the rung that measures best; notes say what it was chosen over."""
+
+import pytest
+
+from polykv_search.errors import ConfigError
+from polykv_search.optimize.choose import choose_rungs
+from polykv_search.plan import Plan, PlanFile, SearchInfo
+from tests.conftest import tiny_loaded
+
+
+def ladder(info, policy, budgets):
+    layers = info.compressible_layers
+    plans = [Plan.build(info, average_budget=b, policies=[policy if i in layers else None
+                                                            for i in range(info.num_layers)],
+                        budgets=[b if i in layers else None for i in range(info.num_layers)],
+                        search=SearchInfo(solver="manual", status="x")) for b in budgets]
+    return PlanFile.build(info, plans)
+
+
+def test_each_budget_keeps_the_lowest_measured_rung_and_says_so():
+    info = tiny_loaded("llama").info
+    files = [("a", ladder(info, "snapkv", [16, 32])), ("b", ladder(info, "knorm", [16])),
+             ("c", ladder(info, "streaming", [32]))]
+    cost = {"snapkv": 0.5, "knorm": 0.2, "streaming": 0.9}
+    measured_calls = []
+
+    def measure(candidates):
+        measured_calls.append(len(candidates))
+        return [cost[next(p for p in policies if p)] for policies, _ in candidates]
+
+    plans, choices = choose_rungs(files, measure, metric="lost")
+    assert [p.average_budget for p in plans] == [16, 32]
+    assert [c.chosen for c in choices] == ["b", "a"]
+    assert choices[0].measured == {"a": 0.5, "b": 0.2} and choices[1].measured == {"a": 0.5, "c": 0.9}
+    assert set(plans[0].policies) - {None} == {"knorm"}
+    assert "chosen from b by mean lost" in plans[0].search.notes and measured_calls == [2, 2]
+    with pytest.raises(ConfigError, match="at least two"):
+        choose_rungs(files[:1], measure, metric="lost")
+    with pytest.raises(ConfigError, match="distinct names"):
+        choose_rungs([files[0], ("a", files[1][1])], measure, metric="lost")
+
