@@ -128,3 +128,15 @@ def test_bad_around_options():
         CalibrationConfig(policies=POLICIES, around=(0,)).validated()
     with pytest.raises(ConfigError, match="--around-policy"):
         CalibrationConfig(policies=POLICIES, around=(16,), around_policy="h2o").validated()
+
+
+def test_sliding_window_layers_are_left_out_of_the_around_probes(tiny_gemma, tmp_path):
+    samples = load_samples(write_jsonl(tmp_path / "c.jsonl", sample_rows(1, words=200)))
+    config = CalibrationConfig(policies=("snapkv", "streaming"), budgets=(8, 32), window=16, around=(8,))
+    profile = calibrate(tiny_gemma, samples, config=config, out_dir=tmp_path / "g").profile
+    kl = profile.arrays[AROUND_KL]
+    sliding = [i for i, kind in enumerate(tiny_gemma.info.layer_types) if kind == "sliding_attention"]
+    assert sliding and torch.isnan(kl[:, sliding]).all()
+    assert torch.isfinite(kl[:, tiny_gemma.info.compressible_layers]).all()
+    assert Problem.from_profile(profile, average_budget=8, cost=AROUND_KL).layers == tuple(
+        tiny_gemma.info.compressible_layers)
