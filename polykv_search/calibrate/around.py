@@ -15,7 +15,6 @@ that budget gets wrong (a needle no layer keeps) do not outweigh the ones a plan
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 
 import torch
@@ -24,6 +23,7 @@ from polykv_search.calibrate.layer_kl import probe_methods
 from polykv_search.calibrate.profile import AROUND_BASE, AROUND_KL
 from polykv_search.data import Sample
 from polykv_search.evaluate.engine import EvaluationEngine, Method, PrefillState
+from polykv_search.optimize.objective import mean_over_tasks
 
 
 def uniform_background(num_layers: int, layers: Sequence[int], policy: str, budget: int,
@@ -45,19 +45,17 @@ def choose_backgrounds(engine: EvaluationEngine, samples: Sequence[Sample], *, b
     methods = [Method(f"{policy}@{budget}", "uniform", int(budget),
                       *map(tuple, uniform_background(num_layers, layers, policy, budget)))
                for budget in budgets for policy in policies]
-    per_task: dict[str, list[list[float]]] = {}
+    tasks, rows = [], []
     for index, sample in enumerate(samples):
         state = engine.prefill(sample)
         if state.full_logprobs is not None:
-            kls = [m["kl"] for m in engine.answer_metrics_many(state, methods)]
-            per_task.setdefault(sample.task, []).append([math.exp(-kl) for kl in kls])
+            tasks.append(sample.task)
+            rows.append(engine.answer_metrics_many(state, methods))
         if progress:
             progress(index)
-    if not per_task:
+    if not rows:
         return [{"budget": int(b), "policy": policies[0], "kept": None} for b in budgets]
-    task_means = [[sum(run[i] for run in runs) / len(runs) for i in range(len(methods))]
-                  for runs in per_task.values()]
-    kept = [sum(t[i] for t in task_means) / len(task_means) for i in range(len(methods))]
+    kept = [1.0 - m["lost"] for m in mean_over_tasks(tasks, rows)]
     chosen = []
     for b, budget in enumerate(budgets):
         row = kept[b * len(policies):(b + 1) * len(policies)]

@@ -55,16 +55,12 @@ def merge_budget_grids(profiles: Sequence[Profile]) -> Profile:
     arrays = {k: v.clone() for k, v in first.arrays.items() if k not in per_level}
     if AROUND_KL not in kinds:
         arrays.pop(AROUND_BASE, None)
-        header_around = None
-    else:
-        header_around = first.header.get("around")
     for kind in kinds:
         arrays[kind] = torch.cat([p.arrays[kind] for p in profiles], dim=-1).index_select(-1, order)
     header = dict(first.header)
     header["budgets"] = sorted(budgets)
-    header.pop("around", None)
-    if header_around is not None:
-        header["around"] = header_around
+    if AROUND_KL not in kinds:
+        header.pop("around", None)  # a background without its probes
     header["options"] = {**first.header["options"], "cost_kinds": kinds}
     header["created"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     header["merged_from"] = [{"budgets": p.budgets, "created": p.header.get("created")} for p in profiles]

@@ -140,4 +140,3 @@ def only_budgets(name: str, plan_file: PlanFile, grid: list[int]) -> PlanFile:
         raise ConfigError(f"plan {name} has budgets {have}, none of them in --budgets "
                           f"{','.join(map(str, grid))}; add one of its budgets or leave --budgets out")
     return replace(plan_file, plans=tuple(kept))
-

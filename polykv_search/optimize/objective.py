@@ -40,17 +40,26 @@ class EndToEndObjective:
         """Every metric of each candidate, each a mean over samples (the mean over tasks, when samples are
         tagged with several tasks, so that each task family weighs the same)."""
         methods = [Method(f"c{i}", "plan", None, tuple(p), tuple(b)) for i, (p, b) in enumerate(candidates)]
-        per_task: dict[str, list[list[dict[str, float]]]] = {}
-        for state in self.states:
-            per_task.setdefault(state.sample.task, []).append(
-                self.engine.answer_metrics_many(state, methods, batch_size=self.batch_size))
+        rows = [self.engine.answer_metrics_many(state, methods, batch_size=self.batch_size) for state in self.states]
         self.evaluations += len(methods)
-        out = []
-        for i in range(len(methods)):
-            task_means = [{k: sum(rows[i][k] for rows in runs) / len(runs) for k in METRICS}
-                          for runs in per_task.values()]
-            out.append({k: sum(t[k] for t in task_means) / max(len(task_means), 1) for k in METRICS})
-        return out
+        if not rows:  # no sample has a reference answer: nothing to tell the candidates apart
+            return [dict.fromkeys(METRICS, 0.0) for _ in methods]
+        return mean_over_tasks([state.sample.task for state in self.states], rows)
 
     def __call__(self, policies: Sequence[str | None], budgets: Sequence[int | None]) -> float:
         return self.many([(policies, budgets)])[0]
+
+
+def mean_over_tasks(tasks: Sequence[str], rows: Sequence[Sequence[dict[str, float]]]) -> list[dict[str, float]]:
+    """rows[s][i]: every metric of candidate i on sample s (of task tasks[s]) -> per candidate, the mean over tasks
+    of each task's mean, so that each task family weighs the same whatever its sample count."""
+    per_task: dict[str, list[Sequence[dict[str, float]]]] = {}
+    for task, sample_rows in zip(tasks, rows):
+        per_task.setdefault(task, []).append(sample_rows)
+    count = len(rows[0]) if rows else 0
+    out = []
+    for i in range(count):
+        task_means = [{k: sum(r[i][k] for r in runs) / len(runs) for k in runs[0][i]} for runs in per_task.values()]
+        out.append({k: sum(t[k] for t in task_means) / len(task_means) for k in task_means[0]})
+    return out
+
