@@ -8,6 +8,10 @@ samples). Each (layer, policy, budget) cell is the KL to the full cache of "the 
 changed", so the costs describe the loss around the plan the optimizer starts from, one background per target
 budget. Rows hold small caches, so a probe costs about as much as a decoding pass of the answer.
 
+With `--around-plan P` the background at B is plan P's rung at B instead (its policy and budget per layer): the
+probes then describe the changes one layer at a time around a plan already found, and the optimizer refines it
+(the plan's own choice in a layer costs nothing; another choice costs or gains what it measured).
+
 The optimizer's cost (`Profile.layer_costs("around_kl")`) is the share of the output distribution lost,
 exp(-KL_background) - exp(-KL_probe), not the KL difference: the share saturates, so samples that every plan at
 that budget gets wrong (a needle no layer keeps) do not outweigh the ones a plan can still change.
@@ -16,14 +20,19 @@ that budget gets wrong (a needle no layer keeps) do not outweigh the ones a plan
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 
 from polykv_search.calibrate.layer_kl import probe_methods
 from polykv_search.calibrate.profile import AROUND_BASE, AROUND_KL
 from polykv_search.data import Sample
+from polykv_search.errors import ConfigError
 from polykv_search.evaluate.engine import EvaluationEngine, Method, PrefillState
 from polykv_search.optimize.objective import mean_over_tasks
+
+if TYPE_CHECKING:
+    from polykv_search.plan import PlanFile
 
 
 def uniform_background(num_layers: int, layers: Sequence[int], policy: str, budget: int,
@@ -34,6 +43,43 @@ def uniform_background(num_layers: int, layers: Sequence[int], policy: str, budg
     for layer in layers:
         names[layer], sizes[layer] = policy, int(budget)
     return names, sizes
+
+
+def background_layers(background: dict, num_layers: int, layers: Sequence[int],
+                      ) -> tuple[list[str | None], list[int | None]]:
+    """Per-layer policies and budgets of a stored background: a plan's rung, or one uniform policy."""
+    if "policies" in background:
+        return list(background["policies"]), list(background["budgets"])
+    return uniform_background(num_layers, layers, background["policy"], background["budget"])
+
+
+def plan_backgrounds(plan_file: PlanFile, *, budgets: Sequence[int], policies: Sequence[str], name: str,
+                     ) -> list[dict]:
+    """The plan's rungs at `budgets` as backgrounds [{"budget", "plan", "policies", "budgets"}]; every rung's
+    policies must be calibrated ones with their registered parameters (the probes reuse calibrate's rankings)."""
+    from polykv_search.plan.params import policy_params
+
+    rungs = {float(p.average_budget): p for p in plan_file.plans}
+    missing = [b for b in budgets if float(b) not in rungs]
+    if missing:
+        have = ", ".join(f"{b:g}" for b in sorted(rungs))
+        raise ConfigError(f"--around-plan {name} has no rung at average budget {', '.join(map(str, missing))} "
+                          f"(it has {have}); pass --around with some of those budgets")
+    chosen = []
+    for budget in budgets:
+        plan = rungs[float(budget)]
+        for layer in plan.layers:
+            if layer.policy is None:
+                continue
+            if layer.policy not in policies:
+                raise ConfigError(f"--around-plan {name} uses {layer.policy} at layer {layer.index} (budget "
+                                  f"{budget}), which is not calibrated; add it to --policies")
+            if layer.params != policy_params(layer.policy):
+                raise ConfigError(f"--around-plan {name}: layer {layer.index} runs {layer.policy} with parameters "
+                                  f"{layer.params}, not the registered ones calibrate measures; use a plan with "
+                                  "registered parameters")
+        chosen.append({"budget": int(budget), "plan": name, "policies": plan.policies, "budgets": plan.budgets})
+    return chosen
 
 
 def choose_backgrounds(engine: EvaluationEngine, samples: Sequence[Sample], *, budgets: Sequence[int],
@@ -76,7 +122,7 @@ def around_probes(engine: EvaluationEngine, state: PrefillState, *, num_layers: 
             kl[layer] = 0.0
         return {AROUND_KL: kl, AROUND_BASE: base}
     for a, background in enumerate(backgrounds):
-        names, sizes = uniform_background(num_layers, layers, background["policy"], background["budget"])
+        names, sizes = background_layers(background, num_layers, layers)
         probes = probe_methods(num_layers, layers, policies, budgets, state.n_context, background=(names, sizes))
         rows = [Method("background", "uniform", int(background["budget"]), tuple(names), tuple(sizes))]
         measured = engine.answer_metrics_many(state, rows + [m for _, m in probes], batch_size=batch_size)

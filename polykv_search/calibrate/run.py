@@ -60,6 +60,7 @@ class CalibrationConfig:
     layer_kl: bool = False  # slower mode: KL to the full cache with one layer compressed, per policy and budget
     around: tuple[int, ...] = ()  # operating points: probes with every other layer at this uniform budget
     around_policy: str | None = None  # the background's policy (None: the best uniform one on the samples)
+    around_plan: str | None = None  # or: a plan file whose rungs at the --around budgets are the backgrounds
 
     def validated(self) -> CalibrationConfig:
         policies = tuple(check_policy_names(list(self.policies)))
@@ -76,11 +77,19 @@ class CalibrationConfig:
         if self.around_policy is not None and self.around_policy not in policies:
             raise ConfigError(f"--around-policy {self.around_policy!r} is not among the calibrated policies "
                               f"({', '.join(policies)}); add it to --policies")
+        around = tuple(sorted({int(b) for b in self.around}))
+        if self.around_plan is not None:
+            if self.around_policy is not None:
+                raise ConfigError("--around-policy and --around-plan both set the background; pass one of them")
+            if not around:  # every whole-token rung of the plan
+                from polykv_search.plan import PlanFile
+
+                around = tuple(sorted(int(b) for b in PlanFile.load(self.around_plan).budgets
+                                      if float(b).is_integer()))
         return CalibrationConfig(policies=policies, budgets=tuple(sorted({int(b) for b in self.budgets})),
                                  window=self.window, n_sink=self.n_sink, recent=self.recent,
                                  max_context_tokens=self.max_context_tokens, layer_kl=self.layer_kl,
-                                 around=tuple(sorted({int(b) for b in self.around})),
-                                 around_policy=self.around_policy)
+                                 around=around, around_policy=self.around_policy, around_plan=self.around_plan)
 
 
 @dataclass
@@ -171,7 +180,15 @@ def _backgrounds(lm: LoadedModel, samples: Sequence[Sample], config: Calibration
     path = ckpt_dir / "around.json"
     if resume and path.exists():
         return json.loads(path.read_text())
-    if config.around_policy is not None:
+    if config.around_plan is not None:
+        from polykv_search.calibrate.around import plan_backgrounds
+        from polykv_search.plan import PlanFile, check_matches_model
+
+        plan_file = PlanFile.load(config.around_plan)
+        check_matches_model(plan_file, lm.info)
+        chosen = plan_backgrounds(plan_file, budgets=config.around, policies=config.policies,
+                                  name=Path(config.around_plan).stem)
+    elif config.around_policy is not None:
         chosen = [{"budget": b, "policy": config.around_policy, "kept": None} for b in config.around]
     else:
         logger.info("choosing the --around backgrounds: one prefill per sample, %d uniform rows each",
@@ -253,9 +270,12 @@ def _load_checkpoint(path: Path, index: int) -> tuple[SampleRecord | None, Sampl
 def _fingerprint(lm: LoadedModel, samples: Sequence[Sample], config: CalibrationConfig,
                  data_sources: Sequence[str], max_ctx: int) -> dict[str, Any]:
     ids = hashlib.sha256("\n".join(f"{s.id}\t{s.task}\t{len(s.context)}" for s in samples).encode()).hexdigest()
-    return {"model": lm.info.model_id, "revision": lm.info.revision, "config": asdict(config),
-            "max_context_tokens": max_ctx, "samples": ids, "data": list(data_sources),
-            "format_version": PROFILE_VERSION}
+    found = {"model": lm.info.model_id, "revision": lm.info.revision, "config": asdict(config),
+             "max_context_tokens": max_ctx, "samples": ids, "data": list(data_sources),
+             "format_version": PROFILE_VERSION}
+    if config.around_plan is not None:  # an edited plan file is another background
+        found["around_plan_sha256"] = file_sha256(Path(config.around_plan))
+    return found
 
 
 def _versions() -> dict[str, str]:

@@ -67,6 +67,10 @@ def calibrate(
     around_policy: Annotated[str | None, typer.Option(help="--around: the background's policy (default: the "
                                                       "uniform policy keeping most of the output distribution "
                                                       "on the calibration samples).")] = None,
+    around_plan: Annotated[Path | None, typer.Option(help="--around: probe around this plan's rungs instead of a "
+                                                     "uniform policy (default budgets: the plan's), so that "
+                                                     "`optimize --cost around_kl` refines the plan; its "
+                                                     "policies must be among --policies.")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the checkpoints of an interrupted run.")] = False,
     device: DeviceOpt = "cpu",
     dtype: DtypeOpt = "auto",
@@ -88,7 +92,7 @@ def calibrate(
         budgets=tuple(parse_int_list(budgets, option="--budgets")) if budgets else DEFAULT_BUDGETS,
         window=window, max_context_tokens=max_context, layer_kl=layer_kl,
         around=tuple(parse_int_list(around, option="--around")) if around else (),
-        around_policy=around_policy).validated()
+        around_policy=around_policy, around_plan=str(around_plan) if around_plan else None).validated()
     sources = data or [DEFAULT_DATA]
     mapping = parse_column_map(column_map)
     samples = [s for source in sources for s in load_samples(source, column_map=mapping)]

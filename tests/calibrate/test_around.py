@@ -140,3 +140,63 @@ def test_sliding_window_layers_are_left_out_of_the_around_probes(tiny_gemma, tmp
     assert torch.isfinite(kl[:, tiny_gemma.info.compressible_layers]).all()
     assert Problem.from_profile(profile, average_budget=8, cost=AROUND_KL).layers == tuple(
         tiny_gemma.info.compressible_layers)
+
+
+def mixed_plan_file(lm, path, budget=AROUND):
+    """A plan at `budget` with another policy and budget in each layer (the last one takes the rest of the total)."""
+    from polykv_search.plan import Plan, PlanFile, SearchInfo
+
+    layers = lm.info.compressible_layers
+    names, sizes = [None] * lm.info.num_layers, [None] * lm.info.num_layers
+    for k, layer in enumerate(layers):
+        names[layer] = POLICIES[k % len(POLICIES)]
+        sizes[layer] = budget // 2 if k % 2 == 0 else budget + budget // 2
+    sizes[layers[-1]] = budget * len(layers) - sum(sizes[i] for i in layers[:-1])
+    plan = Plan.build(lm.info, average_budget=budget, policies=names, budgets=sizes,
+                      search=SearchInfo(solver="test", status="heuristic"))
+    PlanFile.build(lm.info, [plan]).save(path)
+    return names, sizes
+
+
+def test_probes_around_a_plan_are_the_engine_kl_of_that_plan_with_one_layer_changed(setup):
+    lm, samples, _, tmp = setup
+    names, sizes = mixed_plan_file(lm, tmp / "mixed.json")
+    budgets = tuple(sorted({8, 1000, *(s for s in sizes if s)}))  # the plan's own sizes among them
+    config = CalibrationConfig(policies=POLICIES, budgets=budgets, window=16, around_plan=str(tmp / "mixed.json"))
+    assert config.validated().around == (AROUND,)  # default: the plan's rungs
+    run = calibrate(lm, samples, config=config, out_dir=tmp / "plan_bg")
+    (chosen,) = run.profile.header["around"]
+    assert chosen == {"budget": AROUND, "plan": "mixed", "policies": names, "budgets": sizes}
+    kl, base = run.profile.arrays[AROUND_KL], run.profile.arrays[AROUND_BASE]
+    engine = EvaluationEngine(lm, policies=POLICIES)
+    for index, sample in enumerate(samples):
+        state = engine.prefill(sample)
+        assert base[index, 0].item() == pytest.approx(
+            engine.run(state, Method("bg", "plan", AROUND, tuple(names), tuple(sizes))).kl, rel=1e-3, abs=1e-5)
+        for layer in lm.info.compressible_layers:
+            own = kl[index, layer, 0, POLICIES.index(names[layer]), budgets.index(sizes[layer])]
+            assert own.item() == pytest.approx(base[index, 0].item(), rel=1e-3, abs=1e-5)  # the plan itself
+            changed_names, changed_sizes = list(names), list(sizes)
+            changed_names[layer], changed_sizes[layer] = "knorm", 8
+            result = engine.run(state, Method("one", "plan", AROUND, tuple(changed_names), tuple(changed_sizes)))
+            assert kl[index, layer, 0, POLICIES.index("knorm"), 0].item() == pytest.approx(result.kl, rel=1e-3,
+                                                                                            abs=1e-5)
+    costs = run.profile.layer_costs(AROUND_KL, budget=AROUND)  # the plan's own choice costs nothing
+    for layer in lm.info.compressible_layers:
+        assert costs[layer, POLICIES.index(names[layer]), budgets.index(sizes[layer])].item() == pytest.approx(
+            0.0, abs=1e-5)
+
+
+def test_bad_around_plans(setup):
+    lm, samples, _, tmp = setup
+    mixed_plan_file(lm, tmp / "bad.json")
+    with pytest.raises(ConfigError, match="both set the background"):
+        CalibrationConfig(policies=POLICIES, around_policy="snapkv", around_plan=str(tmp / "bad.json")).validated()
+    missing_rung = CalibrationConfig(policies=POLICIES, budgets=BUDGETS, window=16, around=(32,),
+                                     around_plan=str(tmp / "bad.json"))
+    with pytest.raises(ConfigError, match="no rung at average budget 32"):
+        calibrate(lm, samples, config=missing_rung, out_dir=tmp / "bad1")
+    uncalibrated = CalibrationConfig(policies=("snapkv", "streaming"), budgets=BUDGETS, window=16,
+                                     around_plan=str(tmp / "bad.json"))
+    with pytest.raises(ConfigError, match="knorm at layer .* add it to --policies"):
+        calibrate(lm, samples, config=uncalibrated, out_dir=tmp / "bad2")

@@ -135,3 +135,15 @@ def test_around_flag_adds_operating_point_costs_that_optimize_uses(monkeypatch, 
                            "around_kl", "--out", tmp_path / "p32.json")
     lines = [line for line in err.splitlines() if line.strip()]
     assert code == 2 and len(lines) == 1 and "--around 32" in lines[0], err
+    # the refinement loop: probe around that plan, optimize again
+    monkeypatch.setattr(sys, "argv", ["polykv-search", "calibrate", "--model", str(tiny_dir), "--data", str(data),
+                                      "--out", str(tmp_path / "o2"), "--budgets", "8,16,32", "--window", "16",
+                                      "--policies", "snapkv,streaming", "--around-plan", str(tmp_path / "plan.json"),
+                                      "--json"])
+    main()
+    refined = Profile.load(json.loads(capsys.readouterr().out)["profile"])
+    assert refined.around_budgets == [16] and refined.header["around"][0]["plan"] == "plan"
+    code, _, err = run_cli(monkeypatch, capsys, "calibrate", "--model", tiny_dir, "--data", data, "--out",
+                           tmp_path / "o3", "--around-plan", tmp_path / "nope.json")
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code != 0 and len(lines) == 1 and "nope.json" in lines[0], err
