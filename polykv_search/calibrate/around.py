@@ -6,7 +6,8 @@ the total on one layer and starves the rest. Here every other layer keeps a back
 policy at the target average budget B (the one that keeps the most of the output distribution on the calibration
 samples). Each (layer, policy, budget) cell is the KL to the full cache of "the background with that one layer
 changed", so the costs describe the loss around the plan the optimizer starts from, one background per target
-budget. Rows hold small caches, so a probe costs about as much as a decoding pass of the answer.
+budget. Rows hold small caches, so a probe costs about as much as a decoding pass of the answer, and less: below
+its changed layer a row is the background, whose hidden states are kept, so its forward starts at that layer.
 
 With `--around-plan P` the background at B is plan P's rung at B instead (its policy and budget per layer): the
 probes then describe the changes one layer at a time around a plan already found, and the optimizer refines it
@@ -124,8 +125,9 @@ def around_probes(engine: EvaluationEngine, state: PrefillState, *, num_layers: 
     for a, background in enumerate(backgrounds):
         names, sizes = background_layers(background, num_layers, layers)
         probes = probe_methods(num_layers, layers, policies, budgets, state.n_context, background=(names, sizes))
-        rows = [Method("background", "uniform", int(background["budget"]), tuple(names), tuple(sizes))]
-        measured = engine.answer_metrics_many(state, rows + [m for _, m in probes], batch_size=batch_size)
+        reference = Method("background", "uniform", int(background["budget"]), tuple(names), tuple(sizes))
+        measured = engine.answer_metrics_many(state, [reference] + [m for _, m in probes], batch_size=batch_size,
+                                              reference=reference)  # a probe's forward starts at its layer
         base[a] = measured[0]["kl"]
         for ((layer, p, g), _), metrics in zip(probes, measured[1:]):
             kl[layer, a, p, g] = metrics["kl"]

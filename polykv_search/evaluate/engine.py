@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Sequence
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -142,20 +142,43 @@ class EvaluationEngine:
                              rankings=rankings)
         if not parts.answer_ids:
             return state
-        inputs: dict[int, torch.Tensor] = {}
-
-        def record(module, args, kwargs):
-            inputs[len(inputs)] = args[0] if args else kwargs["hidden_states"]
-
-        handles = [layer.register_forward_pre_hook(record, with_kwargs=True) for layer in self.layers]
-        try:
+        with self._recording_inputs() as inputs:
             state.full_logprobs = self._answer_logprobs(state, self._cache_for(state, None)[0])
+        state.suffix_inputs = inputs or None
+        return state
+
+    @contextmanager
+    def _recording_inputs(self):
+        """Collects, per decoder layer, the hidden states entering it during one forward (batch 1); yields a list
+        that is filled once the forward ran every layer (left empty otherwise)."""
+        seen: dict[int, torch.Tensor] = {}
+
+        def recorder(index: int):
+            def record(module, args, kwargs):
+                seen[index] = args[0] if args else kwargs["hidden_states"]
+            return record
+
+        handles = [layer.register_forward_pre_hook(recorder(i), with_kwargs=True) for i, layer in enumerate(self.layers)]
+        found: list[torch.Tensor] = []
+        try:
+            yield found
         finally:
             for handle in handles:
                 handle.remove()
-        if len(inputs) == len(self.layers):
-            state.suffix_inputs = [inputs[i] for i in range(len(self.layers))]
-        return state
+        if len(seen) == len(self.layers):
+            found.extend(seen[i] for i in range(len(self.layers)))
+
+    @torch.inference_mode()
+    def layer_inputs(self, state: PrefillState, method: Method) -> list[torch.Tensor] | None:
+        """Per decoder layer, the (1, S, D) hidden states entering it when the question and reference answer run
+        teacher-forced on `method`'s cache (None without a reference answer or when the model's layers cannot be
+        entered one at a time)."""
+        if not state.parts.answer_ids:
+            return None
+        cache, valid, _ = self._batched_cache(state, [method])
+        with self._recording_inputs() as inputs:
+            self._suffix_logits(state, cache, valid)
+        return inputs or None
 
     # -- per method ------------------------------------------------------------------------------
     def full_method(self) -> Method:
@@ -209,27 +232,33 @@ class EvaluationEngine:
         return [m["kl"] for m in self.answer_metrics_many(state, methods, batch_size=batch_size)]
 
     @torch.inference_mode()
-    def answer_metrics_many(self, state: PrefillState, methods: Sequence[Method], *,
-                            batch_size: int = 16) -> list[dict[str, float]]:
+    def answer_metrics_many(self, state: PrefillState, methods: Sequence[Method], *, batch_size: int = 16,
+                            reference: Method | None = None) -> list[dict[str, float]]:
         """Teacher-forced measures over the reference answer, per method (the optimizer's end-to-end objectives):
         "kl" = mean KL(full || method), "nll" = mean negative log-likelihood of the reference tokens,
         "miss" = share of reference tokens that are not the method's top-1 prediction (what greedy decoding
         would get wrong given a correct prefix), "lost" = 1 - exp(-kl), the share of the full cache's output
-        distribution lost (at most 1 per sample). One forward per batch, no decoding."""
+        distribution lost (at most 1 per sample). One forward per batch, no decoding.
+
+        `reference`: a method the rows differ from in few layers (calibrate --around's background). Its hidden
+        states are recorded in one extra pass and each row's forward starts at the first layer where its cache
+        differs from the reference's (the same numbers; the layers below are skipped)."""
         if state.full_logprobs is None:
             return [{"kl": 0.0, "nll": 0.0, "miss": 0.0, "lost": 0.0} for _ in methods]
         answer = torch.tensor(state.parts.answer_ids, device=state.full_logprobs.device)  # (A,)
         full = state.full_logprobs[None]  # (1, A, V)
         # rows are batched by their first compressed layer: below it every row is the full cache, whose hidden
         # states were kept, so the forward starts there (on average half the layers for one-layer probes)
-        first = [self._first_compressed(state, m) for m in methods]
+        inputs = state.suffix_inputs if reference is None else self.layer_inputs(state, reference)
+        first = [0 if inputs is None else self._first_compressed(state, m) if reference is None
+                 else self._first_difference(state, m, reference) for m in methods]
         order = sorted(range(len(methods)), key=lambda i: first[i])
         out: list[dict[str, float]] = [{} for _ in methods]
         for begin in range(0, len(order), batch_size):
             rows = order[begin:begin + batch_size]
             group = [methods[i] for i in rows]
             cache, valid, _ = self._batched_cache(state, group)
-            logits = self._suffix_logits(state, cache, valid, start=min(first[i] for i in rows))
+            logits = self._suffix_logits(state, cache, valid, start=min(first[i] for i in rows), inputs=inputs)
             logprobs = torch.log_softmax(logits[:, :-1], dim=-1)  # (B, A, V)
             kl = (full.exp() * (full - logprobs)).sum(-1).mean(-1)  # (B,)
             nll = -logprobs.gather(-1, answer[None, :, None].expand(len(group), -1, 1))[..., 0].mean(-1)  # (B,)
@@ -244,6 +273,14 @@ class EvaluationEngine:
         if state.suffix_inputs is None:
             return 0
         return min(self._compressed_layers(state, method), default=len(self.layers))
+
+    def _first_difference(self, state: PrefillState, method: Method, reference: Method) -> int:
+        """The first layer whose cache differs between `method` and `reference` (the layer count if none)."""
+        def kept(m: Method, idx: int) -> tuple[str, int] | None:  # None: the whole context
+            whole = m.policies[idx] is None or m.budgets[idx] is None or m.budgets[idx] >= state.n_context
+            return None if whole else (m.policies[idx], int(m.budgets[idx]))
+
+        return next((idx for idx in self.compressible if kept(method, idx) != kept(reference, idx)), len(self.layers))
 
     def _compressed_layers(self, state: PrefillState, method: Method) -> list[int]:
         """The compressible layers where the method keeps fewer tokens than the context."""
@@ -404,30 +441,33 @@ class EvaluationEngine:
         return all(type(layer) in (DynamicLayer, ReservedLayer) for layer in cache.layers)
 
     def _suffix_logits(self, state: PrefillState, cache: DynamicCache,
-                       valid: dict[int, torch.Tensor] | None = None, start: int = 0) -> torch.Tensor:
+                       valid: dict[int, torch.Tensor] | None = None, start: int = 0,
+                       inputs: list[torch.Tensor] | None = None) -> torch.Tensor:
         """(B, A + 1, V) float logits of the question's last position and of every answer token, with the question
         and reference answer teacher-forced into `cache`.
 
         `start` > 0: every row holds the full cache below layer `start`, so the forward begins at that layer from
         the full-cache pass's hidden states (`state.suffix_inputs`); layers below it are neither run nor written,
-        so the cache then serves this call only."""
+        so the cache then serves this call only. `inputs`: per-layer hidden states of another pass whose cache
+        every row shares below `start` (default: the full cache's)."""
         answer = list(state.parts.answer_ids)
         suffix = list(state.parts.question_ids) + answer
         batch = cache.layers[0].keys.shape[0]
         n = state.n_context
         position_ids = torch.arange(n, n + len(suffix), device=self.lm.device)[None].expand(batch, -1)
         inner, model = self.lm.model.model, self.lm.model
-        if state.suffix_inputs is None or getattr(inner, "layers", None) is not self.layers \
+        inputs_at = inputs if inputs is not None else state.suffix_inputs
+        if inputs_at is None or getattr(inner, "layers", None) is not self.layers \
                 or start >= len(self.layers):  # a multimodal wrapper, or rows that change no layer: run them all
             start = 0
-        inputs = {"input_ids": torch.tensor([suffix] * batch, device=self.lm.device)}
+        feed = {"input_ids": torch.tensor([suffix] * batch, device=self.lm.device)}
         if start > 0:
-            inputs = {"inputs_embeds": state.suffix_inputs[start].expand(batch, -1, -1)}
+            feed = {"inputs_embeds": inputs_at[start].expand(batch, -1, -1)}
             inner.layers = torch.nn.ModuleList(list(self.layers)[start:])  # each keeps its own layer_idx
         self._set_valid(valid)
         try:
             with polykv_attention(model):
-                out = model(**inputs, past_key_values=cache, position_ids=position_ids,
+                out = model(**feed, past_key_values=cache, position_ids=position_ids,
                             logits_to_keep=len(answer) + 1)
         finally:
             self._set_valid(None)

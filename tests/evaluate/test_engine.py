@@ -154,3 +154,33 @@ def test_lost_is_the_share_of_the_output_distribution_lost(setup):
     full, measured = engine.answer_metrics_many(state, [engine.full_method(), plan])
     assert full["lost"] == pytest.approx(0.0, abs=1e-6)
     assert measured["kl"] > 0 and measured["lost"] == pytest.approx(1 - math.exp(-measured["kl"]), rel=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma"])
+def test_rows_starting_where_they_leave_a_reference_equal_a_forward_from_the_embeddings(setup, arch):
+    """calibrate --around's probes: every row is a background with one layer changed; with the background as
+    `reference` each row's forward starts at its changed layer from the background's hidden states."""
+    _, samples = setup
+    lm = tiny_loaded(arch)
+    engine = EvaluationEngine(lm, policies=["snapkv", "knorm"])
+    state = engine.prefill(samples[0])
+    n, layers = lm.info.num_layers, lm.info.compressible_layers
+    names = tuple("snapkv" if i in layers else None for i in range(n))
+    sizes = tuple(12 if i in layers else None for i in range(n))
+    reference = Method("bg", "uniform", 12, names, sizes)
+    rows = [reference]
+    for layer in layers:
+        for policy, budget in (("knorm", 12), ("snapkv", 8), ("snapkv", 10_000)):
+            changed_names, changed_sizes = list(names), list(sizes)
+            changed_names[layer], changed_sizes[layer] = policy, budget
+            rows.append(Method(f"L{layer}", "probe", 12, tuple(changed_names), tuple(changed_sizes)))
+    assert [engine._first_difference(state, m, reference) for m in rows] == [n] + [i for i in layers for _ in range(3)]
+    inputs = engine.layer_inputs(state, reference)
+    assert inputs is not None and len(inputs) == n
+    skipped = engine.answer_metrics_many(state, rows, batch_size=3, reference=reference)
+    state.suffix_inputs = None  # every row from the embeddings
+    full_run = engine.answer_metrics_many(state, rows, batch_size=3)
+    for a, b in zip(skipped, full_run):
+        for key in ("kl", "nll", "miss", "lost"):
+            assert a[key] == pytest.approx(b[key], abs=1e-5)
+    assert len({round(m["kl"], 4) for m in skipped}) > 2  # the rows measure different caches
