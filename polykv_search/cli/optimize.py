@@ -79,6 +79,10 @@ def optimize(
     floor: Annotated[int, typer.Option(help="Fewest tokens a layer may keep.")] = 1,
     cap: Annotated[int | None, typer.Option(help="Most tokens a layer may keep (default: longest context).")] = None,
     max_policies: Annotated[int | None, typer.Option(help="At most this many distinct policies.")] = None,
+    max_changes: Annotated[int | None, typer.Option(help="--cost around_kl on a profile from `calibrate "
+                                                    "--around-plan`: keep that plan but at most this many layers, "
+                                                    "each moved to its best measured cell (a trust region: the "
+                                                    "cells are exact one layer at a time).")] = None,
     tie: Annotated[list[str] | None, typer.Option(help="Layers forced to one policy and budget, e.g. '0,1,2'; "
                                                   "repeatable.")] = None,
     only: Annotated[list[str] | None, typer.Option(help="Restrict a policy to layers, e.g. 'streaming=0,1'; "
@@ -132,7 +136,14 @@ def optimize(
     if solver in ("select", "optuna"):
         objective = _objective(loaded, model=model, data=data, max_samples=max_samples, device=device, dtype=dtype,
                                metric=metric)
-    plans = []
+    if max_changes is not None:
+        if cost != "around_kl" or solver != "dp":
+            raise ConfigError("--max-changes refines a plan from around_kl probes; use it with --cost around_kl and "
+                              "the default --solver dp")
+        plans = [_refined_plan(loaded, average, max_changes, names, signature) for average in budgets]
+        budgets = []
+    else:
+        plans = []
     for average in budgets:
         problem = Problem.from_profile(loaded, average_budget=average, cost=cost, weighting=weighting, policies=names,
                                        floor=floor, cap=layer_cap, allowed=allowed, tied=tied,
@@ -157,6 +168,25 @@ def optimize(
     err_console.print(_plan_table(plan_file))
     typer.echo(f"plan: {out_path}")
     typer.echo(f"allocation: {png}")
+
+
+def _refined_plan(profile, average: float, max_changes: int, names, signature: str):
+    """optimize --max-changes: the profile's plan background at `average` with at most that many layers moved."""
+    import time
+
+    from polykv_search.optimize.plans import plan_from_choices
+    from polykv_search.optimize.refine import plan_background, refine
+    from polykv_search.plan import SearchInfo
+
+    started = time.perf_counter()
+    found = refine(profile, average_budget=average, max_changes=max_changes, policies=names)
+    source = plan_background(profile, average)["plan"]
+    search = SearchInfo(solver="refine", status="optimal", objective=found.predicted, profile_signature=signature,
+                        seconds=round(time.perf_counter() - started, 4),
+                        notes=f"plan {source} with at most {max_changes} layers changed: "
+                              f"{', '.join(map(str, found.changed)) or 'none'}")
+    return plan_from_choices(profile.model, average_budget=average, policies=found.policies, budgets=found.budgets,
+                             search=search)
 
 
 def _plan_table(plan_file) -> Table:

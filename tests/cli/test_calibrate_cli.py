@@ -141,8 +141,19 @@ def test_around_flag_adds_operating_point_costs_that_optimize_uses(monkeypatch, 
                                       "--policies", "snapkv,streaming", "--around-plan", str(tmp_path / "plan.json"),
                                       "--json"])
     main()
-    refined = Profile.load(json.loads(capsys.readouterr().out)["profile"])
+    refined_path = json.loads(capsys.readouterr().out)["profile"]
+    refined = Profile.load(refined_path)
     assert refined.around_budgets == [16] and refined.header["around"][0]["plan"] == "plan"
+    monkeypatch.setattr(sys, "argv", ["polykv-search", "optimize", "--profile", refined_path, "--budget", "16",
+                                      "--cost", "around_kl", "--max-changes", "1", "--out", str(tmp_path / "r.json"),
+                                      "--json"])
+    main()
+    (rung,) = json.loads(capsys.readouterr().out)["plans"]
+    assert rung["solver"] == "refine" and "at most 1 layers changed" in rung["notes"]
+    code, _, err = run_cli(monkeypatch, capsys, "optimize", "--profile", refined_path, "--budget", "16",
+                           "--max-changes", "1", "--out", tmp_path / "bad.json")
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2 and len(lines) == 1 and "--cost around_kl" in lines[0], err
     code, _, err = run_cli(monkeypatch, capsys, "calibrate", "--model", tiny_dir, "--data", data, "--out",
                            tmp_path / "o3", "--around-plan", tmp_path / "nope.json")
     lines = [line for line in err.splitlines() if line.strip()]

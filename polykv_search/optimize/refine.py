@@ -1,0 +1,110 @@
+"""optimize --max-changes K: refine the plan a profile was probed around, changing at most K of its layers.
+
+`calibrate --around-plan` measures every (layer, policy, budget) cell with every other layer at the plan. Each cell
+is exact for a plan that changes that one layer; their sum predicts a plan that changes many layers at once
+poorly (SmolLM2 at 128 tokens: the unconstrained DP changed 25 of 30 layers, predicted keeping 0.89 of the output
+distribution and measured 0.33 on the calibration samples). A trust region keeps the prediction near what was
+measured: every layer stays at the plan except at most K, each changed layer takes one measured cell, and the
+total is at most the plan's (tokens left over go to the changed layer keeping the most). The exact optimum of
+that problem comes from a DP over layers whose state is (layers changed so far, tokens used relative to the plan).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import reduce
+
+import numpy as np
+
+from polykv_search.calibrate.profile import AROUND_KL, Profile
+from polykv_search.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Refinement:
+    policies: list[str | None]  # per model layer
+    budgets: list[int | None]
+    predicted: float  # sum of the changed cells' costs: the predicted change of the share of the output lost
+    changed: list[int]  # the layers moved off the plan
+
+
+def plan_background(profile: Profile, average_budget: float) -> dict:
+    """The `calibrate --around-plan` background measured at `average_budget` (a clear error otherwise)."""
+    for background in profile.header.get("around", []) if AROUND_KL in profile.arrays else []:
+        if float(background["budget"]) == float(average_budget):
+            if "policies" not in background:
+                raise ConfigError(f"--max-changes refines the plan a profile was probed around, but this profile's "
+                                  f"background at {average_budget:g} is the uniform policy {background['policy']}; "
+                                  "calibrate with --around-plan PLAN")
+            return background
+    raise ConfigError(f"--max-changes needs around_kl probes at {average_budget:g} tokens per layer; calibrate with "
+                      f"--around-plan PLAN (a plan with a rung at {average_budget:g})")
+
+
+def refine(profile: Profile, *, average_budget: float, max_changes: int,
+           policies: Sequence[str] | None = None) -> Refinement:
+    """The best plan that differs from the profile's plan background in at most `max_changes` layers."""
+    if max_changes < 0:
+        raise ConfigError(f"--max-changes {max_changes} must be 0 or more")
+    background = plan_background(profile, average_budget)
+    names = list(profile.policies) if policies is None else list(policies)
+    unknown = [p for p in names if p not in profile.policies]
+    if unknown:
+        raise ConfigError(f"policy {', '.join(unknown)} is not in the profile; known: {', '.join(profile.policies)}")
+    table = profile.layer_costs(AROUND_KL, budget=average_budget).double().numpy()  # (L, P, G)
+    layers = profile.model.compressible_layers
+    base_policies, base_budgets = list(background["policies"]), list(background["budgets"])
+    grid = [int(b) for b in profile.budgets]
+    options = []  # per layer: (cost, delta, policy, budget) of every measured cell that changes it
+    for layer in layers:
+        cells = []
+        for name in names:
+            p = profile.policies.index(name)
+            for g, level in enumerate(grid):
+                cost = table[layer, p, g]
+                same = name == base_policies[layer] and level == base_budgets[layer]
+                if math.isfinite(cost) and not same:
+                    cells.append((float(cost), level - int(base_budgets[layer]), name, level))
+        options.append(cells)
+    unit = reduce(math.gcd, [abs(d) for cells in options for _, d, _, _ in cells] + [0]) or 1
+    k_max = min(max_changes, len(layers))
+    reach = sum(sorted((max((abs(d) for _, d, _, _ in cells), default=0) for cells in options), reverse=True)
+                [:k_max]) // unit
+    width = 2 * reach + 1  # states: tokens used relative to the plan, -reach .. +reach units
+    best = np.full((k_max + 1, width), np.inf)
+    best[0, reach] = 0.0
+    picks = []  # per layer: (K+1, width) option index taken to reach that state, -1 = unchanged
+    for cells in options:
+        new, pick = best.copy(), np.full((k_max + 1, width), -1, dtype=np.int64)
+        for index, (cost, delta, _, _) in enumerate(cells):
+            shift = delta // unit
+            lo, hi = max(0, -shift), min(width, width - shift)  # source states whose target stays in range
+            if lo >= hi:
+                continue
+            moved = best[:-1, lo:hi] + cost  # (K, n): one more change
+            target = new[1:, lo + shift:hi + shift]
+            better = moved < target
+            target[better] = moved[better]
+            pick[1:, lo + shift:hi + shift][better] = index
+        best = new
+        picks.append(pick)
+    within = best[:, :reach + 1]  # at most the plan's total
+    k, state = np.unravel_index(np.argmin(within), within.shape)
+    value = float(within[k, state])
+    policies_out, budgets_out = list(base_policies), list(base_budgets)
+    changed = []
+    for layer, cells, pick in zip(reversed(layers), reversed(options), reversed(picks)):
+        index = int(pick[k, state])
+        if index < 0:
+            continue
+        _, delta, name, level = cells[index]
+        policies_out[layer], budgets_out[layer] = name, level
+        changed.append(layer)
+        k, state = k - 1, state - delta // unit
+    left = sum(int(base_budgets[i]) for i in layers) - sum(int(budgets_out[i]) for i in layers)
+    if left > 0:  # the plan's total exactly: the rest to the changed layer keeping the most
+        widest = max(changed, key=lambda i: budgets_out[i])
+        budgets_out[widest] += left
+    return Refinement(policies=policies_out, budgets=budgets_out, predicted=value, changed=sorted(changed))
