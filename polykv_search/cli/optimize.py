@@ -118,6 +118,9 @@ def optimize(
     if cost not in ALL_COST_KINDS:
         raise ConfigError(f"--cost {cost!r} is not one of {', '.join(ALL_COST_KINDS)}")
     _check_metric(metric)
+    if max_changes is not None:
+        _check_refine_options(cost=cost, solver=solver, weighting=weighting, floor=floor, cap=cap,
+                              max_policies=max_policies, tie=tie, only=only)
     budgets = _parse_budgets(budget)
     path = _profile_path(profile, model)
     loaded = Profile.load(path)
@@ -136,15 +139,11 @@ def optimize(
     if solver in ("select", "optuna"):
         objective = _objective(loaded, model=model, data=data, max_samples=max_samples, device=device, dtype=dtype,
                                metric=metric)
-    if max_changes is not None:
-        if cost != "around_kl" or solver != "dp":
-            raise ConfigError("--max-changes refines a plan from around_kl probes; use it with --cost around_kl and "
-                              "the default --solver dp")
-        plans = [_refined_plan(loaded, average, max_changes, names, signature) for average in budgets]
-        budgets = []
-    else:
-        plans = []
+    plans = []
     for average in budgets:
+        if max_changes is not None:
+            plans.append(_refined_plan(loaded, average, max_changes, names, signature))
+            continue
         problem = Problem.from_profile(loaded, average_budget=average, cost=cost, weighting=weighting, policies=names,
                                        floor=floor, cap=layer_cap, allowed=allowed, tied=tied,
                                        max_policies=max_policies)
@@ -170,20 +169,35 @@ def optimize(
     typer.echo(f"allocation: {png}")
 
 
+def _check_refine_options(*, cost: str, solver: str, weighting: str, floor: int, cap: int | None,
+                          max_policies: int | None, tie, only) -> None:
+    """--max-changes keeps the plan's own layers: the options that shape a fresh solve would be ignored."""
+    from polykv_search.errors import ConfigError
+
+    if cost != "around_kl" or solver != "dp":
+        raise ConfigError("--max-changes refines a plan from around_kl probes; use it with --cost around_kl and "
+                          "the default --solver dp")
+    ignored = [flag for flag, used in (("--weighting", weighting != "mean"), ("--floor", floor != 1),
+                                       ("--cap", cap is not None), ("--max-policies", max_policies is not None),
+                                       ("--tie", bool(tie)), ("--only", bool(only))) if used]
+    if ignored:
+        raise ConfigError(f"--max-changes moves at most K layers of the probed plan to measured cells; "
+                          f"{', '.join(ignored)} would be ignored, drop {'them' if len(ignored) > 1 else 'it'}")
+
+
 def _refined_plan(profile, average: float, max_changes: int, names, signature: str):
     """optimize --max-changes: the profile's plan background at `average` with at most that many layers moved."""
     import time
 
     from polykv_search.optimize.plans import plan_from_choices
-    from polykv_search.optimize.refine import plan_background, refine
+    from polykv_search.optimize.refine import refine
     from polykv_search.plan import SearchInfo
 
     started = time.perf_counter()
     found = refine(profile, average_budget=average, max_changes=max_changes, policies=names)
-    source = plan_background(profile, average)["plan"]
     search = SearchInfo(solver="refine", status="optimal", objective=found.predicted, profile_signature=signature,
                         seconds=round(time.perf_counter() - started, 4),
-                        notes=f"plan {source} with at most {max_changes} layers changed: "
+                        notes=f"plan {found.plan} with at most {max_changes} layers changed: "
                               f"{', '.join(map(str, found.changed)) or 'none'}")
     return plan_from_choices(profile.model, average_budget=average, policies=found.policies, budgets=found.budgets,
                              search=search)

@@ -276,17 +276,12 @@ class EvaluationEngine:
 
     def _first_difference(self, state: PrefillState, method: Method, reference: Method) -> int:
         """The first layer whose cache differs between `method` and `reference` (the layer count if none)."""
-        def kept(m: Method, idx: int) -> tuple[str, int] | None:  # None: the whole context
-            whole = m.policies[idx] is None or m.budgets[idx] is None or m.budgets[idx] >= state.n_context
-            return None if whole else (m.policies[idx], int(m.budgets[idx]))
-
-        return next((idx for idx in self.compressible if kept(method, idx) != kept(reference, idx)), len(self.layers))
+        return next((idx for idx in self.compressible
+                     if _selection(state, method, idx) != _selection(state, reference, idx)), len(self.layers))
 
     def _compressed_layers(self, state: PrefillState, method: Method) -> list[int]:
         """The compressible layers where the method keeps fewer tokens than the context."""
-        return [idx for idx in self.compressible
-                if method.policies[idx] is not None and method.budgets[idx] is not None
-                and method.budgets[idx] < state.n_context]
+        return [idx for idx in self.compressible if _selection(state, method, idx) is not None]
 
     def kept_indices(self, state: PrefillState, method: Method) -> dict[int, torch.Tensor]:
         """Per compressed layer, the (H_kv, b) context positions the method keeps, in kvpress's top-k order."""
@@ -473,6 +468,14 @@ class EvaluationEngine:
             self._set_valid(None)
             inner.layers = self.layers
         return out.logits.float()
+
+
+def _selection(state: PrefillState, method: Method, idx: int) -> tuple[str, int] | None:
+    """What the method keeps in layer `idx`: (policy, budget), or None when it keeps the whole context."""
+    policy, budget = method.policies[idx], method.budgets[idx]
+    if policy is None or budget is None or budget >= state.n_context:
+        return None
+    return policy, int(budget)
 
 
 def _reserved(layer, keys: torch.Tensor, values: torch.Tensor, room: int):

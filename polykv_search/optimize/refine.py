@@ -28,9 +28,10 @@ class Refinement:
     budgets: list[int | None]
     predicted: float  # sum of the changed cells' costs: the predicted change of the share of the output lost
     changed: list[int]  # the layers moved off the plan
+    plan: str  # the name of the plan refined (calibrate --around-plan's file)
 
 
-def plan_background(profile: Profile, average_budget: float) -> dict:
+def _plan_background(profile: Profile, average_budget: float) -> dict:
     """The `calibrate --around-plan` background measured at `average_budget` (a clear error otherwise)."""
     for background in profile.header.get("around", []) if AROUND_KL in profile.arrays else []:
         if float(background["budget"]) == float(average_budget):
@@ -48,7 +49,7 @@ def refine(profile: Profile, *, average_budget: float, max_changes: int,
     """The best plan that differs from the profile's plan background in at most `max_changes` layers."""
     if max_changes < 0:
         raise ConfigError(f"--max-changes {max_changes} must be 0 or more")
-    background = plan_background(profile, average_budget)
+    background = _plan_background(profile, average_budget)
     names = list(profile.policies) if policies is None else list(policies)
     unknown = [p for p in names if p not in profile.policies]
     if unknown:
@@ -107,4 +108,5 @@ def refine(profile: Profile, *, average_budget: float, max_changes: int,
     if left > 0:  # the plan's total exactly: the rest to the changed layer keeping the most
         widest = max(changed, key=lambda i: budgets_out[i])
         budgets_out[widest] += left
-    return Refinement(policies=policies_out, budgets=budgets_out, predicted=value, changed=sorted(changed))
+    return Refinement(policies=policies_out, budgets=budgets_out, predicted=value, changed=sorted(changed),
+                      plan=str(background["plan"]))

@@ -154,6 +154,11 @@ def test_around_flag_adds_operating_point_costs_that_optimize_uses(monkeypatch, 
                            "--max-changes", "1", "--out", tmp_path / "bad.json")
     lines = [line for line in err.splitlines() if line.strip()]
     assert code == 2 and len(lines) == 1 and "--cost around_kl" in lines[0], err
+    code, _, err = run_cli(monkeypatch, capsys, "optimize", "--profile", refined_path, "--budget", "16", "--cost",
+                           "around_kl", "--max-changes", "1", "--floor", "8", "--out", tmp_path / "bad.json")
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2 and len(lines) == 1 and "--floor would be ignored" in lines[0], err
+    assert not (tmp_path / "bad.json").exists()
     code, _, err = run_cli(monkeypatch, capsys, "calibrate", "--model", tiny_dir, "--data", data, "--out",
                            tmp_path / "o3", "--around-plan", tmp_path / "nope.json")
     lines = [line for line in err.splitlines() if line.strip()]
