@@ -342,43 +342,54 @@ def check_proxy_cmd(
 
 @app.command("choose")
 def choose_cmd(
-    plan: Annotated[list[Path], typer.Option("--plan", "-p", help="Plan files to choose from (at least two).")],
+    plan: Annotated[list[Path], typer.Option("--plan", "-p", help="Plan files to choose from.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="The chosen ladder (one plan per budget).")],
     model: ModelOpt = DEFAULT_MODEL,
     metric: Annotated[str, typer.Option(help="End-to-end measure on calibration samples (lower is better): "
-                                        "lost (1 - exp(-KL) per sample), kl, nll or miss.")] = "lost",
+                                        "lost (1 - exp(-KL) per sample), kl, nll, miss, or task (1 - the "
+                                        "task's score of the greedy answer; ties decided by lost).")] = "lost",
+    uniform: Annotated[str | None, typer.Option(help="Uniform policies that stand as candidates at every "
+                                                "budget, e.g. h2o_recent,streaming (the plan keeps the best "
+                                                "single policy where no plan measures better).")] = None,
     data: DataOpt = None,
     max_samples: Annotated[int | None, typer.Option(help="Calibration samples measured (default: all).")] = None,
     device: DeviceOpt = "cpu",
     dtype: DtypeOpt = "auto",
     as_json: JsonOpt = False,
 ) -> None:
-    """Per budget, keep the plan file's rung that measures best on calibration samples (never the eval data)."""
+    """Per budget, keep the candidate rung that measures best on calibration samples (never the eval data)."""
     from polykv_search.data import load_samples, spread_over_tasks
     from polykv_search.models import load_model
     from polykv_search.optimize.choose import choose_rungs
     from polykv_search.optimize.objective import EndToEndObjective
-    from polykv_search.plan import PlanFile
+    from polykv_search.plan import PlanFile, uniform_plan
     from polykv_search.plan.validate import check_matches_model
+    from polykv_search.policies import check_policy_names
 
     _check_metric(metric)
+    uniform_policies = check_policy_names(parse_str_list(uniform)) if uniform is not None else []
     files = [(path.stem, PlanFile.load(path)) for path in plan]
     with err_console.status(f"loading {model}"):
         lm = load_model(model, device=device, dtype=dtype)
     for _, plan_file in files:
         check_matches_model(plan_file, lm.info)
+    budgets = sorted({b for _, f in files for b in f.budgets})
+    files += [(policy, PlanFile.build(lm.info, [uniform_plan(lm.info, policy=policy, budget=b) for b in budgets]))
+              for policy in uniform_policies]
     policies = sorted({p for _, f in files for rung in f.plans for p in rung.policies if p is not None})
     samples = spread_over_tasks([s for source in data or ["calibration_data/calib.jsonl"]
                                  for s in load_samples(source)], max_samples)
     with err_console.status(f"prefilling {len(samples)} calibration samples"):
         objective = EndToEndObjective(lm, samples, policies=policies, metric=metric)
     with err_console.status("measuring every rung"):
-        plans, choices = choose_rungs(files, objective.many, metric=metric)
+        plans, choices = choose_rungs(files, objective.measure, metric=metric,
+                                      tie_break="lost" if metric == "task" else None)
     path = PlanFile.build(lm.info, plans).save(out)
     if as_json:
         typer.echo(json.dumps({"plan": str(path), "choices": [c.__dict__ for c in choices]}))
         return
-    table = Table(title=f"mean {metric} on {len(objective.states)} calibration samples (lower is better)")
+    what = "task loss (1 - score)" if metric == "task" else metric
+    table = Table(title=f"mean {what} on {len(objective.states)} calibration samples (lower is better)")
     table.add_column("budget", justify="right")
     for name, _ in files:
         table.add_column(name, justify="right")

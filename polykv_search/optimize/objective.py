@@ -2,7 +2,9 @@
 engine (each sample is prefilled once, then every candidate plan costs one short teacher-forced forward per
 sample): "kl" = mean KL(full cache || plan), "nll" = the reference's negative log-likelihood, "miss" = the share
 of reference tokens that are not the top-1 prediction, "lost" = 1 - exp(-KL) per sample, the share of the full
-cache's output distribution lost (it saturates, so samples that every plan gets wrong do not decide the mean)."""
+cache's output distribution lost (it saturates, so samples that every plan gets wrong do not decide the mean),
+"task" = 1 - the task's own score (the evaluation metric) of the greedy answer against the sample's gold answers:
+the only one that decodes, and the one `evaluate` reports, so the one to choose finished plans by."""
 
 from __future__ import annotations
 
@@ -10,9 +12,11 @@ from collections.abc import Sequence
 
 from polykv_search.data import Sample
 from polykv_search.evaluate.engine import EvaluationEngine, Method
+from polykv_search.evaluate.metrics import score_answer
 from polykv_search.models import LoadedModel
 
-METRICS = ("kl", "nll", "miss", "lost")
+METRICS = ("kl", "nll", "miss", "lost", "task")
+TEACHER_FORCED = ("kl", "nll", "miss", "lost")
 
 
 class EndToEndObjective:
@@ -40,11 +44,21 @@ class EndToEndObjective:
         """Every metric of each candidate, each a mean over samples (the mean over tasks, when samples are
         tagged with several tasks, so that each task family weighs the same)."""
         methods = [Method(f"c{i}", "plan", None, tuple(p), tuple(b)) for i, (p, b) in enumerate(candidates)]
-        rows = [self.engine.answer_metrics_many(state, methods, batch_size=self.batch_size) for state in self.states]
+        rows = [self._sample_metrics(state, methods) for state in self.states]
         self.evaluations += len(methods)
         if not rows:  # no sample has a reference answer: nothing to tell the candidates apart
-            return [dict.fromkeys(METRICS, 0.0) for _ in methods]
+            return [dict.fromkeys(METRICS if self.metric == "task" else TEACHER_FORCED, 0.0) for _ in methods]
         return mean_over_tasks([state.sample.task for state in self.states], rows)
+
+    def _sample_metrics(self, state, methods: Sequence[Method]) -> list[dict[str, float]]:
+        metrics = self.engine.answer_metrics_many(state, methods, batch_size=self.batch_size)
+        if self.metric != "task":
+            return metrics
+        sample = state.sample
+        answered = self.engine.run_many(state, methods, with_kl=False, batch_size=self.batch_size)
+        classes = list(sample.all_classes) if sample.all_classes else None
+        return [{**m, "task": 1.0 - score_answer(sample.task, r.answer, list(sample.answers), classes)}
+                for m, r in zip(metrics, answered)]
 
     def __call__(self, policies: Sequence[str | None], budgets: Sequence[int | None]) -> float:
         return self.many([(policies, budgets)])[0]

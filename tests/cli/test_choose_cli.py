@@ -29,3 +29,36 @@ def test_choose_command_measures_on_calibration_samples(monkeypatch, capsys, tin
         assert choice["chosen"] == min(choice["measured"], key=choice["measured"].get)
         policy = {"snap": "snapkv", "stream": "streaming"}[choice["chosen"]]
         assert set(plan.policies) - {None} == {policy}
+
+
+def test_choose_with_uniform_candidates_by_task_score(monkeypatch, capsys, tiny_dir, tmp_path):
+    from polykv_search.models.loading import _model_info
+
+    info = _model_info(tiny_loaded("llama").model, model_id=str(tiny_dir), revision="local", add_bos=False)
+    path = tmp_path / "snap.json"
+    ladder(info, "snapkv", [8, 16]).save(path)
+    data = write_jsonl(tmp_path / "c.jsonl", sample_rows(2, words=200))
+    monkeypatch.setattr(sys, "argv", ["polykv-search", "choose", "--model", str(tiny_dir), "--plan", str(path),
+                                      "--uniform", "streaming,knorm", "--metric", "task", "--data", str(data),
+                                      "--out", str(tmp_path / "best.json"), "--json"])
+    main()
+    out = json.loads(capsys.readouterr().out)
+    chosen = PlanFile.load(out["plan"])
+    assert chosen.budgets == [8, 16]
+    for choice, plan in zip(out["choices"], chosen.plans):
+        assert set(choice["measured"]) == {"snap", "streaming", "knorm"}
+        assert all(0.0 <= v <= 1.0 for v in choice["measured"].values())  # 1 - a task score
+        assert choice["measured"][choice["chosen"]] == min(choice["measured"].values())
+        policy = {"snap": "snapkv"}.get(choice["chosen"], choice["chosen"])
+        assert set(plan.policies) - {None} == {policy}
+        assert "by mean task then lost" in plan.search.notes
+
+
+def test_choose_rejects_an_unknown_uniform_policy_before_loading(monkeypatch, capsys, tmp_path):
+    from tests.cli.test_plan_cli import run_cli
+
+    path = tmp_path / "snap.json"
+    ladder(tiny_loaded("llama").info, "snapkv", [8]).save(path)
+    code, _, err = run_cli(monkeypatch, capsys, "choose", "--model", str(tmp_path / "no-model"), "--plan", path,
+                           "--uniform", "snapkv,nope", "--out", tmp_path / "o.json")
+    assert code == 2 and "unknown policy 'nope'" in err and not (tmp_path / "o.json").exists()

@@ -26,7 +26,7 @@ def test_each_budget_keeps_the_lowest_measured_rung_and_says_so():
 
     def measure(candidates):
         measured_calls.append(len(candidates))
-        return [cost[next(p for p in policies if p)] for policies, _ in candidates]
+        return [{"lost": cost[next(p for p in policies if p)]} for policies, _ in candidates]
 
     plans, choices = choose_rungs(files, measure, metric="lost")
     assert [p.average_budget for p in plans] == [16, 32]
@@ -39,3 +39,22 @@ def test_each_budget_keeps_the_lowest_measured_rung_and_says_so():
     with pytest.raises(ConfigError, match="distinct names"):
         choose_rungs([files[0], ("a", files[1][1])], measure, metric="lost")
 
+
+
+def test_ties_go_to_the_second_measure_then_to_the_earlier_candidate():
+    info = tiny_loaded("llama").info
+    files = [("a", ladder(info, "snapkv", [16])), ("b", ladder(info, "knorm", [16])),
+             ("c", ladder(info, "streaming", [16]))]
+    task = {"snapkv": 0.5, "knorm": 0.25, "streaming": 0.25}  # b and c tie on the task
+    lost = {"snapkv": 0.1, "knorm": 0.4, "streaming": 0.3}
+
+    def measure(candidates):
+        names = [next(p for p in policies if p) for policies, _ in candidates]
+        return [{"task": task[n], "lost": lost[n]} for n in names]
+
+    _, choices = choose_rungs(files, measure, metric="task", tie_break="lost")
+    assert choices[0].chosen == "c" and choices[0].measured == {"a": 0.5, "b": 0.25, "c": 0.25}
+    _, choices = choose_rungs(files, measure, metric="task")
+    assert choices[0].chosen == "b"  # no second measure: the earlier of the tied candidates
+    plans, _ = choose_rungs(files, measure, metric="task", tie_break="lost")
+    assert "by mean task then lost" in plans[0].search.notes
