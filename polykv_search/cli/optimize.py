@@ -389,13 +389,15 @@ def choose_cmd(
         typer.echo(json.dumps({"plan": str(path), "choices": [c.__dict__ for c in choices]}))
         return
     what = "task loss (1 - score)" if metric == "task" else metric
-    table = Table(title=f"mean {what} on {len(objective.states)} calibration samples (lower is better)")
-    table.add_column("budget", justify="right")
-    for name, _ in files:
-        table.add_column(name, justify="right")
-    table.add_column("chosen")
+    # one row per candidate (there may be many), one column per budget; the chosen rung in bold
+    table = Table(title=f"mean {what} on {len(objective.states)} calibration samples (lower is better; "
+                        "chosen in bold)")
+    table.add_column("candidate", no_wrap=True)
     for choice in choices:
-        table.add_row(f"{choice.budget:g}", *(f"{choice.measured[n]:.4f}" if n in choice.measured else "-"
-                                             for n, _ in files), choice.chosen)
+        table.add_column(f"{choice.budget:g}", justify="right")
+    for name, _ in files:
+        table.add_row(name, *(("[bold]" if c.chosen == name else "") + f"{c.measured[name]:.4f}"
+                              if name in c.measured else "-" for c in choices))
     err_console.print(table)
+    typer.echo("chosen: " + ", ".join(f"{c.budget:g} -> {c.chosen}" for c in choices))
     typer.echo(f"plan: {path}")

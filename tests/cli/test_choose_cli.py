@@ -62,3 +62,22 @@ def test_choose_rejects_an_unknown_uniform_policy_before_loading(monkeypatch, ca
     code, _, err = run_cli(monkeypatch, capsys, "choose", "--model", str(tmp_path / "no-model"), "--plan", path,
                            "--uniform", "snapkv,nope", "--out", tmp_path / "o.json")
     assert code == 2 and "unknown policy 'nope'" in err and not (tmp_path / "o.json").exists()
+
+
+def test_choose_prints_one_row_per_candidate_and_the_choices(monkeypatch, capsys, tiny_dir, tmp_path):
+    from polykv_search.models.loading import _model_info
+
+    info = _model_info(tiny_loaded("llama").model, model_id=str(tiny_dir), revision="local", add_bos=False)
+    path = tmp_path / "a_rather_long_plan_file_name.json"
+    ladder(info, "snapkv", [8, 16]).save(path)
+    data = write_jsonl(tmp_path / "c.jsonl", sample_rows(1, words=150))
+    monkeypatch.setattr(sys, "argv", ["polykv-search", "choose", "--model", str(tiny_dir), "--plan", str(path),
+                                      "--uniform", "streaming", "--data", str(data), "--out",
+                                      str(tmp_path / "best.json")])
+    main()
+    out, err = capsys.readouterr()
+    assert "a_rather_long_plan_file_name" in err and "streaming" in err  # names are never cut
+    chosen = PlanFile.load(tmp_path / "best.json")
+    policies = [next(p for p in plan.policies if p) for plan in chosen.plans]
+    names = ["a_rather_long_plan_file_name" if p == "snapkv" else p for p in policies]
+    assert f"chosen: 8 -> {names[0]}, 16 -> {names[1]}" in out
