@@ -72,7 +72,8 @@ def optimize(
                                         "best measured end to end wins) or optuna (end-to-end search seeded "
                                         "with those candidates).")] = "dp",
     metric: Annotated[str, typer.Option(help="select/optuna: end-to-end measure on calibration samples: kl, "
-                                        "nll, miss or lost (1 - exp(-KL) per sample).")] = "kl",
+                                        "nll, miss, lost (1 - exp(-KL) per sample) or task (1 - the task's score of "
+                                        "the greedy answer; decodes every candidate).")] = "kl",
     cost: CostOpt = "mass_lost",
     weighting: WeightingOpt = "mean",
     policies: Annotated[str | None, typer.Option(help="Allowed policies (default: all in the profile).")] = None,
@@ -359,6 +360,7 @@ def choose_cmd(
 ) -> None:
     """Per budget, keep the candidate rung that measures best on calibration samples (never the eval data)."""
     from polykv_search.data import load_samples, spread_over_tasks
+    from polykv_search.errors import ConfigError
     from polykv_search.models import load_model
     from polykv_search.optimize.choose import choose_rungs
     from polykv_search.optimize.objective import EndToEndObjective
@@ -368,6 +370,9 @@ def choose_cmd(
 
     _check_metric(metric)
     uniform_policies = check_policy_names(parse_str_list(uniform)) if uniform is not None else []
+    if len(plan) + len(uniform_policies) < 2:
+        raise ConfigError("give at least two candidates: --plan a.json --plan b.json, or --plan a.json "
+                          "--uniform h2o_recent,streaming")
     files = [(path.stem, PlanFile.load(path)) for path in plan]
     with err_console.status(f"loading {model}"):
         lm = load_model(model, device=device, dtype=dtype)

@@ -37,7 +37,7 @@ def run(
     budget: Annotated[str, typer.Option("--budget", "-b", help="Average tokens per layer; a comma list "
                                         "optimizes and evaluates a ladder.")] = "128",
     solver: Annotated[str, typer.Option(help="dp, ilp, select or optuna (see `optimize --help`).")] = "dp",
-    metric: Annotated[str, typer.Option(help="select/optuna: end-to-end measure: kl, nll, miss or lost.")] = "kl",
+    metric: Annotated[str, typer.Option(help="select/optuna: end-to-end measure: kl, nll, miss, lost or task.")] = "kl",
     cost: Annotated[str, typer.Option(help="Profile cost: mass_lost, out_err, layer_kl or layer_nll "
                                       "(these two calibrate with --layer-kl: slower), or around_kl (calibrates "
                                       "with --around at the --budget values: slower still).")] = "mass_lost",

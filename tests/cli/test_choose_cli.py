@@ -81,3 +81,13 @@ def test_choose_prints_one_row_per_candidate_and_the_choices(monkeypatch, capsys
     policies = [next(p for p in plan.policies if p) for plan in chosen.plans]
     names = ["a_rather_long_plan_file_name" if p == "snapkv" else p for p in policies]
     assert f"chosen: 8 -> {names[0]}, 16 -> {names[1]}" in out
+
+
+def test_choose_needs_two_candidates_before_loading(monkeypatch, capsys, tmp_path):
+    from tests.cli.test_plan_cli import run_cli
+
+    path = tmp_path / "snap.json"
+    ladder(tiny_loaded("llama").info, "snapkv", [8]).save(path)
+    code, _, err = run_cli(monkeypatch, capsys, "choose", "--model", str(tmp_path / "no-model"), "--plan", path,
+                           "--out", tmp_path / "o.json")
+    assert code == 2 and "at least two candidates" in err and "--uniform" in err
