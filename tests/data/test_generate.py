@@ -133,3 +133,13 @@ def test_committed_files_are_the_generator_output(tmp_path):
     generate(tmp_path, seed=manifest["seed"])
     for name in SPLIT_FILES.values():
         assert (tmp_path / name).read_bytes() == (DATA / name).read_bytes(), name
+
+
+def test_a_larger_calibration_split_stays_apart_from_the_committed_eval_sets(committed):
+    """`--calib-per-task 10` (60 calibration samples, to choose plans on more than four a family) draws from the
+    calibration documents only: nothing of it is in eval or eval_alt."""
+    larger = generate_split("calib", seed=0, per_family=10)
+    assert Counter(s.task for s in larger) == dict.fromkeys(FAMILIES, 10)
+    for held_out in (committed["eval"], committed["eval_alt"]):
+        _assert_disjoint(larger, held_out)
+        _assert_disjoint(held_out, larger)
