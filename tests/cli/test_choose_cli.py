@@ -31,13 +31,18 @@ def test_choose_command_measures_on_calibration_samples(monkeypatch, capsys, tin
         assert set(plan.policies) - {None} == {policy}
 
 
-def test_choose_with_uniform_candidates_by_task_score(monkeypatch, capsys, tiny_dir, tmp_path):
+def snapkv_ladder_and_data(tiny_dir, tmp_path, *, name, samples, words):
+    """A SnapKV ladder at 8 and 16 tokens for the tiny model saved as `name`.json, and a calibration file."""
     from polykv_search.models.loading import _model_info
 
     info = _model_info(tiny_loaded("llama").model, model_id=str(tiny_dir), revision="local", add_bos=False)
-    path = tmp_path / "snap.json"
+    path = tmp_path / f"{name}.json"
     ladder(info, "snapkv", [8, 16]).save(path)
-    data = write_jsonl(tmp_path / "c.jsonl", sample_rows(2, words=200))
+    return path, write_jsonl(tmp_path / "c.jsonl", sample_rows(samples, words=words))
+
+
+def test_choose_with_uniform_candidates_by_task_score(monkeypatch, capsys, tiny_dir, tmp_path):
+    path, data = snapkv_ladder_and_data(tiny_dir, tmp_path, name="snap", samples=2, words=200)
     monkeypatch.setattr(sys, "argv", ["polykv-search", "choose", "--model", str(tiny_dir), "--plan", str(path),
                                       "--uniform", "streaming,knorm", "--metric", "task", "--data", str(data),
                                       "--out", str(tmp_path / "best.json"), "--json"])
@@ -65,12 +70,8 @@ def test_choose_rejects_an_unknown_uniform_policy_before_loading(monkeypatch, ca
 
 
 def test_choose_prints_one_row_per_candidate_and_the_choices(monkeypatch, capsys, tiny_dir, tmp_path):
-    from polykv_search.models.loading import _model_info
-
-    info = _model_info(tiny_loaded("llama").model, model_id=str(tiny_dir), revision="local", add_bos=False)
-    path = tmp_path / "a_rather_long_plan_file_name.json"
-    ladder(info, "snapkv", [8, 16]).save(path)
-    data = write_jsonl(tmp_path / "c.jsonl", sample_rows(1, words=150))
+    path, data = snapkv_ladder_and_data(tiny_dir, tmp_path, name="a_rather_long_plan_file_name", samples=1,
+                                        words=150)
     monkeypatch.setattr(sys, "argv", ["polykv-search", "choose", "--model", str(tiny_dir), "--plan", str(path),
                                       "--uniform", "streaming", "--data", str(data), "--out",
                                       str(tmp_path / "best.json")])
