@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from polykv_search.data import build_prompt, load_samples
-from polykv_search.evaluate import metric_for, score_answer
+from polykv_search.evaluate import metric_for, score_sample
 from polykv_search.io import write_atomic
 from polykv_search.models import load_model
 
@@ -42,7 +42,7 @@ def run_split(lm, path: Path, *, limit: int | None, add_bos: bool | None) -> lis
             out = lm.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=parts.max_new_tokens,
                                     do_sample=False, pad_token_id=lm.tokenizer.eos_token_id)
         prediction = lm.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
-        score = score_answer(sample.task, prediction, sample.answers, sample.all_classes)
+        score = score_sample(sample, prediction)
         rows.append({"split": path.stem, "id": sample.id, "task": sample.task, "context_tokens": len(parts.context_ids),
                      "question_tokens": len(parts.question_ids), "truncated": parts.truncated,
                      "prediction": prediction, "answers": list(sample.answers), "score": score,

@@ -359,6 +359,8 @@ def choose_cmd(
     as_json: JsonOpt = False,
 ) -> None:
     """Per budget, keep the candidate rung that measures best on calibration samples (never the eval data)."""
+    from rich.markup import escape
+
     from polykv_search.data import load_samples, spread_over_tasks
     from polykv_search.errors import ConfigError
     from polykv_search.models import load_model
@@ -401,7 +403,7 @@ def choose_cmd(
     for choice in choices:
         table.add_column(f"{choice.budget:g}", justify="right")
     for name, _ in files:
-        table.add_row(name, *(("[bold]" if c.chosen == name else "") + f"{c.measured[name]:.4f}"
+        table.add_row(escape(name), *(("[bold]" if c.chosen == name else "") + f"{c.measured[name]:.4f}"
                               if name in c.measured else "-" for c in choices))
     err_console.print(table)
     typer.echo("chosen: " + ", ".join(f"{c.budget:g} -> {c.chosen}" for c in choices))

@@ -14,6 +14,7 @@ from polykv_search.evaluate.metrics import (
     retrieval_score,
     rouge_l,
     score_answer,
+    score_sample,
     substring_match,
     substring_match_all,
 )
@@ -32,6 +33,7 @@ __all__ = [
     "retrieval_score",
     "rouge_l",
     "score_answer",
+    "score_sample",
     "substring_match",
     "substring_match_all",
 ]

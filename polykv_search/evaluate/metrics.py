@@ -11,8 +11,12 @@ import string
 from collections import Counter
 from collections.abc import Callable, Sequence
 from functools import lru_cache
+from typing import TYPE_CHECKING
 
 from polykv_search.errors import ConfigError
+
+if TYPE_CHECKING:
+    from polykv_search.data import Sample
 
 logger = logging.getLogger(__name__)
 
@@ -262,3 +266,9 @@ def score_answer(task: str, prediction: str, answers: Sequence[str], all_classes
     for answer in answers:
         best = max(best, fn(prediction, answer, all_classes=all_classes))
     return best
+
+
+def score_sample(sample: Sample, prediction: str) -> float:
+    """`score_answer` for a prediction on `sample`: its task, gold answers and classes."""
+    classes = list(sample.all_classes) if sample.all_classes else None
+    return score_answer(sample.task, prediction, list(sample.answers), classes)

@@ -16,7 +16,7 @@ from polykv_search.data import Sample
 from polykv_search.errors import DataError
 from polykv_search.evaluate.engine import EvaluationEngine, Method, MethodResult
 from polykv_search.evaluate.methods import MethodSet
-from polykv_search.evaluate.metrics import score_answer
+from polykv_search.evaluate.metrics import score_sample
 from polykv_search.io import write_json_atomic
 from polykv_search.models import LoadedModel
 
@@ -73,8 +73,7 @@ def evaluate(lm: LoadedModel, samples: Sequence[Sample], methods: MethodSet, *, 
 
 
 def _scored(result: MethodResult, sample: Sample, n_context: int) -> ScoredResult:
-    score = score_answer(sample.task, result.answer, list(sample.answers),
-                         list(sample.all_classes) if sample.all_classes else None)
+    score = score_sample(sample, result.answer)
     kl = 0.0 if result.method == "full" else result.kl
     return ScoredResult(sample_id=result.sample_id, task=result.task, method=result.method, answer=result.answer,
                         score=float(score), kl=kl, kept_all_layers=result.kept_all_layers, context_tokens=n_context)

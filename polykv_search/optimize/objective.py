@@ -8,15 +8,17 @@ the only one that decodes, and the one `evaluate` reports, so the one to choose 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 from polykv_search.data import Sample
 from polykv_search.evaluate.engine import EvaluationEngine, Method
-from polykv_search.evaluate.metrics import score_answer
+from polykv_search.evaluate.metrics import score_sample
 from polykv_search.models import LoadedModel
 
 METRICS = ("kl", "nll", "miss", "lost", "task")
 TEACHER_FORCED = ("kl", "nll", "miss", "lost")
+DECODED = ("kl", "lost", "task")  # what a "task" objective measures: the decoding pass's own KL, and the score
 
 
 class EndToEndObjective:
@@ -47,18 +49,17 @@ class EndToEndObjective:
         rows = [self._sample_metrics(state, methods) for state in self.states]
         self.evaluations += len(methods)
         if not rows:  # no sample has a reference answer: nothing to tell the candidates apart
-            return [dict.fromkeys(METRICS if self.metric == "task" else TEACHER_FORCED, 0.0) for _ in methods]
+            return [dict.fromkeys(DECODED if self.metric == "task" else TEACHER_FORCED, 0.0) for _ in methods]
         return mean_over_tasks([state.sample.task for state in self.states], rows)
 
     def _sample_metrics(self, state, methods: Sequence[Method]) -> list[dict[str, float]]:
-        metrics = self.engine.answer_metrics_many(state, methods, batch_size=self.batch_size)
         if self.metric != "task":
-            return metrics
-        sample = state.sample
-        answered = self.engine.run_many(state, methods, with_kl=False, batch_size=self.batch_size)
-        classes = list(sample.all_classes) if sample.all_classes else None
-        return [{**m, "task": 1.0 - score_answer(sample.task, r.answer, list(sample.answers), classes)}
-                for m, r in zip(metrics, answered)]
+            return self.engine.answer_metrics_many(state, methods, batch_size=self.batch_size)
+        # one pass per batch: run_many's teacher-forced forward gives the KL (the tie-break's `lost`) and, its
+        # cache rewound, starts the greedy decoding; no second cache build or forward
+        answered = self.engine.run_many(state, methods, with_kl=True, batch_size=self.batch_size)
+        return [{"kl": r.kl, "lost": -math.expm1(-r.kl), "task": 1.0 - score_sample(state.sample, r.answer)}
+                for r in answered]
 
     def __call__(self, policies: Sequence[str | None], budgets: Sequence[int | None]) -> float:
         return self.many([(policies, budgets)])[0]

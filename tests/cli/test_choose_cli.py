@@ -70,17 +70,17 @@ def test_choose_rejects_an_unknown_uniform_policy_before_loading(monkeypatch, ca
 
 
 def test_choose_prints_one_row_per_candidate_and_the_choices(monkeypatch, capsys, tiny_dir, tmp_path):
-    path, data = snapkv_ladder_and_data(tiny_dir, tmp_path, name="a_rather_long_plan_file_name", samples=1,
+    path, data = snapkv_ladder_and_data(tiny_dir, tmp_path, name="a_rather_long_plan_file_name[v2]", samples=1,
                                         words=150)
     monkeypatch.setattr(sys, "argv", ["polykv-search", "choose", "--model", str(tiny_dir), "--plan", str(path),
                                       "--uniform", "streaming", "--data", str(data), "--out",
                                       str(tmp_path / "best.json")])
     main()
     out, err = capsys.readouterr()
-    assert "a_rather_long_plan_file_name" in err and "streaming" in err  # names are never cut
+    assert "a_rather_long_plan_file_name[v2]" in err and "streaming" in err  # names are never cut nor read as markup
     chosen = PlanFile.load(tmp_path / "best.json")
     policies = [next(p for p in plan.policies if p) for plan in chosen.plans]
-    names = ["a_rather_long_plan_file_name" if p == "snapkv" else p for p in policies]
+    names = ["a_rather_long_plan_file_name[v2]" if p == "snapkv" else p for p in policies]
     assert f"chosen: 8 -> {names[0]}, 16 -> {names[1]}" in out
 
 
