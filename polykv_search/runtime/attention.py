@@ -5,7 +5,8 @@ other layers' key counts differ, and SDPA fails (or, with a mask of matching siz
 attends to future query tokens). Registered as "polykv_sdpa", this function builds the causal mask from the
 layer's own key count: the q queries are the last q positions, so key j is visible to query i iff
 j <= K - q + i (bottom-right aligned). Batch rows of different plans mark padded cache slots in
-`module.polykv_valid` (B, K_cached). A layer whose cache was not shrunk (no `module.polykv_compressed`
+`module.polykv_valid`: (B, K_cached), or (B, H_kv, K_cached) when the KV heads of a row keep different
+numbers of tokens (each head's padding hidden from the query heads of its group). A layer whose cache was not shrunk (no `module.polykv_compressed`
 flag) and sliding-window layers, which no plan compresses, keep transformers' own mask, padding included,
 so leaving a model switched to this function changes nothing for ordinary use.
 """
@@ -37,7 +38,7 @@ def polykv_sdpa_forward(module: torch.nn.Module, query: torch.Tensor, key: torch
                         is_causal: bool | None = None, **kwargs) -> tuple[torch.Tensor, None]:
     """query (B, H, q, D), key/value (B, H_kv, K, D); same contract as transformers' sdpa_attention_forward."""
     q_len, k_len = query.shape[2], key.shape[2]
-    valid = getattr(module, "polykv_valid", None)  # (B, K_cached) bool, or None
+    valid = getattr(module, "polykv_valid", None)  # (B, K_cached) or (B, H_kv, K_cached) bool, or None
     if getattr(module, "is_sliding", False) or getattr(module, "sliding_window", None):
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, is_causal,
                                       **kwargs)
@@ -62,11 +63,15 @@ def polykv_sdpa_forward(module: torch.nn.Module, query: torch.Tensor, key: torch
         mask = torch.arange(k_len, device=query.device)[None, :] <= q_pos  # (q, K) bottom-right causal
         mask = mask[None, None]  # (1, 1, q, K)
     if valid is not None:
-        pad = torch.ones(valid.shape[0], k_len - valid.shape[1], dtype=torch.bool, device=valid.device)
-        rows = torch.cat([valid, pad], dim=1)[:, None, None, :]  # (B, 1, 1, K): new tokens are always valid
+        if valid.dim() == 2:
+            valid = valid[:, None]  # (B, 1, K_cached): one mask for every KV head
+        pad = torch.ones(*valid.shape[:2], k_len - valid.shape[-1], dtype=torch.bool, device=valid.device)
+        rows = torch.cat([valid, pad], dim=-1)[:, :, None, :]  # (B, 1|H_kv, 1, K): new tokens are always valid
         mask = rows if mask is None else mask & rows
     softcap = logit_softcap(module)
     if dropout or softcap:
+        if mask is not None and mask.shape[1] > 1:  # per KV head: SDPA's mask is per query head
+            mask = mask.repeat_interleave(query.shape[1] // mask.shape[1], dim=1)
         return sdpa_attention_forward(module, query, key, value, mask, dropout, scaling, False, **kwargs)
     return grouped_attention(query, key, value, mask, scaling if scaling is not None else query.shape[-1] ** -0.5)
 
@@ -75,7 +80,8 @@ def grouped_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
                       scale: float) -> tuple[torch.Tensor, None]:
     """Masked attention with each KV head shared by its group of query heads, without copying keys per query head.
 
-    query (B, H, q, D), key/value (B, H_kv, K, D), mask (B|1, 1, q|1, K) bool (True = visible) or None; returns
+    query (B, H, q, D), key/value (B, H_kv, K, D), mask (B|1, 1|H_kv, q|1, K) bool (True = visible: one mask for
+    every KV head, or one per KV head shared by its group of query heads) or None; returns
     ((B, q, H, D), None) as transformers' attention functions do. SDPA's path for a mask first repeats K and V
     for every query head: a fresh (B, H, K, D) copy per layer and decoding step, whose page faults made batched
     decoding up to 30x slower on CPU (9 ms against 0.3 ms a layer late in a run); here the query heads of a group
@@ -87,7 +93,7 @@ def grouped_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
     grouped = query.reshape(batch, num_kv, group * q_len, head_dim)  # head h uses KV head h // group
     logits = torch.matmul(grouped, key.transpose(-1, -2)).mul_(scale)  # (B, H_kv, G*q, K)
     if mask is not None:
-        hidden = ~mask.expand(mask.shape[0], 1, q_len, k_len)[:, :, None]  # (B|1, 1, 1, q, K)
+        hidden = ~mask.expand(mask.shape[0], mask.shape[1], q_len, k_len)[:, :, None]  # (B|1, 1|H_kv, 1, q, K)
         logits.view(batch, num_kv, group, q_len, k_len).masked_fill_(hidden, float("-inf"))
     probs = torch.softmax(logits, dim=-1, dtype=torch.float32).to(value.dtype)
     out = torch.matmul(probs, value)  # (B, H_kv, G*q, D)
