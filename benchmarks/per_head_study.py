@@ -1,0 +1,283 @@
+"""Study: budgets per KV head instead of per layer, on the same DP and the same isolated-KL signal.
+
+The per-layer plans of the README win where they keep the whole context in a few layers (7, 18, 23 at 512 tokens
+a layer) and lose at 64-128 tokens, where one whole layer takes the total. SmolLM2 has 3 KV heads a layer (90 in
+all): if the heads that need the whole context are fewer than the layers' heads, keeping only them whole leaves
+budget for the rest. This script measures that, with nothing tuned on the eval data:
+
+1. probes (calibration samples): for every KV head, policy and grid budget, only that head keeps its policy's
+   top-b tokens (the other 89 keep everything); the KL to the full cache over the reference answer, teacher-forced
+   (the `--layer-kl` probe of calibrate, one head instead of one layer). Resumable: one file a sample, named by
+   its id and refused when made with other policies, grid or dtype.
+2. the exact DP of `optimize` over the 90 heads (tasks weighted equally, as `--weighting equal`), total = budget x
+   90 head-slots, i.e. the same memory as a per-layer plan of that average budget.
+3. greedy answers of the per-head plans on an eval set; R against the full cache and the best uniform policy of
+   an existing `evaluate` report on the same set (same model, dtype and engine, so the same baseline scores;
+   `--check N` first re-answers N samples with a per-head copy of a uniform policy and compares answers).
+   Also printed: the score per task, and the memory of each plan in tokens per layer, counted as KV entries
+   (what a cache with one length per head holds: kvpress's AdaKV accounting) and as the dense layout of a
+   transformers cache, where every head of a layer is padded to the layer's longest head.
+
+Not a product feature: plan files are per layer (schema v1). Usage:
+    python benchmarks/per_head_study.py --report outputs/s7/eval_task60/report.json --out outputs/s8/per_head
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import os
+import statistics
+import sys
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from polykv_search.data import load_samples, spread_over_tasks
+from polykv_search.evaluate import score_sample
+from polykv_search.evaluate.engine import EvaluationEngine, PrefillState, _reserved
+from polykv_search.io import write_atomic, write_json_atomic
+from polykv_search.models import load_model
+from polykv_search.optimize.dp import solve_dp
+from polykv_search.optimize.problem import Problem
+
+Choice = tuple[str, int] | None  # (policy, budget) of one KV head; None keeps its whole context
+
+
+@dataclass(frozen=True)
+class HeadMethod:
+    """A cache built head by head: `heads[layer][kv_head]` is that head's choice."""
+
+    name: str
+    heads: tuple[tuple[Choice, ...], ...]
+    family: str = "plan"
+    average_budget: int | None = None
+
+    @property
+    def key(self) -> str:
+        return self.name
+
+
+class HeadEngine(EvaluationEngine):
+    """The evaluation engine with one top-k per KV head; padded slots hidden per head (runtime's (B, H_kv, K))."""
+
+    def _head_choices(self, state: PrefillState, method: HeadMethod, idx: int) -> list[Choice] | None:
+        row = [None if c is None or c[1] >= state.n_context else c for c in method.heads[idx]]
+        return None if all(c is None for c in row) else row
+
+    def _compressed_layers(self, state: PrefillState, method: HeadMethod) -> list[int]:
+        return [idx for idx in self.compressible if self._head_choices(state, method, idx) is not None]
+
+    def _batched_cache(self, state: PrefillState, methods: list[HeadMethod]):
+        batch, n, room = len(methods), state.n_context, self._room(state)
+        cache = copy.copy(state.cache)
+        cache.layers, valid = [], {}
+        for idx, layer in enumerate(state.cache.layers):
+            keys, values = layer.keys, layer.values  # (1, H_kv, T', D)
+            rows = [self._head_choices(state, m, idx) if idx in self.compressible else None for m in methods]
+            if all(r is None for r in rows):
+                cache.layers.append(_reserved(layer, keys.expand(batch, -1, -1, -1),
+                                              values.expand(batch, -1, -1, -1), room))
+                continue
+            num_kv = keys.shape[1]
+            kept = [[torch.arange(n) if r is None or r[h] is None
+                     else state.rankings[idx][r[h][0]][h].topk(r[h][1]).indices for h in range(num_kv)]
+                    for r in rows]
+            longest = max(len(k) for heads in kept for k in heads)
+            index = torch.zeros(batch, num_kv, longest, dtype=torch.long)
+            mask = torch.zeros(batch, num_kv, longest, dtype=torch.bool)  # (B, H_kv, K_l)
+            for b, heads in enumerate(kept):
+                for h, k in enumerate(heads):
+                    index[b, h, :len(k)] = k
+                    mask[b, h, :len(k)] = True
+            gather = index[..., None].expand(-1, -1, -1, keys.shape[-1]).to(keys.device)
+            cache.layers.append(_reserved(layer, keys.expand(batch, -1, -1, -1).gather(2, gather),
+                                          values.expand(batch, -1, -1, -1).gather(2, gather), room))
+            valid[idx] = mask.to(keys.device)
+        return cache, valid, [[] for _ in methods]
+
+
+def probe_sample(engine: HeadEngine, state: PrefillState, policies: list[str], grid: list[int],
+                 num_kv: int) -> torch.Tensor:
+    """(L_c * H_kv, P, G) KL of compressing one head alone; 0 where the budget keeps the whole context."""
+    layers = engine.compressible
+    base = [[None] * num_kv for _ in range(engine.lm.info.num_layers)]
+    probes, where = [], []
+    for i, idx in enumerate(layers):
+        for h in range(num_kv):
+            for p, policy in enumerate(policies):
+                for g, budget in enumerate(grid):
+                    if budget >= state.n_context:
+                        continue
+                    heads = [list(r) for r in base]
+                    heads[idx][h] = (policy, budget)
+                    probes.append(HeadMethod(f"L{idx}H{h}", tuple(tuple(r) for r in heads)))
+                    where.append((i * num_kv + h, p, g))
+    costs = torch.zeros(len(layers) * num_kv, len(policies), len(grid))
+    for (u, p, g), m in zip(where, engine.answer_metrics_many(state, probes, batch_size=4)):
+        costs[u, p, g] = m["kl"]
+    return costs
+
+
+def head_plan(costs: np.ndarray, policies: list[str], grid: list[int], budget: int, layers: list[int],
+              num_layers: int, num_kv: int) -> tuple[HeadMethod, float]:
+    problem = Problem(costs, grid, list(range(costs.shape[0])), policies, total=budget * costs.shape[0])
+    allocation = solve_dp(problem)
+    heads = [[None] * num_kv for _ in range(num_layers)]
+    for choice in allocation.choices:
+        layer, h = layers[choice.layer // num_kv], choice.layer % num_kv
+        heads[layer][h] = (choice.policy, int(choice.budget))
+    return HeadMethod(f"per_head@{budget}", tuple(tuple(r) for r in heads), average_budget=budget), \
+        allocation.objective
+
+
+def uniform(policy: str, budget: int, num_layers: int, layers: list[int], num_kv: int) -> HeadMethod:
+    heads = [tuple((policy, budget) if idx in layers else None for _ in range(num_kv)) for idx in range(num_layers)]
+    return HeadMethod(f"{policy}@{budget}", tuple(heads), family="uniform", average_budget=budget)
+
+
+def memory(method: HeadMethod, n: int, layers: list[int], num_kv: int) -> tuple[float, float]:
+    """(KV entries, entries of the dense padded layout) per KV head, for a context of n tokens."""
+    entries = padded = 0
+    for idx in layers:
+        kept = [n if c is None else min(c[1], n) for c in method.heads[idx]]
+        entries += sum(kept)
+        padded += max(kept) * num_kv
+    return entries / (len(layers) * num_kv), padded / (len(layers) * num_kv)
+
+
+def task_mean(rows: list[tuple[str, float]]) -> float:
+    by_task: dict[str, list[float]] = defaultdict(list)
+    for task, value in rows:
+        by_task[task].append(value)
+    return statistics.fmean(statistics.fmean(v) for v in by_task.values())
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--calib", default="calibration_data/calib.jsonl")
+    ap.add_argument("--calib-samples", type=int, default=12)
+    ap.add_argument("--calib-dtype", default="bfloat16")
+    ap.add_argument("--policies", default="expected_attention_recent,h2o_recent")
+    ap.add_argument("--grid", default="16,64,256,1024,2048")
+    ap.add_argument("--budgets", default="64,128,256,512")
+    ap.add_argument("--eval", default="calibration_data/eval.jsonl")
+    ap.add_argument("--report", required=True, help="evaluate's report.json on --eval (full and uniform scores)")
+    ap.add_argument("--check", type=int, default=2, help="eval samples re-answered with a per-head uniform policy")
+    ap.add_argument("--out", type=Path, default=Path("outputs/per_head"))
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    policies, grid = args.policies.split(","), [int(g) for g in args.grid.split(",")]
+    budgets = [int(b) for b in args.budgets.split(",")]
+    report = json.loads(Path(args.report).read_text())
+    args.out.mkdir(parents=True, exist_ok=True)
+    print(f"threads {torch.get_num_threads()}, cpus {os.cpu_count()}")
+
+    # 1. probes on calibration samples, one file a sample (resumable)
+    calib = spread_over_tasks(load_samples(args.calib), args.calib_samples)
+    made_with = {"policies": ",".join(policies), "grid": ",".join(map(str, grid)), "dtype": args.calib_dtype}
+    lm = load_model(args.model, dtype=args.calib_dtype)
+    layers, num_layers = lm.info.compressible_layers, lm.info.num_layers
+    num_kv = lm.model.config.num_key_value_heads
+    engine = HeadEngine(lm, policies=policies)
+    per_sample, tasks = [], []
+    for i, sample in enumerate(calib):
+        path = args.out / f"probes_{sample.id}.safetensors"
+        if path.exists():
+            with safe_open(str(path), "pt") as f:
+                if f.metadata() != made_with:
+                    sys.exit(f"{path} was made with {f.metadata()}, not {made_with}: use another --out")
+        else:
+            start = time.perf_counter()
+            costs = probe_sample(engine, engine.prefill(sample), policies, grid, num_kv)
+            write_atomic(path, lambda p, c=costs: save_file({"kl": c}, str(p), metadata=made_with))
+            print(f"probes {i + 1}/{len(calib)} {sample.task}: {time.perf_counter() - start:.0f} s", flush=True)
+        per_sample.append(load_file(str(path))["kl"].numpy())
+        tasks.append(sample.task)
+    by_task = defaultdict(list)
+    for task, costs in zip(tasks, per_sample):
+        by_task[task].append(costs)
+    costs = np.mean([np.mean(v, axis=0) for v in by_task.values()], axis=0)  # tasks weighted equally
+
+    # 2. the DP over heads
+    plans = {}
+    for budget in budgets:
+        plan, objective = head_plan(costs, policies, grid, budget, layers, num_layers, num_kv)
+        plans[budget] = plan
+        whole = [f"L{idx}H{h}" for idx in layers for h in range(num_kv)
+                 if plan.heads[idx][h] is not None and plan.heads[idx][h][1] >= grid[-1]]
+        print(f"budget {budget}: predicted KL sum {objective:.3f}; heads at the top level ({grid[-1]}): "
+              f"{', '.join(whole) or 'none'}")
+    write_json_atomic(args.out / "plans.json", {str(b): [list(map(list, [c or (None, None) for c in r]))
+                                                         for r in p.heads] for b, p in plans.items()})
+
+    # 3. evaluate on the eval set in the report's dtype
+    del engine, lm
+    lm = load_model(args.model, dtype="float32")
+    engine = HeadEngine(lm, policies=policies + sorted({r["best_uniform"] for r in report["recovery"]}))
+    samples = load_samples(args.eval)
+    if len(samples) != report["samples"]:
+        sys.exit(f"--eval has {len(samples)} samples, the report {report['samples']}: give the report of --eval")
+    known = {(r["sample_id"], r["method"]): r for r in report["results"]}
+    best = {r["budget"]: (r["best_uniform"], r["best_uniform_score"], r["full_score"]) for r in report["recovery"]}
+    check_key = f"{best[budgets[0]][0]}@{budgets[0]}"
+    rows: dict[str, list[tuple[str, float]]] = defaultdict(list)
+    sizes: dict[int, list[tuple[float, float]]] = defaultdict(list)
+    answers = []
+    start = time.perf_counter()
+    for i, sample in enumerate(samples):
+        state = engine.prefill(sample)
+        methods = list(plans.values())
+        for budget, plan in plans.items():
+            sizes[budget].append(memory(plan, state.n_context, layers, num_kv))
+        if i < args.check:
+            methods.append(uniform(best[budgets[0]][0], budgets[0], num_layers, layers, num_kv))
+        for result in engine.run_many(state, methods, with_kl=False):
+            if result.method == check_key:
+                theirs = known[(str(sample.id), check_key)]["answer"]
+                print(f"check {sample.id} {check_key}: {'same answer' if theirs == result.answer else 'DIFFERS'}")
+                continue
+            score = score_sample(sample, result.answer)
+            rows[result.method].append((sample.task, score))
+            answers.append({"sample_id": str(sample.id), "task": sample.task, "method": result.method,
+                            "answer": result.answer, "score": score})
+        if (i + 1) % 10 == 0:
+            print(f"eval {i + 1}/{len(samples)}: {time.perf_counter() - start:.0f} s", flush=True)
+    write_atomic(args.out / f"answers_{Path(args.eval).stem}.jsonl",
+                 "".join(json.dumps(a) + "\n" for a in answers))
+    lines = ["| budget | full | best uniform | per-head plan | R | KV entries / dense layout (tokens per layer) |",
+             "|---|---|---|---|---|---|"]
+    rs = []
+    for budget in budgets:
+        name, uni, full = best[budget]
+        score = task_mean(rows[plans[budget].key])
+        r = (score - uni) / (full - uni)
+        rs.append(r)
+        entries, padded = (statistics.fmean(x) for x in zip(*sizes[budget]))
+        lines.append(f"| {budget} | {full:.3f} | {name} {uni:.3f} | {score:.3f} | {r:+.2f} | "
+                     f"{entries:.0f} / {padded:.0f} |")
+    lines.append(f"\nmean R {statistics.fmean(rs):+.2f}\n")
+    tasks = report["tasks"]
+    lines += ["| budget | method | " + " | ".join(tasks) + " |", "|---|---|" + "---|" * len(tasks)]
+    for budget in budgets:
+        uniform_tasks = report["methods"][f"{best[budget][0]}@{budget}"]["tasks"]
+        plan_tasks = {t: statistics.fmean(v for task, v in rows[plans[budget].key] if task == t) for t in tasks}
+        for label, table in ((best[budget][0], uniform_tasks), ("per-head plan", plan_tasks)):
+            lines.append(f"| {budget} | {label} | " + " | ".join(f"{table[t]:.2f}" for t in tasks) + " |")
+    text = "\n".join(lines)
+    print(text)
+    write_atomic(args.out / f"result_{Path(args.eval).stem}.md", text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
