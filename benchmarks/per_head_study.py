@@ -172,6 +172,7 @@ def main() -> int:
     ap.add_argument("--budgets", default="64,128,256,512")
     ap.add_argument("--eval", default="calibration_data/eval.jsonl")
     ap.add_argument("--report", required=True, help="evaluate's report.json on --eval (full and uniform scores)")
+    ap.add_argument("--eval-dtype", default="float32", help="the dtype the report was made in (CPU auto: float32)")
     ap.add_argument("--check", type=int, default=2, help="eval samples re-answered with a per-head uniform policy")
     ap.add_argument("--out", type=Path, default=Path("outputs/per_head"))
     args = ap.parse_args()
@@ -222,7 +223,7 @@ def main() -> int:
 
     # 3. evaluate on the eval set in the report's dtype
     del engine, lm
-    lm = load_model(args.model, dtype="float32")
+    lm = load_model(args.model, dtype=args.eval_dtype)
     engine = HeadEngine(lm, policies=policies + sorted({r["best_uniform"] for r in report["recovery"]}))
     samples = load_samples(args.eval)
     if len(samples) != report["samples"]:
