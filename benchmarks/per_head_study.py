@@ -9,7 +9,7 @@ budget for the rest. This script measures that, with nothing tuned on the eval d
    top-b tokens (the other 89 keep everything); the KL to the full cache over the reference answer, teacher-forced
    (the `--layer-kl` probe of calibrate, one head instead of one layer). Resumable: one file a sample, named by
    its id and refused when made with other policies, grid or dtype.
-2. the exact DP of `optimize` over the 90 heads (tasks weighted equally, as `--weighting equal`), total = budget x
+2. the exact DP of `optimize` over the 90 heads (the plain mean over samples, as `--weighting mean`), total = budget x
    90 head-slots, i.e. the same memory as a per-layer plan of that average budget.
 3. greedy answers of the per-head plans on an eval set; R against the full cache and the best uniform policy of
    an existing `evaluate` report on the same set (same model, dtype and engine, so the same baseline scores;
@@ -180,34 +180,40 @@ def main() -> int:
     policies, grid = args.policies.split(","), [int(g) for g in args.grid.split(",")]
     budgets = [int(b) for b in args.budgets.split(",")]
     report = json.loads(Path(args.report).read_text())
+    samples = load_samples(args.eval)
+    if len(samples) != report["samples"]:
+        sys.exit(f"--eval has {len(samples)} samples, the report {report['samples']}: give the report of --eval")
     args.out.mkdir(parents=True, exist_ok=True)
     print(f"threads {torch.get_num_threads()}, cpus {os.cpu_count()}")
 
-    # 1. probes on calibration samples, one file a sample (resumable)
+    # 1. probes on calibration samples, one file a sample (resumable; the model loads only for missing ones)
     calib = spread_over_tasks(load_samples(args.calib), args.calib_samples)
     made_with = {"policies": ",".join(policies), "grid": ",".join(map(str, grid)), "dtype": args.calib_dtype}
-    lm = load_model(args.model, dtype=args.calib_dtype)
-    layers, num_layers = lm.info.compressible_layers, lm.info.num_layers
-    num_kv = lm.model.config.num_key_value_heads
-    engine = HeadEngine(lm, policies=policies)
-    per_sample, tasks = [], []
-    for i, sample in enumerate(calib):
-        path = args.out / f"probes_{sample.id}.safetensors"
+    paths = [args.out / f"probes_{sample.id}.safetensors" for sample in calib]
+    for path in paths:
         if path.exists():
             with safe_open(str(path), "pt") as f:
                 if f.metadata() != made_with:
                     sys.exit(f"{path} was made with {f.metadata()}, not {made_with}: use another --out")
-        else:
-            start = time.perf_counter()
-            costs = probe_sample(engine, engine.prefill(sample), policies, grid, num_kv)
-            write_atomic(path, lambda p, c=costs: save_file({"kl": c}, str(p), metadata=made_with))
-            print(f"probes {i + 1}/{len(calib)} {sample.task}: {time.perf_counter() - start:.0f} s", flush=True)
-        per_sample.append(load_file(str(path))["kl"].numpy())
-        tasks.append(sample.task)
-    by_task = defaultdict(list)
-    for task, costs in zip(tasks, per_sample):
-        by_task[task].append(costs)
-    costs = np.mean([np.mean(v, axis=0) for v in by_task.values()], axis=0)  # tasks weighted equally
+    lm = engine = None
+    for i, (sample, path) in enumerate(zip(calib, paths)):
+        if path.exists():
+            continue
+        if engine is None:
+            lm = load_model(args.model, dtype=args.calib_dtype)
+            engine = HeadEngine(lm, policies=policies)
+        start = time.perf_counter()
+        costs = probe_sample(engine, engine.prefill(sample), policies, grid, lm.model.config.num_key_value_heads)
+        write_atomic(path, lambda p, c=costs: save_file({"kl": c}, str(p), metadata=made_with))
+        print(f"probes {i + 1}/{len(calib)} {sample.task}: {time.perf_counter() - start:.0f} s", flush=True)
+    costs = np.mean([load_file(str(path))["kl"].numpy() for path in paths], axis=0)  # (units, P, G)
+
+    # 3's model (the report's dtype); the probes' one when it is the same
+    if lm is None or args.calib_dtype != args.eval_dtype:
+        del engine, lm
+        lm = load_model(args.model, dtype=args.eval_dtype)
+    layers, num_layers = lm.info.compressible_layers, lm.info.num_layers
+    num_kv = lm.model.config.num_key_value_heads
 
     # 2. the DP over heads
     plans = {}
@@ -221,16 +227,12 @@ def main() -> int:
     write_json_atomic(args.out / "plans.json", {str(b): [list(map(list, [c or (None, None) for c in r]))
                                                          for r in p.heads] for b, p in plans.items()})
 
-    # 3. evaluate on the eval set in the report's dtype
-    del engine, lm
-    lm = load_model(args.model, dtype=args.eval_dtype)
-    engine = HeadEngine(lm, policies=policies + sorted({r["best_uniform"] for r in report["recovery"]}))
-    samples = load_samples(args.eval)
-    if len(samples) != report["samples"]:
-        sys.exit(f"--eval has {len(samples)} samples, the report {report['samples']}: give the report of --eval")
+    # 3. evaluate on the eval set (scorers: the plans' policies, and the checked uniform policy only when checking)
     known = {(r["sample_id"], r["method"]): r for r in report["results"]}
     best = {r["budget"]: (r["best_uniform"], r["best_uniform_score"], r["full_score"]) for r in report["recovery"]}
     check_key = f"{best[budgets[0]][0]}@{budgets[0]}"
+    scored = list(dict.fromkeys(policies + ([best[budgets[0]][0]] if args.check > 0 else [])))
+    engine = HeadEngine(lm, policies=scored)
     rows: dict[str, list[tuple[str, float]]] = defaultdict(list)
     sizes: dict[int, list[tuple[float, float]]] = defaultdict(list)
     answers = []

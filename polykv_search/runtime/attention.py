@@ -6,9 +6,10 @@ attends to future query tokens). Registered as "polykv_sdpa", this function buil
 layer's own key count: the q queries are the last q positions, so key j is visible to query i iff
 j <= K - q + i (bottom-right aligned). Batch rows of different plans mark padded cache slots in
 `module.polykv_valid`: (B, K_cached), or (B, H_kv, K_cached) when the KV heads of a row keep different
-numbers of tokens (each head's padding hidden from the query heads of its group). A layer whose cache was not shrunk (no `module.polykv_compressed`
-flag) and sliding-window layers, which no plan compresses, keep transformers' own mask, padding included,
-so leaving a model switched to this function changes nothing for ordinary use.
+numbers of tokens (each head's padding hidden from the query heads of its group). A layer whose cache was not
+shrunk (no `module.polykv_compressed` flag) and sliding-window layers, which no plan compresses, keep
+transformers' own mask, padding included, so leaving a model switched to this function changes nothing for
+ordinary use.
 """
 
 from __future__ import annotations
