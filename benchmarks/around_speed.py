@@ -26,24 +26,23 @@ def main() -> None:
     parser.add_argument("--out", default="outputs/benchmarks/around_speed.json")
     args = parser.parse_args()
 
-    from polykv_search.calibrate.around import uniform_background
-    from polykv_search.calibrate.layer_kl import probe_methods
+    from polykv_search.calibration.layer_kl import probe_plans
     from polykv_search.data import load_samples
-    from polykv_search.evaluate.engine import EvaluationEngine, Method
+    from polykv_search.engine import PrefillEngine
     from polykv_search.models import load_model
+    from polykv_search.plan import uniform_plan
 
     lm = load_model(args.model)
     policies = sorted({args.background, *args.policies.split(",")})
     budgets = [int(b) for b in args.budgets.split(",")]
-    engine = EvaluationEngine(lm, policies=policies)
-    names, sizes = uniform_background(lm.info.num_layers, lm.info.compressible_layers, args.background, args.budget)
-    reference = Method("background", "uniform", args.budget, tuple(names), tuple(sizes))
+    engine = PrefillEngine(lm, scorers=policies)
+    reference = uniform_plan(lm.info, policy=args.background, budget=args.budget)
     seconds = {"from_changed_layer": 0.0, "from_embeddings": 0.0}
     worst, rows = 0.0, 0
     for sample in load_samples(args.data)[: args.samples]:
         state = engine.prefill(sample)
-        probes = [m for _, m in probe_methods(lm.info.num_layers, lm.info.compressible_layers, args.policies.split(","),
-                                              budgets, state.n_context, background=(names, sizes))]
+        probes = [plan for _, plan in probe_plans(lm.info, args.policies.split(","), budgets, state.n_context,
+                                                  background=reference)]
         rows += len(probes)
         t0 = time.perf_counter()
         started = engine.answer_metrics_many(state, probes, reference=reference)

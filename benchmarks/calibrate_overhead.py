@@ -33,7 +33,7 @@ def plain_prefill_seconds(lm, token_lists) -> float:
 
 
 def time_ratio(args) -> dict:
-    from polykv_search.calibrate.run import CalibrationConfig, calibrate
+    from polykv_search import CalibrationConfig, calibrate
     from polykv_search.data import build_prompt, load_samples
     from polykv_search.models import load_model
 
@@ -74,7 +74,7 @@ def long_sample(tokenizer, n_tokens: int):
 
 def memory_child(mode: str, model: str, n_tokens: int) -> None:
     """Runs in a fresh process: prints RSS after loading and the peak RSS of one plain prefill or calibrate."""
-    from polykv_search.calibrate.run import CalibrationConfig, calibrate
+    from polykv_search import CalibrationConfig, calibrate
     from polykv_search.data import build_prompt
     from polykv_search.models import load_model
 

@@ -29,25 +29,23 @@ def main() -> None:
     from kvpress import KVPressTextGenerationPipeline
 
     from polykv_search.data import load_samples
-    from polykv_search.evaluate.engine import EvaluationEngine, Method
+    from polykv_search.engine import PrefillEngine
     from polykv_search.models import load_model
-    from polykv_search.plan import pyramidkv_plan, uniform_plan
+    from polykv_search.optimization import pyramidkv_plan
+    from polykv_search.plan import LayerPlan, Plan, uniform_plan
     from polykv_search.policies import DEFAULT_POLICIES
-    from polykv_search.runtime import PlanPress
+    from polykv_search.runtime import PlanPress, polykv_attention
 
     lm = load_model(args.model)
     info = lm.info
     samples = load_samples(args.data)[: args.samples]
     plans = [uniform_plan(info, policy=p, budget=args.budget) for p in DEFAULT_POLICIES]  # 8
     plans.append(pyramidkv_plan(info, policy="snapkv", budget=args.budget))
-    mixed = list(DEFAULT_POLICIES)
-    plans.append(uniform_plan(info, policy="snapkv", budget=args.budget))  # then mix its policies per layer
-    layers = info.compressible_layers
-    mixed_policies = list(plans[-1].policies)
-    for i, layer in enumerate(layers):
-        mixed_policies[layer] = mixed[i % len(mixed)]
-    methods = [Method(f"p{i}", "plan", args.budget, tuple(p.policies), tuple(p.budgets)) for i, p in enumerate(plans)]
-    methods[-1] = Method("mixed", "plan", args.budget, tuple(mixed_policies), tuple(plans[-1].budgets))
+    snapkv = uniform_plan(info, policy="snapkv", budget=args.budget)  # then mix its policies per layer
+    mixed = [LayerPlan.of(layer, DEFAULT_POLICIES[i % len(DEFAULT_POLICIES)], snapkv.layers[layer].budget)
+             for i, layer in enumerate(info.compressible_layers)]
+    plans.append(Plan.build(info, average_budget=args.budget, layers=mixed, search=snapkv.search))
+    methods = plans
 
     prefills = {"kvpress": 0}
 
@@ -57,13 +55,13 @@ def main() -> None:
             prefills["kvpress"] += 1
 
     # engine: one prefill per sample, all plans batched
-    engine = EvaluationEngine(lm, policies=DEFAULT_POLICIES)
+    engine = PrefillEngine(lm, scorers=DEFAULT_POLICIES)
     start = time.perf_counter()
     engine_answers = {}
     for sample in samples:
         state = engine.prefill(sample)
-        for method, result in zip(methods, engine.run_many(state, methods, with_kl=False)):
-            engine_answers[(sample.id, method.key)] = result.answer
+        for number, result in enumerate(engine.run_many(state, methods, with_kl=False)):
+            engine_answers[(sample.id, number)] = result.answer
     engine_seconds = time.perf_counter() - start
 
     # kvpress: its pipeline, once per plan and sample (same token ids; PlanPress compresses in its hooks)
@@ -73,13 +71,14 @@ def main() -> None:
     start = time.perf_counter()
     agree = 0
     try:
-        for state in states:
-            inputs = {"context_ids": torch.tensor([state.parts.context_ids]),
-                      "questions_ids": [torch.tensor([state.parts.question_ids])]}
-            for method in methods:
-                press = PlanPress(policies=list(method.policies), budgets=list(method.budgets))
-                answer = pipe._forward(inputs, max_new_tokens=state.parts.max_new_tokens, press=press)[0]
-                agree += answer == engine_answers[(state.sample.id, method.key)]
+        with polykv_attention(lm.model):  # restores the model's attention afterwards
+            for state in states:
+                inputs = {"context_ids": torch.tensor([state.parts.context_ids]),
+                          "questions_ids": [torch.tensor([state.parts.question_ids])]}
+                for number, plan in enumerate(methods):
+                    # Pipeline.forward: kvpress's generation from token ids (the engine's prompt, not re-tokenized)
+                    answer = pipe.forward(inputs, max_new_tokens=state.parts.max_new_tokens, press=PlanPress(plan))[0]
+                    agree += answer == engine_answers[(state.sample.id, number)]
     finally:
         handle.remove()
     kvpress_seconds = time.perf_counter() - start

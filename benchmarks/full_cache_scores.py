@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from polykv_search.data import build_prompt, load_samples
-from polykv_search.evaluate import metric_for, score_sample
+from polykv_search.data.metrics import metric_for, score_sample
 from polykv_search.io import write_atomic
 from polykv_search.models import load_model
 

@@ -25,7 +25,6 @@ Not a product feature: plan files are per layer (schema v1). Usage:
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import logging
 import os
@@ -33,7 +32,6 @@ import statistics
 import sys
 import time
 from collections import defaultdict
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -42,74 +40,33 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from polykv_search.data import load_samples, spread_over_tasks
-from polykv_search.evaluate import score_sample
-from polykv_search.evaluate.engine import EvaluationEngine, PrefillState, _reserved
+from polykv_search.data.metrics import score_sample
+from polykv_search.engine import PrefillEngine, PrefillState
 from polykv_search.io import write_atomic, write_json_atomic
-from polykv_search.models import load_model
-from polykv_search.optimize.dp import solve_dp
-from polykv_search.optimize.problem import Problem
+from polykv_search.models import ModelInfo, load_model
+from polykv_search.optimization import Problem, solve
+from polykv_search.plan import HeadPlan, LayerPlan, Plan, SearchInfo
 
-Choice = tuple[str, int] | None  # (policy, budget) of one KV head; None keeps its whole context
-
-
-@dataclass(frozen=True)
-class HeadMethod:
-    """A cache built head by head: `heads[layer][kv_head]` is that head's choice."""
-
-    name: str
-    heads: tuple[tuple[Choice, ...], ...]
-    family: str = "plan"
-    average_budget: int | None = None
-
-    @property
-    def key(self) -> str:
-        return self.name
+STUDY = SearchInfo(solver="per_head_study", status="study")
 
 
-class HeadEngine(EvaluationEngine):
-    """The evaluation engine with one top-k per KV head; padded slots hidden per head (runtime's (B, H_kv, K))."""
-
-    def _head_choices(self, state: PrefillState, method: HeadMethod, idx: int) -> list[Choice] | None:
-        row = [None if c is None or c[1] >= state.n_context else c for c in method.heads[idx]]
-        return None if all(c is None for c in row) else row
-
-    def _compressed_layers(self, state: PrefillState, method: HeadMethod) -> list[int]:
-        return [idx for idx in self.compressible if self._head_choices(state, method, idx) is not None]
-
-    def _batched_cache(self, state: PrefillState, methods: list[HeadMethod]):
-        batch, n, room = len(methods), state.n_context, self._room(state)
-        cache = copy.copy(state.cache)
-        cache.layers, valid = [], {}
-        for idx, layer in enumerate(state.cache.layers):
-            keys, values = layer.keys, layer.values  # (1, H_kv, T', D)
-            rows = [self._head_choices(state, m, idx) if idx in self.compressible else None for m in methods]
-            if all(r is None for r in rows):
-                cache.layers.append(_reserved(layer, keys.expand(batch, -1, -1, -1),
-                                              values.expand(batch, -1, -1, -1), room))
-                continue
-            num_kv = keys.shape[1]
-            kept = [[torch.arange(n) if r is None or r[h] is None
-                     else state.rankings[idx][r[h][0]][h].topk(r[h][1]).indices for h in range(num_kv)]
-                    for r in rows]
-            longest = max(len(k) for heads in kept for k in heads)
-            index = torch.zeros(batch, num_kv, longest, dtype=torch.long)
-            mask = torch.zeros(batch, num_kv, longest, dtype=torch.bool)  # (B, H_kv, K_l)
-            for b, heads in enumerate(kept):
-                for h, k in enumerate(heads):
-                    index[b, h, :len(k)] = k
-                    mask[b, h, :len(k)] = True
-            gather = index[..., None].expand(-1, -1, -1, keys.shape[-1]).to(keys.device)
-            cache.layers.append(_reserved(layer, keys.expand(batch, -1, -1, -1).gather(2, gather),
-                                          values.expand(batch, -1, -1, -1).gather(2, gather), room))
-            valid[idx] = mask.to(keys.device)
-        return cache, valid, [[] for _ in methods]
+def head_layer(index: int, heads: list[HeadPlan]) -> LayerPlan:
+    """A layer whose KV heads each keep their own policy and budget."""
+    return LayerPlan(index=index, policy=None, heads=tuple(heads))
 
 
-def probe_sample(engine: HeadEngine, state: PrefillState, policies: list[str], grid: list[int],
+def per_head_plan(info: ModelInfo, heads: dict[int, list[HeadPlan]], average: float | None = None) -> Plan:
+    """A plan from per-head entries of the compressible layers (missing layers keep their whole context)."""
+    return Plan.build(info, average_budget=average, search=STUDY,
+                      layers=[head_layer(idx, heads[idx]) if idx in heads else LayerPlan.full(idx)
+                              for idx in info.compressible_layers])
+
+
+def probe_sample(engine: PrefillEngine, state: PrefillState, policies: list[str], grid: list[int],
                  num_kv: int) -> torch.Tensor:
     """(L_c * H_kv, P, G) KL of compressing one head alone; 0 where the budget keeps the whole context."""
-    layers = engine.compressible
-    base = [[None] * num_kv for _ in range(engine.lm.info.num_layers)]
+    info = engine.lm.info
+    layers = info.compressible_layers
     probes, where = [], []
     for i, idx in enumerate(layers):
         for h in range(num_kv):
@@ -117,9 +74,9 @@ def probe_sample(engine: HeadEngine, state: PrefillState, policies: list[str], g
                 for g, budget in enumerate(grid):
                     if budget >= state.n_context:
                         continue
-                    heads = [list(r) for r in base]
-                    heads[idx][h] = (policy, budget)
-                    probes.append(HeadMethod(f"L{idx}H{h}", tuple(tuple(r) for r in heads)))
+                    heads = [HeadPlan.full()] * num_kv
+                    heads[h] = HeadPlan.of(policy, budget)
+                    probes.append(per_head_plan(info, {idx: heads}))
                     where.append((i * num_kv + h, p, g))
     costs = torch.zeros(len(layers) * num_kv, len(policies), len(grid))
     for (u, p, g), m in zip(where, engine.answer_metrics_many(state, probes, batch_size=4)):
@@ -127,28 +84,29 @@ def probe_sample(engine: HeadEngine, state: PrefillState, policies: list[str], g
     return costs
 
 
-def head_plan(costs: np.ndarray, policies: list[str], grid: list[int], budget: int, layers: list[int],
-              num_layers: int, num_kv: int) -> tuple[HeadMethod, float]:
+def head_plan(info: ModelInfo, costs: np.ndarray, policies: list[str], grid: list[int], budget: int,
+              num_kv: int) -> tuple[Plan, float]:
+    """The exact DP over (layer, head) slots: a total of budget x slots KV entries."""
+    layers = info.compressible_layers
     problem = Problem(costs, grid, list(range(costs.shape[0])), policies, total=budget * costs.shape[0])
-    allocation = solve_dp(problem)
-    heads = [[None] * num_kv for _ in range(num_layers)]
-    for choice in allocation.choices:
-        layer, h = layers[choice.layer // num_kv], choice.layer % num_kv
-        heads[layer][h] = (choice.policy, int(choice.budget))
-    return HeadMethod(f"per_head@{budget}", tuple(tuple(r) for r in heads), average_budget=budget), \
-        allocation.objective
+    allocation = solve(problem, solver="dp")
+    heads: dict[int, list[HeadPlan]] = {idx: [HeadPlan.full()] * num_kv for idx in layers}
+    for slot in allocation.layers:
+        heads[layers[slot.index // num_kv]][slot.index % num_kv] = HeadPlan.of(slot.policy, slot.budget)
+    return per_head_plan(info, heads, average=budget), allocation.objective
 
 
-def uniform(policy: str, budget: int, num_layers: int, layers: list[int], num_kv: int) -> HeadMethod:
-    heads = [tuple((policy, budget) if idx in layers else None for _ in range(num_kv)) for idx in range(num_layers)]
-    return HeadMethod(f"{policy}@{budget}", tuple(heads), family="uniform", average_budget=budget)
+def uniform(info: ModelInfo, policy: str, budget: int, num_kv: int) -> Plan:
+    """One policy and budget in every head, written head by head (checks the per-head path against a report)."""
+    return per_head_plan(info, {idx: [HeadPlan.of(policy, budget)] * num_kv for idx in info.compressible_layers},
+                         average=budget)
 
 
-def memory(method: HeadMethod, n: int, layers: list[int], num_kv: int) -> tuple[float, float]:
+def memory(plan: Plan, n: int, layers: list[int], num_kv: int) -> tuple[float, float]:
     """(KV entries, entries of the dense padded layout) per KV head, for a context of n tokens."""
     entries = padded = 0
     for idx in layers:
-        kept = [n if c is None else min(c[1], n) for c in method.heads[idx]]
+        kept = [n if c is None else min(c[1], n) for c in plan.layers[idx].head_choices(num_kv)]
         entries += sum(kept)
         padded += max(kept) * num_kv
     return entries / (len(layers) * num_kv), padded / (len(layers) * num_kv)
@@ -201,7 +159,7 @@ def main() -> int:
             continue
         if engine is None:
             lm = load_model(args.model, dtype=args.calib_dtype)
-            engine = HeadEngine(lm, policies=policies)
+            engine = PrefillEngine(lm, scorers=policies)
         start = time.perf_counter()
         costs = probe_sample(engine, engine.prefill(sample), policies, grid, lm.model.config.num_key_value_heads)
         write_atomic(path, lambda p, c=costs: save_file({"kl": c}, str(p), metadata=made_with))
@@ -212,46 +170,48 @@ def main() -> int:
     if lm is None or args.calib_dtype != args.eval_dtype:
         del engine, lm
         lm = load_model(args.model, dtype=args.eval_dtype)
-    layers, num_layers = lm.info.compressible_layers, lm.info.num_layers
-    num_kv = lm.model.config.num_key_value_heads
+    layers = lm.info.compressible_layers
+    num_kv = lm.info.num_kv_heads
 
     # 2. the DP over heads
     plans = {}
     for budget in budgets:
-        plan, objective = head_plan(costs, policies, grid, budget, layers, num_layers, num_kv)
+        plan, objective = head_plan(lm.info, costs, policies, grid, budget, num_kv)
         plans[budget] = plan
-        whole = [f"L{idx}H{h}" for idx in layers for h in range(num_kv)
-                 if plan.heads[idx][h] is not None and plan.heads[idx][h][1] >= grid[-1]]
+        whole = [f"L{idx}H{h}" for idx in layers for h, head in enumerate(plan.layers[idx].heads)
+                 if head.budget is not None and head.budget >= grid[-1]]
         print(f"budget {budget}: predicted KL sum {objective:.3f}; heads at the top level ({grid[-1]}): "
               f"{', '.join(whole) or 'none'}")
-    write_json_atomic(args.out / "plans.json", {str(b): [list(map(list, [c or (None, None) for c in r]))
-                                                         for r in p.heads] for b, p in plans.items()})
+    write_json_atomic(args.out / "plans.json", {str(b): [[[c[0], c[1]] if c else [None, None]
+                                                          for c in (p.layers[i].head_choices(num_kv) or [])]
+                                                         for i in range(lm.info.num_layers)]
+                                                for b, p in plans.items()})
 
     # 3. evaluate on the eval set (scorers: the plans' policies, and the checked uniform policy only when checking)
     known = {(r["sample_id"], r["method"]): r for r in report["results"]}
     best = {r["budget"]: (r["best_uniform"], r["best_uniform_score"], r["full_score"]) for r in report["recovery"]}
     check_key = f"{best[budgets[0]][0]}@{budgets[0]}"
     scored = list(dict.fromkeys(policies + ([best[budgets[0]][0]] if args.check > 0 else [])))
-    engine = HeadEngine(lm, policies=scored)
+    engine = PrefillEngine(lm, scorers=scored)
     rows: dict[str, list[tuple[str, float]]] = defaultdict(list)
     sizes: dict[int, list[tuple[float, float]]] = defaultdict(list)
     answers = []
     start = time.perf_counter()
     for i, sample in enumerate(samples):
         state = engine.prefill(sample)
-        methods = list(plans.values())
+        methods = {f"per_head@{budget}": plan for budget, plan in plans.items()}
         for budget, plan in plans.items():
             sizes[budget].append(memory(plan, state.n_context, layers, num_kv))
         if i < args.check:
-            methods.append(uniform(best[budgets[0]][0], budgets[0], num_layers, layers, num_kv))
-        for result in engine.run_many(state, methods, with_kl=False):
-            if result.method == check_key:
+            methods[check_key] = uniform(lm.info, best[budgets[0]][0], budgets[0], num_kv)
+        for key, result in zip(methods, engine.run_many(state, list(methods.values()), with_kl=False)):
+            if key == check_key:
                 theirs = known[(str(sample.id), check_key)]["answer"]
                 print(f"check {sample.id} {check_key}: {'same answer' if theirs == result.answer else 'DIFFERS'}")
                 continue
             score = score_sample(sample, result.answer)
-            rows[result.method].append((sample.task, score))
-            answers.append({"sample_id": str(sample.id), "task": sample.task, "method": result.method,
+            rows[key].append((sample.task, score))
+            answers.append({"sample_id": str(sample.id), "task": sample.task, "method": key,
                             "answer": result.answer, "score": score})
         if (i + 1) % 10 == 0:
             print(f"eval {i + 1}/{len(samples)}: {time.perf_counter() - start:.0f} s", flush=True)
@@ -262,7 +222,7 @@ def main() -> int:
     rs = []
     for budget in budgets:
         name, uni, full = best[budget]
-        score = task_mean(rows[plans[budget].key])
+        score = task_mean(rows[f"per_head@{budget}"])
         r = (score - uni) / (full - uni)
         rs.append(r)
         entries, padded = (statistics.fmean(x) for x in zip(*sizes[budget]))
@@ -273,7 +233,7 @@ def main() -> int:
     lines += ["| budget | method | " + " | ".join(tasks) + " |", "|---|---|" + "---|" * len(tasks)]
     for budget in budgets:
         uniform_tasks = report["methods"][f"{best[budget][0]}@{budget}"]["tasks"]
-        plan_tasks = {t: statistics.fmean(v for task, v in rows[plans[budget].key] if task == t) for t in tasks}
+        plan_tasks = {t: statistics.fmean(v for task, v in rows[f"per_head@{budget}"] if task == t) for t in tasks}
         for label, table in ((best[budget][0], uniform_tasks), ("per-head plan", plan_tasks)):
             lines.append(f"| {budget} | {label} | " + " | ".join(f"{table[t]:.2f}" for t in tasks) + " |")
     text = "\n".join(lines)

@@ -24,11 +24,11 @@ def main() -> None:
     parser.add_argument("--out", default="outputs/benchmarks/proxy_spearman.json")
     args = parser.parse_args()
 
-    from polykv_search.calibrate.profile import Profile
+    from polykv_search.calibration import Profile
     from polykv_search.data import load_samples
+    from polykv_search.engine import EndToEndObjective
     from polykv_search.models import load_model
-    from polykv_search.optimize.objective import EndToEndObjective
-    from polykv_search.optimize.proxy import check_proxy
+    from polykv_search.optimization.proxy import check_proxy
 
     profile = Profile.load(args.profile)
     lm = load_model(args.model)

@@ -18,7 +18,7 @@ import time
 
 import numpy as np
 
-from polykv_search.optimize import Problem, solve
+from polykv_search.optimization import Problem, solve
 
 
 def realistic_costs(layers: int, policies: int, levels: int, *, seed: int) -> tuple[np.ndarray, list[int]]:
@@ -44,9 +44,9 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     if "ilp" in args.solvers:  # import cvxpy and HiGHS before timing: the first import alone takes ~1 s
-        from polykv_search.optimize.ilp import _silence_banner
+        from polykv_search.optimization.ilp import silence_highs_banner
 
-        _silence_banner()
+        silence_highs_banner()
 
     header = f"{'size':>10} {'average':>8} {'solver':>6} {'status':>10} {'objective':>12} {'bound':>12} " \
              f"{'gap':>9} {'seconds':>8}  agrees"

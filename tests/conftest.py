@@ -34,7 +34,7 @@ def make_tokenizer():
 def tiny_loaded(kind: str = "llama", *, seed: int = 0, attn: str = "sdpa"):
     from transformers import AutoModelForCausalLM, Gemma3TextConfig, LlamaConfig
 
-    from polykv_search.models.loading import LoadedModel, _model_info
+    from polykv_search.models import LoadedModel, model_info
 
     torch.manual_seed(seed)
     tokenizer = make_tokenizer()
@@ -51,7 +51,7 @@ def tiny_loaded(kind: str = "llama", *, seed: int = 0, attn: str = "sdpa"):
     model = AutoModelForCausalLM.from_config(config, attn_implementation=attn).eval()
     for param in model.parameters():  # larger weights give peaked, non-uniform attention
         param.data.mul_(4.0 if param.dim() > 1 else 1.0)
-    info = _model_info(model, model_id=f"tiny-{kind}", revision="test", add_bos=False)
+    info = model_info(model, model_id=f"tiny-{kind}", revision="test", add_bos=False)
     return LoadedModel(model=model, tokenizer=tokenizer, info=info)
 
 
@@ -96,3 +96,14 @@ def calib_file(tmp_path: Path) -> Path:
 
 def words_only(text: str) -> list[str]:
     return re.findall(r"\w+", text)
+
+
+def kvpress_answer(pipe, state, press) -> str:
+    """kvpress's own pipeline answering the engine's token ids with `press` (Pipeline.forward: the tokenized inputs
+    in, the greedy answer out), the model's attention restored afterwards."""
+    from polykv_search.runtime import polykv_attention
+
+    inputs = {"context_ids": torch.tensor([state.parts.context_ids]),
+              "questions_ids": [torch.tensor([state.parts.question_ids])]}
+    with polykv_attention(pipe.model):
+        return pipe.forward(inputs, max_new_tokens=state.parts.max_new_tokens, press=press)[0]

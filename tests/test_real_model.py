@@ -6,9 +6,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from polykv_search.calibrate.run import CalibrationConfig, calibrate
+from polykv_search.calibration import CalibrationConfig, calibrate_model
 from polykv_search.data import load_samples
 from polykv_search.models import load_model
+from tests.conftest import kvpress_answer
+from tests.plans import plan_of
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = [
@@ -35,7 +37,7 @@ def test_loads_with_its_geometry_and_answers_sensibly(smollm2):
 def test_calibrates_two_short_shipped_samples(smollm2, tmp_path):
     samples = load_samples(ROOT / "calibration_data" / "calib.jsonl")[:2]
     config = CalibrationConfig(budgets=(16, 64, 256), max_context_tokens=640)
-    run = calibrate(smollm2, samples, config=config, out_dir=tmp_path)
+    run = calibrate_model(smollm2, samples, config=config, out_dir=tmp_path)
     profile = run.profile
     assert profile.num_samples == 2
     assert all(s["truncated"] for s in profile.header["samples"])  # shipped samples are longer than 640
@@ -50,23 +52,21 @@ def test_calibrates_two_short_shipped_samples(smollm2, tmp_path):
 def test_engine_equals_kvpress_pipeline_on_a_short_real_sample(smollm2):
     from kvpress import KVPressTextGenerationPipeline
 
-    from polykv_search.evaluate.engine import EvaluationEngine, Method
+    from polykv_search.engine import PrefillEngine
     from polykv_search.runtime import PlanPress
 
     sample = load_samples(ROOT / "calibration_data" / "eval.jsonl")[0]
-    engine = EvaluationEngine(smollm2, policies=["snapkv", "expected_attention", "knorm", "h2o"],
-                              max_context_tokens=700)
+    engine = PrefillEngine(smollm2, scorers=["snapkv", "expected_attention", "knorm", "h2o"],
+                           max_context_tokens=700)
     state = engine.prefill(sample)
     n = smollm2.info.num_layers
-    policies = tuple(["snapkv", "expected_attention", "knorm", "h2o"][i % 4] for i in range(n))
-    budgets = tuple(32 + 8 * (i % 5) for i in range(n))
-    method = Method("mixed", "plan", None, policies, budgets)
-    ours = engine.run(state, method)
-    press = PlanPress(policies=list(policies), budgets=list(budgets))
+    policies = [["snapkv", "expected_attention", "knorm", "h2o"][i % 4] for i in range(n)]
+    budgets = [32 + 8 * (i % 5) for i in range(n)]
+    plan = plan_of(smollm2.info, policies, budgets)
+    ours = engine.run(state, plan)
+    press = PlanPress(plan)
     pipe = KVPressTextGenerationPipeline(model=smollm2.model, tokenizer=smollm2.tokenizer)
-    inputs = {"context_ids": torch.tensor([state.parts.context_ids]),
-              "questions_ids": [torch.tensor([state.parts.question_ids])]}
-    answer = pipe._forward(inputs, max_new_tokens=state.parts.max_new_tokens, press=press)[0]
-    for layer, indices in engine.kept_indices(state, method).items():
-        assert torch.equal(indices, press.kept_indices[layer][0])
+    answer = kvpress_answer(pipe, state, press)
+    for layer, indices in engine.kept_indices(state, plan).items():
+        assert torch.equal(torch.stack(indices), press.kept_indices[layer][0])
     assert ours.answer == answer

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from polykv_search.cli._errors import run_app
+from polykv_search.cli.errors import run_app
 
 app = typer.Typer(
     name="polykv-search",

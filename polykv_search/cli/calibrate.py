@@ -12,17 +12,10 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeElapsedColumn,
-)
 
 from polykv_search.cli import app
-from polykv_search.cli._errors import err_console
-from polykv_search.cli._options import (
+from polykv_search.cli.errors import err_console
+from polykv_search.cli.options import (
     DEFAULT_MODEL,
     ColumnMapOpt,
     DataOpt,
@@ -32,11 +25,11 @@ from polykv_search.cli._options import (
     ModelOpt,
     RevisionOpt,
     TrustOpt,
-    model_slug,
     parse_column_map,
     parse_int_list,
     parse_str_list,
 )
+from polykv_search.cli.render import profile_table, progress_bars
 
 DEFAULT_DATA = "calibration_data/calib.jsonl"
 
@@ -79,45 +72,26 @@ def calibrate(
     as_json: JsonOpt = False,
 ) -> None:
     """Run the model on calibration data; write a profile of per-layer signals and policy cost curves."""
-    from polykv_search.calibrate.budgets import DEFAULT_BUDGETS
-    from polykv_search.calibrate.report import signal_heatmap, summary_table
-    from polykv_search.calibrate.run import CalibrationConfig
-    from polykv_search.calibrate.run import calibrate as run_calibration
-    from polykv_search.data import load_samples, spread_over_tasks
-    from polykv_search.models import load_model
-    from polykv_search.policies import DEFAULT_POLICIES
+    # imported here, as in every command: the library loads torch, transformers and kvpress (about 4 s)
+    import polykv_search as pk
+    from polykv_search.calibration.figures import signal_heatmap
 
-    config = CalibrationConfig(
-        policies=tuple(parse_str_list(policies)) if policies else DEFAULT_POLICIES,
-        budgets=tuple(parse_int_list(budgets, option="--budgets")) if budgets else DEFAULT_BUDGETS,
+    config = pk.CalibrationConfig(
+        **({"policies": tuple(parse_str_list(policies))} if policies else {}),
+        **({"budgets": tuple(parse_int_list(budgets, option="--budgets"))} if budgets else {}),
         window=window, max_context_tokens=max_context, layer_kl=layer_kl,
         around=tuple(parse_int_list(around, option="--around")) if around else (),
         around_policy=around_policy, around_plan=str(around_plan) if around_plan else None).validated()
-    sources = data or [DEFAULT_DATA]
-    mapping = parse_column_map(column_map)
-    samples = [s for source in sources for s in load_samples(source, column_map=mapping)]
-    samples = spread_over_tasks(samples, max_samples)
-    out_dir = out or Path("outputs") / model_slug(model)
-
-    with err_console.status(f"loading {model}"):
-        lm = load_model(model, device=device, dtype=dtype, trust_remote_code=trust_remote_code, revision=revision)
-    columns = (TextColumn("[bold]calibrate"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-               TextColumn("{task.description}"))
-    with Progress(*columns, console=err_console, transient=False) as bar:
-        task = bar.add_task("", total=len(samples))
-
-        def advance(result) -> None:
-            note = f"skipped: {result.skipped}" if result.skipped else f"{result.task} ({result.context_tokens} tok)"
-            bar.update(task, advance=1, description=note)
-
-        run = run_calibration(lm, samples, config=config, data_sources=sources, out_dir=out_dir, resume=resume,
-                              progress=advance)
-    heatmap = signal_heatmap(run.profile, out_dir / "signals.png")
+    with progress_bars() as progress:
+        run = pk.calibrate(model, data or [DEFAULT_DATA], config=config, out_dir=out, max_samples=max_samples,
+                           column_map=parse_column_map(column_map), resume=resume, device=device, dtype=dtype,
+                           trust_remote_code=trust_remote_code, revision=revision, progress=progress)
+    heatmap = signal_heatmap(run.profile, run.path.parent / "signals.png")
     if as_json:
         typer.echo(json.dumps({"profile": str(run.path), "heatmap": str(heatmap), "samples": run.profile.num_samples,
                                "seconds": round(run.seconds, 2)}))
         return
-    err_console.print(summary_table(run.profile))
+    err_console.print(profile_table(run.profile))
     skipped = sum(r.skipped is not None for r in run.results)
     truncated = sum(r.truncated for r in run.results)
     err_console.print(f"{run.profile.num_samples} samples in {run.seconds:.0f} s"
@@ -133,8 +107,9 @@ def merge_profiles(
     out: Annotated[Path, typer.Option("--out", "-o", help="Merged profile file.")],
 ) -> None:
     """Join profiles calibrated on disjoint budget grids into one on the union grid (no re-measuring)."""
-    from polykv_search.calibrate.merge import merge_budget_grids
-    from polykv_search.calibrate.profile import Profile
+    # imported here: the library loads torch (seconds), which --help does not need
+    from polykv_search.calibration import Profile
+    from polykv_search.calibration.merge import merge_budget_grids
 
     merged = merge_budget_grids([Profile.load(p) for p in profiles])
     path = merged.save(out)

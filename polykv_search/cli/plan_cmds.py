@@ -10,18 +10,16 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import Annotated
 
 import typer
-from rich.table import Table
 
 from polykv_search.cli import app
-from polykv_search.cli._errors import err_console
-from polykv_search.cli._options import RevisionOpt, TrustOpt, parse_int_list
+from polykv_search.cli.errors import err_console
+from polykv_search.cli.options import RevisionOpt, TrustOpt, parse_int_list
+from polykv_search.cli.render import plan_table
 from polykv_search.errors import ConfigError
-
-if TYPE_CHECKING:
-    from polykv_search.plan import PlanFile
+from polykv_search.plan import PLAN_SCHEMA, PlanFile, load_plan
 
 KINDS = ("uniform", "pyramidkv", "cake")
 
@@ -33,8 +31,6 @@ OptionalModelOpt = Annotated[str | None, typer.Option("--model", "-m", help="Emb
 @app.command()
 def schema() -> None:
     """Print the plan file's JSON Schema (Draft 2020-12) to stdout."""
-    from polykv_search.plan.schema import PLAN_SCHEMA
-
     typer.echo(json.dumps(PLAN_SCHEMA, indent=2))
 
 
@@ -46,14 +42,12 @@ def validate(
     trust_remote_code: TrustOpt = False,
 ) -> None:
     """Check a plan file; with --model, also check that it was made for that model. Exit 2 lists every problem."""
-    from polykv_search.plan import PlanFile, check_matches_model
-
-    plan_file = PlanFile.load(plan)
+    plan_file = load_plan(plan)
     if model is not None:
+        # imported here: loading a model needs torch and transformers (seconds); a plain check needs neither
         from polykv_search.models import load_model
 
-        info = load_model(model, revision=revision, trust_remote_code=trust_remote_code).info
-        check_matches_model(plan_file, info)
+        plan_file.check_model(load_model(model, revision=revision, trust_remote_code=trust_remote_code).info)
     budgets = ", ".join(_fmt(b) for b in plan_file.budgets)
     count = len(plan_file.plans)
     typer.echo(f"valid: {count} plan{'s' if count != 1 else ''}, budgets [{budgets}]")
@@ -80,9 +74,12 @@ def baseline(
     trust_remote_code: TrustOpt = False,
 ) -> None:
     """Write a baseline plan (or a ladder of them): uniform, PyramidKV or CAKE budgets for one policy."""
+    # imported here: the library loads torch, transformers and kvpress (about 4 s)
+    from polykv_search.calibration import Profile
     from polykv_search.io import file_sha256
-    from polykv_search.models import ModelInfo
-    from polykv_search.plan import PlanFile, cake_plan, pyramidkv_plan, uniform_plan
+    from polykv_search.models import load_model
+    from polykv_search.optimization import cake_plan, pyramidkv_plan
+    from polykv_search.plan import uniform_plan
 
     if kind not in KINDS:
         raise ConfigError(f"--kind {kind!r} is not one of {', '.join(KINDS)}")
@@ -93,13 +90,9 @@ def baseline(
     budgets = list(dict.fromkeys(parse_int_list(budget, option="--budget")))
     loaded = None
     if profile is not None:
-        from polykv_search.calibrate.profile import Profile
-
         loaded = Profile.load(profile)
-        info = ModelInfo.from_dict(loaded.header["model"])
+        info = loaded.model
     else:
-        from polykv_search.models import load_model
-
         info = load_model(model, revision=revision, trust_remote_code=trust_remote_code).info
     if kind == "uniform":
         plans = [uniform_plan(info, policy=policy, budget=b) for b in budgets]
@@ -114,23 +107,6 @@ def baseline(
     path = plan_file.save(out or Path("outputs/plans") / f"{kind}-{policy}.json")
     err_console.print(plan_table(plan_file, title=f"{kind} baseline, {info.model_id}"))
     typer.echo(str(path))
-
-
-def plan_table(plan_file: PlanFile, *, title: str = "") -> Table:
-    """Layer, type, then policy and budget per ladder rung."""
-    table = Table(title=title or None, show_lines=False)
-    table.add_column("layer", justify="right")
-    table.add_column("type")
-    for plan in plan_file.plans:
-        table.add_column(f"B={_fmt(plan.average_budget)}", justify="right")
-    for i, kind in enumerate(plan_file.model.layer_types):
-        cells = []
-        for plan in plan_file.plans:
-            layer = plan.layers[i]
-            cells.append("fixed" if layer.sliding_window else f"{layer.policy} {layer.budget}")
-        table.add_row(str(i), "sliding" if kind == "sliding_attention" else "full", *cells)
-    table.add_row("sum", "", *[str(plan.constraint.total_realised) for plan in plan_file.plans], style="bold")
-    return table
 
 
 def _fmt(value: float) -> str:

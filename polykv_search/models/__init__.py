@@ -1,11 +1,26 @@
-"""Model loading: Hugging Face ids and folders, GGUF files (converted once to safetensors), embedded aliases."""
+"""Model loading (Hugging Face ids and folders, GGUF files converted once to safetensors, embedded aliases), what
+a plan or profile records about a model, and where a model keeps its layers."""
 
-from polykv_search.models.loading import (
-    LoadedModel,
-    ModelInfo,
-    load_model,
-    resolve_device,
-    resolve_dtype,
-)
+from __future__ import annotations
 
-__all__ = ["LoadedModel", "ModelInfo", "load_model", "resolve_device", "resolve_dtype"]
+from importlib import import_module
+from typing import TYPE_CHECKING, Any
+
+from polykv_search.models.embedded import DEFAULT_MODEL, EMBEDDED
+from polykv_search.models.info import ModelInfo, model_info, model_slug
+
+# loading imports torch (a second): the command line's --help and plan checks need only the names above
+_LAZY = {"LoadedModel", "load_model", "resolve_device", "resolve_dtype"}
+__all__ = ["DEFAULT_MODEL", "EMBEDDED", "ModelInfo", "model_info", "model_slug", *sorted(_LAZY)]
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module 'polykv_search.models' has no attribute {name!r}")
+    value = getattr(import_module("polykv_search.models.loading"), name)
+    globals()[name] = value
+    return value
+
+
+if TYPE_CHECKING:
+    from polykv_search.models.loading import LoadedModel, load_model, resolve_device, resolve_dtype

@@ -11,7 +11,7 @@ import logging
 import shutil
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -21,6 +21,7 @@ from polykv_search.errors import ConfigError, ModelError
 from polykv_search.io import file_sha256
 from polykv_search.models.cache import cache_root
 from polykv_search.models.embedded import EMBEDDED
+from polykv_search.models.info import ModelInfo, model_info
 
 logger = logging.getLogger(__name__)
 
@@ -28,35 +29,6 @@ DeviceName = Literal["cpu", "cuda", "auto"]
 CONVERSION_VERSION = 2  # bump when the cached conversion changes; v2 keeps GGUF tokenizers faithful
 PROBE = "The capital of France is a beautiful city. def f(x): return x + 1  # 123456"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-@dataclass(frozen=True)
-class ModelInfo:
-    """What a profile or plan must match: identity and attention geometry of the model."""
-
-    model_id: str
-    revision: str  # commit hash, file sha256, or "local"
-    num_layers: int
-    layer_types: list[str]  # "full_attention" or "sliding_attention" per layer
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    max_context: int
-    sliding_window: int | None = None
-    architecture: str = ""
-    add_bos: bool = False
-
-    @property
-    def compressible_layers(self) -> list[int]:
-        """Layers whose cache a plan may shrink; sliding-window layers are fixed by the architecture."""
-        return [i for i, kind in enumerate(self.layer_types) if kind != "sliding_attention"]
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> ModelInfo:
-        return cls(**{k: data[k] for k in cls.__dataclass_fields__ if k in data})
 
 
 @dataclass
@@ -122,7 +94,7 @@ def load_model(
         rev = getattr(model.config, "_commit_hash", None) or "local"
     if add_bos:
         _force_bos(tokenizer)
-    info = _model_info(model, model_id=model_id, revision=rev, add_bos=add_bos)
+    info = model_info(model, model_id=model_id, revision=rev, add_bos=add_bos)
     model.eval()
     first = next(model.parameters()).device
     return LoadedModel(model=model, tokenizer=tokenizer, info=info, device=first)
@@ -234,28 +206,3 @@ def _force_bos(tokenizer: Any) -> None:
     if not probe or probe[0] != tokenizer.bos_token_id:
         # Fall back to wrapping the tokenizer call; kept minimal and explicit.
         raise ModelError("could not make this tokenizer add BOS; report this model so we can handle it")
-
-
-def _model_info(model: Any, *, model_id: str, revision: str, add_bos: bool) -> ModelInfo:
-    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    num_layers = int(config.num_hidden_layers)
-    num_heads = int(config.num_attention_heads)
-    num_kv_heads = int(getattr(config, "num_key_value_heads", None) or num_heads)
-    head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // num_heads)
-    layer_types = list(getattr(config, "layer_types", None) or ["full_attention"] * num_layers)
-    sliding = getattr(config, "sliding_window", None)
-    if sliding is None:
-        layer_types = ["full_attention" if t == "sliding_attention" else t for t in layer_types]
-    return ModelInfo(
-        model_id=model_id,
-        revision=revision,
-        num_layers=num_layers,
-        layer_types=layer_types,
-        num_heads=num_heads,
-        num_kv_heads=num_kv_heads,
-        head_dim=head_dim,
-        max_context=int(getattr(config, "max_position_embeddings", 0) or 0),
-        sliding_window=int(sliding) if sliding else None,
-        architecture=(model.config.architectures or [type(model).__name__])[0],
-        add_bos=add_bos,
-    )

@@ -1,23 +1,25 @@
-"""The plan file: a KV policy and token budget per layer (a ladder of budgets), its schema, checks and baselines."""
+"""The plan file: a KV policy and token budget per layer (a ladder of budgets), its schema and its checks.
 
-from polykv_search.plan.baselines import (
-    cake_plan,
-    cake_preferences,
-    pyramidkv_plan,
-    uniform_plan,
-)
-from polykv_search.plan.params import policy_params
+Needs neither torch nor kvpress, so another engine's tooling can read and validate plans with `jsonschema` alone:
+
+    from polykv_search.plan import load_plan
+    plan_file = load_plan("outputs/smollm2-135m/plan.json")   # InvalidPlanError lists every problem
+"""
+
 from polykv_search.plan.plan import (
     Constraint,
+    HeadPlan,
     LayerPlan,
     Plan,
     PlanFile,
     PlanModel,
     Producer,
     SearchInfo,
+    load_plan,
 )
 from polykv_search.plan.rounding import budget_total, exact_integer_budgets
 from polykv_search.plan.schema import PLAN_SCHEMA, SCHEMA_VERSION
+from polykv_search.plan.uniform import uniform_plan
 from polykv_search.plan.validate import (
     InvalidPlanError,
     check_matches_model,
@@ -25,7 +27,7 @@ from polykv_search.plan.validate import (
 )
 
 __all__ = [
-    "PLAN_SCHEMA", "SCHEMA_VERSION", "Constraint", "InvalidPlanError", "LayerPlan", "Plan", "PlanFile", "PlanModel",
-    "Producer", "SearchInfo", "budget_total", "cake_plan", "cake_preferences", "check_matches_model",
-    "exact_integer_budgets", "policy_params", "pyramidkv_plan", "uniform_plan", "validate_plan_json",
+    "PLAN_SCHEMA", "SCHEMA_VERSION", "Constraint", "HeadPlan", "InvalidPlanError", "LayerPlan", "Plan", "PlanFile",
+    "PlanModel", "Producer", "SearchInfo", "budget_total", "check_matches_model", "exact_integer_budgets",
+    "load_plan", "uniform_plan", "validate_plan_json",
 ]

@@ -9,18 +9,21 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from polykv_search import __version__
 from polykv_search.errors import PlanError
 from polykv_search.io import write_atomic
-from polykv_search.models import ModelInfo
-from polykv_search.plan.params import policy_params
 from polykv_search.plan.rounding import budget_total
 from polykv_search.plan.schema import SCHEMA_VERSION
+from polykv_search.policies.catalog import policy_params, scorer_key
+
+if TYPE_CHECKING:
+    from polykv_search.models.info import ModelInfo
 
 PRODUCER_NAME = "polykv-search"
 BUDGET_UNIT = "tokens per layer"
@@ -70,19 +73,84 @@ class Constraint:
 
 
 @dataclass(frozen=True)
+class HeadPlan:
+    """One KV head of a layer: keep `budget` context tokens ranked by `policy` built with `params` (policy and
+    budget None: the head keeps its whole context)."""
+
+    policy: str | None
+    params: dict[str, Any] = field(default_factory=dict)
+    budget: int | None = None
+
+    @classmethod
+    def of(cls, policy: str, budget: int, **params: Any) -> HeadPlan:
+        """A head keeping `budget` tokens of `policy` with its registered parameters (`params` override)."""
+        return cls(policy=policy, params=policy_params(policy, **params), budget=int(budget))
+
+    @classmethod
+    def full(cls) -> HeadPlan:
+        """A head that keeps every context token."""
+        return cls(policy=None, params={}, budget=None)
+
+    @cached_property
+    def scorer(self) -> str | None:
+        """The ranking this head keeps tokens by: `policy`, or `policy{params}` when they are not the registered ones."""
+        return None if self.policy is None else scorer_key(self.policy, self.params)
+
+
+@dataclass(frozen=True)
 class LayerPlan:
-    """One layer: keep `budget` context tokens ranked by `policy`; a sliding-window layer has neither."""
+    """One layer: keep `budget` context tokens ranked by `policy` (built with `params`) in every KV head.
+
+    A sliding-window layer has neither (the architecture fixes its cache). `heads`, when given, holds one entry
+    per KV head and overrides the layer's own policy and budget head by head (in memory only until the plan file
+    schema has per-head entries). A layer with no policy, no heads and no sliding window keeps its whole context:
+    the engine's full-cache rows; such a layer is not a valid plan-file entry.
+    """
 
     index: int
     policy: str | None
     params: dict[str, Any] = field(default_factory=dict)
     budget: int | None = None
     sliding_window: bool = False
+    heads: tuple[HeadPlan, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if self.heads is not None:
+            object.__setattr__(self, "heads", tuple(self.heads))
+
+    @classmethod
+    def of(cls, index: int, policy: str, budget: int, **params: Any) -> LayerPlan:
+        """Layer `index` keeping `budget` tokens of `policy` with its registered parameters (`params` override)."""
+        return cls(index=index, policy=policy, params=policy_params(policy, **params), budget=int(budget))
 
     @classmethod
     def sliding(cls, index: int) -> LayerPlan:
         """A layer whose cache the architecture fixes (its window); it takes no part in the budget."""
         return cls(index=index, policy=None, params={}, budget=None, sliding_window=True)
+
+    @classmethod
+    def full(cls, index: int) -> LayerPlan:
+        """A compressible layer left uncompressed (it keeps every context token)."""
+        return cls(index=index, policy=None, params={}, budget=None)
+
+    @cached_property
+    def scorer(self) -> str | None:
+        """The ranking the layer keeps tokens by (None when it keeps everything or is a sliding window)."""
+        return None if self.policy is None else scorer_key(self.policy, self.params)
+
+    def head_choices(self, num_kv_heads: int) -> list[tuple[str, int] | None] | None:
+        """(scorer, budget) per KV head, None for a head keeping everything; None when the layer keeps everything."""
+        if self.sliding_window:
+            return None
+        if self.heads is not None:
+            if len(self.heads) != num_kv_heads:
+                raise PlanError(f"layer {self.index} has {len(self.heads)} head entries but the model has "
+                                f"{num_kv_heads} KV heads; give one entry per KV head")
+            return [None if head.policy is None or head.budget is None else (head.scorer, int(head.budget))
+                    for head in self.heads]
+        if self.policy is None or self.budget is None:
+            return None
+        return [(self.scorer, int(self.budget))] * num_kv_heads
 
 
 @dataclass(frozen=True)
@@ -125,32 +193,57 @@ class Plan:
         """Policy name per layer; None on sliding-window layers."""
         return [layer.policy for layer in self.layers]
 
-    @classmethod
-    def build(cls, model: ModelInfo | PlanModel, *, average_budget: float, policies: Sequence[str | None],
-              budgets: Sequence[int | None], search: SearchInfo,
-              params: Sequence[dict[str, Any]] | None = None) -> Plan:
-        """A plan with its constraint filled in; sliding-window layers of `model` get no policy and no budget.
+    @property
+    def scorers(self) -> dict[str, tuple[str, dict[str, Any]]]:
+        """Every ranking the plan keeps tokens by: scorer key -> (policy, params)."""
+        found: dict[str, tuple[str, dict[str, Any]]] = {}
+        for layer in self.layers:
+            for entry in (layer.heads or ()) + ((layer,) if layer.policy is not None else ()):
+                if entry.policy is not None:
+                    found.setdefault(entry.scorer, (entry.policy, dict(entry.params)))
+        return found
 
-        `policies`, `budgets` and `params` have one entry per model layer (entries at sliding layers are ignored).
+    @classmethod
+    def build(cls, model: ModelInfo | PlanModel, *, layers: Iterable[LayerPlan], search: SearchInfo,
+              average_budget: float | None = None) -> Plan:
+        """A plan from entries for the compressible layers of `model`, in any order; sliding-window layers are
+        filled in. The constraint counts the budgets; `average_budget` None takes their mean (engine plans).
         """
         model = model if isinstance(model, PlanModel) else PlanModel.from_info(model)
-        if not len(policies) == len(budgets) == model.num_layers or (params is not None and
-                                                                     len(params) != model.num_layers):
-            raise PlanError(f"Plan.build got {len(policies)} policies and {len(budgets)} budgets for "
-                            f"{model.num_layers} layers of {model.id}; give one entry per layer")
-        layers = []
+        given: dict[int, LayerPlan] = {}
+        for layer in layers:
+            if not 0 <= layer.index < model.num_layers:
+                raise PlanError(f"layer index {layer.index} is outside {model.id}'s {model.num_layers} layers")
+            if layer.index in given:
+                raise PlanError(f"layer {layer.index} is given twice; give one entry per layer")
+            given[layer.index] = layer
+        entries = []
         for i, kind in enumerate(model.layer_types):
+            entry = given.get(i)
             if kind == SLIDING:
-                layers.append(LayerPlan.sliding(i))
-                continue
-            name = policies[i]
-            layer_params = dict(params[i]) if params is not None else policy_params(name) if name else {}
-            layers.append(LayerPlan(index=i, policy=name, params=layer_params, budget=budgets[i]))
+                if entry is not None and not entry.sliding_window:
+                    raise PlanError(f"layer {i} of {model.id} is a sliding-window layer, fixed by the architecture; "
+                                    "leave it out of the plan")
+                entries.append(LayerPlan.sliding(i))
+            elif entry is None or entry.sliding_window:
+                raise PlanError(f"layer {i} of {model.id} has no entry; give every compressible layer a policy and "
+                                "a budget (LayerPlan.full keeps its whole context)")
+            else:
+                entries.append(entry)
         compressible = model.compressible_layers
-        constraint = Constraint(average_budget=average_budget,
-                                total=budget_total(average_budget, len(compressible)),
-                                total_realised=sum(int(budgets[i] or 0) for i in compressible))
-        return cls(constraint=constraint, layers=tuple(layers), search=search)
+        realised = sum(int(entries[i].budget or 0) for i in compressible)
+        if average_budget is None:
+            average_budget = realised / max(len(compressible), 1)
+        constraint = Constraint(average_budget=average_budget, total=budget_total(average_budget, len(compressible)),
+                                total_realised=realised)
+        return cls(constraint=constraint, layers=tuple(entries), search=search)
+
+    @classmethod
+    def full(cls, model: ModelInfo | PlanModel) -> Plan:
+        """Every layer keeps its whole context: the reference every plan is measured against."""
+        model = model if isinstance(model, PlanModel) else PlanModel.from_info(model)
+        return cls.build(model, layers=[LayerPlan.full(i) for i in model.compressible_layers],
+                         search=SearchInfo(solver="full", status="reference"), average_budget=0.0)
 
     def to_dict(self) -> dict[str, Any]:
         c, s = self.constraint, self.search
@@ -161,18 +254,22 @@ class Plan:
         return {
             "constraint": {"unit": c.unit, "average_budget": c.average_budget, "total": c.total,
                            "total_realised": c.total_realised},
-            "layers": [{"index": layer.index, "policy": layer.policy, "params": dict(layer.params),
-                        "budget": layer.budget, "sliding_window": layer.sliding_window} for layer in self.layers],
+            "layers": [_layer_dict(layer) for layer in self.layers],
             "search": search,
         }
 
     @classmethod
-    def _from_valid_dict(cls, data: dict[str, Any]) -> Plan:
+    def from_dict(cls, data: dict[str, Any]) -> Plan:
+        """A ladder entry as `to_dict` writes it (checked only as part of a whole file: `PlanFile.from_dict`)."""
         c, s = data["constraint"], data["search"]
         layers = tuple(LayerPlan(index=int(layer["index"]), policy=layer.get("policy"),
                                  params=dict(layer.get("params") or {}),
                                  budget=None if layer["budget"] is None else int(layer["budget"]),
-                                 sliding_window=bool(layer.get("sliding_window", False)))
+                                 sliding_window=bool(layer.get("sliding_window", False)),
+                                 heads=None if layer.get("heads") is None else tuple(
+                                     HeadPlan(policy=h.get("policy"), params=dict(h.get("params") or {}),
+                                              budget=None if h.get("budget") is None else int(h["budget"]))
+                                     for h in layer["heads"]))
                        for layer in data["layers"])
         search = SearchInfo(solver=s["solver"], status=s["status"], objective=s["objective"], bound=s["bound"],
                             gap=s["gap"], profile_signature=s["profile_signature"],
@@ -246,7 +343,7 @@ class PlanFile:
                           layer_types=tuple(m["layer_types"]), num_kv_heads=int(m["num_kv_heads"]),
                           head_dim=int(m["head_dim"]))
         producer = Producer(name=data["producer"]["name"], version=data["producer"]["version"])
-        return cls(model=model, plans=tuple(Plan._from_valid_dict(p) for p in data["plans"]),
+        return cls(model=model, plans=tuple(Plan.from_dict(p) for p in data["plans"]),
                    producer=producer, schema_version=data["schema_version"])
 
     @classmethod
@@ -283,6 +380,12 @@ class PlanFile:
             raise PlanError(f"plan file {path} cannot be read ({exc.strerror}); check its permissions") from exc
         return cls.from_json(raw, source=str(path))
 
+    def check_model(self, model: ModelInfo) -> None:
+        """Raise InvalidPlanError unless this file was made for `model` (identity, geometry, layer types)."""
+        from polykv_search.plan.validate import check_matches_model
+
+        check_matches_model(self, model)
+
     def save(self, path: str | Path) -> Path:
         """Validate, then write atomically; an invalid plan is never written (InvalidPlanError instead)."""
         text = self.to_json()
@@ -292,6 +395,26 @@ class PlanFile:
         if problems:
             raise InvalidPlanError(source=str(path), problems=problems)
         return write_atomic(path, text)
+
+
+def _layer_dict(layer: LayerPlan) -> dict[str, Any]:
+    entry = {"index": layer.index, "policy": layer.policy, "params": dict(layer.params), "budget": layer.budget,
+             "sliding_window": layer.sliding_window}
+    if layer.heads is not None:
+        entry["heads"] = [{"policy": h.policy, "params": dict(h.params), "budget": h.budget} for h in layer.heads]
+    return entry
+
+
+def load_plan(path: str | Path, *, model: ModelInfo | None = None) -> PlanFile:
+    """Read and validate a plan file; with `model` (a ModelInfo), also check it was made for that model.
+
+    Needs neither torch nor kvpress: another engine's tooling can validate plans with only `jsonschema`.
+    InvalidPlanError lists every problem found.
+    """
+    plan_file = PlanFile.load(path)
+    if model is not None:
+        plan_file.check_model(model)
+    return plan_file
 
 
 class _NotFinite(ValueError):

@@ -12,13 +12,12 @@ from typing import TYPE_CHECKING, Any
 from jsonschema import Draft202012Validator
 
 from polykv_search.errors import PlanError
-from polykv_search.models import ModelInfo
-from polykv_search.plan.params import params_problems
 from polykv_search.plan.rounding import budget_total
 from polykv_search.plan.schema import PLAN_SCHEMA, SCHEMA_MAJOR
-from polykv_search.policies import POLICIES
+from polykv_search.policies.catalog import POLICIES, params_problems
 
 if TYPE_CHECKING:
+    from polykv_search.models.info import ModelInfo
     from polykv_search.plan.plan import PlanFile
 
 SLIDING = "sliding_attention"

@@ -1,12 +1,19 @@
-"""Eviction policies: registered names for kvpress scorers, each giving a budget-independent token ranking."""
+"""Eviction policies: registered names for kvpress scorers, each giving a budget-independent token ranking.
 
-from polykv_search.policies.registry import (
+This package's namespace is the table alone (`catalog`: no torch, no kvpress), so a plan file can be checked
+anywhere; the presses, rankings and scoring that run a policy are in `presses` and `scoring`.
+"""
+
+from polykv_search.policies.catalog import (
     DEFAULT_POLICIES,
+    N_SINK_RECENT,
     POLICIES,
     PolicySpec,
     check_policy_names,
-    make_press,
-    rank_scores,
+    params_problems,
+    policy_params,
+    scorer_key,
 )
 
-__all__ = ["DEFAULT_POLICIES", "POLICIES", "PolicySpec", "check_policy_names", "make_press", "rank_scores"]
+__all__ = ["DEFAULT_POLICIES", "N_SINK_RECENT", "POLICIES", "PolicySpec", "check_policy_names", "params_problems",
+           "policy_params", "scorer_key"]

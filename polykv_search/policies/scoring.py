@@ -10,9 +10,9 @@ from collections.abc import Mapping
 import torch
 from kvpress import ScorerPress
 
-from polykv_search.calibrate.attention import logit_softcap
+from polykv_search.models.anatomy import logit_softcap
 from polykv_search.policies.projections import reused_query_projection
-from polykv_search.policies.registry import (
+from polykv_search.policies.presses import (
     N_SINK_RECENT,
     POLICIES,
     interleave_with_recent,
@@ -91,7 +91,7 @@ def policy_scores(name: str, press: ScorerPress, module: torch.nn.Module, hidden
     if observed is not None:
         column_sums, last = observed
         return rank_scores(name, press, module, hidden, keys, values, column_sums, kwargs), last
-    from polykv_search.calibrate.attention import attention_probs
+    from polykv_search.policies.attention import attention_probs
 
     cos, sin = kwargs["position_embeddings"]
     n = keys.shape[2]

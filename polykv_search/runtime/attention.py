@@ -2,19 +2,19 @@
 
 transformers builds one causal mask per layer type from one layer's cache size; after a per-layer plan the
 other layers' key counts differ, and SDPA fails (or, with a mask of matching size but the original positions,
-attends to future query tokens). Registered as "polykv_sdpa", this function builds the causal mask from the
+attends to future query tokens). Registered as "polykv_sdpa", this function notices a layer whose cache holds
+fewer keys than the positions its queries sit at (tokens were evicted) and builds the causal mask from the
 layer's own key count: the q queries are the last q positions, so key j is visible to query i iff
-j <= K - q + i (bottom-right aligned). Batch rows of different plans mark padded cache slots in
-`module.polykv_valid`: (B, K_cached), or (B, H_kv, K_cached) when the KV heads of a row keep different
-numbers of tokens (each head's padding hidden from the query heads of its group). A layer whose cache was not
-shrunk (no `module.polykv_compressed` flag) and sliding-window layers, which no plan compresses, keep
-transformers' own mask, padding included, so leaving a model switched to this function changes nothing for
-ordinary use.
+j <= K - q + i (bottom-right aligned). Batch rows of different plans mark padded cache slots with
+`validity_masks`: (B, K_cached), or (B, H_kv, K_cached) when the KV heads of a row keep different numbers of
+tokens (each head's padding hidden from the query heads of its group). A layer whose cache was not shrunk, and
+sliding-window layers, which no plan compresses, keep transformers' own mask, padding included: on caches no plan
+touched this function is exactly SDPA, so leaving a model switched to it changes nothing for ordinary use.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -27,11 +27,34 @@ from transformers.masking_utils import (
     sdpa_mask,
 )
 
-from polykv_search.calibrate.attention import logit_softcap
+from polykv_search.errors import ConfigError
+from polykv_search.models.anatomy import logit_softcap
+from polykv_search.policies.scoring import observed_attention
 
 ATTENTION_NAME = "polykv_sdpa"
 OBSERVE_ATTR = "polykv_observe"  # int on an attention module: observe its next fresh prefill, keeping >= n last rows
 OBSERVED_ATTR = "polykv_observed"  # what the observation left: (column sums, last query chunk's probabilities)
+VALID_ATTR = "polykv_valid"  # bool mask of a batch's padded cache slots, set by `validity_masks`
+
+
+def evicted(key: torch.Tensor, position_ids: torch.Tensor | None) -> bool:
+    """Whether a layer's cache holds fewer keys than the positions its queries sit at: tokens were evicted, so
+    transformers' mask (built from another layer's length and the absolute positions) does not describe it."""
+    return position_ids is not None and key.shape[2] < int(position_ids.max()) + 1
+
+
+@contextmanager
+def validity_masks(layers: Sequence[torch.nn.Module], masks: Mapping[int, torch.Tensor] | None) -> Iterator[None]:
+    """Within the block, the attention of decoder layer i hides the cache slots where masks[i] is False
+    ((B, K_cached) or (B, H_kv, K_cached)); nothing is left on the modules afterwards."""
+    modules = [layers[idx].self_attn for idx in (masks or {})]
+    try:
+        for idx, module in zip(masks or {}, modules):
+            module.__dict__[VALID_ATTR] = masks[idx]
+        yield
+    finally:
+        for module in modules:
+            module.__dict__.pop(VALID_ATTR, None)
 
 
 def polykv_sdpa_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -39,23 +62,18 @@ def polykv_sdpa_forward(module: torch.nn.Module, query: torch.Tensor, key: torch
                         is_causal: bool | None = None, **kwargs) -> tuple[torch.Tensor, None]:
     """query (B, H, q, D), key/value (B, H_kv, K, D); same contract as transformers' sdpa_attention_forward."""
     q_len, k_len = query.shape[2], key.shape[2]
-    valid = getattr(module, "polykv_valid", None)  # (B, K_cached) or (B, H_kv, K_cached) bool, or None
+    valid = module.__dict__.get(VALID_ATTR)  # (B, K_cached) or (B, H_kv, K_cached) bool, or None
     if getattr(module, "is_sliding", False) or getattr(module, "sliding_window", None):
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, is_causal,
                                       **kwargs)
     observe = getattr(module, OBSERVE_ATTR, None)
     if observe is not None and q_len == k_len and query.shape[0] == 1 and valid is None:
-        from polykv_search.policies.scoring import observed_attention
-
-        module.polykv_compressed = False
         scale = scaling if scaling is not None else query.shape[-1] ** -0.5
         out, observed = observed_attention(module, query, key, value, attention_mask, scale, last=observe)
         setattr(module, OBSERVED_ATTR, observed)
         return out, None
-    if q_len == k_len:  # a prefill from an empty cache: nothing is compressed yet
-        module.polykv_compressed = False
     mask_fits = attention_mask is None or attention_mask.shape[-1] == k_len
-    if valid is None and mask_fits and not getattr(module, "polykv_compressed", False):  # transformers' mask is right
+    if valid is None and mask_fits and not evicted(key, kwargs.get("position_ids")):  # transformers' mask is right
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, is_causal,
                                       **kwargs)
     mask = None
@@ -115,8 +133,6 @@ def use_polykv_attention(model: torch.nn.Module) -> list[tuple[Any, str]]:
     previous = [(c, c._attn_implementation) for c in configs]
     for config, name in previous:
         if name not in ("sdpa", ATTENTION_NAME, None):
-            from polykv_search.errors import ConfigError
-
             raise ConfigError(f"plans run on SDPA attention; this model uses {name!r}: load it with "
                               "attn_implementation='sdpa'")
         config._attn_implementation = ATTENTION_NAME
@@ -130,10 +146,11 @@ def polykv_attention(model: torch.nn.Module) -> Iterator[None]:
     try:
         yield
     finally:
-        _restore(previous)
+        restore_attention(previous)
 
 
-def _restore(previous: list[tuple[Any, str]]) -> None:
+def restore_attention(previous: list[tuple[Any, str]]) -> None:
+    """Undo `use_polykv_attention`: put back the attention implementations it recorded."""
     for config, name in previous:
         config._attn_implementation = name
 
@@ -142,8 +159,6 @@ def _restore(previous: list[tuple[Any, str]]) -> None:
 def observing_prefill(model: torch.nn.Module, modules: list[torch.nn.Module], *, last: int) -> Iterator[bool]:
     """Let `modules` observe their prefill attention inside the model's own attention call (H2O's column sums
     without a second pass over the logits). Yields False, observing nothing, when the model is not on SDPA."""
-    from polykv_search.errors import ConfigError
-
     try:
         previous = use_polykv_attention(model)
     except ConfigError:  # eager or another kernel: the caller recomputes the attention it needs
@@ -157,7 +172,7 @@ def observing_prefill(model: torch.nn.Module, modules: list[torch.nn.Module], *,
         for module in modules:
             module.__dict__.pop(OBSERVE_ATTR, None)
             module.__dict__.pop(OBSERVED_ATTR, None)
-        _restore(previous)
+        restore_attention(previous)
 
 
 def take_observed(module: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor] | None:

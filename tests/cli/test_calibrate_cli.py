@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from polykv_search.calibrate.profile import Profile
+from polykv_search.calibration.profile import Profile
 from polykv_search.cli import main
 from tests.conftest import sample_rows, write_jsonl
 
@@ -143,7 +143,7 @@ def test_around_flag_adds_operating_point_costs_that_optimize_uses(monkeypatch, 
     main()
     refined_path = json.loads(capsys.readouterr().out)["profile"]
     refined = Profile.load(refined_path)
-    assert refined.around_budgets == [16] and refined.header["around"][0]["plan"] == "plan"
+    assert refined.around_budgets == [16] and refined.header["around"][0]["name"] == "plan"
     monkeypatch.setattr(sys, "argv", ["polykv-search", "optimize", "--profile", refined_path, "--budget", "16",
                                       "--cost", "around_kl", "--max-changes", "1", "--out", str(tmp_path / "r.json"),
                                       "--json"])

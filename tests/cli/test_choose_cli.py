@@ -6,13 +6,13 @@ import sys
 from polykv_search.cli import main
 from polykv_search.plan import PlanFile
 from tests.conftest import sample_rows, tiny_loaded, write_jsonl
-from tests.optimize.test_choose import ladder
+from tests.optimization.test_choose import ladder
 
 
 def test_choose_command_measures_on_calibration_samples(monkeypatch, capsys, tiny_dir, tmp_path):
-    from polykv_search.models.loading import _model_info
+    from polykv_search.models import model_info
 
-    info = _model_info(tiny_loaded("llama").model, model_id=str(tiny_dir), revision="local", add_bos=False)
+    info = model_info(tiny_loaded("llama").model, model_id=str(tiny_dir), revision="local", add_bos=False)
     paths = []
     for name, policy in (("snap", "snapkv"), ("stream", "streaming")):
         paths.append(tmp_path / f"{name}.json")
@@ -33,9 +33,9 @@ def test_choose_command_measures_on_calibration_samples(monkeypatch, capsys, tin
 
 def snapkv_ladder_and_data(tiny_dir, tmp_path, *, name, samples, words):
     """A SnapKV ladder at 8 and 16 tokens for the tiny model saved as `name`.json, and a calibration file."""
-    from polykv_search.models.loading import _model_info
+    from polykv_search.models import model_info
 
-    info = _model_info(tiny_loaded("llama").model, model_id=str(tiny_dir), revision="local", add_bos=False)
+    info = model_info(tiny_loaded("llama").model, model_id=str(tiny_dir), revision="local", add_bos=False)
     path = tmp_path / f"{name}.json"
     ladder(info, "snapkv", [8, 16]).save(path)
     return path, write_jsonl(tmp_path / "c.jsonl", sample_rows(samples, words=words))

@@ -6,24 +6,23 @@ import sys
 import pytest
 
 from polykv_search.cli import main
-from polykv_search.models.loading import _model_info
-from polykv_search.plan import Plan, PlanFile, SearchInfo
+from polykv_search.models import model_info
+from polykv_search.plan import PlanFile, SearchInfo
 from tests.cli.test_calibrate_cli import run_cli
 from tests.conftest import sample_rows, tiny_loaded, write_jsonl
+from tests.plans import plan_of
 
 
 def hand_plan(info, budget):
     policies = ["snapkv", "expected_attention", "knorm"][: info.num_layers]
     budgets = [budget - 8, budget, budget + 8][: info.num_layers]
-    plan = Plan.build(info, average_budget=budget, policies=policies, budgets=budgets,
-                      search=SearchInfo(solver="manual", status="hand-made"))
-    return plan
+    return plan_of(info, policies, budgets, average=budget, search=SearchInfo(solver="manual", status="hand-made"))
 
 
 @pytest.fixture(scope="module")
 def tiny_info(tiny_dir):  # noqa: F811
     lm = tiny_loaded("llama")
-    return _model_info(lm.model, model_id=str(tiny_dir), revision="local", add_bos=False)
+    return model_info(lm.model, model_id=str(tiny_dir), revision="local", add_bos=False)
 
 
 def test_evaluate_writes_report_with_recovery(monkeypatch, capsys, tiny_dir, tiny_info, tmp_path):  # noqa: F811
@@ -63,9 +62,8 @@ def test_bad_inputs(monkeypatch, capsys, tiny_dir, tiny_info, tmp_path):  # noqa
     not_json.write_text("{oops")
     other = tiny_loaded("gemma")
     other_plan = tmp_path / "other.json"
-    PlanFile.build(other.info, [Plan.build(other.info, average_budget=16, policies=[None, "snapkv", None, "knorm"],
-                                           budgets=[None, 16, None, 16],
-                                           search=SearchInfo(solver="manual", status="x"))]).save(other_plan)
+    PlanFile.build(other.info, [plan_of(other.info, [None, "snapkv", None, "knorm"], [None, 16, None, 16], average=16,
+                                        search=SearchInfo(solver="manual", status="x"))]).save(other_plan)
     no_answers = write_jsonl(tmp_path / "noans.jsonl", [{**sample_rows(1)[0], "answers": []}])
     cases = [
         (["--plan", not_json], "not JSON"),

@@ -5,8 +5,8 @@ import sys
 
 import pytest
 
-from polykv_search.calibrate.profile import PROFILE_VERSION, Profile
-from polykv_search.calibrate.run import CalibrationConfig, calibrate
+from polykv_search.calibration.profile import Profile
+from polykv_search.calibration import CalibrationConfig, calibrate_model
 from polykv_search.cli import main
 from polykv_search.data import load_samples
 from polykv_search.plan import PlanFile
@@ -20,7 +20,7 @@ def profile_path(tmp_path_factory, tiny_dir):  # noqa: F811
     samples = load_samples(write_jsonl(out / "c.jsonl", sample_rows(3, words=250)))
     lm = tiny_loaded("llama")
     lm.info = type(lm.info)(**{**lm.info.to_dict(), "model_id": str(tiny_dir), "revision": "local"})
-    run = calibrate(lm, samples, config=CalibrationConfig(budgets=(8, 16, 32, 64, 128, 256), window=16), out_dir=out)
+    run = calibrate_model(lm, samples, config=CalibrationConfig(budgets=(8, 16, 32, 64, 128, 256), window=16), out_dir=out)
     return run.path
 
 
@@ -70,7 +70,7 @@ def test_plan_is_accepted_by_evaluate(monkeypatch, capsys, profile_path, tiny_di
 
 def test_bad_inputs(monkeypatch, capsys, profile_path, tmp_path):
     old = Profile.load(profile_path)
-    old.header["format_version"] = PROFILE_VERSION - 1
+    old.header["format_version"] = 0  # no polykv-search wrote version 0: unreadable
     old_path = old.save(tmp_path / "old.safetensors")
     cases = [
         (["--profile", old_path, "--budget", "32"], "version"),

@@ -3,7 +3,7 @@
 import json
 import sys
 
-from polykv_search.calibrate.profile import Profile
+from polykv_search.calibration.profile import Profile
 from polykv_search.cli import main
 from polykv_search.plan import PlanFile
 from tests.conftest import sample_rows, write_jsonl

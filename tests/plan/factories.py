@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from polykv_search.calibrate.profile import PROFILE_FORMAT, PROFILE_VERSION, Profile
+from polykv_search.calibration.profile import PROFILE_FORMAT, PROFILE_VERSION, Profile
 from polykv_search.models import ModelInfo
 
 SLIDING, FULL = "sliding_attention", "full_attention"

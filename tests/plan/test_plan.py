@@ -19,13 +19,13 @@ from polykv_search.plan import (
     PlanFile,
     SearchInfo,
     check_matches_model,
-    policy_params,
-    pyramidkv_plan,
     uniform_plan,
     validate_plan_json,
 )
-from polykv_search.policies import POLICIES
+from polykv_search.optimization import pyramidkv_plan
+from polykv_search.policies import POLICIES, policy_params
 from tests.plan.factories import gemma_like, llama_like
+from tests.plans import plan_of
 
 VALIDATOR = jsonschema.Draft202012Validator(PLAN_SCHEMA)
 
@@ -45,7 +45,7 @@ def mixed_plan(info, *, budget=128):
             k += 1
     search = SearchInfo(solver="dp", status="optimal", objective=0.125, bound=0.12, gap=0.04,
                         profile_signature="c" * 64, seed=7, seconds=0.25, notes="exact DP over 8 policies")
-    return Plan.build(info, average_budget=budget, policies=policies, budgets=budgets, search=search)
+    return plan_of(info, policies, budgets, average=budget, search=search)
 
 
 @pytest.fixture

@@ -6,12 +6,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from polykv_search.calibrate.attention import (
+from polykv_search.models.anatomy import (
     decoder_layers,
     rotary_for_layer,
     rotary_owner,
 )
-from polykv_search.policies import make_press
+from polykv_search.policies.presses import make_press
 from polykv_search.policies.projections import ProjectionRows, keeping_query_projections
 from polykv_search.policies.scoring import score_policies
 from tests.conftest import tiny_loaded

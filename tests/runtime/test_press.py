@@ -8,6 +8,7 @@ from transformers import DynamicCache
 from polykv_search.errors import PlanError
 from polykv_search.runtime import PlanPress, apply_plan, polykv_attention
 from tests.conftest import tiny_loaded
+from tests.plans import plan_of, uniform_of
 
 IDS = torch.randint(3, 60, (1, 100), generator=torch.Generator().manual_seed(0))
 
@@ -19,13 +20,13 @@ def llama():
 
 def test_keeping_everything_changes_nothing(llama):
     plain = llama.model.generate(IDS, max_new_tokens=8, do_sample=False)
-    with apply_plan(llama.model, PlanPress(policies=["snapkv"] * 3, budgets=[500] * 3)):
+    with apply_plan(llama.model, uniform_of(llama.info, "snapkv", 500)):
         same = llama.model.generate(IDS, max_new_tokens=8, do_sample=False)
     assert torch.equal(plain, same)
 
 
 def test_generate_matches_a_manual_loop_with_per_layer_lengths(llama):
-    press = PlanPress(policies=["snapkv", "knorm", "tova"], budgets=[20, 50, 70])
+    press = PlanPress(plan_of(llama.info, ["snapkv", "knorm", "tova"], [20, 50, 70]))
     with apply_plan(llama.model, press):
         generated = llama.model.generate(IDS, max_new_tokens=8, do_sample=False)[0, 100:].tolist()
     cache = DynamicCache(config=llama.model.config)
@@ -47,7 +48,7 @@ def test_multi_token_forward_equals_token_by_token(kind):
     n_layers = lm.info.num_layers
     budgets = [None if t == "sliding_attention" else 12 + 9 * i for i, t in enumerate(lm.info.layer_types)]
     policies = [None if b is None else "expected_attention" for b in budgets]
-    press = PlanPress(policies=policies, budgets=budgets)
+    press = PlanPress(plan_of(lm.info, policies, budgets))
 
     def compressed():
         cache = DynamicCache(config=lm.model.config)
@@ -68,6 +69,7 @@ def test_multi_token_forward_equals_token_by_token(kind):
 
 
 def test_layer_count_mismatch_is_refused(llama):
-    with pytest.raises(PlanError, match="plan has 2 layers but the model has 3"):
-        with PlanPress(policies=["snapkv"] * 2, budgets=[8, 8])(llama.model):
+    gemma = tiny_loaded("gemma")
+    with pytest.raises(PlanError, match="plan has 4 layers but the model has 3"):
+        with PlanPress(uniform_of(gemma.info, "snapkv", 8))(llama.model):
             pass

@@ -1,0 +1,280 @@
+"""The library API: each stage of the pipeline as one call, typed and keyword-only, returning objects and printing
+nothing (progress goes to an optional callback; the command line is a skin over these functions).
+
+    import polykv_search as pk
+
+    run = pk.calibrate("smollm2-135m", "calibration_data/calib.jsonl", out_dir="outputs/smol")
+    plans = pk.optimize(run.profile, budgets=[128, 256], config=pk.OptimizeConfig(solver="ilp"))
+    plans.save("outputs/smol/plan.json")
+    report = pk.evaluate("smollm2-135m", "calibration_data/eval.jsonl", plans={"plan": plans})
+    print(report.recovery_of("plan"))
+
+A model is an embedded alias, a .gguf file, a local folder, a hub id, or a `LoadedModel` (loaded once with
+`load_model` and passed to several calls); data is a file, a folder, a hub id, a list of them, or a list of
+`Sample`s.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from polykv_search.calibration import CalibrationConfig, CalibrationRun, Profile, calibrate_model
+from polykv_search.calibration.profile import OPTIONAL_COST_KINDS
+from polykv_search.calibration.figures import signal_heatmap
+from polykv_search.data import Sample, load_samples, spread_over_tasks
+from polykv_search.engine import EndToEndObjective
+from polykv_search.errors import ConfigError
+from polykv_search.evaluation import Report, build_methods, score_methods, summarize
+from polykv_search.io import file_sha256
+from polykv_search.models import DEFAULT_MODEL, LoadedModel, load_model, model_slug
+from polykv_search.optimization.choose import Choice, choose_rungs
+from polykv_search.optimization.figures import allocation_png
+from polykv_search.optimization.proxy import ProxyReport
+from polykv_search.optimization.proxy import check_proxy as proxy_check
+from polykv_search.optimization.run import OptimizeConfig, check_budgets, optimize_profile
+from polykv_search.plan import PlanFile, load_plan, uniform_plan
+from polykv_search.policies import DEFAULT_POLICIES, check_policy_names
+
+CALIBRATION_DATA = "calibration_data/calib.jsonl"
+EVALUATION_DATA = "calibration_data/eval.jsonl"
+ALLOCATORS = ("pyramidkv", "cake")
+
+ModelSpec = str | Path | LoadedModel
+DataSpec = str | Path | Sequence[str | Path] | Sequence[Sample]
+Progress = Callable[[str, int, int, str], None]  # (stage, done, total, note): how far a long call has come
+
+
+@dataclass
+class RunResult:
+    """What `run` wrote and measured: the profile, the plan file, the evaluation report, and where each is."""
+
+    out_dir: Path
+    calibration: CalibrationRun
+    plan_file: PlanFile
+    plan_path: Path
+    report: Report  # report.files: where its json, markdown and png are
+
+
+@dataclass
+class ChooseResult:
+    """The ladder `choose` kept, what it measured per budget, and on how many calibration samples."""
+
+    plan_file: PlanFile
+    choices: list[Choice]
+    samples: int
+
+
+def default_out_dir(model: ModelSpec) -> Path:
+    """outputs/<model>: where the commands write a model's profile, plan and report unless told otherwise."""
+    return Path("outputs") / model_slug(model.info.model_id if isinstance(model, LoadedModel) else model)
+
+
+def resolve_model(model: ModelSpec, *, device: str = "cpu", dtype: str = "auto", trust_remote_code: bool = False,
+                  revision: str | None = None) -> LoadedModel:
+    """A loaded model: `model` itself, or the spec loaded with these options."""
+    if isinstance(model, LoadedModel):
+        return model
+    return load_model(str(model), device=device, dtype=dtype, trust_remote_code=trust_remote_code,
+                      revision=revision)
+
+
+def resolve_samples(data: DataSpec, *, max_samples: int | None = None,
+                    column_map: Mapping[str, str] | None = None) -> tuple[list[Sample], list[str]]:
+    """(samples, the sources they came from): at most `max_samples`, taken in turn from each task."""
+    items = [data] if isinstance(data, (str, Path)) else list(data)
+    if items and all(isinstance(item, Sample) for item in items):
+        return spread_over_tasks(items, max_samples), []
+    if not items or not all(isinstance(item, (str, Path)) for item in items):
+        raise ConfigError("data must be a file, folder or hub id, a list of them, or a list of Samples")
+    samples = [s for source in items for s in load_samples(source, column_map=column_map)]
+    return spread_over_tasks(samples, max_samples), [str(source) for source in items]
+
+
+def calibrate(model: ModelSpec = DEFAULT_MODEL, data: DataSpec = CALIBRATION_DATA, *,
+              config: CalibrationConfig = CalibrationConfig(), out_dir: str | Path | None = None,
+              max_samples: int | None = None, column_map: Mapping[str, str] | None = None, resume: bool = False,
+              device: str = "cpu", dtype: str = "auto", trust_remote_code: bool = False, revision: str | None = None,
+              progress: Progress | None = None) -> CalibrationRun:
+    """Measure per-layer signals and every policy's cost at every budget of the grid on calibration samples;
+    writes `out_dir/profile.safetensors` (default outputs/<model>/) and per-sample checkpoints (`resume` goes on
+    from them). The returned run holds the profile."""
+    config = config.validated()
+    samples, sources = resolve_samples(data, max_samples=max_samples, column_map=column_map)
+    lm = resolve_model(model, device=device, dtype=dtype, trust_remote_code=trust_remote_code, revision=revision)
+    out = Path(out_dir) if out_dir is not None else default_out_dir(model)
+    step = None
+    if progress:
+        def step(result) -> None:
+            note = f"skipped: {result.skipped}" if result.skipped else f"{result.task} ({result.context_tokens} tok)"
+            progress("calibrate", result.index + 1, len(samples), note)
+    return calibrate_model(lm, samples, config=config, data_sources=sources, out_dir=out, resume=resume,
+                           progress=step)
+
+
+def optimize(profile: Profile | str | Path, *, budgets: float | Sequence[float],
+             config: OptimizeConfig = OptimizeConfig(), model: ModelSpec | None = None, data: DataSpec | None = None,
+             max_samples: int | None = None, device: str = "cpu", dtype: str = "auto",
+             progress: Progress | None = None) -> PlanFile:
+    """One plan per average budget (tokens per compressible layer) from a profile: a ladder, returned unsaved
+    (`PlanFile.save` writes it). The end-to-end solvers (select, optuna) measure plans on calibration samples:
+    `model` (default: the profile's) and `data` (default: the profile's calibration data)."""
+    config = config.validated()
+    budgets = check_budgets(budgets)
+    signature = None
+    if not isinstance(profile, Profile):
+        signature = file_sha256(profile) if Path(profile).is_file() else None
+        profile = Profile.load(profile)
+    objective = None
+    if config.end_to_end:
+        lm = resolve_model(model if model is not None else profile.model.model_id, device=device, dtype=dtype)
+        profile.check_model(lm.info)
+        sources = data if data is not None else [e["source"] for e in profile.header.get("data", [])] or \
+            CALIBRATION_DATA
+        samples, _ = resolve_samples(sources, max_samples=max_samples)
+        if progress:
+            progress("optimize", 0, len(samples), f"prefilling {len(samples)} calibration samples")
+        objective = EndToEndObjective(lm, samples, policies=profile.policies, metric=config.metric)
+    message = (lambda text: progress("optimize", 0, 0, text)) if progress else None
+    return optimize_profile(profile, budgets, config=config, objective=objective, profile_signature=signature,
+                            progress=message)
+
+
+def evaluate(model: ModelSpec = DEFAULT_MODEL, data: DataSpec = EVALUATION_DATA, *,
+             plans: Mapping[str, PlanFile | str | Path] | Sequence[str | Path] = (),
+             budgets: Sequence[float] | None = None, policies: Sequence[str] | None = None,
+             allocators: Sequence[str] = ALLOCATORS, allocator_policy: str = "snapkv",
+             profile: Profile | str | Path | None = None, out_dir: str | Path | None = None,
+             max_samples: int | None = None, max_context_tokens: int | None = None, with_kl: bool = True,
+             batch_size: int = 16, column_map: Mapping[str, str] | None = None, resume: bool = False,
+             device: str = "cpu", dtype: str = "auto", trust_remote_code: bool = False, revision: str | None = None,
+             progress: Progress | None = None) -> Report:
+    """Answer held-out samples with the full cache, every uniform policy, PyramidKV and CAKE (CAKE needs a
+    `profile`) at each budget, and the given plans at their own budgets; score each answer by its task's metric;
+    gap recovery R per budget. `plans`: name -> plan file (or paths, named by their stem). `budgets` default: the
+    plans' budgets, else 64, 128, 256, 512; plan rungs at other budgets are left out. Writes the checkpoints and
+    the report (json, md, png) under `out_dir` (default outputs/<model>/eval)."""
+    named = _named_plans(plans)
+    if budgets is not None:
+        grid = check_budgets(budgets)
+        named = [(name, _only_budgets(name, plan_file, grid)) for name, plan_file in named]
+    else:
+        grid = sorted({p.average_budget for _, f in named for p in f.plans}) or [64, 128, 256, 512]
+    uniform = check_policy_names(list(policies)) if policies else list(DEFAULT_POLICIES)
+    check_policy_names([allocator_policy])
+    unknown = sorted(set(allocators) - set(ALLOCATORS))
+    if unknown:
+        raise ConfigError(f"unknown allocator {', '.join(unknown)}; known: {', '.join(ALLOCATORS)}")
+    samples, sources = resolve_samples(data, max_samples=max_samples, column_map=column_map)
+    loaded_profile = Profile.load(profile) if isinstance(profile, (str, Path)) else profile
+    lm = resolve_model(model, device=device, dtype=dtype, trust_remote_code=trust_remote_code, revision=revision)
+    for _, plan_file in named:
+        plan_file.check_model(lm.info)
+    methods = build_methods(lm.info, budgets=grid, uniform_policies=uniform, allocators=allocators,
+                            allocator_policy=allocator_policy, profile=loaded_profile, plans=named)
+    out = Path(out_dir) if out_dir is not None else default_out_dir(model) / "eval"
+    step = (lambda done, total: progress("evaluate", done, total, f"{len(methods) + 1} methods per sample")) \
+        if progress else None
+    results = score_methods(lm, samples, methods, out_dir=out, resume=resume, with_kl=with_kl, batch_size=batch_size,
+                            max_context_tokens=max_context_tokens, progress=step)
+    report = summarize(results, methods)
+    title = f"{lm.info.model_id} on {', '.join(Path(s).name for s in sources) or f'{len(samples)} samples'}"
+    report.save(out, title=title)
+    return report
+
+
+def run(model: ModelSpec = DEFAULT_MODEL, *, budgets: float | Sequence[float] = 128,
+        calib: DataSpec = CALIBRATION_DATA, eval_data: DataSpec = EVALUATION_DATA,
+        policies: Sequence[str] | None = None, grid: Sequence[int] | None = None,
+        config: OptimizeConfig = OptimizeConfig(), max_calib_samples: int | None = None,
+        max_eval_samples: int | None = None, out_dir: str | Path | None = None, device: str = "cpu",
+        dtype: str = "auto", progress: Progress | None = None) -> RunResult:
+    """The whole job on one model: calibrate on `calib`, optimize a plan per budget, evaluate it on the held-out
+    `eval_data` against the full cache, every uniform policy, PyramidKV and CAKE. Everything goes under `out_dir`
+    (default outputs/<model>/); an interrupted run resumes where it stopped. `config.cost` decides the calibrate
+    mode: layer_kl / layer_nll calibrate with `layer_kl`, around_kl around the budgets themselves."""
+    config = config.validated()
+    budgets = check_budgets(budgets)
+    lm = resolve_model(model, device=device, dtype=dtype)
+    out = Path(out_dir) if out_dir is not None else default_out_dir(model)
+    around = ()
+    if config.cost == "around_kl":
+        if any(not float(b).is_integer() for b in budgets):
+            raise ConfigError(f"--cost around_kl measures whole-token operating points; --budget {budgets} has a "
+                              "fraction: use whole numbers of tokens per layer")
+        around = tuple(int(b) for b in budgets)
+    calibration_config = CalibrationConfig(policies=tuple(policies) if policies else DEFAULT_POLICIES,
+                                           budgets=tuple(grid) if grid else CalibrationConfig().budgets,
+                                           layer_kl=config.cost in OPTIONAL_COST_KINDS, around=around)
+    calibration = calibrate(lm, calib, config=calibration_config, out_dir=out, max_samples=max_calib_samples,
+                            resume=True, progress=progress)
+    signal_heatmap(calibration.profile, out / "signals.png")
+    plan_file = optimize(calibration.path, budgets=budgets, config=config, model=lm, data=calib,
+                         max_samples=max_calib_samples, progress=progress)
+    plan_path = plan_file.save(out / "plan.json")
+    allocation_png(plan_file, out / "plan.png")
+    report = evaluate(lm, eval_data, plans={"plan": plan_file}, budgets=budgets, profile=calibration.profile,
+                      out_dir=out / "eval", max_samples=max_eval_samples, resume=True, progress=progress)
+    return RunResult(out_dir=out, calibration=calibration, plan_file=plan_file, plan_path=plan_path, report=report)
+
+
+def choose(model: ModelSpec, plans: Mapping[str, PlanFile | str | Path] | Sequence[str | Path], *,
+           data: DataSpec = CALIBRATION_DATA, metric: str = "lost", uniform: Sequence[str] = (),
+           max_samples: int | None = None, device: str = "cpu", dtype: str = "auto",
+           progress: Progress | None = None) -> ChooseResult:
+    """Per budget, the candidate rung measuring best on calibration samples (never the evaluation data); `uniform`
+    policies stand as candidates at every budget. Returns the chosen ladder and what was measured per budget."""
+    named = _named_plans(plans)
+    uniform = check_policy_names(list(uniform)) if uniform else []
+    if len(named) + len(uniform) < 2:
+        raise ConfigError("give at least two candidates: --plan a.json --plan b.json, or --plan a.json "
+                          "--uniform h2o_recent,streaming")
+    lm = resolve_model(model, device=device, dtype=dtype)
+    for _, plan_file in named:
+        plan_file.check_model(lm.info)
+    budgets = sorted({b for _, f in named for b in f.budgets})
+    named += [(policy, PlanFile.build(lm.info, [uniform_plan(lm.info, policy=policy, budget=b) for b in budgets]))
+              for policy in uniform]
+    policies = sorted({p for _, f in named for rung in f.plans for p in rung.policies if p is not None})
+    samples, _ = resolve_samples(data, max_samples=max_samples)
+    if progress:
+        progress("choose", 0, len(samples), f"prefilling {len(samples)} calibration samples")
+    objective = EndToEndObjective(lm, samples, policies=policies, metric=metric)
+    chosen, choices = choose_rungs(named, objective.measure, metric=metric,
+                                   tie_break="lost" if metric == "task" else None)
+    return ChooseResult(plan_file=PlanFile.build(lm.info, chosen), choices=choices, samples=len(objective.states))
+
+
+def check_proxy(profile: Profile | str | Path, *, budget: float, cost: str = "mass_lost", n_plans: int = 24,
+                model: ModelSpec | None = None, data: DataSpec | None = None, max_samples: int | None = 8,
+                seed: int = 0, device: str = "cpu", dtype: str = "auto") -> ProxyReport:
+    """Spearman correlation between the profile's predicted loss and the measured KL of `n_plans` random plans."""
+    if n_plans < 20:
+        raise ConfigError(f"--n-plans {n_plans}: use at least 20 plans for a meaningful rank correlation")
+    profile = Profile.load(profile) if isinstance(profile, (str, Path)) else profile
+    lm = resolve_model(model if model is not None else profile.model.model_id, device=device, dtype=dtype)
+    profile.check_model(lm.info)
+    sources = data if data is not None else [e["source"] for e in profile.header.get("data", [])] or CALIBRATION_DATA
+    samples, _ = resolve_samples(sources, max_samples=max_samples)
+    objective = EndToEndObjective(lm, samples, policies=profile.policies, metric="kl")
+    return proxy_check(profile, objective.many, budget=budget, n_plans=n_plans, cost=cost, seed=seed)
+
+
+def _named_plans(plans: Mapping[str, PlanFile | str | Path] | Sequence[str | Path]) -> list[tuple[str, PlanFile]]:
+    items = plans.items() if isinstance(plans, Mapping) else [(Path(p).stem, p) for p in plans]
+    named = [(str(name), plan if isinstance(plan, PlanFile) else load_plan(plan)) for name, plan in items]
+    names = [name for name, _ in named]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"plan files need distinct names, got {', '.join(names)}; rename one of them")
+    return named
+
+
+def _only_budgets(name: str, plan_file: PlanFile, grid: list[float]) -> PlanFile:
+    """The plan file's rungs at the asked budgets: a rung with no baseline beside it would only cost time."""
+    kept = [p for p in plan_file.plans if p.average_budget in grid]
+    if not kept:
+        have = ", ".join(f"{p.average_budget:g}" for p in plan_file.plans)
+        raise ConfigError(f"plan {name} has budgets {have}, none of them in --budgets "
+                          f"{','.join(f'{b:g}' for b in grid)}; add one of its budgets or leave --budgets out")
+    return replace(plan_file, plans=tuple(kept))

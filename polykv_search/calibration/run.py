@@ -1,0 +1,334 @@
+"""`calibrate`: one full-cache prefill per sample, the reference answer teacher-forced as decoding, per-sample
+checkpoints (so an interrupted run resumes), and the aggregated profile written atomically.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import platform
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import DynamicCache
+
+from polykv_search import __version__
+from polykv_search.calibration.around import (
+    around_probes,
+    background,
+    choose_backgrounds,
+    plan_backgrounds,
+)
+from polykv_search.calibration.budgets import DEFAULT_BUDGETS
+from polykv_search.calibration.capture import LayerCapture, SampleRecord
+from polykv_search.calibration.profile import (
+    AROUND_BASE,
+    AROUND_KL,
+    COST_KINDS,
+    OPTIONAL_COST_KINDS,
+    PROFILE_FORMAT,
+    PROFILE_VERSION,
+    Profile,
+)
+from polykv_search.calibration.layer_kl import layer_probes, probe_state
+from polykv_search.calibration.signals import SIGNAL_NAMES
+from polykv_search.checkpoints import prepare_checkpoints
+from polykv_search.data import Sample, build_prompt
+from polykv_search.errors import ConfigError, DataError
+from polykv_search.io import file_sha256, write_atomic
+from polykv_search.engine import PrefillEngine
+from polykv_search.models import LoadedModel
+from polykv_search.plan import PlanFile, load_plan, uniform_plan
+from polykv_search.policies import DEFAULT_POLICIES, POLICIES, check_policy_names, policy_params
+
+logger = logging.getLogger(__name__)
+PROBE_ARRAYS = (*OPTIONAL_COST_KINDS, AROUND_KL, AROUND_BASE)  # a checkpoint's optional per-sample arrays
+
+
+
+@dataclass(frozen=True)
+class CalibrationConfig:
+    policies: tuple[str, ...] = DEFAULT_POLICIES
+    budgets: tuple[int, ...] = DEFAULT_BUDGETS
+    window: int = 64  # observation window for CAKE's entropy and variance, as SnapKV's default
+    n_sink: int = 4  # StreamingLLM's sink count, for the sink-mass signal
+    recent: int = 64  # recent-window size for the recent-mass signal
+    max_context_tokens: int | None = None  # None: the model's context length
+    layer_kl: bool = False  # slower mode: KL to the full cache with one layer compressed, per policy and budget
+    around: tuple[int, ...] = ()  # operating points: probes with every other layer at this uniform budget
+    around_policy: str | None = None  # the background's policy (None: the best uniform one on the samples)
+    around_plan: str | None = None  # or: a plan file whose rungs at the --around budgets are the backgrounds
+
+    def validated(self) -> CalibrationConfig:
+        policies = tuple(check_policy_names(list(self.policies)))
+        if not self.budgets:
+            raise ConfigError("the budget grid is empty; pass e.g. --budgets 16,32,64,128,256,512")
+        bad = [b for b in self.budgets if int(b) < 1]
+        if bad:
+            raise ConfigError(f"budget grid values must be at least 1 token, got {bad}; "
+                              "pass positive integers, e.g. --budgets 16,32,64,128")
+        if self.window < 1 or self.recent < 1 or self.n_sink < 0:
+            raise ConfigError("--window and --recent must be at least 1 and --n-sink at least 0")
+        if any(int(b) < 1 for b in self.around):
+            raise ConfigError(f"--around budgets must be at least 1 token per layer, got {list(self.around)}")
+        if self.around_policy is not None and self.around_policy not in policies:
+            raise ConfigError(f"--around-policy {self.around_policy!r} is not among the calibrated policies "
+                              f"({', '.join(policies)}); add it to --policies")
+        around = tuple(sorted({int(b) for b in self.around}))
+        if self.around_plan is not None:
+            if self.around_policy is not None:
+                raise ConfigError("--around-policy and --around-plan both set the background; pass one of them")
+            if not around:  # every whole-token rung of the plan
+                around = tuple(sorted(int(b) for b in PlanFile.load(self.around_plan).budgets
+                                      if float(b).is_integer()))
+        return CalibrationConfig(policies=policies, budgets=tuple(sorted({int(b) for b in self.budgets})),
+                                 window=self.window, n_sink=self.n_sink, recent=self.recent,
+                                 max_context_tokens=self.max_context_tokens, layer_kl=self.layer_kl,
+                                 around=around, around_policy=self.around_policy, around_plan=self.around_plan)
+
+
+@dataclass
+class SampleResult:
+    """One calibration sample: its size, whether it was skipped (too short) and why, and how it was obtained."""
+
+    index: int
+    sample_id: str
+    task: str
+    context_tokens: int
+    suffix_tokens: int
+    truncated: bool
+    skipped: str | None = None
+    seconds: float = 0.0
+    resumed: bool = False  # read from an earlier run's checkpoint, not computed now
+
+
+@dataclass
+class CalibrationRun:
+    profile: Profile
+    path: Path
+    results: list[SampleResult] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+ProgressFn = Callable[[SampleResult], None]
+
+
+def calibrate_model(lm: LoadedModel, samples: Sequence[Sample], *, config: CalibrationConfig = CalibrationConfig(),
+              data_sources: Sequence[str] = (), out_dir: str | Path, resume: bool = False,
+              progress: ProgressFn | None = None) -> CalibrationRun:
+    """Calibrate `lm` on `samples` and write `out_dir/profile.safetensors`."""
+    config = config.validated()
+    if not samples:
+        raise DataError("the calibration data set is empty; pass a --data file with at least one row")
+    out_dir = Path(out_dir)
+    ckpt_dir = out_dir / "checkpoints"
+    max_ctx = config.max_context_tokens or lm.info.max_context or 8192
+    fingerprint = _fingerprint(lm, samples, config, data_sources, max_ctx)
+    prepare_checkpoints(ckpt_dir, fingerprint, resume=resume)
+
+    capture = LayerCapture(lm.model, lm.info, policies=config.policies, budgets=config.budgets,
+                           window=config.window, n_sink=config.n_sink, recent=config.recent)
+    min_context = _min_context(config)
+    probe = None
+    if config.layer_kl or config.around:  # scores nothing itself: calibrate's prefill hands it the rankings
+        probe = PrefillEngine(lm, max_context_tokens=max_ctx)
+    backgrounds = _backgrounds(lm, samples, config, ckpt_dir, max_ctx, resume=resume) if config.around else []
+    started = time.perf_counter()
+    records: list[SampleRecord] = []
+    results: list[SampleResult] = []
+    with capture.attached(), torch.inference_mode():
+        for index, sample in enumerate(samples):
+            ckpt = ckpt_dir / f"sample-{index:05d}.safetensors"
+            t0 = time.perf_counter()
+            if resume and ckpt.exists():
+                record, result = _load_checkpoint(ckpt, index)
+                result.resumed = True
+            else:
+                record, result = _calibrate_one(lm, capture, sample, index, max_ctx, min_context, probe=probe,
+                                                layer_kl=config.layer_kl, backgrounds=backgrounds)
+                _save_checkpoint(ckpt, record, result)
+            result.seconds = time.perf_counter() - t0
+            results.append(result)
+            if record is not None:
+                records.append(record)
+            if progress:
+                progress(result)
+    if not records:
+        raise DataError("no sample was long enough to calibrate on (each needs more than "
+                        f"{min_context} context tokens); use longer contexts")
+    profile = _assemble(lm, config, records, [r for r in results if r.skipped is None], data_sources, max_ctx,
+                        backgrounds)
+    path = profile.save(out_dir / "profile.safetensors")
+    return CalibrationRun(profile=profile, path=path, results=results, seconds=time.perf_counter() - started)
+
+
+def _min_context(config: CalibrationConfig) -> int:
+    windows = [POLICIES[p].params.get("window_size", 0) for p in config.policies]
+    return max([config.window, config.n_sink, *windows]) + 1
+
+
+def _backgrounds(lm: LoadedModel, samples: Sequence[Sample], config: CalibrationConfig, ckpt_dir: Path,
+                 max_ctx: int, *, resume: bool) -> list[dict]:
+    """The `--around` backgrounds, chosen once (a prefill per sample) and kept with the checkpoints, so a resumed
+    run probes around the same ones."""
+    path = ckpt_dir / "around.json"
+    if resume and path.exists():
+        return json.loads(path.read_text())
+    if config.around_plan is not None:
+        plan_file = load_plan(config.around_plan, model=lm.info)
+        chosen = plan_backgrounds(plan_file, budgets=config.around, policies=config.policies,
+                                  name=Path(config.around_plan).stem)
+    elif config.around_policy is not None:
+        chosen = [background(b, config.around_policy, uniform_plan(lm.info, policy=config.around_policy, budget=b))
+                  for b in config.around]
+    else:
+        logger.info("choosing the --around backgrounds: one prefill per sample, %d uniform rows each",
+                    len(config.around) * len(config.policies))
+        engine = PrefillEngine(lm, scorers=config.policies, max_context_tokens=max_ctx)
+        chosen = choose_backgrounds(engine, samples, info=lm.info, budgets=config.around, policies=config.policies)
+    write_atomic(path, lambda tmp: tmp.write_text(json.dumps(chosen)))
+    return chosen
+
+
+def _calibrate_one(lm: LoadedModel, capture: LayerCapture, sample: Sample, index: int, max_ctx: int,
+                   min_context: int, *, probe=None, layer_kl: bool = True, backgrounds: Sequence[dict] = (),
+                   ) -> tuple[SampleRecord | None, SampleResult]:
+    parts = build_prompt(sample, lm.tokenizer, max_context_tokens=max_ctx)
+    suffix_ids = list(parts.question_ids) + list(parts.answer_ids)
+    result = SampleResult(index=index, sample_id=str(sample.id), task=sample.task,
+                          context_tokens=len(parts.context_ids), suffix_tokens=len(suffix_ids),
+                          truncated=parts.truncated)
+    if len(parts.context_ids) <= min_context or not suffix_ids:
+        result.skipped = f"context of {len(parts.context_ids)} tokens is too short (needs > {min_context})"
+        logger.warning("sample %s skipped: %s", sample.id, result.skipped)
+        return None, result
+    device = lm.device
+    context = torch.tensor([parts.context_ids], device=device)  # (1, T)
+    suffix = torch.tensor([suffix_ids], device=device)  # (1, S)
+    cache = DynamicCache(config=lm.model.config)
+    capture.start_sample(context.shape[1])
+    try:
+        capture.phase = "prefill"
+        lm.model(input_ids=context, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        capture.phase = None
+        probes = None
+        if probe is not None:  # before the decoding pass appends to the cache
+            state = probe_state(probe, sample, parts, cache, capture.rankings())
+            grid = {"info": lm.info, "policies": capture.policies, "budgets": capture.budgets}
+            probes = layer_probes(probe, state, **grid) if layer_kl else {}
+            if backgrounds:
+                probes.update(around_probes(probe, state, backgrounds=backgrounds, **grid))
+        capture.phase = "decode"
+        lm.model(input_ids=suffix, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    finally:
+        capture.phase = None
+    record = capture.finish_sample()
+    record.layer_probes = probes
+    return record, result
+
+
+def _save_checkpoint(path: Path, record: SampleRecord | None, result: SampleResult) -> None:
+    tensors = {}
+    if record is not None:
+        tensors = {"mass_lost": record.mass_lost, "out_err": record.out_err,
+                   **{f"signal.{k}": v for k, v in record.signals.items()}}
+        tensors.update(record.layer_probes or {})
+    else:
+        tensors = {"skipped": torch.zeros(1)}
+    meta = {"result": json.dumps(asdict(result))}
+    write_atomic(path, lambda tmp: save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=meta))
+
+
+def _load_checkpoint(path: Path, index: int) -> tuple[SampleRecord | None, SampleResult]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        meta = handle.metadata()
+    result = SampleResult(**{k: v for k, v in json.loads(meta["result"]).items() if k != "resumed"})
+    if result.skipped is not None:
+        return None, result
+    arrays = load_file(str(path))
+    signals = {k.split(".", 1)[1]: v for k, v in arrays.items() if k.startswith("signal.")}
+    return SampleRecord(mass_lost=arrays["mass_lost"], out_err=arrays["out_err"], signals=signals,
+                        layer_probes={k: arrays[k] for k in PROBE_ARRAYS if k in arrays} or None), result
+
+
+def _fingerprint(lm: LoadedModel, samples: Sequence[Sample], config: CalibrationConfig,
+                 data_sources: Sequence[str], max_ctx: int) -> dict[str, Any]:
+    ids = hashlib.sha256("\n".join(f"{s.id}\t{s.task}\t{len(s.context)}" for s in samples).encode()).hexdigest()
+    found = {"model": lm.info.model_id, "revision": lm.info.revision, "config": asdict(config),
+             "max_context_tokens": max_ctx, "samples": ids, "data": list(data_sources),
+             "format_version": PROFILE_VERSION}
+    if config.around_plan is not None:  # an edited plan file is another background
+        found["around_plan_sha256"] = file_sha256(Path(config.around_plan))
+    return found
+
+
+def _versions() -> dict[str, str]:
+    found = {"python": platform.python_version(), "polykv-search": __version__}
+    for pkg in ("torch", "transformers", "kvpress"):
+        try:
+            found[pkg] = version(pkg)
+        except PackageNotFoundError:
+            found[pkg] = "not installed"
+    return found
+
+
+def _data_entries(sources: Sequence[str]) -> list[dict[str, str]]:
+    entries = []
+    for source in sources:
+        path = Path(source)
+        entries.append({"source": str(source), "sha256": file_sha256(path) if path.is_file() else "hub"})
+    return entries
+
+
+def _assemble(lm: LoadedModel, config: CalibrationConfig, records: list[SampleRecord],
+              results: list[SampleResult], data_sources: Sequence[str], max_ctx: int,
+              backgrounds: Sequence[dict] = ()) -> Profile:
+    arrays = {
+        "mass_lost": torch.stack([r.mass_lost for r in records]),  # (N, L, H_kv, P, G)
+        "out_err": torch.stack([r.out_err for r in records]),
+        "context_tokens": torch.tensor([r.context_tokens for r in results], dtype=torch.int64),
+    }
+    probed: list[str] = []
+    if config.layer_kl:  # kinds every sample has (checkpoints from an older version may lack layer_nll)
+        probed = [k for k in OPTIONAL_COST_KINDS if all(k in (r.layer_probes or {}) for r in records)]
+        for kind in probed:
+            arrays[kind] = torch.stack([r.layer_probes[kind] for r in records])  # (N, L, 1, P, G)
+    if backgrounds:
+        for kind in (AROUND_KL, AROUND_BASE):  # (N, L, A, P, G) and (N, A)
+            arrays[kind] = torch.stack([r.layer_probes[kind] for r in records])
+        probed.append(AROUND_KL)
+    for name in SIGNAL_NAMES:
+        arrays[f"signal.{name}"] = torch.stack([r.signals[name] for r in records])  # (N, L, H_kv)
+    policies = []
+    for name in config.policies:
+        policies.append({"name": name, "press": POLICIES[name].press, "params": policy_params(name),
+                         "ranking": POLICIES[name].ranking})
+    header = {
+        "format": PROFILE_FORMAT,
+        "format_version": PROFILE_VERSION,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "model": lm.info.to_dict(),
+        "policies": policies,
+        "budgets": list(config.budgets),
+        "budget_unit": "context tokens kept per layer",
+        "options": {"window": config.window, "n_sink": config.n_sink, "recent": config.recent,
+                    "max_context_tokens": max_ctx, "decoding_queries": "question + reference answer",
+                    "cost_kinds": [*COST_KINDS, *probed]},
+        "signals": list(SIGNAL_NAMES),
+        "data": _data_entries(data_sources),
+        "samples": [{"id": r.sample_id, "task": r.task, "context_tokens": r.context_tokens,
+                     "suffix_tokens": r.suffix_tokens, "truncated": r.truncated} for r in results],
+        "versions": _versions(),
+    }
+    if backgrounds:
+        header["around"] = list(backgrounds)
+    return Profile(header=header, arrays=arrays)

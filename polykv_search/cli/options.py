@@ -1,0 +1,121 @@
+"""Options shared by several commands, as Annotated aliases, and parsers for comma lists."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from polykv_search.errors import ConfigError
+from polykv_search.models import DEFAULT_MODEL, model_slug
+
+ModelOpt = Annotated[str, typer.Option("--model", "-m", help="Embedded alias (smollm2-135m, gemma3-270m), a .gguf "
+                                       "file, a local model folder, or a hub id.")]
+DeviceOpt = Annotated[str, typer.Option(help="cpu, cuda, or auto (accelerate's device map across GPUs).")]
+DtypeOpt = Annotated[str, typer.Option(help="auto (float32 on CPU, bfloat16 on GPU), float32, bfloat16, float16.")]
+TrustOpt = Annotated[bool, typer.Option("--trust-remote-code", help="Allow the model's own code (off by default).")]
+RevisionOpt = Annotated[str | None, typer.Option(help="Hub revision (commit, tag or branch) of --model.")]
+DataOpt = Annotated[list[str] | None, typer.Option("--data", "-d", help="JSON/JSONL/parquet file, folder, or hub id; "
+                                                   "repeat for several.")]
+ColumnMapOpt = Annotated[str | None, typer.Option(help="Rename columns to the LongBench schema, e.g. "
+                                                  "'question=input,passage=context'.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")]
+WeightingOpt = Annotated[str, typer.Option(help="How calibration samples combine: mean (plain mean of the costs) or "
+                                           "equal (each sample scaled by its own cost level first, so every "
+                                           "sample counts the same).")]
+
+ProfileOpt = Annotated[Path | None, typer.Option("--profile", help="Profile from calibrate "
+                                                 "(default: outputs/<model>/profile.safetensors).")]
+OutOpt = Annotated[Path | None, typer.Option("--out", "-o", help="Output path (default under outputs/<model>/).")]
+
+# the optimizer's options, shared by `optimize` and `run`
+SolverOpt = Annotated[str, typer.Option(help="dp (exact, default), ilp (cvxpy + HiGHS), select (exact plans under "
+                                        "several costs and floors, uniform plans and allocators; the best measured "
+                                        "end to end on calibration samples wins) or optuna (end-to-end search "
+                                        "seeded with those candidates).")]
+CostOpt = Annotated[str, typer.Option(help="Profile cost to minimise: mass_lost, out_err, layer_kl / layer_nll "
+                                      "(profiles from `calibrate --layer-kl`) or around_kl (from `calibrate "
+                                      "--around`, at its budgets).")]
+MetricOpt = Annotated[str, typer.Option(help="select/optuna: end-to-end measure on calibration samples: kl, nll, "
+                                        "miss, lost (1 - exp(-KL) per sample) or task (1 - the task's score of the "
+                                        "greedy answer; decodes every candidate).")]
+WeightingOpt = Annotated[str, typer.Option(help="How calibration samples combine: mean (plain mean of the costs) or "
+                                           "equal (each sample scaled by its own cost level first, so every "
+                                           "sample counts the same).")]
+PoliciesOpt = Annotated[str | None, typer.Option(help="Comma-separated policies (default: all).")]
+FloorOpt = Annotated[int, typer.Option(help="Fewest tokens a layer may keep.")]
+CapOpt = Annotated[int | None, typer.Option(help="Most tokens a layer may keep (default: the longest calibration "
+                                            "context).")]
+MaxPoliciesOpt = Annotated[int | None, typer.Option(help="At most this many distinct policies.")]
+TieOpt = Annotated[list[str] | None, typer.Option(help="Layers forced to one policy and budget, e.g. '0,1,2'; "
+                                                  "repeatable.")]
+OnlyOpt = Annotated[list[str] | None, typer.Option(help="Restrict a policy to layers, e.g. 'streaming=0,1'; "
+                                                   "repeatable.")]
+NTrialsOpt = Annotated[int, typer.Option(help="optuna: trials (seeds included).")]
+StorageOpt = Annotated[str | None, typer.Option(help="optuna: journal:PATH or an RDB URL; shared by processes and "
+                                                "machines, resumable after a kill.")]
+
+__all__ = ["DEFAULT_MODEL", "CapOpt", "ColumnMapOpt", "CostOpt", "DataOpt", "DeviceOpt", "DtypeOpt", "FloorOpt",
+           "JsonOpt", "MaxPoliciesOpt", "MetricOpt", "ModelOpt", "NTrialsOpt", "OnlyOpt", "OutOpt", "PoliciesOpt",
+           "ProfileOpt", "RevisionOpt", "SolverOpt", "StorageOpt", "TieOpt", "TrustOpt", "WeightingOpt",
+           "model_slug", "parse_allowed", "parse_budget_list", "parse_column_map", "parse_int_list",
+           "parse_str_list", "parse_tied"]
+
+
+def parse_budget_list(text: str, *, option: str = "--budget") -> list[float]:
+    """Average budgets from '128,256,512' (fractions allowed), each at least 1 token per layer."""
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ConfigError(f"{option} {text!r} is not a comma-separated list of numbers, e.g. 128,256,512") from None
+    if not values or any(v < 1 for v in values):
+        raise ConfigError(f"{option} {text!r}: budgets must be at least 1 token per layer")
+    return [int(v) if v.is_integer() else v for v in values]
+
+
+def parse_tied(groups: list[str] | None) -> tuple[tuple[int, ...], ...] | None:
+    """--tie '0,1,2' (repeatable) as groups of layer indices."""
+    if not groups:
+        return None
+    return tuple(tuple(parse_int_list(group, option="--tie")) for group in groups)
+
+
+def parse_allowed(items: list[str] | None) -> dict[str, list[int]] | None:
+    """--only 'streaming=0,1' (repeatable) as policy -> layers."""
+    if not items:
+        return None
+    allowed = {}
+    for item in items:
+        name, sep, layers = item.partition("=")
+        if not sep or not name.strip():
+            raise ConfigError(f"--only {item!r} is not of the form policy=layers, e.g. 'streaming=0,1'")
+        allowed[name.strip()] = parse_int_list(layers, option="--only")
+    return allowed
+
+
+def parse_int_list(text: str, *, option: str) -> list[int]:
+    try:
+        values = [int(part) for part in text.replace(" ", "").split(",") if part]
+    except ValueError:
+        raise ConfigError(f"{option} {text!r} is not a comma-separated list of integers, e.g. 16,32,64") from None
+    if not values:
+        raise ConfigError(f"{option} is empty; give a comma-separated list of integers, e.g. 16,32,64")
+    return values
+
+
+def parse_str_list(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def parse_column_map(text: str | None) -> dict[str, str] | None:
+    if not text:
+        return None
+    mapping = {}
+    for pair in parse_str_list(text):
+        source, sep, target = pair.partition("=")
+        if not sep or not source or not target:
+            raise ConfigError(f"--column-map entry {pair!r} is not of the form source=target, "
+                              "e.g. 'question=input'")
+        mapping[source.strip()] = target.strip()
+    return mapping

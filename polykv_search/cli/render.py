@@ -1,0 +1,135 @@
+"""What the commands show a person: progress bars (the API's progress callback), tables of plans, profiles and
+results. Everything here draws on stderr through rich; results for machines go to stdout as JSON."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING
+
+from rich.markup import escape
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from polykv_search.cli.errors import err_console
+from polykv_search.plan import PlanFile
+
+if TYPE_CHECKING:  # the library loads torch (seconds); these modules only need its types
+    from polykv_search.calibration import Profile
+    from polykv_search.evaluation import Report
+    from polykv_search.optimization.choose import Choice
+
+ProgressFn = Callable[[str, int, int, str], None]  # polykv_search.api.Progress
+
+TABLE_SIGNALS = {"entropy": "H", "variance": "V", "sparsity": "sparse", "shift": "shift", "sink_mass": "sink",
+                 "recent_mass": "recent"}
+
+
+@contextmanager
+def progress_bars() -> Iterator[ProgressFn]:
+    """A progress callback for the API: one bar per stage with its count, elapsed time and estimate; a stage
+    that reports no total (a step of the optimizer) shows as a line of text."""
+    columns = (TextColumn("[bold]{task.fields[stage]}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+               TextColumn("eta"), TimeRemainingColumn(), TextColumn("{task.description}"))
+    with Progress(*columns, console=err_console, transient=False) as bars:
+        tasks: dict[str, int] = {}
+
+        def update(stage: str, done: int, total: int, note: str = "") -> None:
+            if total <= 0:
+                err_console.print(f"{stage}: {escape(note)}", highlight=False)
+                return
+            if stage not in tasks:
+                tasks[stage] = bars.add_task(escape(note), total=total, stage=stage)
+            bars.update(tasks[stage], completed=done, total=total, description=escape(note))
+
+        yield update
+
+
+def plan_table(plan_file: PlanFile, *, title: str = "") -> Table:
+    """Layer, type, then policy and budget per ladder rung; the last rows: the solver and the sum."""
+    table = Table(title=title or f"{plan_file.model.id}: policy and tokens per layer")
+    table.add_column("layer", justify="right")
+    table.add_column("type")
+    for plan in plan_file.plans:
+        table.add_column(f"B={plan.average_budget:g}", justify="right")
+    for i, kind in enumerate(plan_file.model.layer_types):
+        cells = []
+        for plan in plan_file.plans:
+            layer = plan.layers[i]
+            cells.append("fixed" if layer.sliding_window else f"{layer.policy} {layer.budget}")
+        table.add_row(str(i), "sliding" if kind == "sliding_attention" else "full", *cells)
+    footer = []
+    for plan in plan_file.plans:
+        s = plan.search
+        objective = f", obj {s.objective:.4g}" if s.objective is not None else ""
+        gap = f" gap {s.gap:.2g}" if s.gap is not None else ""
+        footer.append(f"{s.solver} {s.status}{objective}{gap}")
+    table.add_row("", "", *footer)
+    table.add_row("sum", "", *[str(plan.constraint.total_realised) for plan in plan_file.plans], style="bold")
+    return table
+
+
+def profile_table(profile: Profile) -> Table:
+    """Per layer: the signals, and the policies losing least and most decoding attention at a reference budget."""
+    info = profile.model
+    budget = _reference_budget(profile)
+    g = profile.budgets.index(budget)
+    costs = profile.layer_costs("mass_lost")[:, :, g]  # (L, P)
+    signals = profile.layer_signals()
+    table = Table(title=f"{info.model_id}: per-layer signals, {profile.num_samples} samples",
+                  caption=f"H entropy (nats), V window variance (CAKE), sparse = share of tokens holding 90% of "
+                          f"decoding attention, shift = prefill-to-decoding total variation; best/worst policy = "
+                          f"least/most decoding attention mass lost at {budget} tokens", show_lines=False)
+    table.add_column("layer", justify="right")
+    table.add_column("type")
+    for short in TABLE_SIGNALS.values():
+        table.add_column(short, justify="right")
+    table.add_column(f"best@{budget}")
+    table.add_column("lost", justify="right")
+    table.add_column("worst")
+    for layer in range(info.num_layers):
+        kind = "slide" if info.layer_types[layer] == "sliding_attention" else "full"
+        row = [str(layer), kind]
+        row += [_fmt(signals[name][layer].item()) for name in TABLE_SIGNALS]
+        if all(math.isnan(v) for v in costs[layer].tolist()):
+            row += ["(fixed)", "", ""]
+        else:
+            best, worst = int(costs[layer].argmin()), int(costs[layer].argmax())
+            row += [profile.policies[best], f"{costs[layer, best].item():.3f}", profile.policies[worst]]
+        table.add_row(*row)
+    return table
+
+
+def choice_table(candidates: list[str], choices: list[Choice], *, what: str, samples: int) -> Table:
+    """One row per candidate, one column per budget; the chosen rung in bold."""
+    table = Table(title=f"mean {what} on {samples} calibration samples (lower is better; chosen in bold)")
+    table.add_column("candidate", no_wrap=True)
+    for choice in choices:
+        table.add_column(f"{choice.budget:g}", justify="right")
+    for name in candidates:
+        table.add_row(escape(name), *(("[bold]" if c.chosen == name else "") + f"{c.measured[name]:.4f}"
+                                      if name in c.measured else "-" for c in choices))
+    return table
+
+
+def recovery_lines(report: Report, method: str) -> list[str]:
+    """'R at B tokens/layer: ...' for each budget of one method, with the scores behind it and the interval."""
+    lines = []
+    for r in report.recovery_of(method):
+        interval = f", 90% bootstrap [{r.R_90[0]:+.2f}, {r.R_90[1]:+.2f}]" if r.R_90 else ""
+        lines.append(f"R at {r.budget:g} tokens/layer: {r.R if r.R is None else round(r.R, 3)} "
+                     f"({method} {r.score:.3f}, best uniform {r.best_uniform} {r.best_uniform_score:.3f}, "
+                     f"full {r.full_score:.3f}{interval})")
+    return lines
+
+
+def _reference_budget(profile: Profile) -> int:
+    """The grid budget nearest to 10% of the median context: where policies differ most visibly."""
+    ctx = profile.arrays["context_tokens"].float().median().item()
+    target = max(16.0, 0.1 * ctx)
+    return min(profile.budgets, key=lambda b: abs(math.log(b) - math.log(target)))
+
+
+def _fmt(value: float) -> str:
+    return "-" if math.isnan(value) else f"{value:.2f}"

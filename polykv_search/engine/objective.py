@@ -1,0 +1,79 @@
+"""The end-to-end objective over the reference answers of calibration samples, measured with the shared-prefill
+engine (each sample is prefilled once, then every candidate plan costs one short teacher-forced forward per
+sample): "kl" = mean KL(full cache || plan), "nll" = the reference's negative log-likelihood, "miss" = the share
+of reference tokens that are not the top-1 prediction, "lost" = 1 - exp(-KL) per sample, the share of the full
+cache's output distribution lost (it saturates, so samples that every plan gets wrong do not decide the mean),
+"task" = 1 - the task's own score (the evaluation metric) of the greedy answer against the sample's gold answers:
+the only one that decodes, and the one `evaluate` reports, so the one to choose finished plans by."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+from polykv_search.data import Sample
+from polykv_search.data.metrics import score_sample
+from polykv_search.engine.engine import PrefillEngine, PrefillState
+from polykv_search.errors import ConfigError
+from polykv_search.models import LoadedModel
+from polykv_search.plan import Plan
+
+METRICS = ("kl", "nll", "miss", "lost", "task")
+TEACHER_FORCED = ("kl", "nll", "miss", "lost")
+DECODED = ("kl", "lost", "task")  # what a "task" objective measures: the decoding pass's own KL, and the score
+
+
+class EndToEndObjective:
+    """Measure plans on calibration samples, each prefilled once when the objective is built; lower is better."""
+
+    def __init__(self, lm: LoadedModel, samples: Sequence[Sample], *, policies: Sequence[str],
+                 max_context_tokens: int | None = None, batch_size: int = 16, metric: str = "kl") -> None:
+        """`policies`: the registered policies (with their registered parameters) the measured plans may use."""
+        if metric not in METRICS:
+            raise ConfigError(f"unknown end-to-end metric {metric!r}; choose one of {', '.join(METRICS)}")
+        self.metric = metric
+        self.engine = PrefillEngine(lm, scorers=policies, max_context_tokens=max_context_tokens)
+        self.states = [self.engine.prefill(sample) for sample in samples]  # one prefill per sample, kept
+        self.states = [s for s in self.states if s.full_logprobs is not None]
+        self.batch_size = batch_size
+        self.evaluations = 0
+
+    def many(self, plans: Sequence[Plan]) -> list[float]:
+        """Mean metric of each plan, batched across plans for each sample."""
+        return [m[self.metric] for m in self.measure(plans)]
+
+    def measure(self, plans: Sequence[Plan]) -> list[dict[str, float]]:
+        """Every metric of each plan, each a mean over samples (the mean over tasks, when samples are tagged with
+        several tasks, so that each task family weighs the same)."""
+        rows = [self._sample_metrics(state, plans) for state in self.states]
+        self.evaluations += len(plans)
+        if not rows:  # no sample has a reference answer: nothing to tell the plans apart
+            return [dict.fromkeys(DECODED if self.metric == "task" else TEACHER_FORCED, 0.0) for _ in plans]
+        return mean_over_tasks([state.sample.task for state in self.states], rows)
+
+    def _sample_metrics(self, state: PrefillState, plans: Sequence[Plan]) -> list[dict[str, float]]:
+        if self.metric != "task":
+            return self.engine.answer_metrics_many(state, plans, batch_size=self.batch_size)
+        # one pass per batch: run_many's teacher-forced forward gives the KL (the tie-break's `lost`) and, its
+        # cache rewound, starts the greedy decoding; no second cache build or forward
+        answered = self.engine.run_many(state, plans, with_kl=True, batch_size=self.batch_size)
+        return [{"kl": r.kl, "lost": -math.expm1(-r.kl), "task": 1.0 - score_sample(state.sample, r.answer)}
+                for r in answered]
+
+    def __call__(self, plan: Plan) -> float:
+        return self.many([plan])[0]
+
+
+def mean_over_tasks(tasks: Sequence[str], rows: Sequence[Sequence[dict[str, float]]]) -> list[dict[str, float]]:
+    """rows[s][i]: every metric of candidate i on sample s (of task tasks[s]) -> per candidate, the mean over tasks
+    of each task's mean, so that each task family weighs the same whatever its sample count."""
+    per_task: dict[str, list[Sequence[dict[str, float]]]] = {}
+    for task, sample_rows in zip(tasks, rows):
+        per_task.setdefault(task, []).append(sample_rows)
+    count = len(rows[0]) if rows else 0
+    out = []
+    for i in range(count):
+        task_means = [{k: sum(r[i][k] for r in runs) / len(runs) for k in runs[0][i]} for runs in per_task.values()]
+        out.append({k: sum(t[k] for t in task_means) / len(task_means) for k in task_means[0]})
+    return out
+

@@ -1,0 +1,89 @@
+"""`evaluate`: per sample one prefill, every method answered from it, scored; per-sample checkpoints so an
+interrupted run resumes."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from polykv_search.checkpoints import prepare_checkpoints
+from polykv_search.data import Sample
+from polykv_search.data.metrics import score_sample
+from polykv_search.engine import Answer, PrefillEngine
+from polykv_search.errors import DataError
+from polykv_search.evaluation.methods import FULL, Method
+from polykv_search.io import write_json_atomic
+from polykv_search.models import LoadedModel
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ScoredResult:
+    """One method's answer to one sample, with the task's score and the KL to the full cache."""
+
+    sample_id: str
+    task: str
+    method: str  # Method.key
+    answer: str
+    score: float
+    kl: float | None
+    kept_all_layers: list[int]
+    context_tokens: int
+
+
+ProgressFn = Callable[[int, int], None]
+
+
+def score_methods(lm: LoadedModel, samples: Sequence[Sample], methods: Sequence[Method], *, out_dir: str | Path,
+                  resume: bool = False, with_kl: bool = True, batch_size: int = 16,
+                  max_context_tokens: int | None = None, progress: ProgressFn | None = None) -> list[ScoredResult]:
+    """Score the full cache and every method on every sample; one ScoredResult per (sample, method)."""
+    if not samples:
+        raise DataError("the evaluation data set is empty; pass a --data file with at least one row")
+    missing = [s.id for s in samples if not s.answers]
+    if missing:
+        raise DataError(f"samples {', '.join(map(str, missing[:5]))} have no answers; evaluation needs "
+                        "reference answers (the `answers` column)")
+    out_dir = Path(out_dir)
+    ckpt_dir = out_dir / "checkpoints"
+    prepare_checkpoints(ckpt_dir, _fingerprint(lm, samples, methods, with_kl, max_context_tokens), resume=resume)
+    engine = PrefillEngine.for_plans(lm, [m.plan for m in methods], max_context_tokens=max_context_tokens)
+    results: list[ScoredResult] = []
+    for index, sample in enumerate(samples):
+        ckpt = ckpt_dir / f"sample-{index:05d}.json"
+        if resume and ckpt.exists():
+            rows = [ScoredResult(**row) for row in json.loads(ckpt.read_text())]
+        else:
+            state = engine.prefill(sample)
+            answered = [engine.run(state, None, with_kl=False)]
+            answered += engine.run_many(state, [m.plan for m in methods], with_kl=with_kl, batch_size=batch_size)
+            rows = [_scored(method, answer, sample, state.n_context)
+                    for method, answer in zip([FULL, *methods], answered)]
+            write_json_atomic(ckpt, [asdict(r) for r in rows])
+        results.extend(rows)
+        if progress:
+            progress(index + 1, len(samples))
+    logger.info("evaluated %d samples with %d prefills", len(samples), engine.prefills)
+    return results
+
+
+def _scored(method: Method, answer: Answer, sample: Sample, n_context: int) -> ScoredResult:
+    kl = 0.0 if method.plan is None else answer.kl
+    return ScoredResult(sample_id=answer.sample_id, task=answer.task, method=method.key, answer=answer.answer,
+                        score=float(score_sample(sample, answer.answer)), kl=kl,
+                        kept_all_layers=answer.kept_all_layers, context_tokens=n_context)
+
+
+def _fingerprint(lm: LoadedModel, samples: Sequence[Sample], methods: Sequence[Method], with_kl: bool,
+                 max_context: int | None) -> dict:
+    ids = hashlib.sha256("\n".join(f"{s.id}\t{s.task}\t{len(s.context)}" for s in samples).encode()).hexdigest()
+    described = [{"name": m.name, "family": m.family, "plan": None if m.plan is None else m.plan.to_dict()["layers"]}
+                 for m in methods]
+    method_sig = hashlib.sha256(json.dumps(described, sort_keys=True, default=str).encode()).hexdigest()
+    return {"model": lm.info.model_id, "revision": lm.info.revision, "samples": ids, "methods": method_sig,
+            "with_kl": with_kl, "max_context": max_context}

@@ -1,0 +1,97 @@
+"""Known budget allocators to compare plans with: PyramidKV's linear pyramid and CAKE's preference-weighted budgets.
+
+Each returns a Plan whose compressible-layer budgets sum exactly to round(budget x compressible layers), with one
+policy on every layer (the uniform plan is `polykv_search.plan.uniform_plan`).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from typing import Any
+
+from polykv_search.calibration.profile import Profile
+from polykv_search.errors import ConfigError, ProfileError
+from polykv_search.models.info import ModelInfo
+from polykv_search.plan import Plan, SearchInfo, exact_integer_budgets
+from polykv_search.plan.uniform import checked_budget, plan_of_budgets, seconds_since
+
+logger = logging.getLogger(__name__)
+
+
+def pyramidkv_plan(model: ModelInfo, *, policy: str = "snapkv", budget: float, window: int = 64,
+                   beta: float = 20, max_budget: int | None = None,
+                   params: dict[str, Any] | None = None) -> Plan:
+    """PyramidKV: a window of `window` tokens on every layer plus a linear pyramid of the rest.
+
+    Over the compressible layers the pyramid runs from max = 2(B - w) - min down to min = (B - w) / beta
+    (kvpress's PyramidKVPress.get_layer_budget with max_capacity_prompt = B), so the average is B.
+    kvpress's cap: if the top layer would exceed `max_budget` (the context length), max = max_budget - w and
+    min = 2(B - w) - max. B <= w leaves nothing to shape: the plan is uniform. `window=0` gives kvpress's
+    budgets for a press built with compression ratio 1 - B / context; unlike kvpress there is no fallback to
+    uniform when min < w (kvpress falls back below B = (beta + 1) w).
+    """
+    started = time.perf_counter()
+    if window < 0 or beta < 1:
+        raise ConfigError(f"PyramidKV needs window >= 0 and beta >= 1, got window={window}, beta={beta}; "
+                          "the defaults are window=64, beta=20")
+    n, total = checked_budget(model, policy=policy, budget=budget, max_budget=max_budget)
+    notes = f"pyramidkv window={window} beta={beta}" + (f" max_budget={max_budget}" if max_budget else "")
+    if budget <= window or n == 1:
+        logger.info("PyramidKV at budget %s with window %s over %d layer(s) leaves no pyramid; the plan is "
+                       "uniform", budget, window, n)
+        shares = [1.0] * n
+        notes += " (uniform: nothing to shape)"
+    else:
+        low = (budget - window) / beta
+        high = 2 * (budget - window) - low
+        if max_budget is not None and high + window > max_budget:
+            high = max_budget - window
+            low = 2 * (budget - window) - high
+        step = (high - low) / (n - 1)
+        shares = [high - i * step + window for i in range(n)]  # decreasing with depth
+    budgets = exact_integer_budgets(shares, total, cap=max_budget)
+    return plan_of_budgets(model, policy=policy, params=params, budget=budget, budgets=budgets,
+                     search=SearchInfo(solver="pyramidkv", status="heuristic", seconds=seconds_since(started),
+                                       notes=notes))
+
+
+def cake_plan(model: ModelInfo, profile: Profile, *, policy: str = "snapkv", budget: float, tau1: float = 1.0,
+              tau2: float = 1.0, max_budget: int | None = None, profile_signature: str | None = None,
+              params: dict[str, Any] | None = None) -> Plan:
+    """CAKE: budget_l proportional to P_l = H_l^(1/tau1) * V_l^(1/tau2), from the profile's per-layer
+    window entropy H and variance V over compressible layers, capped at `max_budget` and repaired to sum exactly.
+    """
+    started = time.perf_counter()
+    if not (tau1 > 0 and tau2 > 0 and math.isfinite(tau1) and math.isfinite(tau2)):
+        raise ConfigError(f"CAKE needs tau1 > 0 and tau2 > 0, got tau1={tau1}, tau2={tau2}; the default is 1.0")
+    _, total = checked_budget(model, policy=policy, budget=budget, max_budget=max_budget)
+    preferences = cake_preferences(model, profile, tau1=tau1, tau2=tau2)
+    budgets = exact_integer_budgets(preferences, total, cap=max_budget)
+    notes = f"cake tau1={tau1} tau2={tau2}" + (f" max_budget={max_budget}" if max_budget else "")
+    return plan_of_budgets(model, policy=policy, params=params, budget=budget, budgets=budgets,
+                     search=SearchInfo(solver="cake", status="heuristic", profile_signature=profile_signature,
+                                       seconds=seconds_since(started), notes=notes))
+
+
+def cake_preferences(model: ModelInfo, profile: Profile, *, tau1: float = 1.0, tau2: float = 1.0) -> list[float]:
+    """CAKE's layer preference P_l = H_l^(1/tau1) * V_l^(1/tau2) for each compressible layer of `model`."""
+    info = profile.model
+    if info.num_layers != model.num_layers or list(info.layer_types) != list(model.layer_types):
+        raise ProfileError(f"profile was calibrated on {info.model_id} ({info.num_layers} layers) but the plan is "
+                           f"for {model.model_id} ({model.num_layers} layers); calibrate this model first")
+    signals = profile.layer_signals()
+    missing = [name for name in ("entropy", "variance") if name not in signals]
+    if missing:
+        raise ProfileError(f"profile has no {' or '.join(missing)} signal; re-run `polykv-search calibrate` "
+                           "to record CAKE's signals")
+    entropy, variance = signals["entropy"].tolist(), signals["variance"].tolist()  # (L,), NaN on sliding layers
+    preferences = []
+    for layer in model.compressible_layers:
+        h, v = entropy[layer], variance[layer]
+        if not (math.isfinite(h) and math.isfinite(v)) or h < 0 or v < 0:
+            raise ProfileError(f"profile signals of layer {layer} are entropy={h}, variance={v}; CAKE needs finite "
+                               "values >= 0 on every compressible layer: re-run calibrate")
+        preferences.append(h ** (1 / tau1) * v ** (1 / tau2))
+    return preferences

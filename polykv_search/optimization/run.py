@@ -1,0 +1,175 @@
+"""`optimize`: from a profile, one plan per average budget (a ladder), solved exactly or chosen end to end.
+
+    dp / ilp   the exact multiple-choice knapsack on the profile's additive per-layer cost
+    select     exact plans under several costs and floors, uniform plans and allocators, measured end to end on
+               calibration samples; the best measured wins (never worse than the best uniform plan there)
+    optuna     an end-to-end search seeded with the exact plan and every `select` candidate
+    --max-changes K   (cost around_kl) the profile's probed plan with at most K layers moved to measured cells
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
+
+from polykv_search.calibration.profile import ALL_COST_KINDS, AROUND_KL, WEIGHTINGS, Profile
+from polykv_search.engine import METRICS, EndToEndObjective
+from polykv_search.errors import ConfigError
+from polykv_search.optimization.optuna_search import search
+from polykv_search.optimization.problem import Problem
+from polykv_search.optimization.refine import refine
+from polykv_search.optimization.select import candidate_plans, select_plan
+from polykv_search.optimization.solve import solve
+from polykv_search.plan import Plan, PlanFile, SearchInfo, budget_total
+from polykv_search.policies import check_policy_names
+
+SOLVERS = ("dp", "ilp", "select", "optuna")
+END_TO_END = ("select", "optuna")  # the solvers that measure plans on calibration samples
+
+
+@dataclass(frozen=True)
+class OptimizeConfig:
+    """How `optimize` chooses: the solver, the profile cost it minimises, and the constraints on every plan."""
+
+    solver: str = "dp"  # dp, ilp, select or optuna
+    cost: str = "mass_lost"  # the profile's cost kind (layer_kl / layer_nll / around_kl need their calibrate modes)
+    weighting: str = "mean"  # how calibration samples combine: mean, or equal (each sample scaled to its own level)
+    policies: tuple[str, ...] | None = None  # allowed policies (default: all in the profile)
+    floor: int = 1  # fewest tokens a layer may keep
+    cap: int | None = None  # most tokens a layer may keep (default and upper limit: the longest calibration context)
+    max_policies: int | None = None  # at most this many distinct policies over all layers
+    tied: tuple[tuple[int, ...], ...] | None = None  # groups of layers forced to one policy and one budget
+    allowed: Mapping[str, Sequence[int]] | None = None  # policy -> the only layers where it may be used
+    max_changes: int | None = None  # around_kl: refine the probed plan, moving at most this many layers
+    time_limit: float = 10.0  # ilp: seconds before HiGHS stops
+    mip_gap: float = 1e-6  # ilp: relative gap to stop at
+    metric: str = "kl"  # select / optuna: the end-to-end measure (kl, nll, miss, lost, task)
+    n_trials: int = 40  # optuna: trials, seeds included
+    timeout: float | None = None  # optuna: seconds
+    storage: str | None = None  # optuna: journal:PATH or an RDB URL (shared by processes, resumable)
+    seed: int = 0  # optuna's sampler
+
+    def validated(self) -> OptimizeConfig:
+        """The same config, or ConfigError naming the bad option and its accepted values."""
+        if self.solver not in SOLVERS:
+            raise ConfigError(f"--solver {self.solver!r} is not one of {', '.join(SOLVERS)}")
+        if self.cost not in ALL_COST_KINDS:
+            raise ConfigError(f"--cost {self.cost!r} is not one of {', '.join(ALL_COST_KINDS)}")
+        if self.weighting not in WEIGHTINGS:
+            raise ConfigError(f"--weighting {self.weighting!r} is not one of {', '.join(WEIGHTINGS)}")
+        if self.metric not in METRICS:
+            raise ConfigError(f"--metric {self.metric!r} is not one of {', '.join(METRICS)}")
+        if self.policies is not None:
+            check_policy_names(list(self.policies))
+        if self.max_changes is not None:
+            if self.cost != AROUND_KL or self.solver != "dp":
+                raise ConfigError("--max-changes refines a plan from around_kl probes; use it with --cost around_kl "
+                                  "and the default --solver dp")
+            ignored = [flag for flag, used in (("--weighting", self.weighting != "mean"), ("--floor", self.floor != 1),
+                                               ("--cap", self.cap is not None),
+                                               ("--max-policies", self.max_policies is not None),
+                                               ("--tie", bool(self.tied)), ("--only", bool(self.allowed))) if used]
+            if ignored:
+                raise ConfigError(f"--max-changes moves at most K layers of the probed plan to measured cells; "
+                                  f"{', '.join(ignored)} would be ignored, drop {'them' if len(ignored) > 1 else 'it'}")
+        return self
+
+    @property
+    def end_to_end(self) -> bool:
+        """Whether the solver measures plans on calibration samples (it then needs the model and the data)."""
+        return self.solver in END_TO_END
+
+
+def check_budgets(budgets: float | Sequence[float]) -> list[float]:
+    """The budgets as a list (ints where whole), each at least 1 token per layer, or ConfigError."""
+    values = [budgets] if isinstance(budgets, (int, float)) else list(budgets)
+    if not values or any(isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 1
+                         for v in values):
+        raise ConfigError(f"--budget {values}: budgets must be numbers of at least 1 token per layer")
+    return [int(v) if float(v).is_integer() else float(v) for v in values]
+
+
+def context_cap(profile: Profile, cap: int | None) -> int:
+    """Never more than the longest calibration context: more budget than context buys nothing."""
+    longest = int(profile.arrays["context_tokens"].max())
+    return min(cap, longest) if cap else longest
+
+
+ProgressFn = Callable[[str], None]
+
+
+def optimize_profile(profile: Profile, budgets: Sequence[float], *, config: OptimizeConfig = OptimizeConfig(),
+                     objective: EndToEndObjective | None = None, profile_signature: str | None = None,
+                     progress: ProgressFn | None = None) -> PlanFile:
+    """One plan per average budget, in the order given. `objective` (select / optuna): plans measured on
+    calibration samples; `profile_signature` (the profile file's sha256) goes into every plan's provenance."""
+    config = config.validated()
+    if config.end_to_end and objective is None:
+        raise ConfigError(f"--solver {config.solver} measures plans end to end: give the objective (the model "
+                          "and calibration samples)")
+    names = list(config.policies) if config.policies else None
+    cap = context_cap(profile, config.cap)
+    plans = []
+    for average in check_budgets(budgets):
+        started = time.perf_counter()
+        if config.max_changes is not None:
+            found = refine(profile, average_budget=average, max_changes=config.max_changes, policies=names)
+            plans.append(found.to_plan(profile, average_budget=average, max_changes=config.max_changes,
+                                       seconds=time.perf_counter() - started, profile_signature=profile_signature))
+            continue
+        problem = Problem.from_profile(profile, average_budget=average, cost=config.cost, weighting=config.weighting,
+                                       policies=names, floor=config.floor, cap=cap, allowed=config.allowed,
+                                       tied=config.tied, max_policies=config.max_policies)
+        exact = solve(problem, solver="ilp" if config.solver == "ilp" else "dp", time_limit=config.time_limit,
+                      mip_gap=config.mip_gap)
+        plan = exact.to_plan(profile.model, average_budget=average, profile_signature=profile_signature)
+        if config.solver == "select":
+            if progress:
+                progress(f"select: measuring candidate plans at {average:g} tokens/layer")
+            plan = _selected(profile, objective, average=average, names=names, cap=cap, signature=profile_signature)
+        elif config.solver == "optuna":
+            if progress:
+                progress(f"optuna: {config.n_trials} trials at {average:g} tokens/layer")
+            plan = _searched(profile, plan, objective, average=average, names=names, cap=cap, config=config,
+                             signature=profile_signature)
+        plans.append(plan)
+    return PlanFile.build(profile.model, plans)
+
+
+def _selected(profile: Profile, objective: EndToEndObjective, *, average: float, names: list[str] | None,
+              cap: int, signature: str | None) -> Plan:
+    """The best measured of the candidate plans (exact plans under each cost and floor, uniform, allocators)."""
+    started = time.perf_counter()
+    candidates = candidate_plans(profile, average=average, policies=names, cap=cap)
+    chosen = select_plan(objective.measure, candidates, metric=objective.metric)
+    ranking = chosen.ranking()
+    notes = (f"end-to-end mean {chosen.metric} over {len(objective.states)} calibration samples (mean over tasks); "
+             f"{len(candidates)} candidates, best first: " + ", ".join(f"{k}={v:.4g}" for k, v in ranking[:8]))
+    search_info = SearchInfo(solver="select", status=chosen.name, objective=chosen.value, bound=None, gap=None,
+                             profile_signature=signature, seconds=round(time.perf_counter() - started, 2), notes=notes)
+    return replace(chosen.plan, search=search_info)
+
+
+def _searched(profile: Profile, exact_plan: Plan, objective: EndToEndObjective, *, average: float,
+              names: list[str] | None, cap: int, config: OptimizeConfig, signature: str | None) -> Plan:
+    """Search end to end, seeded with the exact plan and every candidate of `select`."""
+    info = profile.model
+    policies = names or profile.policies
+    seeds = {"exact": exact_plan}
+    for name, candidate in candidate_plans(profile, average=average, policies=policies, cap=cap).items():
+        if all(candidate.layers != seed.layers for seed in seeds.values()):
+            seeds[name] = candidate
+    result = search(objective, info=info, average_budget=average, policies=policies,
+                    total=budget_total(average, len(info.compressible_layers)), floor=config.floor, cap=cap,
+                    seeds=seeds, n_trials=config.n_trials, timeout=config.timeout, storage=config.storage,
+                    study_name=f"polykv-{(signature or 'profile')[:12]}-{average:g}-{objective.metric}",
+                    seed=config.seed)
+    notes = (f"end-to-end mean {objective.metric} over {len(objective.states)} calibration samples; best seed "
+             f"{result.best_seed or 'none (a searched trial won)'}; seeds: "
+             + ", ".join(f"{k}={v:.4g}" for k, v in sorted(result.seed_objectives.items(), key=lambda kv: kv[1])))
+    search_info = SearchInfo(solver="optuna", status=f"{result.trials} trials", objective=result.objective,
+                             bound=None, gap=None, profile_signature=signature, seed=config.seed, seconds=None,
+                             notes=notes)
+    return replace(result.plan, search=search_info)

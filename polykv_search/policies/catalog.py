@@ -1,0 +1,145 @@
+"""The policy table as plain data: each registered name, the kvpress press it reuses (by class name), that
+press's parameters with their types and defaults, and how it ranks tokens. No torch, no kvpress: a plan file's
+policies and parameters are checked from this table alone (`tests/policies/test_catalog.py` checks it against
+kvpress's own dataclasses, so it cannot drift from them).
+
+Every policy yields a ranking of the context tokens that does not depend on the budget, so one prefill serves
+every budget. The "+recent" policies interleave StreamingLLM's order (4 sinks, then newest first) with a scorer's
+order: keeping the top b gives the sinks, about b/2 of the newest tokens and about b/2 of the scorer's best.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from functools import cache
+from typing import Any
+
+from polykv_search.errors import ConfigError
+
+RATIO_FIELD = "compression_ratio"  # every kvpress scorer has it; set from each layer's budget, never stored
+N_SINK_RECENT = 4  # sinks kept first by the "sink_recency" and "with_recent" rankings
+
+# Each press's init parameters other than compression_ratio: name -> (accepted scalar types, kvpress default).
+PRESS_PARAMETERS: dict[str, dict[str, tuple[tuple[type, ...], Any]]] = {
+    "SnapKVPress": {"window_size": ((int,), 64), "kernel_size": ((int,), 5)},
+    "StreamingLLMPress": {"n_sink": ((int,), 4)},
+    "TOVAPress": {},
+    "KnormPress": {},
+    "ExpectedAttentionPress": {"n_future_positions": ((int,), 512), "n_sink": ((int,), 4),
+                               "use_covariance": ((bool,), True), "use_vnorm": ((bool,), True),
+                               "epsilon": ((float,), 0.0)},
+    "KeyDiffPress": {},
+    "ObservedAttentionPress": {},
+    "RandomPress": {"seed": ((int, type(None)), None)},
+}
+
+
+@dataclass(frozen=True)
+class PolicySpec:
+    """A kvpress scorer (by class name) with the parameters we use for it."""
+
+    press: str  # class name in kvpress
+    params: dict[str, Any] = field(default_factory=dict)  # registered values, overriding kvpress's defaults
+    needs_attentions: bool = False  # the scorer reads the prefill attention (H2O's column sums)
+    ranking: str = "score"  # "score": kvpress score; "sink_recency": StreamingLLM's rule; "with_recent": interleaved
+    description: str = ""
+    base: str | None = None  # "with_recent": the policy whose scores are interleaved (same press and parameters)
+
+
+POLICIES: dict[str, PolicySpec] = {
+    "snapkv": PolicySpec("SnapKVPress", {"window_size": 64, "kernel_size": 5},
+                         description="attention of the last 64 context queries, pooled"),
+    "streaming": PolicySpec("StreamingLLMPress", {"n_sink": 4}, ranking="sink_recency",
+                            description="4 sink tokens plus the most recent tokens"),
+    "tova": PolicySpec("TOVAPress", description="attention of the last context query"),
+    "knorm": PolicySpec("KnormPress", description="smallest key norm first"),
+    "expected_attention": PolicySpec("ExpectedAttentionPress", {"n_future_positions": 512, "n_sink": 4},
+                                     description="attention expected from future query statistics"),
+    "keydiff": PolicySpec("KeyDiffPress", description="keys least similar to the mean key"),
+    "h2o": PolicySpec("ObservedAttentionPress", needs_attentions=True,
+                      description="heavy hitters: mean attention received over all prefill queries"),
+    "random": PolicySpec("RandomPress", {"seed": 0}, description="uniformly random (control)"),
+    "h2o_recent": PolicySpec("ObservedAttentionPress", needs_attentions=True, ranking="with_recent", base="h2o",
+                             description="4 sinks, then newest tokens and H2O's heavy hitters in turn"),
+    "tova_recent": PolicySpec("TOVAPress", ranking="with_recent", base="tova",
+                              description="4 sinks, then newest tokens and TOVA's choice in turn"),
+    "keydiff_recent": PolicySpec("KeyDiffPress", ranking="with_recent", base="keydiff",
+                                 description="4 sinks, then newest tokens and KeyDiff's choice in turn"),
+    "expected_attention_recent": PolicySpec(
+        "ExpectedAttentionPress", {"n_future_positions": 512, "n_sink": 4}, ranking="with_recent",
+        base="expected_attention", description="4 sinks, then newest tokens and ExpectedAttention's choice in turn"),
+}
+DEFAULT_POLICIES: tuple[str, ...] = tuple(POLICIES)
+
+
+def check_policy_names(names: Sequence[str]) -> list[str]:
+    """The names, each once, in order; ConfigError naming the unknown ones and the known ones."""
+    unknown = [n for n in names if n not in POLICIES]
+    if unknown:
+        raise ConfigError(f"unknown policy {', '.join(map(repr, unknown))}; known policies: {', '.join(POLICIES)}")
+    if not names:
+        raise ConfigError(f"no policy given; choose from: {', '.join(POLICIES)}")
+    return list(dict.fromkeys(names))
+
+
+def policy_params(name: str, **overrides: Any) -> dict[str, Any]:
+    """Every parameter of the policy's kvpress press with the registered values (and `overrides`), ratio excluded.
+
+    Writing the full set, not only the registry's overrides, keeps a plan's meaning fixed if defaults change.
+    """
+    check_policy_names([name])
+    spec = POLICIES[name]
+    fields = PRESS_PARAMETERS[spec.press]
+    problems = params_problems(name, overrides, where=f"policy {name!r}")
+    if problems:
+        raise ConfigError("; ".join(problems))
+    return {key: overrides.get(key, spec.params.get(key, default)) for key, (_, default) in fields.items()}
+
+
+def scorer_key(policy: str, params: Mapping[str, Any] | None = None) -> str:
+    """A name for a policy with its parameters: the policy's name when they are the registered ones (or none are
+    given), else the name followed by the parameters as sorted JSON. Equal keys rank tokens identically."""
+    if not params or dict(params) == _registered(policy):
+        return policy
+    return f"{policy}{json.dumps(dict(params), sort_keys=True)}"
+
+
+@cache
+def _registered_items(policy: str) -> tuple[tuple[str, Any], ...]:
+    return tuple(policy_params(policy).items())
+
+
+def _registered(policy: str) -> dict[str, Any]:
+    return dict(_registered_items(policy))
+
+
+def params_problems(name: str, params: Mapping[str, Any], *, where: str) -> list[str]:
+    """Problems with `params` for registered policy `name` (unknown keys, wrong types), one line each."""
+    spec = POLICIES[name]
+    fields = PRESS_PARAMETERS[spec.press]
+    problems = []
+    for key, value in params.items():
+        if key == RATIO_FIELD:
+            problems.append(f"{where}.{key}: {RATIO_FIELD} is set from the layer budget at run time; remove it")
+        elif key not in fields:
+            accepted = ", ".join(sorted(fields)) or "none"
+            problems.append(f"{where}: {spec.press} (policy {name!r}) has no parameter {key!r}; "
+                            f"its parameters: {accepted}")
+        elif not _accepts(fields[key][0], value):
+            kinds = _kind_name(fields[key][0])
+            problems.append(f"{where}.{key}: {value!r} is not a valid {kinds} for {spec.press}; give a {kinds}")
+    return problems
+
+
+def _accepts(kinds: tuple[type, ...], value: Any) -> bool:
+    if isinstance(value, bool):
+        return bool in kinds
+    if isinstance(value, int):
+        return int in kinds or float in kinds
+    return any(isinstance(value, kind) for kind in kinds if kind is not bool)
+
+
+def _kind_name(kinds: tuple[type, ...]) -> str:
+    return " or ".join("null" if k is type(None) else k.__name__ for k in kinds)

@@ -1,0 +1,62 @@
+"""The policies as kvpress presses: build a policy's press, and turn its scores into a budget-independent ranking.
+
+Keeping the top-b tokens of a ranking is what kvpress keeps at b, for every b (the table of names and parameters
+is `catalog.py`, which needs neither torch nor kvpress). StreamingLLM's kvpress `score` marks tokens only for the
+ratio it was built with, so it is ranked by kvpress's rule itself (sinks first, then by recency); the "+recent"
+policies interleave that order with a scorer's order, skipping tokens already taken: the heavy-hitter + recent
+split of the original H2O paper, made budget-independent so one ranking still serves every budget. Tests check
+top-b equals kvpress at each b.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import kvpress
+import torch
+from kvpress import ScorerPress
+
+from polykv_search.policies.catalog import N_SINK_RECENT, POLICIES, policy_params
+
+
+def press_class(name: str) -> type[ScorerPress]:
+    """The kvpress class of registered policy `name`."""
+    return getattr(kvpress, POLICIES[name].press)
+
+
+def make_press(name: str, *, compression_ratio: float = 0.0, **overrides: Any) -> ScorerPress:
+    """Build the kvpress press for policy `name` (overrides replace registered parameters; ConfigError names an
+    unknown or mistyped one)."""
+    return press_class(name)(compression_ratio=compression_ratio, **policy_params(name, **overrides))
+
+
+def rank_scores(name: str, press: ScorerPress, module: torch.nn.Module, hidden_states: torch.Tensor,
+                keys: torch.Tensor, values: torch.Tensor, attentions: torch.Tensor | None,
+                kwargs: dict) -> torch.Tensor:
+    """Scores (B, H_kv, T) whose top-b is what kvpress keeps at budget b, for every b."""
+    spec = POLICIES[name]
+    if spec.ranking == "sink_recency":
+        n_sink = getattr(press, "n_sink", N_SINK_RECENT)
+        order = sink_recency_order(keys.shape[2], n_sink, device=keys.device)  # (T,) place in the keep order
+        return (keys.shape[2] - order).float().expand(*keys.shape[:2], -1)  # (B, H_kv, T), higher kept first
+    scores = press.score(module, hidden_states, keys, values, attentions, kwargs).float()
+    if spec.ranking == "with_recent":
+        return interleave_with_recent(scores, N_SINK_RECENT)
+    return scores
+
+
+def sink_recency_order(n: int, n_sink: int, *, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Each token's place (0 = kept first) in StreamingLLM's order: the n_sink first tokens, then newest first."""
+    positions = torch.arange(n, device=device)
+    return torch.where(positions < n_sink, positions, n_sink + n - 1 - positions)
+
+
+def interleave_with_recent(scores: torch.Tensor, n_sink: int) -> torch.Tensor:
+    """Scores (..., T) -> scores whose order alternates StreamingLLM's order and `scores`' order (ties: earlier
+    token first), each token placed at its first appearance. Places are distinct, so top-b is unambiguous."""
+    n = scores.shape[-1]
+    recency = sink_recency_order(n, n_sink, device=scores.device)  # (T,)
+    by_score = scores.argsort(dim=-1, descending=True, stable=True)  # (..., T) token ids, best first
+    place = torch.empty_like(by_score).scatter_(-1, by_score, torch.arange(n, device=scores.device).expand_as(by_score))
+    first = torch.minimum(2 * recency, 2 * place + 1)  # (..., T) position in the interleaved sequence
+    return (2 * n - first).float()

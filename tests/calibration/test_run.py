@@ -1,0 +1,97 @@
+"""calibrate() end to end on a tiny model: profile contents, round-trip, resume after an interruption."""
+
+import json
+
+import pytest
+import torch
+
+from polykv_search.calibration.profile import PROFILE_VERSION, Profile
+from polykv_search.calibration import CalibrationConfig, calibrate_model
+from polykv_search.data import load_samples
+from polykv_search.errors import ConfigError, DataError, ProfileError
+from tests.conftest import sample_rows, write_jsonl
+
+CONFIG = CalibrationConfig(budgets=(8, 16, 32, 64, 128), window=16)
+
+
+@pytest.fixture
+def samples(tmp_path):
+    return load_samples(write_jsonl(tmp_path / "c.jsonl", sample_rows(3)))
+
+
+def test_profile_has_every_array_and_round_trips(tiny_llama, samples, tmp_path):
+    result = calibrate_model(tiny_llama, samples, config=CONFIG, data_sources=[], out_dir=tmp_path / "out")
+    profile = result.profile
+    n_layers, n_kv = tiny_llama.info.num_layers, tiny_llama.info.num_kv_heads
+    assert profile.arrays["mass_lost"].shape == (3, n_layers, n_kv, len(profile.policies), 5)
+    assert not torch.isnan(profile.arrays["mass_lost"]).any()
+    assert (profile.arrays["mass_lost"] >= 0).all() and (profile.arrays["mass_lost"] <= 1 + 1e-5).all()
+    for name in profile.header["signals"]:
+        assert profile.arrays[f"signal.{name}"].shape == (3, n_layers, n_kv)
+    # random is the control: on average it must lose more than the best policy at a small budget
+    costs = profile.layer_costs()[:, :, 1]  # (L, P) at 16 tokens
+    assert (costs[:, profile.policies.index("random")] >= costs.min(dim=1).values).all()
+    loaded = Profile.load(result.path)
+    assert loaded.header == json.loads(json.dumps(profile.header))
+    for key, value in profile.arrays.items():
+        torch.testing.assert_close(loaded.arrays[key], value.to(loaded.arrays[key].dtype))
+    assert loaded.header["model"]["num_layers"] == n_layers
+    assert [s["id"] for s in loaded.header["samples"]] == ["s0", "s1", "s2"]
+    assert loaded.header["versions"]["kvpress"]
+
+
+def test_sliding_window_layers_are_recorded_and_left_out(tiny_gemma, samples, tmp_path):
+    profile = calibrate_model(tiny_gemma, samples, config=CONFIG, out_dir=tmp_path / "g").profile
+    assert profile.header["model"]["layer_types"][0] == "sliding_attention"
+    assert torch.isnan(profile.arrays["mass_lost"][:, 0]).all()  # fixed by the architecture
+    assert not torch.isnan(profile.arrays["mass_lost"][:, 1]).any()
+
+
+class Interrupt(Exception):
+    pass
+
+
+def test_resume_continues_without_redoing_samples(tiny_llama, samples, tmp_path):
+    out = tmp_path / "run"
+    seen = []
+
+    def stop_after_two(result):
+        seen.append(result.index)
+        if len(seen) == 2:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        calibrate_model(tiny_llama, samples, config=CONFIG, out_dir=out, progress=stop_after_two)
+    assert not (out / "profile.safetensors").exists()  # nothing half-written
+
+    run = calibrate_model(tiny_llama, samples, config=CONFIG, out_dir=out, resume=True)
+    resumed = run.profile
+    assert [r.index for r in run.results if not r.resumed] == [2]  # the two finished ones come from checkpoints
+    fresh = calibrate_model(tiny_llama, samples, config=CONFIG, out_dir=tmp_path / "fresh").profile
+    torch.testing.assert_close(resumed.arrays["mass_lost"], fresh.arrays["mass_lost"])
+
+
+def test_resume_with_other_settings_is_refused(tiny_llama, samples, tmp_path):
+    calibrate_model(tiny_llama, samples[:1], config=CONFIG, out_dir=tmp_path / "r")
+    other = CalibrationConfig(budgets=(8, 16), window=16)
+    with pytest.raises(ProfileError, match="different config"):
+        calibrate_model(tiny_llama, samples[:1], config=other, out_dir=tmp_path / "r", resume=True)
+
+
+def test_bad_budget_grid_and_empty_data(tiny_llama, samples, tmp_path):
+    with pytest.raises(ConfigError, match="at least 1 token"):
+        calibrate_model(tiny_llama, samples, config=CalibrationConfig(budgets=(0, 16)), out_dir=tmp_path / "b")
+    with pytest.raises(DataError, match="empty"):
+        calibrate_model(tiny_llama, [], config=CONFIG, out_dir=tmp_path / "e")
+    assert not (tmp_path / "b" / "profile.safetensors").exists()
+
+
+def test_profile_from_another_version_is_refused(tiny_llama, samples, tmp_path):
+    profile = calibrate_model(tiny_llama, samples[:1], config=CONFIG, out_dir=tmp_path / "v").profile
+    profile.header["format_version"] = PROFILE_VERSION + 1
+    path = profile.save(tmp_path / "future.safetensors")
+    with pytest.raises(ProfileError, match="re-run `polykv-search calibrate`"):
+        Profile.load(path)
+    (tmp_path / "junk.safetensors").write_bytes(b"not a profile")
+    with pytest.raises(ProfileError, match="not a readable"):
+        Profile.load(tmp_path / "junk.safetensors")

@@ -1,0 +1,108 @@
+"""Every policy's ranking is budget-independent and its top-b is exactly what the kvpress press keeps at b."""
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+from polykv_search.calibration.capture import LayerCapture
+from polykv_search.errors import ConfigError
+from polykv_search.policies import N_SINK_RECENT, POLICIES, check_policy_names
+from polykv_search.policies.presses import interleave_with_recent, make_press
+from tests.conftest import tiny_loaded
+
+T = 120
+
+
+def kvpress_kept(lm, name, n_kept, ids):
+    """Indices kvpress itself keeps in each layer when its press compresses the prefill to n_kept tokens: the
+    compressed cache's keys found among the full cache's (compression runs after each layer's attention, so the
+    keys before it are the full prefill's, bit for bit)."""
+    press = make_press(name, compression_ratio=1 - (n_kept + 0.5) / T)  # kvpress keeps int(T * (1 - r))
+    full, compressed = DynamicCache(config=lm.model.config), DynamicCache(config=lm.model.config)
+    with torch.no_grad():
+        lm.model(input_ids=ids, past_key_values=full, use_cache=True)
+        with press(lm.model):
+            lm.model(input_ids=ids, past_key_values=compressed, use_cache=True)
+    kept = {}
+    for idx, (before, after) in enumerate(zip(full.layers, compressed.layers)):
+        match = (after.keys[0][:, :, None, :] == before.keys[0][:, None, :, :]).all(-1)  # (H_kv, n, T)
+        kept[idx] = [set(match[h].float().argmax(-1).tolist()) for h in range(match.shape[0])]
+    return kept
+
+
+KVPRESS_ONLY = [p for p in POLICIES if POLICIES[p].ranking != "with_recent"]  # those kvpress runs on its own
+
+
+@pytest.mark.parametrize("name", [p for p in KVPRESS_ONLY if p != "random"] + ["random"])
+def test_top_b_of_ranking_equals_kvpress_kept_set(name):
+    attn = "eager" if POLICIES[name].needs_attentions else "sdpa"
+    lm = tiny_loaded("llama", seed=1, attn=attn)
+    ids = torch.randint(3, 60, (1, T), generator=torch.Generator().manual_seed(3))
+    capture = LayerCapture(lm.model, lm.info, policies=[name], budgets=[16], window=16)
+    capture.chunk_elements = 16 * T  # H2O then sums 8 query chunks
+    with capture.attached(), torch.no_grad():
+        capture.start_sample(T)
+        capture.phase = "prefill"
+        lm.model(input_ids=ids, past_key_values=DynamicCache(config=lm.model.config), use_cache=True)
+        rankings = {idx: ranks[name] for idx, ranks in capture.rankings().items()}
+    for n_kept in (80, 40, 10):  # SnapKV's window (64) is kept first, so 80 and 40 test both regimes
+        kept = kvpress_kept(lm, name, n_kept, ids)
+        for idx, ranking in rankings.items():
+            for head in range(ranking.shape[0]):
+                ours = set(ranking[head].topk(n_kept).indices.tolist())
+                if name == "snapkv" and n_kept < 64:  # ties inside the always-kept window: any choice is valid
+                    assert ours <= set(range(T - 64, T)) and kept[idx][head] <= set(range(T - 64, T))
+                else:
+                    assert ours == kept[idx][head], (name, n_kept, idx, head)
+
+
+def test_unknown_policy_lists_the_known_ones():
+    with pytest.raises(ConfigError, match="known policies: snapkv"):
+        check_policy_names(["snapkv", "nope"])
+
+
+def test_bad_press_parameter_is_named():
+    with pytest.raises(ConfigError, match="window_siz"):
+        make_press("snapkv", window_siz=3)
+
+
+def _interleaved_reference(scores: list[float], n_sink: int) -> list[int]:
+    """The keep order written out: StreamingLLM's order and the score order in turn, duplicates skipped."""
+    n = len(scores)
+    recency = list(range(min(n_sink, n))) + list(range(n - 1, n_sink - 1, -1))
+    by_score = sorted(range(n), key=lambda i: (-scores[i], i))
+    order: list[int] = []
+    for a, b in zip(recency, by_score):
+        for token in (a, b):
+            if token not in order:
+                order.append(token)
+    return order
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_with_recent_ranking_is_the_interleaved_keep_order(seed):
+    gen = torch.Generator().manual_seed(seed)
+    n = 37
+    scores = torch.randint(0, 12, (2, n), generator=gen).float()  # ties on purpose
+    ranking = interleave_with_recent(scores, 4)
+    for head in range(2):
+        expected = _interleaved_reference(scores[head].tolist(), 4)
+        assert ranking[head].argsort(descending=True).tolist() == expected
+        for budget in (10, 20):  # every other place goes to StreamingLLM's order: sinks, then newest
+            kept = set(expected[:budget])
+            assert set(range(4)) <= kept and n - 1 in kept
+
+
+@pytest.mark.parametrize("name", [p for p in POLICIES if POLICIES[p].ranking == "with_recent"])
+def test_with_recent_policy_interleaves_its_base_scorer(name):
+    base = {"h2o_recent": "h2o", "tova_recent": "tova", "keydiff_recent": "keydiff",
+            "expected_attention_recent": "expected_attention"}[name]
+    lm = tiny_loaded("llama", seed=1, attn="sdpa")
+    ids = torch.randint(3, 60, (1, T), generator=torch.Generator().manual_seed(3))
+    capture = LayerCapture(lm.model, lm.info, policies=[name, base], budgets=[16], window=16)
+    with capture.attached(), torch.no_grad():
+        capture.start_sample(T)
+        capture.phase = "prefill"
+        lm.model(input_ids=ids, past_key_values=DynamicCache(config=lm.model.config), use_cache=True)
+    for rankings in capture.rankings().values():
+        torch.testing.assert_close(rankings[name], interleave_with_recent(rankings[base], N_SINK_RECENT))
