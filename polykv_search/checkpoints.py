@@ -27,7 +27,7 @@ def prepare_checkpoints(ckpt_dir: Path, fingerprint: dict[str, Any], *, resume: 
                                f"{', '.join(changed)}; re-run with the same options or without --resume")
         return
     if resume:
-        logger.warning("--resume: no checkpoints in %s, starting from the first sample", ckpt_dir)
+        logger.info("--resume: no checkpoints in %s, starting from the first sample", ckpt_dir)
     if ckpt_dir.exists():
         shutil.rmtree(ckpt_dir)
     ckpt_dir.mkdir(parents=True, exist_ok=True)

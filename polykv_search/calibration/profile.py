@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from polykv_search.errors import ProfileError
@@ -128,8 +128,6 @@ class Profile:
         if not path.is_file():
             raise ProfileError(f"profile {path} does not exist; run `polykv-search calibrate` first")
         try:
-            from safetensors import safe_open
-
             with safe_open(str(path), framework="pt") as handle:
                 meta = handle.metadata() or {}
             arrays = load_file(str(path))

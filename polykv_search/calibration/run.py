@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import DynamicCache
 
@@ -247,8 +248,6 @@ def _save_checkpoint(path: Path, record: SampleRecord | None, result: SampleResu
 
 
 def _load_checkpoint(path: Path, index: int) -> tuple[SampleRecord | None, SampleResult]:
-    from safetensors import safe_open
-
     with safe_open(str(path), framework="pt") as handle:
         meta = handle.metadata()
     result = SampleResult(**{k: v for k, v in json.loads(meta["result"]).items() if k != "resumed"})

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import typer
 
+from polykv_search import __version__
 from polykv_search.cli.errors import run_app
 
 app = typer.Typer(
@@ -18,8 +19,6 @@ app = typer.Typer(
 
 def _version(value: bool) -> None:
     if value:
-        from polykv_search import __version__
-
         typer.echo(f"polykv-search {__version__}")
         raise typer.Exit()
 

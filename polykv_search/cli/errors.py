@@ -38,7 +38,8 @@ def setup_logging(verbose: bool = False) -> None:
                         ("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1"), ("TRANSFORMERS_VERBOSITY", "error"),
                         ("DATASETS_VERBOSITY", "error")):
         os.environ.setdefault(name, value)
-    if "datasets" in sys.modules:  # already imported (a caller's own import): the variables came too late
+    # imported here only when a caller already loaded them: then the variables above came too late
+    if "datasets" in sys.modules:
         import datasets.utils.logging as ds_logging
 
         ds_logging.disable_progress_bar()

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -121,11 +122,28 @@ def _json_lines(file: Path, text: str) -> Iterable[tuple[int, str, Any]]:
         index += 1
 
 
+@contextmanager
+def _quiet_datasets() -> Iterator[None]:
+    """datasets draws a progress bar on stderr for every file it reads: a library prints nothing, so it is off
+    for the call and put back as the caller had it."""
+    # imported here: datasets takes a second to load, and --help and validate never read data
+    from datasets.utils.logging import disable_progress_bar, enable_progress_bar, is_progress_bar_enabled
+
+    enabled = is_progress_bar_enabled()
+    disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            enable_progress_bar()
+
+
 def _load_local(builder: str, files: list[Path]) -> Any:
-    from datasets import load_dataset
+    from datasets import load_dataset  # imported here: a second to load, and --help and validate never read data
 
     try:
-        return load_dataset(builder, data_files=[str(f) for f in files], split="train")
+        with _quiet_datasets():
+            return load_dataset(builder, data_files=[str(f) for f in files], split="train")
     except Exception as exc:  # datasets/pyarrow raise many types for inconsistent files
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise DataError(f"datasets could not read {files[0] if len(files) == 1 else files[0].parent}: {reason}; "
@@ -133,10 +151,11 @@ def _load_local(builder: str, files: list[Path]) -> Any:
 
 
 def _load_hub(source: str, *, split: str, name: str | None) -> Any:
-    from datasets import load_dataset
+    from datasets import load_dataset  # imported here: a second to load (see _load_local)
 
     try:
-        return load_dataset(source, name, split=split)
+        with _quiet_datasets():
+            return load_dataset(source, name, split=split)
     except Exception as exc:  # offline: ConnectionError; unknown id: DatasetNotFoundError; bad split: ValueError
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise DataError(f"cannot load data set {source!r} (split {split!r}) from the Hugging Face hub: {reason}; "

@@ -13,6 +13,9 @@ from collections.abc import Callable, Sequence
 from functools import lru_cache
 from typing import TYPE_CHECKING
 
+from rapidfuzz import fuzz
+from rouge_score import rouge_scorer
+
 from polykv_search.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -60,8 +63,6 @@ def qa_f1_zh(prediction: str, ground_truth: str, **_: object) -> float:
 
 @lru_cache(maxsize=1)
 def _rouge_scorer(chinese: bool = False):  # type: ignore[no-untyped-def]
-    from rouge_score import rouge_scorer
-
     tokenizer = _CharTokenizer() if chinese else None
     return rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False, tokenizer=tokenizer)
 
@@ -100,8 +101,6 @@ def code_edit_similarity(prediction: str, ground_truth: str, **_: object) -> flo
 
     Unlike LongBench, both lines are stripped of surrounding whitespace: indentation is not what is measured.
     """
-    from rapidfuzz import fuzz
-
     line = first_code_line(prediction).strip()
     return float(fuzz.ratio(line, ground_truth.strip())) / 100.0
 

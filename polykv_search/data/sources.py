@@ -15,6 +15,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
+from pydoc_data.topics import topics
+
 Split = Literal["calib", "eval", "eval_alt"]
 SPLITS: tuple[Split, ...] = ("calib", "eval", "eval_alt")
 
@@ -80,8 +82,6 @@ def split_sentences(paragraph: str) -> list[str]:
 @lru_cache(maxsize=1)
 def topic_documents() -> tuple[Document, ...]:
     """The pydoc reference topics (`pydoc_data/topics.py`, PSF licence) as prose documents."""
-    from pydoc_data.topics import topics
-
     docs = (Document(id=f"topic:{key}", paragraphs=tuple(prose_paragraphs(topics[key]))) for key in sorted(topics))
     return tuple(doc for doc in docs if doc.paragraphs)
 

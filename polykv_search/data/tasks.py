@@ -13,6 +13,8 @@ import tokenize
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from rapidfuzz import fuzz, process
+
 from polykv_search.data.sample import Sample
 from polykv_search.data.sources import Document, Split, line_owners, split_sentences
 from polykv_search.errors import DataError
@@ -225,8 +227,6 @@ def code_completion(pool: SplitPool, rng: random.Random, *, chars: int, index: i
 
     The last `local_lines` lines before the answer are the question (uncompressed), the rest is the context.
     """
-    from rapidfuzz import fuzz, process
-
     files = [doc for doc in pool.code_docs if len(doc.code) > chars * 1.2 and doc.id not in pool.used_files]
     rng.shuffle(files)
     for doc in files:

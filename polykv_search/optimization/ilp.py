@@ -40,7 +40,7 @@ def solve_ilp(problem: Problem, *, time_limit: float = 10.0, mip_gap: float = 1e
     integer number of tokens.
     """
     try:
-        import cvxpy as cp
+        import cvxpy as cp  # imported here: cvxpy and HiGHS take a second to load, and only --solver ilp needs them
         import highspy  # noqa: F401
     except ImportError as exc:
         raise SolverError(f"the ilp solver needs cvxpy and HiGHS ({exc}); run `pip install cvxpy highspy`") from exc
@@ -171,7 +171,7 @@ def silence_highs_banner() -> None:
     global _banner_silenced
     if _banner_silenced:
         return
-    import highspy
+    import highspy  # imported here: only the ilp solver loads HiGHS (a second)
 
     sys.stdout.flush()
     saved, devnull = os.dup(1), os.open(os.devnull, os.O_WRONLY)

@@ -36,7 +36,7 @@ class SearchResult:
 
 def open_storage(url: str | None):
     """None (in memory), 'journal:PATH' or a path ending in .log/.jsonl (journal file), or an RDB URL."""
-    try:
+    try:  # imported here: optuna and SQLAlchemy take a second to load, and only --solver optuna needs them
         import optuna
         from optuna.storages import JournalStorage
         from optuna.storages.journal import JournalFileBackend
@@ -68,8 +68,9 @@ def search(objective: Callable[[Plan], float], *, info: ModelInfo, average_budge
            seed: int = 0) -> SearchResult:
     """Minimise `objective(plan)` over plans with one registered policy and budget per compressible layer of
     `info`, the budgets summing to `total` exactly."""
+    import optuna  # imported here: a second to load, only --solver optuna needs it
+
     layers = info.compressible_layers
-    import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     hi = cap if cap is not None else total

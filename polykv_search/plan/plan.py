@@ -20,6 +20,7 @@ from polykv_search.errors import PlanError
 from polykv_search.io import write_atomic
 from polykv_search.plan.rounding import budget_total
 from polykv_search.plan.schema import SCHEMA_VERSION
+from polykv_search.plan.validate import InvalidPlanError, check_matches_model, validate_plan_json
 from polykv_search.policies.catalog import policy_params, scorer_key
 
 if TYPE_CHECKING:
@@ -333,8 +334,6 @@ class PlanFile:
     @classmethod
     def from_dict(cls, data: Any, *, source: str = "plan") -> PlanFile:
         """Validate a parsed plan file and build it; InvalidPlanError lists every problem found."""
-        from polykv_search.plan.validate import InvalidPlanError, validate_plan_json
-
         problems = validate_plan_json(data)
         if problems:
             raise InvalidPlanError(source=source, problems=problems)
@@ -382,15 +381,11 @@ class PlanFile:
 
     def check_model(self, model: ModelInfo) -> None:
         """Raise InvalidPlanError unless this file was made for `model` (identity, geometry, layer types)."""
-        from polykv_search.plan.validate import check_matches_model
-
         check_matches_model(self, model)
 
     def save(self, path: str | Path) -> Path:
         """Validate, then write atomically; an invalid plan is never written (InvalidPlanError instead)."""
         text = self.to_json()
-        from polykv_search.plan.validate import InvalidPlanError, validate_plan_json
-
         problems = validate_plan_json(json.loads(text))
         if problems:
             raise InvalidPlanError(source=str(path), problems=problems)

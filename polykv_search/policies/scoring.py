@@ -11,6 +11,7 @@ import torch
 from kvpress import ScorerPress
 
 from polykv_search.models.anatomy import logit_softcap
+from polykv_search.policies.attention import attention_probs
 from polykv_search.policies.projections import reused_query_projection
 from polykv_search.policies.presses import (
     N_SINK_RECENT,
@@ -91,8 +92,6 @@ def policy_scores(name: str, press: ScorerPress, module: torch.nn.Module, hidden
     if observed is not None:
         column_sums, last = observed
         return rank_scores(name, press, module, hidden, keys, values, column_sums, kwargs), last
-    from polykv_search.policies.attention import attention_probs
-
     cos, sin = kwargs["position_embeddings"]
     n = keys.shape[2]
     column_sums = torch.zeros(keys.shape[0], module.config.num_attention_heads, 1, n, device=keys.device)

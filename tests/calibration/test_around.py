@@ -202,3 +202,18 @@ def test_bad_around_plans(setup):
                                      around_plan=str(tmp / "bad.json"))
     with pytest.raises(ConfigError, match="knorm at layer .* add it to --policies"):
         calibrate_model(lm, samples, config=uncalibrated, out_dir=tmp / "bad2")
+
+
+def test_a_version_1_profile_is_read_with_its_backgrounds_as_plans(setup):
+    """Version 1 stored a uniform background as its policy and a plan's as per-layer lists; both load as plans."""
+    lm, _, run, tmp = setup
+    chosen = run.profile.header["around"][0]
+    names, sizes = mixed_plan_file(lm, tmp / "v1plan.json")
+    for old_entry, expected in (
+            ({"budget": AROUND, "policy": chosen["name"], "kept": chosen["kept"]}, background_plan(chosen)),
+            ({"budget": AROUND, "plan": "v1plan", "policies": names, "budgets": sizes}, plan_of(lm.info, names, sizes))):
+        old = Profile(header={**json.loads(json.dumps(run.profile.header)), "format_version": 1,
+                              "around": [old_entry]}, arrays=dict(run.profile.arrays))
+        (entry,) = Profile.load(old.save(tmp / "v1.safetensors")).around_backgrounds()
+        assert entry["budget"] == AROUND and entry["name"] == old_entry.get("policy", "v1plan")
+        assert background_plan(entry).layers == expected.layers

@@ -1,0 +1,47 @@
+"""The policy table is plain data (no torch, no kvpress) and says exactly what kvpress's presses accept."""
+
+import dataclasses
+import typing
+
+import kvpress
+import pytest
+
+from polykv_search.errors import ConfigError
+from polykv_search.policies import POLICIES, check_policy_names, params_problems, policy_params, scorer_key
+from polykv_search.policies.catalog import PRESS_PARAMETERS, RATIO_FIELD
+from polykv_search.policies.presses import make_press
+
+
+@pytest.mark.parametrize("press_name", sorted(PRESS_PARAMETERS))
+def test_each_press_has_the_parameters_types_and_defaults_of_the_kvpress_dataclass(press_name):
+    press = getattr(kvpress, press_name)
+    hints = typing.get_type_hints(press)
+    fields = {f.name: f for f in dataclasses.fields(press) if f.init and f.name != RATIO_FIELD}
+    assert set(fields) == set(PRESS_PARAMETERS[press_name])
+    for name, (kinds, default) in PRESS_PARAMETERS[press_name].items():
+        assert fields[name].default == default, name
+        options = typing.get_args(hints[name]) or (hints[name],)
+        assert set(options) == set(kinds), name
+
+
+@pytest.mark.parametrize("name", sorted(POLICIES))
+def test_registered_parameters_build_the_press_and_are_all_written(name):
+    params = policy_params(name)
+    press = make_press(name)
+    assert type(press).__name__ == POLICIES[name].press
+    assert params == {f.name: getattr(press, f.name) for f in dataclasses.fields(press) if f.name != RATIO_FIELD}
+    assert scorer_key(name, params) == name  # the registered ones name the policy alone
+
+
+def test_other_parameters_are_another_ranking_and_bad_ones_are_named():
+    assert scorer_key("snapkv", policy_params("snapkv", window_size=32)) == 'snapkv{"kernel_size": 5, "window_size": 32}'
+    problems = params_problems("snapkv", {"window_size": "wide", "windw": 3, RATIO_FIELD: 0.5}, where="p")
+    assert any("'wide' is not a valid int for SnapKVPress" in p for p in problems)
+    assert any("has no parameter 'windw'" in p for p in problems)
+    assert any("set from the layer budget" in p for p in problems)
+    assert params_problems("random", {"seed": None}, where="p") == []  # Optional[int] takes null
+    assert params_problems("expected_attention", {"epsilon": 1}, where="p") == []  # an int is a valid float
+    with pytest.raises(ConfigError, match="has no parameter 'windw'"):
+        policy_params("snapkv", windw=3)
+    with pytest.raises(ConfigError, match="known policies"):
+        check_policy_names(["snapkv", "nope"])

@@ -1,0 +1,75 @@
+"""The library API on a tiny model: each stage is one call returning typed objects, the stages chain, and nothing
+is printed (progress goes to the callback)."""
+
+import logging
+
+import pytest
+
+import polykv_search as pk
+from polykv_search.errors import ConfigError
+from tests.conftest import sample_rows, write_jsonl
+
+GRID = (8, 16, 32)
+
+
+@pytest.fixture(autouse=True)
+def no_application_logging():
+    """The library as an application finds it: no handler configured (the CLI tests configure one)."""
+    root, ours = logging.getLogger(), logging.getLogger("polykv_search")
+    saved = root.handlers[:], ours.level
+    root.handlers, ours.level = [], logging.NOTSET
+    yield
+    root.handlers, ours.level = saved
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("api")
+    return (write_jsonl(tmp / "calib.jsonl", sample_rows(2, words=150)),
+            write_jsonl(tmp / "eval.jsonl", sample_rows(2, words=150, seed=4)), tmp)
+
+
+def test_calibrate_optimize_evaluate_chain_and_print_nothing(tiny_llama, files, capsys):
+    calib, held_out, tmp = files
+    seen = []
+
+    def progress(stage, done, total, note):
+        seen.append((stage, done, total))
+
+    run = pk.calibrate(tiny_llama, calib, config=pk.CalibrationConfig(budgets=GRID, window=16),
+                       out_dir=tmp / "profile", progress=progress)
+    assert isinstance(run.profile, pk.Profile) and run.path.is_file() and run.profile.num_samples == 2
+    plans = pk.optimize(run.path, budgets=[8, 16], config=pk.OptimizeConfig(solver="ilp"))
+    assert isinstance(plans, pk.PlanFile) and plans.budgets == [8, 16]
+    assert all(p.search.solver == "ilp" and p.search.profile_signature for p in plans.plans)
+    report = pk.evaluate(tiny_llama, held_out, plans={"mine": plans}, policies=["snapkv", "knorm"],
+                         profile=run.profile, out_dir=tmp / "eval", progress=progress)
+    assert isinstance(report, pk.Report) and report.samples == 2
+    assert [r.budget for r in report.recovery_of("mine")] == [8, 16]
+    assert {r.method for r in report.recovery} == {"mine", "pyramidkv", "cake"}
+    assert report.files["json"].is_file() and report.methods["full"].kl == 0.0
+    assert ("calibrate", 2, 2) in seen and ("evaluate", 2, 2) in seen
+    assert capsys.readouterr() == ("", "")
+
+
+def test_run_writes_everything_under_one_folder(tiny_llama, files, capsys):
+    calib, held_out, tmp = files
+    result = pk.run(tiny_llama, budgets=16, calib=calib, eval_data=held_out, policies=["snapkv", "streaming"],
+                    grid=GRID, config=pk.OptimizeConfig(cost="out_err"), out_dir=tmp / "run")
+    assert isinstance(result, pk.RunResult)
+    assert result.plan_path == tmp / "run" / "plan.json" and pk.load_plan(result.plan_path) == result.plan_file
+    assert result.calibration.profile.policies == ["snapkv", "streaming"]
+    assert [r.budget for r in result.report.recovery_of("plan")] == [16]
+    assert (tmp / "run" / "signals.png").is_file() and (tmp / "run" / "plan.png").is_file()
+    assert capsys.readouterr() == ("", "")
+
+
+def test_bad_options_are_refused_before_any_work(tiny_llama, files):
+    calib, held_out, tmp = files
+    with pytest.raises(ConfigError, match="--solver 'gurobi' is not one of"):
+        pk.optimize(tmp / "missing.safetensors", budgets=16, config=pk.OptimizeConfig(solver="gurobi"))
+    with pytest.raises(ConfigError, match="at least 1 token"):
+        pk.run(tiny_llama, budgets=0, calib=calib, eval_data=held_out, out_dir=tmp / "never")
+    with pytest.raises(ConfigError, match="unknown allocator"):
+        pk.evaluate(tiny_llama, held_out, allocators=["h2o"], out_dir=tmp / "never")
+    assert not (tmp / "never").exists()
