@@ -15,7 +15,7 @@ import logging
 from importlib import import_module
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 logging.getLogger(__name__).addHandler(logging.NullHandler())  # a library logs; the application decides what shows
 
 # public name -> the module that defines it (imported lazily by __getattr__, see the docstring)

@@ -19,7 +19,7 @@ from polykv_search import __version__
 from polykv_search.errors import PlanError
 from polykv_search.io import write_atomic
 from polykv_search.plan.rounding import budget_total
-from polykv_search.plan.schema import SCHEMA_VERSION
+from polykv_search.plan.schema import PER_LAYER_VERSION, SCHEMA_VERSION, UNIT_PER_HEAD, UNIT_PER_LAYER
 from polykv_search.plan.validate import InvalidPlanError, check_matches_model, validate_plan_json
 from polykv_search.policies.catalog import policy_params, scorer_key
 
@@ -27,7 +27,6 @@ if TYPE_CHECKING:
     from polykv_search.models.info import ModelInfo
 
 PRODUCER_NAME = "polykv-search"
-BUDGET_UNIT = "tokens per layer"
 SLIDING = "sliding_attention"
 
 
@@ -65,12 +64,13 @@ class PlanModel:
 
 @dataclass(frozen=True)
 class Constraint:
-    """The budget asked (average tokens per compressible layer) and the totals it implies and realises."""
+    """The budget asked (average tokens per compressible layer, kept in each KV head) and the totals it implies and
+    realises: in tokens per layer, or (a plan with per-head entries) in tokens per KV head, i.e. KV entries."""
 
     average_budget: float
     total: int
     total_realised: int
-    unit: str = BUDGET_UNIT
+    unit: str = UNIT_PER_LAYER
 
 
 @dataclass(frozen=True)
@@ -232,12 +232,19 @@ class Plan:
             else:
                 entries.append(entry)
         compressible = model.compressible_layers
-        realised = sum(int(entries[i].budget or 0) for i in compressible)
+        per_head = any(entries[i].heads is not None for i in compressible)
+        slots = len(compressible) * (model.num_kv_heads if per_head else 1)  # what the budget is counted over
+        realised = sum(_tokens(entries[i], model.num_kv_heads if per_head else 1) for i in compressible)
         if average_budget is None:
-            average_budget = realised / max(len(compressible), 1)
-        constraint = Constraint(average_budget=average_budget, total=budget_total(average_budget, len(compressible)),
-                                total_realised=realised)
+            average_budget = realised / max(slots, 1)
+        constraint = Constraint(average_budget=average_budget, total=budget_total(average_budget, slots),
+                                total_realised=realised, unit=UNIT_PER_HEAD if per_head else UNIT_PER_LAYER)
         return cls(constraint=constraint, layers=tuple(entries), search=search)
+
+    @property
+    def per_head(self) -> bool:
+        """Whether some layer gives its KV heads budgets of their own."""
+        return any(layer.heads is not None for layer in self.layers)
 
     @classmethod
     def full(cls, model: ModelInfo | PlanModel) -> Plan:
@@ -288,10 +295,13 @@ class PlanFile:
     model: PlanModel
     plans: tuple[Plan, ...]
     producer: Producer = field(default_factory=Producer)
-    schema_version: str = SCHEMA_VERSION
+    schema_version: str = ""  # "": the lowest version that holds the plans (1.0.0 unless one is per head)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "plans", tuple(self.plans))
+        if not self.schema_version:
+            version = SCHEMA_VERSION if any(plan.per_head for plan in self.plans) else PER_LAYER_VERSION
+            object.__setattr__(self, "schema_version", version)
 
     @classmethod
     def build(cls, model: ModelInfo | PlanModel, plans: Sequence[Plan]) -> PlanFile:
@@ -390,6 +400,13 @@ class PlanFile:
         if problems:
             raise InvalidPlanError(source=str(path), problems=problems)
         return write_atomic(path, text)
+
+
+def _tokens(layer: LayerPlan, heads: int) -> int:
+    """Context tokens a compressible layer's entry keeps, counted over `heads` KV heads (1: per layer)."""
+    if layer.heads is not None:
+        return sum(int(head.budget or 0) for head in layer.heads)
+    return int(layer.budget or 0) * heads
 
 
 def _layer_dict(layer: LayerPlan) -> dict[str, Any]:

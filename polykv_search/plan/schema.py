@@ -1,4 +1,10 @@
-"""The plan file's JSON Schema (Draft 2020-12), shipped as package data in polykv_search/schemas/plan-v1.json."""
+"""The plan file's JSON Schema (Draft 2020-12), shipped as package data in polykv_search/schemas/plan-v2.json.
+
+Version 2 adds per-KV-head entries (a layer's `heads`) and the "tokens per KV head" unit; every 1.x plan is a
+valid 2.x plan with the same meaning. A file is written with the lowest version that can hold it (1.0.0 unless a
+layer has heads), so readers that know only version 1 keep reading per-layer plans, and refuse per-head ones by
+their version rule.
+"""
 
 from __future__ import annotations
 
@@ -6,9 +12,12 @@ import json
 from importlib import resources
 from typing import Any
 
-SCHEMA_VERSION = "1.0.0"  # written into every plan; readers of major version 1 accept 1.x.y
-SCHEMA_MAJOR = 1
-SCHEMA_RESOURCE = "schemas/plan-v1.json"
+SCHEMA_VERSION = "2.0.0"  # the newest version this package writes (per-head plans)
+PER_LAYER_VERSION = "1.0.0"  # written for plans that are per layer only: readable by 1.x readers too
+READABLE_MAJORS = (1, 2)
+UNIT_PER_LAYER = "tokens per layer"
+UNIT_PER_HEAD = "tokens per KV head"
+SCHEMA_RESOURCE = "schemas/plan-v2.json"
 
 
 def load_schema() -> dict[str, Any]:

@@ -13,7 +13,7 @@ from jsonschema import Draft202012Validator
 
 from polykv_search.errors import PlanError
 from polykv_search.plan.rounding import budget_total
-from polykv_search.plan.schema import PLAN_SCHEMA, SCHEMA_MAJOR
+from polykv_search.plan.schema import PLAN_SCHEMA, READABLE_MAJORS, UNIT_PER_HEAD, UNIT_PER_LAYER
 from polykv_search.policies.catalog import POLICIES, params_problems
 
 if TYPE_CHECKING:
@@ -43,12 +43,15 @@ def validate_plan_json(obj: Any, *, model: ModelInfo | None = None) -> list[str]
         return [(f"$: a plan file is a JSON object with schema_version, producer, model and plans, "
                  f"not {_json_type(obj)}; give a plan written by polykv-search")]
     version = obj.get("schema_version")
-    if isinstance(version, str) and re.fullmatch(r"\d+\.\d+\.\d+", version) and int(version.split(".")[0]) != SCHEMA_MAJOR:
-        return [(f"$.schema_version: {version} is not readable by this polykv-search, which reads "
-                 f"{SCHEMA_MAJOR}.x.y; upgrade polykv-search or write the plan with a matching version")]
+    major = int(version.split(".")[0]) if isinstance(version, str) and re.fullmatch(r"\d+\.\d+\.\d+", version) \
+        else None
+    if major is not None and major not in READABLE_MAJORS:
+        readable = " and ".join(f"{m}.x.y" for m in READABLE_MAJORS)
+        return [(f"$.schema_version: {version} is not readable by this polykv-search, which reads {readable}; "
+                 "upgrade polykv-search or write the plan with a matching version")]
     problems = [_schema_message(error) for error in sorted(_VALIDATOR.iter_errors(obj), key=_error_key)]
     problems += _non_finite_numbers(obj)
-    problems += _semantic_problems(obj, model=model)
+    problems += _semantic_problems(obj, model=model, major=major)
     return list(dict.fromkeys(p.translate(_ONE_LINE) for p in problems))
 
 
@@ -120,7 +123,7 @@ def _as_positive_number(value: Any) -> float | None:
     return value if value > 0 else None
 
 
-def _semantic_problems(obj: dict[str, Any], *, model: ModelInfo | None) -> list[str]:
+def _semantic_problems(obj: dict[str, Any], *, model: ModelInfo | None, major: int | None) -> list[str]:
     block = obj.get("model") if isinstance(obj.get("model"), dict) else {}
     block_types = block.get("layer_types")
     block_types = block_types if isinstance(block_types, list) and all(isinstance(t, str) for t in block_types) \
@@ -132,9 +135,9 @@ def _semantic_problems(obj: dict[str, Any], *, model: ModelInfo | None) -> list[
                         "layers; give one layer type per layer")
     if model is not None:
         problems += _model_mismatches(block, model)
-        types, name = list(model.layer_types), model.model_id
+        types, name, heads = list(model.layer_types), model.model_id, model.num_kv_heads
     else:
-        types, name = block_types, str(block.get("id", "the plan's model"))
+        types, name, heads = block_types, str(block.get("id", "the plan's model")), _as_int(block.get("num_kv_heads"))
     plans = obj.get("plans")
     if not isinstance(plans, list):
         return problems
@@ -142,7 +145,8 @@ def _semantic_problems(obj: dict[str, Any], *, model: ModelInfo | None) -> list[
     for i, plan in enumerate(plans):
         if not isinstance(plan, dict):
             continue
-        problems += _plan_problems(plan, where=f"$.plans[{i}]", types=types, model_name=name)
+        problems += _plan_problems(plan, where=f"$.plans[{i}]", types=types, model_name=name, heads=heads,
+                                   major=major)
         average = _as_positive_number(plan.get("constraint", {}).get("average_budget")
                                       if isinstance(plan.get("constraint"), dict) else None)
         if average is not None:
@@ -174,18 +178,24 @@ def _short(value: Any) -> str:
     return text if len(text) <= 80 else text[:77] + "..."
 
 
-def _plan_problems(plan: dict[str, Any], *, where: str, types: list[str] | None, model_name: str) -> list[str]:
+def _plan_problems(plan: dict[str, Any], *, where: str, types: list[str] | None, model_name: str,
+                   heads: int | None, major: int | None) -> list[str]:
     problems: list[str] = []
     layers = plan.get("layers")
     layers = layers if isinstance(layers, list) else []
     if types is not None and plan.get("layers") is not None and len(layers) != len(types):
         problems.append(f"{where}.layers has {len(layers)} layers but model {model_name} has {len(types)}; "
                         "give one entry per model layer")
-    realised = 0
-    realised_known = True
+    constraint = plan.get("constraint") if isinstance(plan.get("constraint"), dict) else {}
+    unit = constraint.get("unit")
+    per_head = unit == UNIT_PER_HEAD
+    if per_head and major == 1:
+        problems.append(f"{where}.constraint.unit {UNIT_PER_HEAD!r} needs schema_version 2.x; a 1.x plan counts "
+                        f"{UNIT_PER_LAYER!r}")
+    realised: int | None = 0
     for j, layer in enumerate(layers):
         if not isinstance(layer, dict):
-            realised_known = False
+            realised = None
             continue
         here = f"{where}.layers[{j}]"
         index = _as_int(layer.get("index"))
@@ -201,15 +211,45 @@ def _plan_problems(plan: dict[str, Any], *, where: str, types: list[str] | None,
                                 "architecture; mark it \"sliding_window\": true with \"budget\": null")
         if sliding:
             continue
-        budget = _as_int(layer.get("budget"))
-        if budget is None:
-            realised_known = False
+        entries = layer.get("heads")
+        if entries is not None:
+            kept = _head_problems(entries, here=here, heads=heads, per_head=per_head, major=major,
+                                  problems=problems)
         else:
-            realised += budget
-        problems += _policy_problems(layer, where=here)
-    problems += _constraint_problems(plan, where=where, types=types, layers=layers,
-                                     realised=realised if realised_known else None)
+            problems += _policy_problems(layer, where=here)
+            budget = _as_int(layer.get("budget"))
+            kept = None if budget is None else budget * (heads if per_head and heads else 1)
+            if per_head and not heads:
+                kept = None
+        realised = None if realised is None or kept is None else realised + kept
+    problems += _constraint_problems(plan, where=where, types=types, layers=layers, realised=realised,
+                                     heads=heads if per_head else 1)
     return problems
+
+
+def _head_problems(entries: Any, *, here: str, heads: int | None, per_head: bool, major: int | None,
+                   problems: list[str]) -> int | None:
+    """Problems of a layer's per-head entries (appended to `problems`); returns the tokens they keep, if known."""
+    if major == 1:
+        problems.append(f"{here}.heads: per-head entries need schema_version 2.x; write the file as 2.0.0")
+    if not per_head:
+        problems.append(f"{here}.heads: per-head budgets are counted in {UNIT_PER_HEAD!r}; set the plan's "
+                        f"constraint.unit to {UNIT_PER_HEAD!r} and its totals in KV entries")
+    if not isinstance(entries, list):
+        return None
+    if heads is not None and len(entries) != heads:
+        problems.append(f"{here}.heads lists {len(entries)} KV heads but the model has {heads}; give one entry "
+                        "per KV head")
+    kept = 0
+    for h, entry in enumerate(entries):
+        if not isinstance(entry, dict):
+            return None
+        problems += _policy_problems(entry, where=f"{here}.heads[{h}]")
+        budget = _as_int(entry.get("budget"))
+        if budget is None:
+            return None
+        kept += budget
+    return kept
 
 
 def _policy_problems(layer: dict[str, Any], *, where: str) -> list[str]:
@@ -228,7 +268,8 @@ def _policy_problems(layer: dict[str, Any], *, where: str) -> list[str]:
 
 
 def _constraint_problems(plan: dict[str, Any], *, where: str, types: list[str] | None, layers: list[Any],
-                         realised: int | None) -> list[str]:
+                         realised: int | None, heads: int | None) -> list[str]:
+    """The totals: `heads` KV heads per layer when budgets are counted per KV head (1: per layer)."""
     constraint = plan.get("constraint")
     if not isinstance(constraint, dict):
         return []
@@ -236,19 +277,21 @@ def _constraint_problems(plan: dict[str, Any], *, where: str, types: list[str] |
     average = _as_positive_number(constraint.get("average_budget"))
     total, total_realised = _as_int(constraint.get("total")), _as_int(constraint.get("total_realised"))
     problems = []
+    what = "the compressible layers' budgets" if heads == 1 else "the KV heads' budgets"
     if realised is not None and total_realised is not None and total_realised != realised:
-        problems.append(f"{here}.total_realised is {total_realised} but the compressible layers' budgets sum to "
-                        f"{realised}; set it to {realised} or fix the budgets")
+        problems.append(f"{here}.total_realised is {total_realised} but {what} sum to {realised}; set it to "
+                        f"{realised} or fix the budgets")
     if types is not None:
         n = sum(1 for t in types if t != SLIDING)
     else:  # no usable model block: count the layers the plan itself does not mark sliding
         n = sum(1 for layer in layers if isinstance(layer, dict) and layer.get("sliding_window") is not True)
-    if average is not None and total is not None:
-        want = budget_total(average, n)
+    if average is not None and total is not None and heads is not None:
+        want = budget_total(average, n * heads)
+        counted = f"{n} compressible layers" if heads == 1 else f"{n} compressible layers x {heads} KV heads"
         if total != want:
-            problems.append(f"{here}.total is {total} but average_budget {average} x {n} compressible layers "
-                            f"= {want}; set total to {want}")
+            problems.append(f"{here}.total is {total} but average_budget {average} x {counted} = {want}; set total "
+                            f"to {want}")
     if total is not None and total_realised is not None and total != total_realised:
         problems.append(f"{here}.total_realised {total_realised} differs from total {total}; "
-                        f"the layer budgets must add up to exactly the total")
+                        f"the budgets must add up to exactly the total")
     return problems

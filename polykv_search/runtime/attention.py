@@ -30,6 +30,7 @@ from transformers.masking_utils import (
 from polykv_search.errors import ConfigError
 from polykv_search.models.anatomy import logit_softcap
 from polykv_search.policies.scoring import observed_attention
+from polykv_search.runtime.ragged import RaggedKV, ragged_attention
 
 ATTENTION_NAME = "polykv_sdpa"
 OBSERVE_ATTR = "polykv_observe"  # int on an attention module: observe its next fresh prefill, keeping >= n last rows
@@ -61,6 +62,9 @@ def polykv_sdpa_forward(module: torch.nn.Module, query: torch.Tensor, key: torch
                         attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
                         is_causal: bool | None = None, **kwargs) -> tuple[torch.Tensor, None]:
     """query (B, H, q, D), key/value (B, H_kv, K, D); same contract as transformers' sdpa_attention_forward."""
+    if isinstance(key, RaggedKV):  # a per-head plan's layer: each KV head holds its own tokens
+        scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+        return ragged_attention(query, key, value, scaling=scale), None
     q_len, k_len = query.shape[2], key.shape[2]
     valid = module.__dict__.get(VALID_ATTR)  # (B, K_cached) or (B, H_kv, K_cached) bool, or None
     if getattr(module, "is_sliding", False) or getattr(module, "sliding_window", None):

@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 from kvpress import BasePress
+from kvpress.presses.base_press import is_prefilling
 
 from polykv_search.errors import PlanError
 from polykv_search.models.anatomy import (
@@ -42,6 +43,7 @@ from polykv_search.policies import POLICIES
 from polykv_search.policies.presses import make_press, rank_scores
 from polykv_search.policies.scoring import policy_scores
 from polykv_search.runtime.attention import polykv_attention, use_polykv_attention
+from polykv_search.runtime.ragged import RaggedLayer
 
 
 @dataclass
@@ -49,15 +51,17 @@ class PlanPress(BasePress):
     """Compress each layer's cache after its prefill as `plan` says (one budget of a plan file)."""
 
     plan: Plan
-    kept_indices: dict[int, torch.Tensor] = field(default_factory=dict, repr=False)  # last prefill, (B, H_kv, b)
+    # the last prefill's kept positions: (B, H_kv, b) for a per-layer entry, one (b_h,) tensor per KV head otherwise
+    kept_indices: dict[int, torch.Tensor | list[torch.Tensor]] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
-        for layer in self.plan.layers:
-            if layer.heads is not None:
-                raise PlanError(f"layer {layer.index} of the plan gives each KV head its own budget; PlanPress "
-                                "applies per-layer plans on a dense cache (one length per layer) only")
         self._presses = {layer.index: make_press(layer.policy, **layer.params)
                          for layer in self.plan.layers if layer.policy is not None and layer.budget is not None}
+        self._head_presses = {}  # scorer key -> (policy, press) of the per-head layers' rankings
+        for layer in self.plan.layers:
+            for head in layer.heads or ():
+                if head.policy is not None and head.scorer not in self._head_presses:
+                    self._head_presses[head.scorer] = (head.policy, make_press(head.policy, **head.params))
 
     @classmethod
     def from_file(cls, path: str | Path, *, budget: float | None = None, model: Any = None) -> PlanPress:
@@ -70,8 +74,40 @@ class PlanPress(BasePress):
         return cls(plan_file.plan_for(budget) if budget is not None else plan_file.plans[0])
 
     def post_init_from_model(self, model: torch.nn.Module) -> None:
-        for press in self._presses.values():
+        for press in [*self._presses.values(), *(press for _, press in self._head_presses.values())]:
             press.post_init_from_model(model)
+
+    def forward_hook(self, module: torch.nn.Module, input: list[torch.Tensor], kwargs: dict, output: list):
+        """After a layer's prefill: kvpress's compression for a per-layer entry; for a layer with per-head
+        entries, each KV head keeps its own top-k and the cache layer becomes a RaggedLayer holding exactly those."""
+        layer = self.plan.layers[module.layer_idx]
+        if layer.heads is None:
+            return super().forward_hook(module, input, kwargs, output)
+        hidden = kwargs["hidden_states"]
+        if not is_prefilling(kwargs["cache_position"], hidden.shape[1]):
+            return output
+        cache = kwargs["past_key_values"]
+        dense = cache.layers[module.layer_idx]
+        keys, values = dense.keys, dense.values  # (1, H_kv, T, D)
+        if len(layer.heads) != keys.shape[1]:
+            raise PlanError(f"layer {layer.index} of the plan has {len(layer.heads)} head entries but the model has "
+                            f"{keys.shape[1]} KV heads; use a plan made for this model")
+        scores = {}
+        kept = []
+        for h, head in enumerate(layer.heads):
+            if head.policy is None or head.budget is None or head.budget >= keys.shape[2]:
+                kept.append(torch.arange(keys.shape[2], device=keys.device))  # this head keeps everything
+                continue
+            if head.scorer not in scores:
+                policy, press = self._head_presses[head.scorer]
+                if output[1] is not None and POLICIES[policy].needs_attentions:
+                    scores[head.scorer] = rank_scores(policy, press, module, hidden, keys, values, output[1], kwargs)
+                else:
+                    scores[head.scorer], _ = policy_scores(policy, press, module, hidden, keys, values, kwargs)
+            kept.append(scores[head.scorer][0, h].topk(int(head.budget)).indices)  # (b_h,)
+        self.kept_indices[module.layer_idx] = [k.detach().cpu() for k in kept]
+        cache.layers[module.layer_idx] = RaggedLayer.from_dense(keys, values, kept)
+        return output
 
     def compress(self, module: torch.nn.Module, hidden_states: torch.Tensor, keys: torch.Tensor,
                  values: torch.Tensor, attentions: torch.Tensor | None, kwargs: dict) -> tuple[torch.Tensor, ...]:

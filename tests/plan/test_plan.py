@@ -13,7 +13,6 @@ from hypothesis import strategies as st
 from polykv_search.errors import PlanError
 from polykv_search.plan import (
     PLAN_SCHEMA,
-    SCHEMA_VERSION,
     InvalidPlanError,
     Plan,
     PlanFile,
@@ -87,7 +86,7 @@ def test_single_plan_round_trips_and_conforms(info):
     assert PlanFile.from_json(text) == plan_file
     VALIDATOR.validate(json.loads(text))
     assert validate_plan_json(json.loads(text), model=info) == []
-    assert plan_file.schema_version == SCHEMA_VERSION
+    assert plan_file.schema_version == "1.0.0"  # per layer: readable by version-1 readers too
 
 
 def test_ladder_round_trips_and_picks_a_plan_by_budget(ladder, tmp_path):
@@ -254,9 +253,9 @@ def test_duplicate_budgets_in_a_ladder_are_reported(llama):
 
 def test_newer_major_version_is_refused_with_one_problem(llama):
     obj = good_dict(llama)
-    obj["schema_version"] = "2.0.0"
-    assert problems_of(obj) == [("$.schema_version: 2.0.0 is not readable by this polykv-search, which reads 1.x.y; "
-                                 "upgrade polykv-search or write the plan with a matching version")]
+    obj["schema_version"] = "3.0.0"
+    assert problems_of(obj) == [("$.schema_version: 3.0.0 is not readable by this polykv-search, which reads 1.x.y "
+                                 "and 2.x.y; upgrade polykv-search or write the plan with a matching version")]
 
 
 def test_plan_for_another_model_says_to_re_run_optimize(llama, gemma):
