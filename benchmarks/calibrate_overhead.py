@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import torch
+from long_context import long_sample
 
 
 def plain_prefill_seconds(lm, token_lists) -> float:
@@ -55,21 +56,6 @@ def time_ratio(args) -> dict:
     return {"samples": len(samples), "tokens": sum(map(len, token_lists)), "plain_prefill_s": round(plain, 2),
             "plain_prefill_s_before_after": [round(plain_before, 2), round(plain_after, 2)],
             "calibrate_s": round(calib_seconds, 2), "time_ratio": round(calib_seconds / plain, 3)}
-
-
-def long_sample(tokenizer, n_tokens: int):
-    """A real-prose sample of about n_tokens context tokens (pydoc's reference text), with a needle."""
-    import pydoc_data.topics as topics
-
-    from polykv_search.data import Sample
-
-    text = "\n\n".join(topics.topics.values())
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"][: n_tokens - 200]
-    context = tokenizer.decode(ids)
-    middle = len(context) // 2
-    context = context[:middle] + "\nThe special magic number is 531902.\n" + context[middle:]
-    return Sample(id="long", task="needle_qa", context=context, question="What is the special magic number?",
-                  answers=("531902",), all_classes=None, length=len(context.split()))
 
 
 def memory_child(mode: str, model: str, n_tokens: int) -> None:

@@ -26,7 +26,7 @@ from polykv_search.calibration.figures import signal_heatmap
 from polykv_search.data import Sample, load_samples, spread_over_tasks
 from polykv_search.engine import EndToEndObjective
 from polykv_search.errors import ConfigError
-from polykv_search.evaluation import Report, build_methods, score_methods, summarize
+from polykv_search.evaluation import ALLOCATORS, Report, build_methods, score_methods, summarize
 from polykv_search.io import file_sha256
 from polykv_search.models import DEFAULT_MODEL, LoadedModel, load_model, model_slug
 from polykv_search.optimization.choose import Choice, choose_rungs
@@ -39,7 +39,6 @@ from polykv_search.policies import DEFAULT_POLICIES, check_policy_names
 
 CALIBRATION_DATA = "calibration_data/calib.jsonl"
 EVALUATION_DATA = "calibration_data/eval.jsonl"
-ALLOCATORS = ("pyramidkv", "cake")
 
 ModelSpec = str | Path | LoadedModel
 DataSpec = str | Path | Sequence[str | Path] | Sequence[Sample]
@@ -178,7 +177,7 @@ def evaluate(model: ModelSpec = DEFAULT_MODEL, data: DataSpec = EVALUATION_DATA,
         if progress else None
     results = score_methods(lm, samples, methods, out_dir=out, resume=resume, with_kl=with_kl, batch_size=batch_size,
                             max_context_tokens=max_context_tokens, progress=step)
-    report = summarize(results, methods)
+    report = summarize(results, methods, kv_slots=len(lm.info.compressible_layers) * lm.info.num_kv_heads)
     title = f"{lm.info.model_id} on {', '.join(Path(s).name for s in sources) or f'{len(samples)} samples'}"
     report.save(out, title=title)
     return report

@@ -46,7 +46,7 @@ def test_calibrate_optimize_evaluate_chain_and_print_nothing(tiny_llama, files, 
                          profile=run.profile, out_dir=tmp / "eval", progress=progress)
     assert isinstance(report, pk.Report) and report.samples == 2
     assert [r.budget for r in report.recovery_of("mine")] == [8, 16]
-    assert {r.method for r in report.recovery} == {"mine", "pyramidkv", "cake"}
+    assert {r.method for r in report.recovery} == {"mine", "pyramidkv", "cake", "adakv"}
     assert report.files["json"].is_file() and report.methods["full"].kl == 0.0
     assert ("calibrate", 2, 2) in seen and ("evaluate", 2, 2) in seen
     assert capsys.readouterr() == ("", "")

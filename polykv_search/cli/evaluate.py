@@ -1,4 +1,4 @@
-"""`polykv-search evaluate`: full cache vs every uniform policy vs PyramidKV and CAKE vs your plans, with R.
+"""`polykv-search evaluate`: full cache vs every uniform policy vs PyramidKV, CAKE and Ada-KV vs your plans, with R.
 
     polykv-search evaluate --plan outputs/smollm2-135m/plan.json           # budgets taken from the plan
     polykv-search evaluate --budgets 64,128,256,512 --max-samples 20       # baselines only
@@ -43,7 +43,10 @@ def evaluate(
     budgets: Annotated[str | None, typer.Option(help="Budgets to compare at (default: the plans' budgets, "
                                                 "else 64,128,256,512); plan rungs at other budgets are skipped.")] = None,
     policies: Annotated[str | None, typer.Option(help="Uniform policies to compare (default: all).")] = None,
-    allocator_policy: Annotated[str, typer.Option(help="Policy used by the PyramidKV and CAKE allocations.")] = "snapkv",
+    allocators: Annotated[str, typer.Option(help="Known allocators to compare with: pyramidkv and cake (a budget per "
+                                            "layer), adakv (per KV head, from each sample's scores).")] =
+    "pyramidkv,cake,adakv",
+    allocator_policy: Annotated[str, typer.Option(help="Policy used by the allocators.")] = "snapkv",
     profile: Annotated[Path | None, typer.Option(help="Profile for CAKE's signals (default: "
                                                  "outputs/<model>/profile.safetensors if present).")] = None,
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Output folder (default: outputs/<model>/eval)")] = None,
@@ -59,7 +62,7 @@ def evaluate(
     revision: RevisionOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Score the full cache, uniform policies, PyramidKV, CAKE and plans on held-out data; report gap recovery."""
+    """Score the full cache, uniform policies, PyramidKV, CAKE, Ada-KV and plans on held-out data; report R."""
     # imported here, as in every command: the library loads torch, transformers and kvpress (about 4 s)
     import polykv_search as pk
 
@@ -69,7 +72,7 @@ def evaluate(
         report = pk.evaluate(model, data or [DEFAULT_EVAL], plans=plan or [],
                              budgets=parse_budget_list(budgets, option="--budgets") if budgets else None,
                              policies=parse_str_list(policies) if policies else None,
-                             allocator_policy=allocator_policy,
+                             allocators=parse_str_list(allocators), allocator_policy=allocator_policy,
                              profile=profile_path if (profile or profile_path.exists()) else None, out_dir=out_dir,
                              max_samples=max_samples, max_context_tokens=max_context, with_kl=kl,
                              batch_size=batch_size, column_map=parse_column_map(column_map), resume=resume,

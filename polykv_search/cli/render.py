@@ -57,7 +57,12 @@ def plan_table(plan_file: PlanFile, *, title: str = "") -> Table:
         cells = []
         for plan in plan_file.plans:
             layer = plan.layers[i]
-            cells.append("fixed" if layer.sliding_window else f"{layer.policy} {layer.budget}")
+            if layer.sliding_window:
+                cells.append("fixed")
+            elif layer.heads is not None:  # per KV head: "policy budget" of each head, separated by "|"
+                cells.append(" | ".join(f"{head.policy} {head.budget}" for head in layer.heads))
+            else:
+                cells.append(f"{layer.policy} {layer.budget}")
         table.add_row(str(i), "sliding" if kind == "sliding_attention" else "full", *cells)
     footer = []
     for plan in plan_file.plans:

@@ -323,6 +323,21 @@ class PrefillEngine:
             kept[idx] = heads
         return kept
 
+    def footprint(self, state: PrefillState, plan: Plan | None) -> tuple[int, int]:
+        """(context entries kept over the compressible layers and KV heads, bytes the whole cache allocates) right
+        after the context prefill, as the runtime lays the plan out: one length per layer (dense) for a per-layer
+        plan, one per KV head (ragged) for a per-head one; sliding-window layers hold their window."""
+        heads, n = self.lm.info.num_kv_heads, state.n_context
+        entries = 0
+        for idx in self.compressible:
+            row = self.selection(state, plan, idx)
+            entries += n * heads if row is None else sum(n if c is None else int(c[1]) for c in row)
+        window = self.lm.info.sliding_window or n
+        sliding = sum(min(n, window) * heads for i in range(len(self.layers)) if i not in self.compressible)
+        layer = state.cache.layers[self.compressible[0]] if self.compressible else state.cache.layers[0]
+        per_entry = 2 * layer.keys.shape[-1] * layer.keys.element_size()  # a key and a value
+        return entries, (entries + sliding) * per_entry
+
     def _ranking(self, state: PrefillState, idx: int, key: str) -> torch.Tensor:
         try:
             return state.rankings[idx][key]

@@ -1,38 +1,48 @@
-"""What `evaluate` compares at each budget: the full cache, every uniform policy, the PyramidKV and CAKE
-allocations, and the user's plans, each a named plan."""
+"""What `evaluate` compares at each budget: the full cache, every uniform policy, the PyramidKV and CAKE allocations
+(a budget per layer), Ada-KV (a budget per KV head, from each sample's scores), and the user's plans."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from polykv_search.calibration.profile import Profile
+from polykv_search.engine import PrefillState
 from polykv_search.models.info import ModelInfo
-from polykv_search.optimization.allocators import cake_plan, pyramidkv_plan
+from polykv_search.optimization.allocators import adakv_plan, cake_plan, pyramidkv_plan
 from polykv_search.plan import Plan, PlanFile, uniform_plan
 
 FAMILIES = ("full", "uniform", "allocator", "plan")
+ALLOCATORS = ("pyramidkv", "cake", "adakv")
 
 
 @dataclass(frozen=True)
 class Method:
-    """A named plan in a comparison: `family` is full, uniform, allocator or plan (plan None: the full cache)."""
+    """A named plan in a comparison: `family` is full, uniform, allocator or plan (plan None: the full cache).
+    An allocator that decides from each input (Ada-KV) has no plan but `allocate`, which makes one per sample."""
 
-    name: str  # e.g. "full", "snapkv", "pyramidkv", "cake", or a plan file's stem
+    name: str  # e.g. "full", "snapkv", "pyramidkv", "cake", "adakv", or a plan file's stem
     family: str
     plan: Plan | None
+    allocate: Callable[[PrefillState], Plan] | None = None
+    budget: float | None = None  # the average budget of an `allocate` method
+    policy: str | None = None  # the ranking an `allocate` method needs scored
+
+    def plan_for(self, state: PrefillState) -> Plan | None:
+        """The plan this method runs on one prefilled sample."""
+        return self.allocate(state) if self.allocate is not None else self.plan
 
     @property
     def average_budget(self) -> float | None:
-        if self.plan is None:
+        budget = self.plan.average_budget if self.plan is not None else self.budget
+        if budget is None:
             return None
-        budget = self.plan.average_budget
         return int(budget) if float(budget).is_integer() else budget
 
     @property
     def key(self) -> str:
         """`name@budget`, or the name alone for the full cache."""
-        return self.name if self.plan is None else f"{self.name}@{self.average_budget}"
+        return self.name if self.average_budget is None else f"{self.name}@{self.average_budget}"
 
 
 FULL = Method("full", "full", None)
@@ -50,7 +60,18 @@ def build_methods(info: ModelInfo, *, budgets: Sequence[float], uniform_policies
             out.append(Method("pyramidkv", "allocator", pyramidkv_plan(info, policy=allocator_policy, budget=budget)))
         if "cake" in allocators and profile is not None:
             out.append(Method("cake", "allocator", cake_plan(info, profile, policy=allocator_policy, budget=budget)))
+        if "adakv" in allocators and float(budget).is_integer():
+            out.append(adakv_method(info, policy=allocator_policy, budget=int(budget)))
     for name, plan_file in plans:
         for plan in plan_file.plans:
             out.append(Method(name, "plan", plan))
     return out
+
+
+def adakv_method(info: ModelInfo, *, policy: str, budget: int) -> Method:
+    """Ada-KV around `policy` at `budget` tokens per layer (per KV head on average): a per-head plan for each sample."""
+    def allocate(state: PrefillState) -> Plan:
+        return adakv_plan(info, {idx: ranks[policy] for idx, ranks in state.rankings.items()}, policy=policy,
+                          budget=budget, n_context=state.n_context)
+
+    return Method("adakv", "allocator", None, allocate=allocate, budget=budget, policy=policy)

@@ -34,6 +34,8 @@ class MethodScore:
     kl: float | None
     n: int
     samples_keeping_all: int  # samples where a budget kept some compressed layer's whole context
+    kv_entries: float | None = None  # mean over samples of the context entries kept, over compressible layers x heads
+    kv_mb: float | None = None  # mean over samples of the megabytes the whole cache allocates (runtime layout)
 
 
 @dataclass(frozen=True)
@@ -97,8 +99,9 @@ class Report:
         return self.files
 
 
-def summarize(results: Sequence[ScoredResult], methods: Sequence[Method]) -> Report:
-    """Scores per method and task, and R per budget for every plan and allocator, from scored answers."""
+def summarize(results: Sequence[ScoredResult], methods: Sequence[Method], *, kv_slots: int | None = None) -> Report:
+    """Scores per method and task, and R per budget for every plan and allocator, from scored answers. `kv_slots`
+    (compressible layers x KV heads) turns each method's KV entries into tokens kept per layer and head."""
     by_method: dict[str, list[ScoredResult]] = defaultdict(list)
     for row in results:
         by_method[row.method].append(row)
@@ -113,7 +116,10 @@ def summarize(results: Sequence[ScoredResult], methods: Sequence[Method]) -> Rep
                                 budget=method.average_budget if method else None, tasks=per_task,
                                 score=_mean([v for v in per_task.values() if v is not None]),
                                 kl=_mean(kls) if kls else None, n=len(items),
-                                samples_keeping_all=sum(1 for r in items if r.kept_all_layers))
+                                samples_keeping_all=sum(1 for r in items if r.kept_all_layers),
+                                kv_entries=_mean([r.kv_entries / kv_slots for r in items
+                                                  if r.kv_entries is not None and kv_slots]),
+                                kv_mb=_mean([r.kv_bytes / 1e6 for r in items if r.kv_bytes is not None]))
     full = rows["full"].score if "full" in rows else None
     budgets = sorted({m.average_budget for m in methods if m.average_budget is not None})
     recovery = []
@@ -177,14 +183,17 @@ def _fmt(value: float | None, digits: int = 3) -> str:
 def markdown(report: Report) -> str:
     tasks = report.tasks
     lines = [f"Samples: {report.samples}. Score = mean over tasks of the per-task mean; KL = mean KL(full || "
-             "method) over reference-answer tokens.", "",
-             "| method | budget | " + " | ".join(tasks) + " | score | KL |",
-             "|---|---|" + "---|" * len(tasks) + "---|---|"]
+             "method) over reference-answer tokens; KV = context tokens kept per compressible layer and KV head (the "
+             "entries, counted as they are stored); MB = the whole cache as the runtime allocates it (per-head plans "
+             "in a ragged cache, one length per head).", "",
+             "| method | budget | " + " | ".join(tasks) + " | score | KL | KV | MB |",
+             "|---|---|" + "---|" * len(tasks) + "---|---|---|---|"]
     order = sorted(report.methods.items(), key=lambda kv: (kv[1].budget or 0, kv[1].family, kv[0]))
     for _, row in order:
         cells = [_fmt(row.tasks.get(t)) for t in tasks]
         lines.append(f"| {row.method} | {row.budget or 'full'} | " + " | ".join(cells)
-                     + f" | **{_fmt(row.score)}** | {_fmt(row.kl, 4)} |")
+                     + f" | **{_fmt(row.score)}** | {_fmt(row.kl, 4)} | {_fmt(row.kv_entries, 0)} | "
+                     f"{_fmt(row.kv_mb, 1)} |")
     if report.recovery:
         lines += ["", "Gap recovery R = (S - S_best_uniform) / (S_full - S_best_uniform):", "",
                   "| budget | method | score | best uniform | its score | full | R | R 90% bootstrap |",

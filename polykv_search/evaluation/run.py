@@ -34,6 +34,8 @@ class ScoredResult:
     kl: float | None
     kept_all_layers: list[int]
     context_tokens: int
+    kv_entries: int | None = None  # context entries the cache keeps over compressible layers and KV heads
+    kv_bytes: int | None = None  # bytes the whole cache allocates as the runtime lays it out
 
 
 ProgressFn = Callable[[int, int], None]
@@ -52,7 +54,8 @@ def score_methods(lm: LoadedModel, samples: Sequence[Sample], methods: Sequence[
     out_dir = Path(out_dir)
     ckpt_dir = out_dir / "checkpoints"
     prepare_checkpoints(ckpt_dir, _fingerprint(lm, samples, methods, with_kl, max_context_tokens), resume=resume)
-    engine = PrefillEngine.for_plans(lm, [m.plan for m in methods], max_context_tokens=max_context_tokens)
+    engine = PrefillEngine.for_plans(lm, [m.plan for m in methods], policies=[m.policy for m in methods if m.policy],
+                                     max_context_tokens=max_context_tokens)
     results: list[ScoredResult] = []
     for index, sample in enumerate(samples):
         ckpt = ckpt_dir / f"sample-{index:05d}.json"
@@ -60,10 +63,11 @@ def score_methods(lm: LoadedModel, samples: Sequence[Sample], methods: Sequence[
             rows = [ScoredResult(**row) for row in json.loads(ckpt.read_text())]
         else:
             state = engine.prefill(sample)
+            plans = [m.plan_for(state) for m in methods]
             answered = [engine.run(state, None, with_kl=False)]
-            answered += engine.run_many(state, [m.plan for m in methods], with_kl=with_kl, batch_size=batch_size)
-            rows = [_scored(method, answer, sample, state.n_context)
-                    for method, answer in zip([FULL, *methods], answered)]
+            answered += engine.run_many(state, plans, with_kl=with_kl, batch_size=batch_size)
+            rows = [_scored(method, answer, sample, state.n_context, engine.footprint(state, plan))
+                    for method, plan, answer in zip([FULL, *methods], [None, *plans], answered)]
             write_json_atomic(ckpt, [asdict(r) for r in rows])
         results.extend(rows)
         if progress:
@@ -72,18 +76,20 @@ def score_methods(lm: LoadedModel, samples: Sequence[Sample], methods: Sequence[
     return results
 
 
-def _scored(method: Method, answer: Answer, sample: Sample, n_context: int) -> ScoredResult:
-    kl = 0.0 if method.plan is None else answer.kl
+def _scored(method: Method, answer: Answer, sample: Sample, n_context: int,
+            footprint: tuple[int, int]) -> ScoredResult:
+    kl = 0.0 if method.family == "full" else answer.kl
     return ScoredResult(sample_id=answer.sample_id, task=answer.task, method=method.key, answer=answer.answer,
                         score=float(score_sample(sample, answer.answer)), kl=kl,
-                        kept_all_layers=answer.kept_all_layers, context_tokens=n_context)
+                        kept_all_layers=answer.kept_all_layers, context_tokens=n_context, kv_entries=footprint[0],
+                        kv_bytes=footprint[1])
 
 
 def _fingerprint(lm: LoadedModel, samples: Sequence[Sample], methods: Sequence[Method], with_kl: bool,
                  max_context: int | None) -> dict:
     ids = hashlib.sha256("\n".join(f"{s.id}\t{s.task}\t{len(s.context)}" for s in samples).encode()).hexdigest()
-    described = [{"name": m.name, "family": m.family, "plan": None if m.plan is None else m.plan.to_dict()["layers"]}
-                 for m in methods]
+    described = [{"name": m.name, "family": m.family, "budget": m.average_budget, "policy": m.policy,
+                  "plan": None if m.plan is None else m.plan.to_dict()["layers"]} for m in methods]
     method_sig = hashlib.sha256(json.dumps(described, sort_keys=True, default=str).encode()).hexdigest()
     return {"model": lm.info.model_id, "revision": lm.info.revision, "samples": ids, "methods": method_sig,
             "with_kl": with_kl, "max_context": max_context}

@@ -11,6 +11,8 @@ import logging
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -18,6 +20,7 @@ from typing import Any, Literal
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers import __version__ as tf_version
+from transformers.utils import logging as tf_logging
 
 from polykv_search.errors import ConfigError, ModelError
 from polykv_search.io import file_sha256
@@ -106,10 +109,11 @@ def _from_pretrained(source: str | Path, *, device: str, dtype: torch.dtype, rev
                      trust_remote_code: bool, attn_implementation: str) -> tuple[Any, Any]:
     kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code, "revision": revision}
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(
-            source, dtype=dtype, attn_implementation=attn_implementation,
-            device_map="auto" if device == "auto" else None, **kwargs)
+        with quiet_transformers():
+            tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+            model = AutoModelForCausalLM.from_pretrained(
+                source, dtype=dtype, attn_implementation=attn_implementation,
+                device_map="auto" if device == "auto" else None, **kwargs)
     except (OSError, ValueError, KeyError) as exc:
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelError(f"cannot load model {source}: {first_line}; check the id or path "
@@ -117,6 +121,19 @@ def _from_pretrained(source: str | Path, *, device: str, dtype: torch.dtype, rev
     if device != "auto":
         model.to(device)
     return model, tokenizer
+
+
+@contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """transformers draws a progress bar on stderr while it loads weights: a library prints nothing, so it is off
+    for the call and put back as the caller had it."""
+    enabled = tf_logging.is_progress_bar_enabled()
+    tf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            tf_logging.enable_progress_bar()
 
 
 def _converted_gguf(gguf: Path) -> tuple[Path, str]:
@@ -128,8 +145,9 @@ def _converted_gguf(gguf: Path) -> tuple[Path, str]:
     logger.debug("converting %s to safetensors once (about a minute)", gguf.name)
     started = time.perf_counter()
     try:
-        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        with quiet_transformers():
+            tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+            model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     except Exception as exc:  # transformers raises many types for unsupported GGUF architectures
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelError(f"transformers {tf_version} cannot read GGUF {gguf}: {reason}; "

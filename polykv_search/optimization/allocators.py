@@ -1,7 +1,9 @@
-"""Known budget allocators to compare plans with: PyramidKV's linear pyramid and CAKE's preference-weighted budgets.
+"""Known budget allocators to compare plans with: PyramidKV's linear pyramid and CAKE's preference-weighted budgets
+per layer, and Ada-KV's budgets per KV head within each layer.
 
-Each returns a Plan whose compressible-layer budgets sum exactly to round(budget x compressible layers), with one
-policy on every layer (the uniform plan is `polykv_search.plan.uniform_plan`).
+PyramidKV and CAKE return a Plan whose compressible-layer budgets sum exactly to round(budget x compressible
+layers), with one policy on every layer (the uniform plan is `polykv_search.plan.uniform_plan`); Ada-KV allocates
+from one input's scores, so its plan is per sample.
 """
 
 from __future__ import annotations
@@ -9,12 +11,16 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Mapping
 from typing import Any
+
+import torch
 
 from polykv_search.calibration.profile import Profile
 from polykv_search.errors import ConfigError, ProfileError
 from polykv_search.models.info import ModelInfo
-from polykv_search.plan import Plan, SearchInfo, exact_integer_budgets
+from polykv_search.plan import HeadPlan, LayerPlan, Plan, SearchInfo, exact_integer_budgets
+from polykv_search.policies import check_policy_names
 from polykv_search.plan.uniform import checked_budget, plan_of_budgets, seconds_since
 
 logger = logging.getLogger(__name__)
@@ -95,3 +101,30 @@ def cake_preferences(model: ModelInfo, profile: Profile, *, tau1: float = 1.0, t
                                "values >= 0 on every compressible layer: re-run calibrate")
         preferences.append(h ** (1 / tau1) * v ** (1 / tau2))
     return preferences
+
+
+def adakv_plan(info: ModelInfo, scores: Mapping[int, torch.Tensor], *, policy: str = "snapkv", budget: int,
+               n_context: int, alpha_safeguard: float = 0.2) -> Plan:
+    """Ada-KV (kvpress's AdaKVPress around `policy`): in each layer, the `budget` x KV heads best-scored tokens
+    across all its heads, each head keeping at least alpha_safeguard x budget of its own best; written as a
+    per-head plan with each head's count. `scores[layer]`: the policy's (H_kv, T) scores of one sample's prefill,
+    so the plan is that sample's (Ada-KV allocates from the scores of each input)."""
+    check_policy_names([policy])
+    if budget < 1 or not 0 < alpha_safeguard <= 1:
+        raise ConfigError(f"Ada-KV needs a budget of at least 1 token per layer and 0 < alpha_safeguard <= 1, got "
+                          f"budget={budget}, alpha_safeguard={alpha_safeguard}")
+    layers = []
+    for idx in info.compressible_layers:
+        if budget >= n_context:  # every head keeps everything
+            layers.append(LayerPlan.of(idx, policy, budget))
+            continue
+        layer_scores = scores[idx].float().clone()  # (H_kv, T)
+        heads, length = layer_scores.shape
+        n_safe = max(1, int(budget * alpha_safeguard))  # kvpress's safeguard: a head's own best are always kept
+        safe = layer_scores.topk(n_safe, dim=-1).indices  # (H_kv, n_safe)
+        layer_scores.scatter_(-1, safe, torch.finfo(layer_scores.dtype).max)
+        kept = layer_scores.reshape(-1).topk(budget * heads).indices // length  # the KV head of each kept entry
+        counts = torch.bincount(kept, minlength=heads).tolist()  # each >= n_safe >= 1
+        layers.append(LayerPlan(index=idx, policy=None, heads=tuple(HeadPlan.of(policy, c) for c in counts)))
+    return Plan.build(info, average_budget=budget, layers=layers,
+                      search=SearchInfo(solver="adakv", status="heuristic", notes=f"adakv alpha={alpha_safeguard}"))

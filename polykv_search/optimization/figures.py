@@ -16,17 +16,23 @@ def allocation_png(plan_file: PlanFile, path: str | Path) -> Path:
     import matplotlib.pyplot as plt
 
     plans = list(plan_file.plans)
-    names = sorted({p for plan in plans for p in plan.policies if p is not None})
+    names = sorted({entry.policy for plan in plans for layer in plan.layers for entry in (layer, *(layer.heads or ()))
+                    if entry.policy is not None})
     colours = {name: plt.cm.tab10(i % 10) for i, name in enumerate(names)}
     fig, axes = plt.subplots(len(plans), 1, figsize=(max(6.0, 0.3 * plan_file.model.num_layers + 2),
                                                       2.2 * len(plans) + 0.6), squeeze=False)
     for ax, plan in zip(axes[:, 0], plans):
-        for layer, (policy, budget) in enumerate(zip(plan.policies, plan.budgets)):
-            if policy is None:
+        for entry in plan.layers:
+            layer = entry.index
+            if entry.heads is not None:  # one thin bar per KV head, side by side within the layer's slot
+                width = 0.8 / len(entry.heads)
+                for h, head in enumerate(entry.heads):
+                    ax.bar(layer - 0.4 + width * (h + 0.5), head.budget, width=width, color=colours[head.policy])
+            elif entry.policy is None:
                 ax.bar(layer, 0, color="lightgrey")
                 ax.text(layer, 0, "win", ha="center", va="bottom", fontsize=6, rotation=90)
             else:
-                ax.bar(layer, budget, color=colours[policy])
+                ax.bar(layer, entry.budget, color=colours[entry.policy])
         ax.set_ylabel("tokens")
         ax.set_title(f"average {plan.average_budget:g} tokens/layer ({plan.search.solver}, {plan.search.status})",
                      fontsize=9)

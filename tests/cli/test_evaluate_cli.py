@@ -39,7 +39,7 @@ def test_evaluate_writes_report_with_recovery(monkeypatch, capsys, tiny_dir, tin
     keys = set(report["methods"])
     assert {"full", "snapkv@16", "knorm@32", "random@16", "pyramidkv@32", "mine@16", "mine@32"} <= keys
     assert "cake@16" not in keys  # no profile given and none at the default path
-    assert {r["method"] for r in out["recovery"]} == {"mine", "pyramidkv"}
+    assert {r["method"] for r in out["recovery"]} == {"mine", "pyramidkv", "adakv"}
     assert report["methods"]["full"]["kl"] == 0.0
     assert (tmp_path / "ev" / "scores.png").read_bytes()[:4] == b"\x89PNG"
     assert "| budget | method |" in (tmp_path / "ev" / "report.md").read_text()

@@ -65,7 +65,7 @@ def test_plan_is_accepted_by_evaluate(monkeypatch, capsys, profile_path, tiny_di
     capsys.readouterr()
     main()
     recovery = json.loads(capsys.readouterr().out)["recovery"]
-    assert {r["method"] for r in recovery} == {"plan", "pyramidkv", "cake"}
+    assert {r["method"] for r in recovery} == {"plan", "pyramidkv", "cake", "adakv"}
 
 
 def test_bad_inputs(monkeypatch, capsys, profile_path, tmp_path):

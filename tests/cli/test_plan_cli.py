@@ -126,3 +126,38 @@ def test_baseline_bad_input_is_one_line(monkeypatch, capsys, tmp_path, profile_p
     assert code == 2 and out == ""
     assert len(err.strip().splitlines()) == 1 and message in err, err
     assert not (tmp_path / "x.json").exists()
+
+
+def test_validate_per_head_plans_and_their_bad_forms(monkeypatch, capsys, tmp_path, tiny_dir):
+    """A per-head plan validates (for its model too); one for another number of KV heads, one whose head budgets do
+    not add up, and one declared 1.x each get one line and exit 2."""
+    from tests.conftest import tiny_loaded
+    from tests.plan.test_per_head_plan import per_head_plan
+
+    from polykv_search.models import model_info
+
+    info = model_info(tiny_loaded("llama").model, model_id=str(tiny_dir), revision="local")
+    good = tmp_path / "heads.json"
+    PlanFile.build(info, [per_head_plan(info, budget=16)]).save(good)
+    code, out, _ = run_cli(monkeypatch, capsys, "validate", good, "--model", tiny_dir)
+    assert code == 0 and out == "valid: 1 plan, budgets [16]\n"
+
+    def variant(name, edit):
+        obj = json.loads(good.read_text())
+        edit(obj)
+        (tmp_path / name).write_text(json.dumps(obj))
+        return tmp_path / name
+
+    other = tmp_path / "other.json"
+    PlanFile.build(llama_like(), [per_head_plan(llama_like(), budget=16)]).save(other)  # 3 KV heads
+    cases = [
+        ((other, "--model", tiny_dir), "$.model.num_kv_heads is 3 but model"),
+        ((variant("sum.json", lambda o: o["plans"][0]["layers"][1]["heads"][0].update(budget=99)),),
+         "the KV heads' budgets sum to"),
+        ((variant("v1.json", lambda o: o.update(schema_version="1.0.0")),), "need schema_version 2.x"),
+        ((variant("v3.json", lambda o: o.update(schema_version="3.0.0")),), "reads 1.x.y and 2.x.y"),
+    ]
+    for args, expected in cases:
+        code, _, err = run_cli(monkeypatch, capsys, "validate", *args)
+        lines = [line for line in err.splitlines() if line.strip()]
+        assert code == 2 and len(lines) == 1 and expected in lines[0], (args, err)
