@@ -18,7 +18,8 @@ budget for the rest. This script measures that, with nothing tuned on the eval d
    (what a cache with one length per head holds: kvpress's AdaKV accounting) and as the dense layout of a
    transformers cache, where every head of a layer is padded to the layer's longest head.
 
-Not a product feature: plan files are per layer (schema v1). Usage:
+The plans are written as one schema-2 plan file (`per_head.json`: a rung per budget, a policy and budget per KV
+head), which `evaluate --plan`, PlanPress and apply_plan run in the ragged cache. Usage:
     python benchmarks/per_head_study.py --report outputs/s7/eval_task60/report.json --out outputs/s8/per_head
 """
 
@@ -42,10 +43,10 @@ from safetensors.torch import load_file, save_file
 from polykv_search.data import load_samples, spread_over_tasks
 from polykv_search.data.metrics import score_sample
 from polykv_search.engine import PrefillEngine, PrefillState
-from polykv_search.io import write_atomic, write_json_atomic
+from polykv_search.io import write_atomic
 from polykv_search.models import ModelInfo, load_model
 from polykv_search.optimization import Problem, solve
-from polykv_search.plan import HeadPlan, LayerPlan, Plan, SearchInfo
+from polykv_search.plan import HeadPlan, LayerPlan, Plan, PlanFile, SearchInfo
 
 STUDY = SearchInfo(solver="per_head_study", status="study")
 
@@ -182,10 +183,8 @@ def main() -> int:
                  if head.budget is not None and head.budget >= grid[-1]]
         print(f"budget {budget}: predicted KL sum {objective:.3f}; heads at the top level ({grid[-1]}): "
               f"{', '.join(whole) or 'none'}")
-    write_json_atomic(args.out / "plans.json", {str(b): [[[c[0], c[1]] if c else [None, None]
-                                                          for c in (p.layers[i].head_choices(num_kv) or [])]
-                                                         for i in range(lm.info.num_layers)]
-                                                for b, p in plans.items()})
+    plan_path = PlanFile.build(lm.info, list(plans.values())).save(args.out / "per_head.json")  # schema 2
+    print(f"plans: {plan_path} (apply with PlanPress / apply_plan; evaluate --plan)")
 
     # 3. evaluate on the eval set (scorers: the plans' policies, and the checked uniform policy only when checking)
     known = {(r["sample_id"], r["method"]): r for r in report["results"]}
