@@ -21,7 +21,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from polykv_search.calibration import CalibrationConfig, CalibrationRun, Profile, calibrate_model
-from polykv_search.calibration.profile import OPTIONAL_COST_KINDS
+from polykv_search.calibration.profile import HEAD_KL, OPTIONAL_COST_KINDS
 from polykv_search.calibration.figures import signal_heatmap
 from polykv_search.data import Sample, load_samples, spread_over_tasks
 from polykv_search.engine import EndToEndObjective
@@ -192,7 +192,8 @@ def run(model: ModelSpec = DEFAULT_MODEL, *, budgets: float | Sequence[float] = 
     """The whole job on one model: calibrate on `calib`, optimize a plan per budget, evaluate it on the held-out
     `eval_data` against the full cache, every uniform policy, PyramidKV and CAKE. Everything goes under `out_dir`
     (default outputs/<model>/); an interrupted run resumes where it stopped. `config.cost` decides the calibrate
-    mode: layer_kl / layer_nll calibrate with `layer_kl`, around_kl around the budgets themselves."""
+    mode: layer_kl / layer_nll calibrate with `layer_kl`, head_kl with `head_kl` (a per-head plan), around_kl
+    around the budgets themselves."""
     config = config.validated()
     budgets = check_budgets(budgets)
     lm = resolve_model(model, device=device, dtype=dtype)
@@ -205,7 +206,8 @@ def run(model: ModelSpec = DEFAULT_MODEL, *, budgets: float | Sequence[float] = 
         around = tuple(int(b) for b in budgets)
     calibration_config = CalibrationConfig(policies=tuple(policies) if policies else DEFAULT_POLICIES,
                                            budgets=tuple(grid) if grid else CalibrationConfig().budgets,
-                                           layer_kl=config.cost in OPTIONAL_COST_KINDS, around=around)
+                                           layer_kl=config.cost in OPTIONAL_COST_KINDS,
+                                           head_kl=config.cost == HEAD_KL, around=around)
     calibration = calibrate(lm, calib, config=calibration_config, out_dir=out, max_samples=max_calib_samples,
                             resume=True, progress=progress)
     signal_heatmap(calibration.profile, out / "signals.png")

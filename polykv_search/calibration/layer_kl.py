@@ -1,11 +1,13 @@
-"""calibrate's optional slower mode: the isolated effect of compressing one layer on the output distribution.
+"""calibrate's optional slower modes: the isolated effect of compressing one layer, or one KV head, on the output
+distribution.
 
 For each compressible layer, policy and budget of the grid, only that layer keeps its policy's top-b context
 tokens; the question and reference answer are teacher-forced and the KL divergence to the full cache is averaged
 over the answer tokens. The same probe also gives how much the reference answer's negative log-likelihood rises
 (layer_nll: the loss on the reference tokens themselves, where the KL weighs the whole output distribution).
 The probes reuse the prefill's cache and rankings (no extra prefill) and run as batch rows of the evaluation
-engine, so they are the same measurement as `evaluate`'s KL, one layer at a time.
+engine, so they are the same measurement as `evaluate`'s KL, one layer at a time. `--head-kl` does the same one KV
+head at a time (every other head of every layer keeps everything): the cost a per-head plan is optimized on.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import torch
 from polykv_search.data import PromptParts, Sample
 from polykv_search.engine import PrefillEngine, PrefillState
 from polykv_search.models.info import ModelInfo
-from polykv_search.plan import LayerPlan, Plan, SearchInfo
+from polykv_search.plan import HeadPlan, LayerPlan, Plan, SearchInfo
 
 PROBE = SearchInfo(solver="probe", status="one layer changed")
 
@@ -74,4 +76,34 @@ def layer_probes(engine: PrefillEngine, state: PrefillState, *, info: ModelInfo,
     for ((layer, p, g), _), measured in zip(probes, metrics):
         out["layer_kl"][layer, 0, p, g] = measured["kl"]
         out["layer_nll"][layer, 0, p, g] = measured["nll"] - full_nll
+    return out
+
+
+def head_probes(engine: PrefillEngine, state: PrefillState, *, info: ModelInfo, policies: Sequence[str],
+                budgets: Sequence[int], batch_size: int = 4) -> torch.Tensor:
+    """head_kl (L, H_kv, P, G): mean KL(full || only that KV head compressed) over the answer tokens, for every KV
+    head of every compressible layer, policy and budget of the grid; 0 where the budget keeps the whole context, NaN
+    on layers not probed. Each row starts at its head's layer from the full cache's hidden states."""
+    heads = info.num_kv_heads
+    out = torch.full((info.num_layers, heads, len(policies), len(budgets)), float("nan"))
+    for layer in info.compressible_layers:
+        out[layer] = 0.0  # budgets at or above the context length keep everything
+    if not state.parts.answer_ids:
+        return out
+    cells, plans = [], []
+    full = Plan.full(info)
+    for layer in info.compressible_layers:
+        for h in range(heads):
+            for p, policy in enumerate(policies):
+                for g, budget in enumerate(budgets):
+                    if budget >= state.n_context:
+                        continue
+                    entries = [HeadPlan.full()] * heads
+                    entries[h] = HeadPlan.of(policy, int(budget))
+                    layers = list(full.layers)
+                    layers[layer] = LayerPlan(index=layer, policy=None, heads=tuple(entries))
+                    cells.append((layer, h, p, g))
+                    plans.append(Plan.build(info, layers=layers, search=PROBE))
+    for (layer, h, p, g), measured in zip(cells, engine.answer_metrics_many(state, plans, batch_size=batch_size)):
+        out[layer, h, p, g] = measured["kl"]
     return out

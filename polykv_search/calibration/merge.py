@@ -1,7 +1,7 @@
 """Join profiles measured on other budget grids: a finer or wider grid without re-measuring the levels already
 in a profile.
 
-Every per-budget array entry (mass_lost, out_err, layer_kl, layer_nll, around_kl) is measured for each budget on
+Every per-budget array entry (mass_lost, out_err, layer_kl, layer_nll, around_kl, head_kl) is measured for each budget on
 its own from the same prefill, so profiles of the same model, samples, policies and options, on disjoint grids, join
 into exactly the profile one calibrate run on the union grid would have written.
 """
@@ -17,6 +17,7 @@ from polykv_search.calibration.profile import (
     AROUND_BASE,
     AROUND_KL,
     COST_KINDS,
+    HEAD_KL,
     OPTIONAL_COST_KINDS,
     Profile,
 )
@@ -44,14 +45,14 @@ def merge_budget_grids(profiles: Sequence[Profile]) -> Profile:
     repeated = sorted({b for b in budgets if budgets.count(b) > 1})
     if repeated:
         raise ProfileError(f"budget level(s) {repeated} are in more than one profile; merge disjoint grids")
-    kinds = [*COST_KINDS, *(k for k in OPTIONAL_COST_KINDS if all(k in p.arrays for p in profiles))]
+    kinds = [*COST_KINDS, *(k for k in (*OPTIONAL_COST_KINDS, HEAD_KL) if all(k in p.arrays for p in profiles))]
     if all(AROUND_KL in p.arrays for p in profiles):
         if any(_backgrounds(p) != _backgrounds(first) for p in profiles):
             raise ProfileError("the profiles were probed around other --around backgrounds; calibrate them with "
                                "the same --around budgets and --around-policy")
         kinds.append(AROUND_KL)  # its background KL (around_base_kl) does not depend on the grid
     order = torch.tensor(sorted(range(len(budgets)), key=budgets.__getitem__))
-    per_level = (*COST_KINDS, *OPTIONAL_COST_KINDS, AROUND_KL)
+    per_level = (*COST_KINDS, *OPTIONAL_COST_KINDS, AROUND_KL, HEAD_KL)
     arrays = {k: v.clone() for k, v in first.arrays.items() if k not in per_level}
     if AROUND_KL not in kinds:
         arrays.pop(AROUND_BASE, None)

@@ -34,7 +34,8 @@ COST_KINDS = ("mass_lost", "out_err")  # in every profile
 OPTIONAL_COST_KINDS = ("layer_kl", "layer_nll")  # measured by `calibrate --layer-kl` only
 AROUND_KL = "around_kl"  # measured by `calibrate --around` only; a cost at the measured budgets only
 AROUND_BASE = "around_base_kl"
-ALL_COST_KINDS = (*COST_KINDS, *OPTIONAL_COST_KINDS, AROUND_KL)
+HEAD_KL = "head_kl"  # measured by `calibrate --head-kl` only: one KV head compressed at a time, (N, L, H_kv, P, G)
+ALL_COST_KINDS = (*COST_KINDS, *OPTIONAL_COST_KINDS, AROUND_KL, HEAD_KL)
 WEIGHTINGS = ("mean", "equal")  # how samples are combined into one cost table
 
 
@@ -79,6 +80,9 @@ class Profile:
             raise ProfileError(f"this profile has no {kind} costs; re-run calibrate with --layer-kl to measure them")
         if kind == AROUND_KL and kind not in self.arrays:
             raise ProfileError("this profile has no around_kl costs; re-run calibrate with --around BUDGETS")
+        if kind == HEAD_KL:
+            raise ProfileError("head_kl is a cost per KV head, not per layer: `optimize --cost head_kl` allocates per "
+                               "KV head (Profile.head_costs)")
         if kind not in self.cost_kinds:
             raise ProfileError(f"unknown cost kind {kind!r}; the profile has {', '.join(self.cost_kinds)}")
         if weighting not in WEIGHTINGS:
@@ -105,11 +109,28 @@ class Profile:
         lost = torch.exp(-base)[:, None, None, None] - torch.exp(-probe)
         return lost.mean(dim=0).float()
 
+    def head_costs(self, kind: str = HEAD_KL, weighting: str = "mean") -> torch.Tensor:
+        """Cost per (layer, KV head, policy, budget) averaged over samples: (L, H_kv, P, G); "equal" weighting first
+        divides each sample's costs by its own level (its mean over compressible layers, heads and policies at the
+        lowest budget level)."""
+        if kind != HEAD_KL:
+            raise ProfileError(f"{kind!r} is not a cost per KV head; the per-head cost is {HEAD_KL!r}")
+        if kind not in self.arrays:
+            raise ProfileError("this profile has no head_kl costs; re-run calibrate with --head-kl to measure them")
+        if weighting not in WEIGHTINGS:
+            raise ProfileError(f"unknown sample weighting {weighting!r}; use one of {', '.join(WEIGHTINGS)}")
+        costs = self.arrays[kind]  # (N, L, H_kv, P, G)
+        if weighting == "equal":
+            scale = costs[..., 0].nanmean(dim=(1, 2, 3))  # (N,): NaN rows are the sliding-window layers
+            costs = costs / scale.clamp_min(1e-12)[:, None, None, None, None]
+        return costs.mean(dim=0)
+
     @property
     def cost_kinds(self) -> list[str]:
         """The cost kinds this profile holds."""
         kinds = [*COST_KINDS, *(k for k in OPTIONAL_COST_KINDS if k in self.arrays)]
-        return kinds + [AROUND_KL] if AROUND_KL in self.arrays else kinds
+        kinds += [AROUND_KL] if AROUND_KL in self.arrays else []
+        return kinds + [HEAD_KL] if HEAD_KL in self.arrays else kinds
 
     def layer_signals(self) -> dict[str, torch.Tensor]:
         """Mean signal per layer over samples and KV heads: name -> (L,)."""
@@ -180,6 +201,10 @@ class Profile:
                 raise ProfileError(f"profile array {kind} has shape {tuple(probed.shape)}, expected (N, "
                                    f"{info.num_layers}, 1, {expected[2]}, {expected[3]}) from its header; re-run "
                                    "calibrate")
+        head = self.arrays.get(HEAD_KL)
+        if head is not None and tuple(head.shape[1:]) != expected:
+            raise ProfileError(f"profile array {HEAD_KL} has shape {tuple(head.shape)}, expected "
+                               f"(N, {', '.join(map(str, expected))}) from its header; re-run calibrate")
         if AROUND_KL in self.arrays:
             n_around = len(self.header.get("around", []))
             want = {AROUND_KL: (info.num_layers, n_around, *expected[2:]), AROUND_BASE: (n_around,)}

@@ -33,12 +33,13 @@ from polykv_search.calibration.profile import (
     AROUND_BASE,
     AROUND_KL,
     COST_KINDS,
+    HEAD_KL,
     OPTIONAL_COST_KINDS,
     PROFILE_FORMAT,
     PROFILE_VERSION,
     Profile,
 )
-from polykv_search.calibration.layer_kl import layer_probes, probe_state
+from polykv_search.calibration.layer_kl import head_probes, layer_probes, probe_state
 from polykv_search.calibration.signals import SIGNAL_NAMES
 from polykv_search.checkpoints import prepare_checkpoints
 from polykv_search.data import Sample, build_prompt
@@ -50,7 +51,7 @@ from polykv_search.plan import PlanFile, load_plan, uniform_plan
 from polykv_search.policies import DEFAULT_POLICIES, POLICIES, check_policy_names, policy_params
 
 logger = logging.getLogger(__name__)
-PROBE_ARRAYS = (*OPTIONAL_COST_KINDS, AROUND_KL, AROUND_BASE)  # a checkpoint's optional per-sample arrays
+PROBE_ARRAYS = (*OPTIONAL_COST_KINDS, AROUND_KL, AROUND_BASE, HEAD_KL)  # a checkpoint's optional per-sample arrays
 
 
 
@@ -63,6 +64,7 @@ class CalibrationConfig:
     recent: int = 64  # recent-window size for the recent-mass signal
     max_context_tokens: int | None = None  # None: the model's context length
     layer_kl: bool = False  # slower mode: KL to the full cache with one layer compressed, per policy and budget
+    head_kl: bool = False  # slower still: the same with one KV head compressed (the cost of per-head plans)
     around: tuple[int, ...] = ()  # operating points: probes with every other layer at this uniform budget
     around_policy: str | None = None  # the background's policy (None: the best uniform one on the samples)
     around_plan: str | None = None  # or: a plan file whose rungs at the --around budgets are the backgrounds
@@ -92,6 +94,7 @@ class CalibrationConfig:
         return CalibrationConfig(policies=policies, budgets=tuple(sorted({int(b) for b in self.budgets})),
                                  window=self.window, n_sink=self.n_sink, recent=self.recent,
                                  max_context_tokens=self.max_context_tokens, layer_kl=self.layer_kl,
+                                 head_kl=self.head_kl,
                                  around=around, around_policy=self.around_policy, around_plan=self.around_plan)
 
 
@@ -138,7 +141,7 @@ def calibrate_model(lm: LoadedModel, samples: Sequence[Sample], *, config: Calib
                            window=config.window, n_sink=config.n_sink, recent=config.recent)
     min_context = _min_context(config)
     probe = None
-    if config.layer_kl or config.around:  # scores nothing itself: calibrate's prefill hands it the rankings
+    if config.layer_kl or config.head_kl or config.around:  # scores nothing: calibrate's prefill hands it the rankings
         probe = PrefillEngine(lm, max_context_tokens=max_ctx)
     backgrounds = _backgrounds(lm, samples, config, ckpt_dir, max_ctx, resume=resume) if config.around else []
     started = time.perf_counter()
@@ -153,7 +156,8 @@ def calibrate_model(lm: LoadedModel, samples: Sequence[Sample], *, config: Calib
                 result.resumed = True
             else:
                 record, result = _calibrate_one(lm, capture, sample, index, max_ctx, min_context, probe=probe,
-                                                layer_kl=config.layer_kl, backgrounds=backgrounds)
+                                                layer_kl=config.layer_kl, head_kl=config.head_kl,
+                                                backgrounds=backgrounds)
                 _save_checkpoint(ckpt, record, result)
             result.seconds = time.perf_counter() - t0
             results.append(result)
@@ -199,7 +203,8 @@ def _backgrounds(lm: LoadedModel, samples: Sequence[Sample], config: Calibration
 
 
 def _calibrate_one(lm: LoadedModel, capture: LayerCapture, sample: Sample, index: int, max_ctx: int,
-                   min_context: int, *, probe=None, layer_kl: bool = True, backgrounds: Sequence[dict] = (),
+                   min_context: int, *, probe=None, layer_kl: bool = True, head_kl: bool = False,
+                   backgrounds: Sequence[dict] = (),
                    ) -> tuple[SampleRecord | None, SampleResult]:
     parts = build_prompt(sample, lm.tokenizer, max_context_tokens=max_ctx)
     suffix_ids = list(parts.question_ids) + list(parts.answer_ids)
@@ -224,6 +229,8 @@ def _calibrate_one(lm: LoadedModel, capture: LayerCapture, sample: Sample, index
             state = probe_state(probe, sample, parts, cache, capture.rankings())
             grid = {"info": lm.info, "policies": capture.policies, "budgets": capture.budgets}
             probes = layer_probes(probe, state, **grid) if layer_kl else {}
+            if head_kl:
+                probes[HEAD_KL] = head_probes(probe, state, **grid)
             if backgrounds:
                 probes.update(around_probes(probe, state, backgrounds=backgrounds, **grid))
         capture.phase = "decode"
@@ -301,6 +308,9 @@ def _assemble(lm: LoadedModel, config: CalibrationConfig, records: list[SampleRe
         probed = [k for k in OPTIONAL_COST_KINDS if all(k in (r.layer_probes or {}) for r in records)]
         for kind in probed:
             arrays[kind] = torch.stack([r.layer_probes[kind] for r in records])  # (N, L, 1, P, G)
+    if config.head_kl:
+        arrays[HEAD_KL] = torch.stack([r.layer_probes[HEAD_KL] for r in records])  # (N, L, H_kv, P, G)
+        probed.append(HEAD_KL)
     if backgrounds:
         for kind in (AROUND_KL, AROUND_BASE):  # (N, L, A, P, G) and (N, A)
             arrays[kind] = torch.stack([r.layer_probes[kind] for r in records])

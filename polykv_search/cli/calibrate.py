@@ -52,6 +52,10 @@ def calibrate(
                                            "(layers x policies x budgets batched forwards per sample; "
                                            "a shorter --budgets or --policies list makes it cheaper). "
                                            "`optimize --cost layer_kl|layer_nll` uses them.")] = False,
+    head_kl: Annotated[bool, typer.Option("--head-kl", help="Slower: the KL to the full cache with only one KV head "
+                                          "compressed, per layer, KV head, policy and budget (layers x heads x "
+                                          "policies x budgets forwards per sample). `optimize --cost head_kl` "
+                                          "allocates per KV head from them.")] = False,
     around: Annotated[str | None, typer.Option(help="Slower: per layer, policy and budget, the KL with every other "
                                                "layer at a uniform background of each of these average budgets "
                                                "(e.g. 64,128,256,512; one background per budget, a prefill per "
@@ -79,7 +83,7 @@ def calibrate(
     config = pk.CalibrationConfig(
         **({"policies": tuple(parse_str_list(policies))} if policies else {}),
         **({"budgets": tuple(parse_int_list(budgets, option="--budgets"))} if budgets else {}),
-        window=window, max_context_tokens=max_context, layer_kl=layer_kl,
+        window=window, max_context_tokens=max_context, layer_kl=layer_kl, head_kl=head_kl,
         around=tuple(parse_int_list(around, option="--around")) if around else (),
         around_policy=around_policy, around_plan=str(around_plan) if around_plan else None).validated()
     with progress_bars() as progress:

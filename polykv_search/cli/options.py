@@ -35,8 +35,9 @@ SolverOpt = Annotated[str, typer.Option(help="dp (exact, default), ilp (cvxpy + 
                                         "end to end on calibration samples wins) or optuna (end-to-end search "
                                         "seeded with those candidates).")]
 CostOpt = Annotated[str, typer.Option(help="Profile cost to minimise: mass_lost, out_err, layer_kl / layer_nll "
-                                      "(profiles from `calibrate --layer-kl`) or around_kl (from `calibrate "
-                                      "--around`, at its budgets).")]
+                                      "(profiles from `calibrate --layer-kl`), around_kl (from `calibrate "
+                                      "--around`, at its budgets) or head_kl (from `calibrate --head-kl`: a budget "
+                                      "per KV head, written as a schema-2 plan).")]
 MetricOpt = Annotated[str, typer.Option(help="select/optuna: end-to-end measure on calibration samples: kl, nll, "
                                         "miss, lost (1 - exp(-KL) per sample) or task (1 - the task's score of the "
                                         "greedy answer; decodes every candidate).")]

@@ -21,7 +21,6 @@ from polykv_search.cli.errors import err_console
 from polykv_search.cli.options import (
     DEFAULT_MODEL,
     CapOpt,
-    CostOpt,
     DeviceOpt,
     DtypeOpt,
     FloorOpt,
@@ -53,8 +52,9 @@ def run(
     solver: SolverOpt = "dp",
     metric: MetricOpt = "kl",
     cost: Annotated[str, typer.Option(help="Profile cost: mass_lost, out_err, layer_kl or layer_nll "
-                                      "(these two calibrate with --layer-kl: slower), or around_kl (calibrates "
-                                      "with --around at the --budget values: slower still).")] = "mass_lost",
+                                      "(these two calibrate with --layer-kl: slower), around_kl (calibrates "
+                                      "with --around at the --budget values: slower still) or head_kl (calibrates "
+                                      "with --head-kl and plans a budget per KV head).")] = "mass_lost",
     weighting: WeightingOpt = "mean",
     policies: PoliciesOpt = None,
     floor: FloorOpt = 1,

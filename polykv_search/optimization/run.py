@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 
-from polykv_search.calibration.profile import ALL_COST_KINDS, AROUND_KL, WEIGHTINGS, Profile
+from polykv_search.calibration.profile import ALL_COST_KINDS, AROUND_KL, HEAD_KL, WEIGHTINGS, Profile
 from polykv_search.engine import METRICS, EndToEndObjective
 from polykv_search.errors import ConfigError
 from polykv_search.optimization.optuna_search import search
@@ -22,7 +22,7 @@ from polykv_search.optimization.problem import Problem
 from polykv_search.optimization.refine import refine
 from polykv_search.optimization.select import candidate_plans, select_plan
 from polykv_search.optimization.solve import solve
-from polykv_search.plan import Plan, PlanFile, SearchInfo, budget_total
+from polykv_search.plan import HeadPlan, LayerPlan, Plan, PlanFile, SearchInfo, budget_total
 from polykv_search.policies import check_policy_names
 
 SOLVERS = ("dp", "ilp", "select", "optuna")
@@ -63,6 +63,12 @@ class OptimizeConfig:
             raise ConfigError(f"--metric {self.metric!r} is not one of {', '.join(METRICS)}")
         if self.policies is not None:
             check_policy_names(list(self.policies))
+        if self.cost == HEAD_KL:
+            if self.solver not in ("dp", "ilp"):
+                raise ConfigError("--cost head_kl allocates per KV head with an exact solver: use --solver dp or ilp")
+            if self.tied or self.max_changes is not None:
+                raise ConfigError("--cost head_kl allocates per KV head: --tie and --max-changes are per-layer "
+                                  "options; drop them")
         if self.max_changes is not None:
             if self.cost != AROUND_KL or self.solver != "dp":
                 raise ConfigError("--max-changes refines a plan from around_kl probes; use it with --cost around_kl "
@@ -119,6 +125,10 @@ def optimize_profile(profile: Profile, budgets: Sequence[float], *, config: Opti
             plans.append(found.to_plan(profile, average_budget=average, max_changes=config.max_changes,
                                        seconds=time.perf_counter() - started, profile_signature=profile_signature))
             continue
+        if config.cost == HEAD_KL:
+            plans.append(_per_head(profile, average, config=config, names=names, cap=cap,
+                                   signature=profile_signature))
+            continue
         problem = Problem.from_profile(profile, average_budget=average, cost=config.cost, weighting=config.weighting,
                                        policies=names, floor=config.floor, cap=cap, allowed=config.allowed,
                                        tied=config.tied, max_policies=config.max_policies)
@@ -136,6 +146,51 @@ def optimize_profile(profile: Profile, budgets: Sequence[float], *, config: Opti
                              signature=profile_signature)
         plans.append(plan)
     return PlanFile.build(profile.model, plans)
+
+
+def per_head_problem(profile: Profile, average: float, *, config: OptimizeConfig = OptimizeConfig(cost=HEAD_KL),
+                     names: list[str] | None = None, cap: int | None = None) -> Problem:
+    """The allocation over (compressible layer, KV head) slots: slot i * H + h is KV head h of the i-th compressible
+    layer; its cost is the profile's head_kl of that head; the budgets of all slots sum exactly to round(average x
+    compressible layers x KV heads). `config.allowed` restricts a policy to layers, i.e. to every head of them."""
+    info = profile.model
+    layers, heads = info.compressible_layers, info.num_kv_heads
+    known = profile.policies
+    chosen = list(dict.fromkeys(names)) if names else list(known)
+    unknown = [p for p in chosen if p not in known]
+    if unknown:
+        raise ConfigError(f"policy {', '.join(map(repr, unknown))} is not in the profile; known policies: "
+                          f"{', '.join(known)}")
+    table = profile.head_costs(HEAD_KL, config.weighting).double().numpy()  # (L, H_kv, P_all, G)
+    costs = table[layers][:, :, [known.index(p) for p in chosen]].reshape(len(layers) * heads, len(chosen), -1)
+    allowed = None
+    if config.allowed:
+        position = {layer: i for i, layer in enumerate(layers)}
+        allowed = {name: [position[layer] * heads + h for layer in members if layer in position for h in range(heads)]
+                   for name, members in config.allowed.items()}
+    return Problem(costs, profile.budgets, list(range(len(layers) * heads)), chosen,
+                   total=budget_total(average, len(layers) * heads), floor=config.floor, cap=cap, allowed=allowed,
+                   max_policies=config.max_policies)
+
+
+def _per_head(profile: Profile, average: float, *, config: OptimizeConfig, names: list[str] | None, cap: int,
+              signature: str | None) -> Plan:
+    """The exact allocation over every KV head of every compressible layer, as a per-head plan."""
+    info = profile.model
+    heads = info.num_kv_heads
+    allocation = solve(per_head_problem(profile, average, config=config, names=names, cap=cap),
+                       solver="ilp" if config.solver == "ilp" else "dp", time_limit=config.time_limit,
+                       mip_gap=config.mip_gap)
+    layers = []
+    for i, layer in enumerate(info.compressible_layers):
+        slots = allocation.layers[i * heads:(i + 1) * heads]
+        layers.append(LayerPlan(index=layer, policy=None,
+                                heads=tuple(HeadPlan(policy=s.policy, params=s.params, budget=s.budget) for s in slots)))
+    search = SearchInfo(solver=allocation.solver, status=allocation.status, objective=float(allocation.objective),
+                        bound=float(allocation.bound), gap=float(allocation.gap), profile_signature=signature,
+                        seconds=round(float(allocation.seconds), 4),
+                        notes=f"per KV head: {len(layers) * heads} slots, cost head_kl ({config.weighting})")
+    return Plan.build(info, average_budget=average, layers=layers, search=search)
 
 
 def _selected(profile: Profile, objective: EndToEndObjective, *, average: float, names: list[str] | None,

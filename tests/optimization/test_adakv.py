@@ -48,3 +48,14 @@ def test_adakv_refuses_a_zero_safeguard():
     lm = tiny_loaded("llama")
     with pytest.raises(ConfigError, match="alpha_safeguard"):
         adakv_plan(lm.info, {}, budget=8, n_context=100, alpha_safeguard=0.0)
+
+
+def test_with_one_kv_head_adakv_is_the_uniform_policy(tmp_path):
+    """Gemma-3-270M has one KV head a layer: there is nothing to share across heads."""
+    lm = tiny_loaded("gemma")
+    lm = type(lm)(model=lm.model, tokenizer=lm.tokenizer, info=type(lm.info)(**{**lm.info.to_dict(),
+                                                                                  "num_kv_heads": 1}))
+    scores = {idx: torch.rand(1, 120) for idx in lm.info.compressible_layers}
+    plan = adakv_plan(lm.info, scores, policy="snapkv", budget=16, n_context=120)
+    assert all(layer.heads is not None and [h.budget for h in layer.heads] == [16]
+               for layer in plan.layers if not layer.sliding_window)
