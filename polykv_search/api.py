@@ -150,7 +150,7 @@ def evaluate(model: ModelSpec = DEFAULT_MODEL, data: DataSpec = EVALUATION_DATA,
              device: str = "cpu", dtype: str = "auto", trust_remote_code: bool = False, revision: str | None = None,
              progress: Progress | None = None) -> Report:
     """Answer held-out samples with the full cache, every uniform policy, PyramidKV and CAKE (CAKE needs a
-    `profile`) at each budget, and the given plans at their own budgets; score each answer by its task's metric;
+    `profile`) and Ada-KV (`allocators`) at each budget, and the given plans at their own budgets; score each answer by its task's metric;
     gap recovery R per budget. `plans`: name -> plan file (or paths, named by their stem). `budgets` default: the
     plans' budgets, else 64, 128, 256, 512; plan rungs at other budgets are left out. Writes the checkpoints and
     the report (json, md, png) under `out_dir` (default outputs/<model>/eval)."""
@@ -187,15 +187,18 @@ def run(model: ModelSpec = DEFAULT_MODEL, *, budgets: float | Sequence[float] = 
         calib: DataSpec = CALIBRATION_DATA, eval_data: DataSpec = EVALUATION_DATA,
         policies: Sequence[str] | None = None, grid: Sequence[int] | None = None,
         config: OptimizeConfig = OptimizeConfig(), max_calib_samples: int | None = None,
-        max_eval_samples: int | None = None, out_dir: str | Path | None = None, device: str = "cpu",
-        dtype: str = "auto", progress: Progress | None = None) -> RunResult:
+        max_eval_samples: int | None = None, out_dir: str | Path | None = None, fresh: bool = False,
+        device: str = "cpu", dtype: str = "auto", progress: Progress | None = None) -> RunResult:
     """The whole job on one model: calibrate on `calib`, optimize a plan per budget, evaluate it on the held-out
     `eval_data` against the full cache, every uniform policy, PyramidKV and CAKE. Everything goes under `out_dir`
-    (default outputs/<model>/); an interrupted run resumes where it stopped. `config.cost` decides the calibrate
-    mode: layer_kl / layer_nll calibrate with `layer_kl`, head_kl with `head_kl` (a per-head plan), around_kl
-    around the budgets themselves."""
+    (default outputs/<model>/); an interrupted run resumes where it stopped (`fresh`: start over, discarding the
+    folder's checkpoints). `config.cost` decides the calibrate mode: layer_kl / layer_nll calibrate with
+    `layer_kl`, head_kl with `head_kl` (a per-head plan), around_kl around the budgets themselves. The end-to-end
+    solvers (select, optuna) measure on every sample of `calib`. The comparison: the full cache, every uniform
+    policy, PyramidKV, CAKE and Ada-KV."""
     config = config.validated()
     budgets = check_budgets(budgets)
+    resolve_samples(eval_data, max_samples=max_eval_samples)  # a bad held-out set is refused before any work
     lm = resolve_model(model, device=device, dtype=dtype)
     out = Path(out_dir) if out_dir is not None else default_out_dir(model)
     around = ()
@@ -209,14 +212,13 @@ def run(model: ModelSpec = DEFAULT_MODEL, *, budgets: float | Sequence[float] = 
                                            layer_kl=config.cost in OPTIONAL_COST_KINDS,
                                            head_kl=config.cost == HEAD_KL, around=around)
     calibration = calibrate(lm, calib, config=calibration_config, out_dir=out, max_samples=max_calib_samples,
-                            resume=True, progress=progress)
+                            resume=not fresh, progress=progress)
     signal_heatmap(calibration.profile, out / "signals.png")
-    plan_file = optimize(calibration.path, budgets=budgets, config=config, model=lm, data=calib,
-                         max_samples=max_calib_samples, progress=progress)
+    plan_file = optimize(calibration.path, budgets=budgets, config=config, model=lm, data=calib, progress=progress)
     plan_path = plan_file.save(out / "plan.json")
     allocation_png(plan_file, out / "plan.png")
     report = evaluate(lm, eval_data, plans={"plan": plan_file}, budgets=budgets, profile=calibration.profile,
-                      out_dir=out / "eval", max_samples=max_eval_samples, resume=True, progress=progress)
+                      out_dir=out / "eval", max_samples=max_eval_samples, resume=not fresh, progress=progress)
     return RunResult(out_dir=out, calibration=calibration, plan_file=plan_file, plan_path=plan_path, report=report)
 
 
@@ -237,11 +239,11 @@ def choose(model: ModelSpec, plans: Mapping[str, PlanFile | str | Path] | Sequen
     budgets = sorted({b for _, f in named for b in f.budgets})
     named += [(policy, PlanFile.build(lm.info, [uniform_plan(lm.info, policy=policy, budget=b) for b in budgets]))
               for policy in uniform]
-    policies = sorted({p for _, f in named for rung in f.plans for p in rung.policies if p is not None})
+    scorers = {key: scorer for _, f in named for rung in f.plans for key, scorer in rung.scorers.items()}
     samples, _ = resolve_samples(data, max_samples=max_samples)
     if progress:
         progress("choose", 0, len(samples), f"prefilling {len(samples)} calibration samples")
-    objective = EndToEndObjective(lm, samples, policies=policies, metric=metric)
+    objective = EndToEndObjective(lm, samples, policies=list(scorers.values()), metric=metric)
     chosen, choices = choose_rungs(named, objective.measure, metric=metric,
                                    tie_break="lost" if metric == "task" else None)
     return ChooseResult(plan_file=PlanFile.build(lm.info, chosen), choices=choices, samples=len(objective.states))

@@ -24,7 +24,8 @@ def prepare_checkpoints(ckpt_dir: Path, fingerprint: dict[str, Any], *, resume: 
         if previous != fingerprint:
             changed = sorted(k for k in fingerprint if previous.get(k) != fingerprint[k])
             raise ProfileError(f"--resume: the checkpoints in {ckpt_dir} were made with a different "
-                               f"{', '.join(changed)}; re-run with the same options or without --resume")
+                               f"{', '.join(changed)}; re-run with the same options, or start over (calibrate and "
+                               "evaluate: without --resume; run: --fresh)")
         return
     if resume:
         logger.info("--resume: no checkpoints in %s, starting from the first sample", ckpt_dir)

@@ -73,3 +73,12 @@ def test_bad_options_are_refused_before_any_work(tiny_llama, files):
     with pytest.raises(ConfigError, match="unknown allocator"):
         pk.evaluate(tiny_llama, held_out, allocators=["h2o"], out_dir=tmp / "never")
     assert not (tmp / "never").exists()
+
+
+def test_run_refuses_a_bad_held_out_set_and_ignored_options_first(tiny_llama, files):
+    calib, _, tmp = files
+    with pytest.raises(pk.PolykvError, match="does not exist"):
+        pk.run(tiny_llama, budgets=16, calib=calib, eval_data=tmp / "missing.jsonl", out_dir=tmp / "never2")
+    with pytest.raises(ConfigError, match="does not take --tie"):
+        pk.OptimizeConfig(solver="select", tied=((0, 1),)).validated()
+    assert not (tmp / "never2").exists()

@@ -37,10 +37,11 @@ from polykv_search.policies import policy_params
 Background = dict[str, Any]  # {"budget", "name", "kept", "plan"}: how a profile header stores one (JSON)
 
 
-def background(budget: int, name: str, plan: Plan, kept: float | None = None) -> Background:
+def background(budget: int, name: str, plan: Plan, kept: float | None = None, *, kind: str = "plan") -> Background:
     """A background as stored in the profile header: its target budget, a name (the uniform policy or the plan
-    file's stem), the share of the output it keeps on the calibration samples when measured, and the plan."""
-    return {"budget": int(budget), "name": name, "kept": kept, "plan": plan.to_dict()}
+    file's stem), where it came from (`kind`: "plan" for --around-plan, "uniform" for a uniform policy), the share of
+    the output it keeps on the calibration samples when measured, and the plan."""
+    return {"budget": int(budget), "name": name, "kind": kind, "kept": kept, "plan": plan.to_dict()}
 
 
 def background_plan(entry: Background) -> Plan:
@@ -61,6 +62,9 @@ def plan_backgrounds(plan_file: PlanFile, *, budgets: Sequence[int], policies: S
     chosen = []
     for budget in budgets:
         plan = rungs[float(budget)]
+        if plan.per_head:
+            raise ConfigError(f"--around-plan {name} gives KV heads budgets of their own at {budget}; probes around "
+                              "a plan change one layer at a time and take per-layer plans only")
         for layer in plan.layers:
             if layer.policy is None:
                 continue
@@ -90,13 +94,15 @@ def choose_backgrounds(engine: PrefillEngine, samples: Sequence[Sample], *, info
         if progress:
             progress(index)
     if not rows:
-        return [background(b, policies[0], uniform_plan(info, policy=policies[0], budget=b)) for b in budgets]
+        return [background(b, policies[0], uniform_plan(info, policy=policies[0], budget=b), kind="uniform")
+                for b in budgets]
     kept = [1.0 - m["lost"] for m in mean_over_tasks(tasks, rows)]
     chosen = []
     for b, budget in enumerate(budgets):
         row = kept[b * len(policies):(b + 1) * len(policies)]
         best = max(range(len(policies)), key=row.__getitem__)  # ties: the earlier policy
-        chosen.append(background(budget, policies[best], plans[b * len(policies) + best], kept=round(row[best], 6)))
+        chosen.append(background(budget, policies[best], plans[b * len(policies) + best], kept=round(row[best], 6),
+                                 kind="uniform"))
     return chosen
 
 

@@ -230,4 +230,6 @@ def _upgraded_background(entry: dict[str, Any], info: ModelInfo) -> dict[str, An
         name = entry["plan"]
     else:
         plan, name = uniform_plan(info, policy=entry["policy"], budget=entry["budget"]), entry["policy"]
-    return {"budget": int(entry["budget"]), "name": name, "kept": entry.get("kept"), "plan": plan.to_dict()}
+    kind = "plan" if "policies" in entry else "uniform"
+    return {"budget": int(entry["budget"]), "name": name, "kind": kind, "kept": entry.get("kept"),
+            "plan": plan.to_dict()}

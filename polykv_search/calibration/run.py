@@ -191,8 +191,8 @@ def _backgrounds(lm: LoadedModel, samples: Sequence[Sample], config: Calibration
         chosen = plan_backgrounds(plan_file, budgets=config.around, policies=config.policies,
                                   name=Path(config.around_plan).stem)
     elif config.around_policy is not None:
-        chosen = [background(b, config.around_policy, uniform_plan(lm.info, policy=config.around_policy, budget=b))
-                  for b in config.around]
+        chosen = [background(b, config.around_policy, uniform_plan(lm.info, policy=config.around_policy, budget=b),
+                             kind="uniform") for b in config.around]
     else:
         logger.info("choosing the --around backgrounds: one prefill per sample, %d uniform rows each",
                     len(config.around) * len(config.policies))

@@ -78,7 +78,7 @@ def evaluate(
                              batch_size=batch_size, column_map=parse_column_map(column_map), resume=resume,
                              device=device, dtype=dtype, trust_remote_code=trust_remote_code, revision=revision,
                              progress=progress)
-    if profile is None and not profile_path.exists():
+    if profile is None and not profile_path.exists() and "cake" in parse_str_list(allocators):
         err_console.print(f"note: no profile at {profile_path}; CAKE is left out (run calibrate or pass --profile)")
     if as_json:
         typer.echo(json.dumps({k: str(v) for k, v in report.files.items()}

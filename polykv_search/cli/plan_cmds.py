@@ -1,6 +1,6 @@
 """`polykv-search schema | validate | baseline`: print the plan schema, check a plan file, write baseline plans.
 
-    polykv-search schema > plan-v1.json
+    polykv-search schema > plan-v2.json
     polykv-search validate outputs/plans/uniform-snapkv.json --model smollm2-135m
     polykv-search baseline --kind pyramidkv --budget 128,256,512 --profile outputs/smollm2-135m/profile.safetensors
     polykv-search baseline --kind cake --policy snapkv --budget 512 --profile outputs/smollm2-135m/profile.safetensors

@@ -73,6 +73,8 @@ def run(
     max_eval_samples: Annotated[int | None, typer.Option(help="Evaluate on N samples, taken in turn from each "
                                                          "task.")] = None,
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Folder (default: outputs/<model>)")] = None,
+    fresh: Annotated[bool, typer.Option("--fresh", help="Start over: discard the folder's checkpoints instead of "
+                                        "resuming from them.")] = False,
     device: DeviceOpt = "cpu",
     dtype: DtypeOpt = "auto",
     as_json: JsonOpt = False,
@@ -88,7 +90,7 @@ def run(
         result = pk.run(model, budgets=parse_budget_list(budget), calib=calib, eval_data=eval_data,
                         policies=parse_str_list(policies) if policies else None,
                         grid=parse_int_list(grid, option="--grid") if grid else None, config=config,
-                        max_calib_samples=max_calib_samples, max_eval_samples=max_eval_samples, out_dir=out,
+                        max_calib_samples=max_calib_samples, max_eval_samples=max_eval_samples, out_dir=out, fresh=fresh,
                         device=device, dtype=dtype, progress=progress)
     report = result.report
     if as_json:

@@ -30,6 +30,7 @@ from transformers.cache_utils import DynamicLayer
 
 from polykv_search.data import PromptParts, Sample, build_prompt
 from polykv_search.data.metrics import scored_part_complete
+from polykv_search.errors import ConfigError
 from polykv_search.models import LoadedModel
 from polykv_search.models.anatomy import decoder_layers, layer_rotaries
 from polykv_search.plan import Plan
@@ -332,8 +333,8 @@ class PrefillEngine:
         for idx in self.compressible:
             row = self.selection(state, plan, idx)
             entries += n * heads if row is None else sum(n if c is None else int(c[1]) for c in row)
-        window = self.lm.info.sliding_window or n
-        sliding = sum(min(n, window) * heads for i in range(len(self.layers)) if i not in self.compressible)
+        sliding = sum(state.cache.layers[i].keys.shape[-2] * heads  # what the window layer holds after the prefill
+                      for i in range(len(self.layers)) if i not in self.compressible)
         layer = state.cache.layers[self.compressible[0]] if self.compressible else state.cache.layers[0]
         per_entry = 2 * layer.keys.shape[-1] * layer.keys.element_size()  # a key and a value
         return entries, (entries + sliding) * per_entry
@@ -342,8 +343,9 @@ class PrefillEngine:
         try:
             return state.rankings[idx][key]
         except KeyError:
-            raise KeyError(f"the engine did not score {key!r}; build it with PrefillEngine.for_plans(lm, plans) or "
-                           f"add it to `scorers` (it scores {', '.join(state.rankings[idx]) or 'nothing'})") from None
+            raise ConfigError(f"the engine did not score {key!r}; build it with PrefillEngine.for_plans(lm, plans) "
+                              f"or add it to `scorers` (it scores {', '.join(state.rankings[idx]) or 'nothing'})"
+                              ) from None
 
     @staticmethod
     def _room(state: PrefillState) -> int:

@@ -26,9 +26,11 @@ DECODED = ("kl", "lost", "task")  # what a "task" objective measures: the decodi
 class EndToEndObjective:
     """Measure plans on calibration samples, each prefilled once when the objective is built; lower is better."""
 
-    def __init__(self, lm: LoadedModel, samples: Sequence[Sample], *, policies: Sequence[str],
-                 max_context_tokens: int | None = None, batch_size: int = 16, metric: str = "kl") -> None:
-        """`policies`: the registered policies (with their registered parameters) the measured plans may use."""
+    def __init__(self, lm: LoadedModel, samples: Sequence[Sample], *,
+                 policies: Sequence[str | tuple[str, dict]], max_context_tokens: int | None = None,
+                 batch_size: int = 16, metric: str = "kl") -> None:
+        """`policies`: the rankings the measured plans may use: registered policy names (their registered
+        parameters) or (policy, params), as PrefillEngine's `scorers`."""
         if metric not in METRICS:
             raise ConfigError(f"unknown end-to-end metric {metric!r}; choose one of {', '.join(METRICS)}")
         self.metric = metric

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -13,6 +14,7 @@ from polykv_search.optimization.allocators import adakv_plan, cake_plan, pyramid
 from polykv_search.plan import Plan, PlanFile, uniform_plan
 
 FAMILIES = ("full", "uniform", "allocator", "plan")
+logger = logging.getLogger(__name__)
 ALLOCATORS = ("pyramidkv", "cake", "adakv")
 
 
@@ -60,8 +62,11 @@ def build_methods(info: ModelInfo, *, budgets: Sequence[float], uniform_policies
             out.append(Method("pyramidkv", "allocator", pyramidkv_plan(info, policy=allocator_policy, budget=budget)))
         if "cake" in allocators and profile is not None:
             out.append(Method("cake", "allocator", cake_plan(info, profile, policy=allocator_policy, budget=budget)))
-        if "adakv" in allocators and float(budget).is_integer():
-            out.append(adakv_method(info, policy=allocator_policy, budget=int(budget)))
+        if "adakv" in allocators:
+            if float(budget).is_integer():
+                out.append(adakv_method(info, policy=allocator_policy, budget=int(budget)))
+            else:  # Ada-KV keeps a whole number of tokens per layer and head
+                logger.info("Ada-KV is left out at the fractional budget %s", budget)
     for name, plan_file in plans:
         for plan in plan_file.plans:
             out.append(Method(name, "plan", plan))

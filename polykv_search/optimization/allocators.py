@@ -20,7 +20,7 @@ from polykv_search.calibration.profile import Profile
 from polykv_search.errors import ConfigError, ProfileError
 from polykv_search.models.info import ModelInfo
 from polykv_search.plan import HeadPlan, LayerPlan, Plan, SearchInfo, exact_integer_budgets
-from polykv_search.policies import check_policy_names
+from polykv_search.policies import POLICIES, check_policy_names
 from polykv_search.plan.uniform import checked_budget, plan_of_budgets, seconds_since
 
 logger = logging.getLogger(__name__)
@@ -108,8 +108,13 @@ def adakv_plan(info: ModelInfo, scores: Mapping[int, torch.Tensor], *, policy: s
     """Ada-KV (kvpress's AdaKVPress around `policy`): in each layer, the `budget` x KV heads best-scored tokens
     across all its heads, each head keeping at least alpha_safeguard x budget of its own best; written as a
     per-head plan with each head's count. `scores[layer]`: the policy's (H_kv, T) scores of one sample's prefill,
-    so the plan is that sample's (Ada-KV allocates from the scores of each input)."""
+    so the plan is that sample's (Ada-KV allocates from the scores of each input). Tokens whose scores tie across
+    the cut (SnapKV's observation window, when the budget is below it) may be split between heads otherwise than
+    kvpress splits them; both keep the same number of entries."""
     check_policy_names([policy])
+    if POLICIES[policy].ranking != "score":
+        raise ConfigError(f"Ada-KV compares scores across KV heads; {policy!r} ranks by position (sinks and recency), "
+                          "the same in every head: use a scorer such as snapkv, tova or expected_attention")
     if budget < 1 or not 0 < alpha_safeguard <= 1:
         raise ConfigError(f"Ada-KV needs a budget of at least 1 token per layer and 0 < alpha_safeguard <= 1, got "
                           f"budget={budget}, alpha_safeguard={alpha_safeguard}")

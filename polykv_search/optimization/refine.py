@@ -46,7 +46,7 @@ def _plan_background(profile: Profile, average_budget: float) -> Background:
     """The `calibrate --around-plan` background measured at `average_budget` (a clear error otherwise)."""
     for entry in profile.around_backgrounds():
         if float(entry["budget"]) == float(average_budget):
-            if background_plan(entry).search.solver == "uniform":
+            if entry.get("kind") == "uniform":
                 raise ConfigError(f"--max-changes refines the plan a profile was probed around, but this profile's "
                                   f"background at {average_budget:g} is the uniform policy {entry['name']}; "
                                   "calibrate with --around-plan PLAN")

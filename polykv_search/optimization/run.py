@@ -69,6 +69,14 @@ class OptimizeConfig:
             if self.tied or self.max_changes is not None:
                 raise ConfigError("--cost head_kl allocates per KV head: --tie and --max-changes are per-layer "
                                   "options; drop them")
+        ignored = {"select": (("--floor", self.floor != 1), ("--tie", bool(self.tied)), ("--only", bool(self.allowed)),
+                              ("--max-policies", self.max_policies is not None)),
+                   "optuna": (("--tie", bool(self.tied)), ("--only", bool(self.allowed)),
+                              ("--max-policies", self.max_policies is not None))}.get(self.solver, ())
+        dropped = [flag for flag, used in ignored if used]
+        if dropped:
+            raise ConfigError(f"--solver {self.solver} does not take {', '.join(dropped)} (its candidates are measured "
+                              "end to end); use --solver dp or ilp for constrained plans")
         if self.max_changes is not None:
             if self.cost != AROUND_KL or self.solver != "dp":
                 raise ConfigError("--max-changes refines a plan from around_kl probes; use it with --cost around_kl "
@@ -166,6 +174,11 @@ def per_head_problem(profile: Profile, average: float, *, config: OptimizeConfig
     allowed = None
     if config.allowed:
         position = {layer: i for i, layer in enumerate(layers)}
+        for name, members in config.allowed.items():
+            bad = sorted(set(members) - set(position))
+            if bad:
+                raise ConfigError(f"--only {name}={','.join(map(str, members))} names layers {bad} that are not "
+                                  f"compressible; compressible layers: {layers}")
         allowed = {name: [position[layer] * heads + h for layer in members if layer in position for h in range(heads)]
                    for name, members in config.allowed.items()}
     return Problem(costs, profile.budgets, list(range(len(layers) * heads)), chosen,

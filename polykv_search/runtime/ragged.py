@@ -30,6 +30,7 @@ class RaggedKV:
 
     heads: tuple[torch.Tensor, ...]
     length: int  # the layer's sequence length: its longest compressed head plus the tokens appended since
+    appended: int = 0  # tokens appended to every head since compression (the only ones a cut may remove)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -51,9 +52,11 @@ class RaggedKV:
             raise TypeError("a ragged cache layer can only be cut to its first n positions: kv[:, :, :n]")
         stop = self.length if index[2].stop is None else min(int(index[2].stop), self.length)
         drop = self.length - stop
-        if drop > min(len(h) for h in self.heads):
-            raise ValueError(f"cannot cut {drop} positions: a head holds fewer tokens")
-        return RaggedKV(heads=tuple(h[:len(h) - drop] for h in self.heads), length=stop)
+        if drop > self.appended:
+            raise ValueError(f"cannot cut {drop} positions: only the {self.appended} tokens appended after "
+                             "compression can be removed")
+        return RaggedKV(heads=tuple(h[:len(h) - drop] for h in self.heads), length=stop,
+                        appended=self.appended - drop)
 
 
 class RaggedLayer(CacheLayerMixin):
@@ -85,7 +88,8 @@ class RaggedLayer(CacheLayerMixin):
     # -- what attention reads --------------------------------------------------------------------
     @property
     def keys(self) -> RaggedKV:
-        return RaggedKV(heads=tuple(b[:n] for b, n in zip(self._keys, self._used)), length=self.get_seq_length())
+        return RaggedKV(heads=tuple(b[:n] for b, n in zip(self._keys, self._used)), length=self.get_seq_length(),
+                        appended=self._appended)
 
     @keys.setter
     def keys(self, value: Any) -> None:
@@ -93,7 +97,8 @@ class RaggedLayer(CacheLayerMixin):
 
     @property
     def values(self) -> RaggedKV:
-        return RaggedKV(heads=tuple(b[:n] for b, n in zip(self._values, self._used)), length=self.get_seq_length())
+        return RaggedKV(heads=tuple(b[:n] for b, n in zip(self._values, self._used)), length=self.get_seq_length(),
+                        appended=self._appended)
 
     @values.setter
     def values(self, value: Any) -> None:

@@ -79,3 +79,22 @@ def test_per_head_constraints_and_refusals(calibrated):
         OptimizeConfig(cost="head_kl", tied=((0, 1),)).validated()
     with pytest.raises(ProfileError, match="per KV head"):
         run.profile.layer_costs("head_kl")
+
+
+def test_head_kl_profiles_work_with_the_per_layer_tools_and_bad_layers_are_named(calibrated, tmp_path):
+    from polykv_search.optimization.select import candidate_plans
+
+    lm, samples, run = calibrated
+    names = list(candidate_plans(run.profile, average=8))  # select reads only the per-layer costs
+    assert names and not any("head_kl" in name for name in names)
+    with pytest.raises(ConfigError, match="not compressible"):
+        per_head_problem(run.profile, 8, config=OptimizeConfig(cost="head_kl", allowed={"knorm": [99]}))
+
+
+def test_choose_measures_per_head_rungs(calibrated, tmp_path):
+    import polykv_search as pk
+
+    lm, samples, run = calibrated
+    heads = optimize_profile(run.profile, [8], config=OptimizeConfig(cost="head_kl"))
+    result = pk.choose(lm, {"heads": heads}, data=samples, uniform=["snapkv"], metric="kl")
+    assert result.choices[0].chosen in ("heads", "snapkv") and set(result.choices[0].measured) == {"heads", "snapkv"}

@@ -59,3 +59,9 @@ def test_with_one_kv_head_adakv_is_the_uniform_policy(tmp_path):
     plan = adakv_plan(lm.info, scores, policy="snapkv", budget=16, n_context=120)
     assert all(layer.heads is not None and [h.budget for h in layer.heads] == [16]
                for layer in plan.layers if not layer.sliding_window)
+
+
+def test_adakv_needs_scores_that_compare_across_heads():
+    lm = tiny_loaded("llama")
+    with pytest.raises(ConfigError, match="ranks by position"):
+        adakv_plan(lm.info, {}, policy="streaming", budget=8, n_context=100)

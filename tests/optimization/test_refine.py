@@ -92,3 +92,17 @@ def test_refine_needs_a_plan_background(refined, tmp_path):
         refine(refined[2], average_budget=32, max_changes=1)
     with pytest.raises(ConfigError, match="0 or more"):
         refine(refined[2], average_budget=BUDGET, max_changes=-1)
+
+
+def test_refine_accepts_a_plan_file_whose_rung_is_uniform(refined, tmp_path):
+    """An --around-plan file may hold a uniform rung (a baseline, or a rung `choose --uniform` kept): it is still the
+    plan the profile was probed around."""
+    from polykv_search.plan import PlanFile, uniform_plan
+
+    lm, samples, _, _, _ = refined
+    PlanFile.build(lm.info, [uniform_plan(lm.info, policy="snapkv", budget=BUDGET)]).save(tmp_path / "u.json")
+    config = CalibrationConfig(policies=POLICIES, budgets=(4, 8, 16, 1000), window=16,
+                               around_plan=str(tmp_path / "u.json"))
+    profile = calibrate_model(lm, samples[:1], config=config, out_dir=tmp_path / "p").profile
+    found = refine(profile, average_budget=BUDGET, max_changes=1)
+    assert len(found.changed) <= 1
