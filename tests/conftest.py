@@ -31,8 +31,19 @@ def make_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=core, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
 
 
+FAMILIES = ("llama", "mistral", "phi3", "qwen2", "qwen3", "gemma")  # every model family kvpress supports
+
+
 def tiny_loaded(kind: str = "llama", *, seed: int = 0, attn: str = "sdpa"):
-    from transformers import AutoModelForCausalLM, Gemma3TextConfig, LlamaConfig
+    from transformers import (
+        AutoModelForCausalLM,
+        Gemma3TextConfig,
+        LlamaConfig,
+        MistralConfig,
+        Phi3Config,
+        Qwen2Config,
+        Qwen3Config,
+    )
 
     from polykv_search.models import LoadedModel, model_info
 
@@ -41,12 +52,17 @@ def tiny_loaded(kind: str = "llama", *, seed: int = 0, attn: str = "sdpa"):
     common = dict(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_attention_heads=4,
                   num_key_value_heads=2, head_dim=16, max_position_embeddings=4096, bos_token_id=1,
                   eos_token_id=2, pad_token_id=2)
-    if kind == "llama":
-        config = LlamaConfig(num_hidden_layers=3, **common)
-    else:  # Gemma-3 text: sliding-window layers around one full layer, q/k norms, its own scaling
+    simple = {"llama": LlamaConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config,  # Qwen3: q/k norms
+              "phi3": Phi3Config,  # a fused qkv_proj
+              "mistral": MistralConfig}  # its default sliding_window (4096) with no layer_types: all layers windowed
+    if kind in simple:
+        config = simple[kind](num_hidden_layers=3, **common)
+    elif kind == "gemma":  # Gemma-3 text: sliding-window layers around one full layer, q/k norms, its own scaling
         config = Gemma3TextConfig(num_hidden_layers=4, sliding_window=32, query_pre_attn_scalar=24,
                                   layer_types=["sliding_attention", "full_attention", "sliding_attention",
                                                "full_attention"], **common)
+    else:
+        raise ValueError(f"no tiny model for {kind!r}; families: {', '.join(FAMILIES)}")
     config._attn_implementation = attn
     model = AutoModelForCausalLM.from_config(config, attn_implementation=attn).eval()
     for param in model.parameters():  # larger weights give peaked, non-uniform attention

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from transformers import __version__ as tf_version
 from transformers.utils import logging as tf_logging
 
@@ -26,6 +26,7 @@ from polykv_search.errors import ConfigError, ModelError
 from polykv_search.io import file_sha256
 from polykv_search.models.cache import cache_root
 from polykv_search.models.embedded import EMBEDDED
+from polykv_search.models.families import check_family
 from polykv_search.models.info import ModelInfo, model_info
 
 logger = logging.getLogger(__name__)
@@ -110,6 +111,7 @@ def _from_pretrained(source: str | Path, *, device: str, dtype: torch.dtype, rev
     kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code, "revision": revision}
     try:
         with quiet_transformers():
+            check_family(AutoConfig.from_pretrained(source, **kwargs).model_type, source=str(source))  # before weights
             tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
             model = AutoModelForCausalLM.from_pretrained(
                 source, dtype=dtype, attn_implementation=attn_implementation,
