@@ -6,7 +6,6 @@ import logging
 import os
 import sys
 
-import click
 import typer
 from rich.console import Console
 from rich.logging import RichHandler
@@ -54,20 +53,47 @@ def setup_logging(verbose: bool = False) -> None:
 def run_app(app: typer.Typer) -> None:
     setup_logging()
     try:
-        app(standalone_mode=False)
+        code = app(standalone_mode=False)
     except PolykvError as exc:
         _fail(f"error: {exc}", exc)
-    except click.exceptions.Abort:
-        _fail("aborted", None, code=130)
-    except click.ClickException as exc:  # bad option values, unknown commands
-        exc.show()
-        sys.exit(2)
     except KeyboardInterrupt:
-        _fail("interrupted; re-run with --resume to continue from the last checkpoint", None, code=130)
-    except click.exceptions.Exit as exc:
-        sys.exit(exc.exit_code)
-    except Exception as exc:  # an unexpected failure is a bug: still one line unless debugging
-        _fail(f"internal error: {type(exc).__name__}: {exc} (set POLYKV_DEBUG=1 for the traceback)", exc, code=1)
+        _fail(INTERRUPTED, None, code=130)
+    except Exception as exc:  # noqa: BLE001 (sorted by kind below; anything else is a bug)
+        kind = click_kind(exc)
+        if kind == "abort":  # click turns Ctrl-C into Abort
+            _fail(INTERRUPTED, None, code=130)
+        elif kind == "exit":
+            sys.exit(exc.exit_code)
+        elif kind == "help":  # no arguments: the help, as a usage error
+            exc.show()
+            sys.exit(2)
+        elif kind == "usage":  # a bad option value, a missing option, an unknown command
+            where = f" (see `{exc.ctx.command_path} --help`)" if getattr(exc, "ctx", None) is not None else ""
+            _fail(f"error: {exc.format_message()}{where}", exc)
+        else:  # an unexpected failure is a bug: still one line unless debugging
+            _fail(f"internal error: {type(exc).__name__}: {exc} (set POLYKV_DEBUG=1 for the traceback)", exc,
+                  code=1)
+    if code == 130:  # typer turns Ctrl-C into Exit(130), which a non-standalone app returns
+        _fail(INTERRUPTED, None, code=130)
+    sys.exit(code if isinstance(code, int) else 0)
+
+
+INTERRUPTED = "interrupted; re-run with --resume to continue from the last checkpoint"
+
+
+def click_kind(exc: BaseException) -> str | None:
+    """What a click exception means, by its class names: typer vendors its own copy of click, whose classes are not
+    click's, so they are recognised by name (the same names in both)."""
+    names = {cls.__name__ for cls in type(exc).__mro__}
+    if "Abort" in names:
+        return "abort"
+    if "Exit" in names and hasattr(exc, "exit_code"):
+        return "exit"
+    if "NoArgsIsHelpError" in names:
+        return "help"
+    if "ClickException" in names:
+        return "usage"
+    return None
 
 
 def _fail(message: str, exc: BaseException | None, *, code: int = 2) -> None:

@@ -163,3 +163,44 @@ def test_around_flag_adds_operating_point_costs_that_optimize_uses(monkeypatch, 
                            tmp_path / "o3", "--around-plan", tmp_path / "nope.json")
     lines = [line for line in err.splitlines() if line.strip()]
     assert code != 0 and len(lines) == 1 and "nope.json" in lines[0], err
+
+
+def test_ctrl_c_exits_130_with_one_line_and_resume_finishes(tiny_dir, tmp_path):
+    """A script `calibrate && optimize` must stop at an interrupt: exit 130, one line, checkpoints kept."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    data = write_jsonl(tmp_path / "d.jsonl", sample_rows(20, words=200))
+    out = tmp_path / "o"
+    args = [sys.executable, "-m", "polykv_search", "calibrate", "--model", str(tiny_dir), "--data", str(data),
+            "--out", str(out), "--budgets", "8,16", "--window", "16"]
+    proc = subprocess.Popen(args, stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                            env={**os.environ, "POLYKV_DEBUG": "0"})
+    first = out / "checkpoints" / "sample-00000.safetensors"
+    deadline = time.time() + 120
+    while not first.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert proc.returncode == 130, err
+    assert any(line.startswith("interrupted; re-run with --resume") for line in lines), err
+    assert not (out / "profile.safetensors").exists() and first.exists()
+    done = subprocess.run([*args, "--resume", "--json"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert Profile.load(out / "profile.safetensors").num_samples == 20
+
+
+@pytest.mark.parametrize("args", [["calibrate", "--max-samples", "abc"], ["nosuch"], ["validate"],
+                                  ["baseline", "--kind", "uniform"]])
+def test_usage_errors_are_one_line_and_exit_2(monkeypatch, capsys, args):
+    code, _, err = run_cli(monkeypatch, capsys, *args)
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("error: ") and "--help" in lines[0], err
+
+
+def test_no_arguments_show_the_help(monkeypatch, capsys):
+    code, out, err = run_cli(monkeypatch, capsys)
+    assert code == 2 and "calibrate" in out + err
