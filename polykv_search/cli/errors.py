@@ -75,7 +75,8 @@ def run_app(app: typer.Typer) -> None:
                   code=1)
     if code == 130:  # typer turns Ctrl-C into Exit(130), which a non-standalone app returns
         _fail(INTERRUPTED, None, code=130)
-    sys.exit(code if isinstance(code, int) else 0)
+    if isinstance(code, int) and code != 0:  # a command's own exit code; success returns (tests call main())
+        sys.exit(code)
 
 
 INTERRUPTED = "interrupted; re-run with --resume to continue from the last checkpoint"
