@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "polykv_search"
 # Each package's place in the pipeline: a package may import its own rank or lower ones, never a higher one.
 # Same-rank imports are allowed but must not form a cycle.
-RANK = {"errors": 0, "io": 0, "checkpoints": 0,
+RANK = {"errors": 0, "io": 0, "hub": 0, "checkpoints": 0,
         "models": 1, "data": 1, "policies": 1, "plan": 1,
         "runtime": 2, "engine": 3, "calibration": 4, "optimization": 5, "evaluation": 6, "api": 7, "cli": 8}
 

@@ -1,4 +1,4 @@
-"""Data: LongBench-schema samples, their loading, per-task prompts, and the generator of calibration data."""
+"""Data: samples in LongBench's or kvpress's form, their loading, per-task prompts, and the generator of calibration data."""
 
 from polykv_search.data.loading import load_samples
 from polykv_search.data.prompts import (
@@ -6,8 +6,9 @@ from polykv_search.data.prompts import (
     PromptTemplate,
     build_prompt,
     template_for,
+    to_kvpress_form,
 )
 from polykv_search.data.sample import Sample, spread_over_tasks
 
 __all__ = ["PromptParts", "PromptTemplate", "Sample", "build_prompt", "load_samples", "spread_over_tasks",
-           "template_for"]
+           "template_for", "to_kvpress_form"]

@@ -1,6 +1,9 @@
-"""Load LongBench-schema rows (JSON lines, JSON, Parquet, or a hub data set) into `Sample`s, via `datasets`.
+"""Load rows (JSON lines, JSON, Parquet, or a hub data set) into `Sample`s, via `datasets`.
 
-Other schemas load with a column map from source column to canonical name, e.g. {"question": "input"}.
+Two forms load as they are: LongBench's (`context`, `input`, `answers`, `dataset`, ...) and kvpress's
+(`context`, `question`, `answer` or `answers`, `task`, `answer_prefix`, `max_new_tokens`), whose context and
+question already hold the instructions. Other schemas load with a column map from source column to canonical
+name, e.g. {"passage": "context"}.
 """
 
 from __future__ import annotations
@@ -12,16 +15,19 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import polykv_search.hub as hub
 from polykv_search.data.sample import Sample
 from polykv_search.errors import ConfigError, DataError
 
 logger = logging.getLogger(__name__)
 
-REQUIRED_COLUMNS = ("context", "input", "answers")
-CANONICAL_COLUMNS = (*REQUIRED_COLUMNS, "length", "dataset", "all_classes", "_id")
+REQUIRED_COLUMNS = ("context", "input", "answers")  # LongBench's names; kvpress's question/answer/task also do
+KVPRESS_COLUMNS = ("question", "answer", "task", "answer_prefix", "max_new_tokens")
+CANONICAL_COLUMNS = (*REQUIRED_COLUMNS, "length", "dataset", "all_classes", "_id", *KVPRESS_COLUMNS)
 _JSON_SUFFIXES = (".jsonl", ".json")
 _SUFFIX_BUILDER = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
-_MAP_HINT = "pass --column-map (e.g. question=input,passage=context) to name the source columns"
+_MAP_HINT = "pass --column-map (e.g. query=input,passage=context) to name the source columns"
+_warned_tasks: set[str] = set()
 
 
 def load_samples(source: str | Path, *, column_map: Mapping[str, str] | None = None, limit: int | None = None,
@@ -58,7 +64,30 @@ def load_samples(source: str | Path, *, column_map: Mapping[str, str] | None = N
                                   default_task=default_task))
     if not samples:
         raise DataError(f"data set {label} has no rows; give a file with at least one LongBench-style row")
+    _warn_unknown_tasks(samples)
     return samples
+
+
+def _warn_unknown_tasks(samples: list[Sample]) -> None:
+    """Say once per task (per process) which metric and prompt a task without built-in ones falls back to."""
+    # imported here: the metric table pulls in rouge_score/nltk, which the loader alone does not need
+    from polykv_search.data.metrics import DEFAULT_METRIC, has_metric
+    from polykv_search.data.prompts import has_template
+
+    for sample in samples:
+        task = sample.task
+        if task in _warned_tasks:
+            continue
+        fallbacks = []
+        if not has_metric(task):
+            fallbacks.append(f"scored with {DEFAULT_METRIC}")
+        if not sample.templated and not has_template(task):
+            fallbacks.append("prompted with the generic read-then-answer template")
+        if fallbacks:
+            _warned_tasks.add(task)
+            logger.warning("task %r is not a built-in task: %s (name a built-in task in the row's "
+                           "`dataset`/`task`, or give kvpress-form rows with their own instructions)",
+                           task, " and ".join(fallbacks))
 
 
 def _check_column_map(column_map: Mapping[str, str]) -> None:
@@ -88,7 +117,14 @@ def _data_files(path: Path) -> list[Path]:
 
 def _prescan_json(file: Path, *, column_map: Mapping[str, str]) -> int:
     """Parse JSON ourselves first: `datasets` reports a bad line without its number, and rows by position only."""
-    text = file.read_text(encoding="utf-8")
+    raw = file.read_bytes()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        lineno = raw.count(b"\n", 0, exc.start) + 1
+        column = exc.start - (raw.rfind(b"\n", 0, exc.start) + 1) + 1
+        raise DataError(f"{file}:{lineno}: not UTF-8 text (byte 0x{raw[exc.start]:02x} at column {column}); "
+                        "save the file as UTF-8") from exc
     if file.suffix == ".json" and text.lstrip().startswith("["):
         try:
             rows = json.loads(text)
@@ -151,6 +187,10 @@ def _load_local(builder: str, files: list[Path]) -> Any:
 
 
 def _load_hub(source: str, *, split: str, name: str | None) -> Any:
+    if not hub.offline_requested() and not hub.reachable():
+        raise DataError(f"cannot load data set {source!r}: the Hugging Face hub ({hub.endpoint()}) cannot be "
+                        "reached; pass a local .jsonl/.json/.parquet file, or set HF_HUB_OFFLINE=1 to read a copy "
+                        "from the datasets cache")
     from datasets import load_dataset  # imported here: a second to load (see _load_local)
 
     try:
@@ -178,28 +218,41 @@ def _rename(row: Mapping[str, Any], column_map: Mapping[str, str]) -> dict[str, 
 def _to_sample(row: Mapping[str, Any], *, index: int, where: str, default_task: str) -> Sample:
     row_id = row.get("_id")
     label = f"{where}" + (f" (_id {row_id})" if row_id is not None else "")
-    for column in REQUIRED_COLUMNS:
-        if column not in row or row[column] is None:
-            raise DataError(f"{label} has no {column!r} column (it has {', '.join(sorted(row)) or 'none'}); "
+    templated = row.get("input") is None and row.get("question") is not None  # kvpress's form
+    question_key = "question" if templated else "input"
+    answers_key = "answers" if row.get("answers") is not None else "answer"
+    for column, names in (("context", "'context'"), (question_key, "'input' (or kvpress's 'question')"),
+                          (answers_key, "'answers' (or 'answer')")):
+        if row.get(column) is None:
+            raise DataError(f"{label} has no {names} column (it has {', '.join(sorted(row)) or 'none'}); "
                             f"{_MAP_HINT}")
-    context, question, answers = row["context"], row["input"], row["answers"]
+    context, question, answers = row["context"], row[question_key], row[answers_key]
     if not isinstance(context, str) or not isinstance(question, str):
-        bad = "context" if not isinstance(context, str) else "input"
+        bad = "context" if not isinstance(context, str) else question_key
         raise DataError(f"{label}: column {bad!r} is a {type(row[bad]).__name__}, not a string; "
                         f"{_MAP_HINT} to a text column")
+    if answers_key == "answer" and isinstance(answers, str):
+        answers = [answers]
     if isinstance(answers, str) or not isinstance(answers, (list, tuple)) or not answers \
             or not all(isinstance(a, str) for a in answers):
-        raise DataError(f"{label}: column 'answers' must be a non-empty list of strings, got {answers!r:.80}; "
+        raise DataError(f"{label}: column {answers_key!r} must be a non-empty list of strings, got {answers!r:.80}; "
                         "write it as [\"answer\", ...]")
     classes = row.get("all_classes")
     if classes is not None and (isinstance(classes, str) or not isinstance(classes, (list, tuple))
                                 or not all(isinstance(c, str) for c in classes)):
         raise DataError(f"{label}: column 'all_classes' must be null or a list of strings, got {classes!r:.80}; "
                         "fix that row")
+    prefix = row.get("answer_prefix")
+    if prefix is not None and not isinstance(prefix, str):
+        raise DataError(f"{label}: column 'answer_prefix' must be a string, got {prefix!r:.80}; fix that row")
+    room = row.get("max_new_tokens")
+    if room is not None and (not isinstance(room, int) or isinstance(room, bool) or room < 1):
+        raise DataError(f"{label}: column 'max_new_tokens' must be a positive integer, got {room!r:.80}; "
+                        "fix that row")
     length = row.get("length")
     if not isinstance(length, int) or isinstance(length, bool):
         length = len(context.split())
-    task = row.get("dataset") or default_task
+    task = row.get("dataset") or row.get("task") or default_task
     return Sample(
         id=str(row_id) if row_id is not None else f"{task}-{index}",
         task=str(task),
@@ -208,4 +261,7 @@ def _to_sample(row: Mapping[str, Any], *, index: int, where: str, default_task: 
         answers=tuple(answers),
         all_classes=tuple(classes) if classes else None,
         length=length,
+        answer_prefix=prefix,
+        max_new_tokens=room,
+        templated=templated,
     )

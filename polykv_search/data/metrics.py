@@ -224,6 +224,11 @@ def metric_for(task: str) -> str:
     return DEFAULT_METRIC
 
 
+def has_metric(task: str) -> bool:
+    """True when `task` (or its LongBench-E base) has a metric of its own rather than the qa_f1 fallback."""
+    return task in TASK_METRIC or (task.endswith("_e") and task[:-2] in TASK_METRIC)
+
+
 def scored_part_complete(task: str, prediction: str) -> bool:
     """True when more generated text cannot change the score of `prediction` for `task`: the first line is finished
     for first-line tasks, the first code line for code tasks. Lets decoding stop early with the same scores."""

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from polykv_search.data.sample import Sample
@@ -32,6 +32,7 @@ class PromptTemplate:
     answer_prefix: str | Callable[[str], str] = ""  # a string, or a function of the question
     chat: bool = True
     answer_sep: str | None = None  # text between prompt and answer; None: a space after a non-space character
+    prefix_sep: str | None = None  # plain text only: between question and answer prefix; None: a space or a blank line
 
     def prefix_for(self, question: str) -> str:
         return self.answer_prefix(question) if callable(self.answer_prefix) else self.answer_prefix
@@ -156,6 +157,14 @@ TEMPLATES: dict[str, PromptTemplate] = {
 TEMPLATES["2wikimqa"] = TEMPLATES["musique"] = TEMPLATES["hotpotqa"]
 TEMPLATES["lsht"] = PromptTemplate("请判断给定新闻的类别，下面是一些例子。\n\n", "\n{input}", 64, chat=False)
 DEFAULT_TEMPLATE = TEMPLATES["multifieldqa_en"]  # a generic "read, then answer briefly" prompt
+# kvpress's rows hold their instructions: context + question + answer prefix, joined as kvpress's pipeline joins
+# them (the question inside the user turn; a newline before the prefix in plain text); its answer room is 50.
+AS_GIVEN_TEMPLATE = PromptTemplate("", "{input}", 50, prefix_sep="\n")
+
+
+def has_template(task: str) -> bool:
+    """True when `task` (or its LongBench-E base) has a template of its own rather than the generic one."""
+    return task in TEMPLATES or (task.endswith("_e") and task[:-2] in TEMPLATES)
 
 
 def template_for(task: str) -> PromptTemplate:
@@ -167,15 +176,39 @@ def template_for(task: str) -> PromptTemplate:
     return DEFAULT_TEMPLATE
 
 
+def template_for_sample(sample: Sample) -> PromptTemplate:
+    """The template `sample` is prompted with: its task's (or, for a kvpress row, its text as given), with the
+    row's own answer prefix and answer room when it has them."""
+    template = AS_GIVEN_TEMPLATE if sample.templated else template_for(sample.task)
+    if sample.answer_prefix is not None:
+        template = replace(template, answer_prefix=sample.answer_prefix)
+    if sample.max_new_tokens is not None:
+        template = replace(template, max_new_tokens=sample.max_new_tokens)
+    return template
+
+
+def to_kvpress_form(sample: Sample) -> Sample:
+    """`sample` as kvpress ships its data sets: the template's instructions moved into the context and the
+    question, its answer prefix and answer room written on the row. With a chat tokenizer it prompts the same as
+    `sample` for every task whose template is a chat one (kvpress renders every row as a chat turn)."""
+    if sample.templated:
+        return sample
+    template = template_for_sample(sample)
+    return replace(sample, context=template.head + sample.context,
+                   question=template.tail.replace("{input}", sample.question),
+                   answer_prefix=template.prefix_for(sample.question), max_new_tokens=template.max_new_tokens,
+                   templated=True)
+
+
 def build_prompt(sample: Sample, tokenizer: Any, *, max_context_tokens: int, add_bos: bool | None = None,
                  template: PromptTemplate | None = None, use_chat_template: bool | None = None) -> PromptParts:
     """Tokenize `sample` as context part + question part, cutting the context in the middle if it is too long.
 
-    The prompt (both parts) is kept within `max_context_tokens - max_new_tokens`. `add_bos=None` follows the
+    `template=None` uses `template_for_sample`. The prompt (both parts) is kept within `max_context_tokens - max_new_tokens`. `add_bos=None` follows the
     chat template in chat mode and the tokenizer's default in plain mode; BOS is never doubled.
     `use_chat_template=None` uses the tokenizer's chat template when it has one and the task asks for chat.
     """
-    template = template or template_for(sample.task)
+    template = template or template_for_sample(sample)
     has_chat = bool(getattr(tokenizer, "chat_template", None))
     chat = (has_chat and template.chat) if use_chat_template is None else use_chat_template
     limit = max_context_tokens - template.max_new_tokens
@@ -215,7 +248,8 @@ def _render(sample: Sample, context: str, tokenizer: Any, *, template: PromptTem
         context_end = _find_end(text, template.head + context, context)
         text += prefix
     else:
-        sep = ("\n\n" if "\n" in prefix else " ") if prefix and user and not user[-1].isspace() else ""
+        sep = template.prefix_sep if template.prefix_sep is not None else "\n\n" if "\n" in prefix else " "
+        sep = sep if prefix and user and not user[-1].isspace() else ""
         text = user + sep + prefix
         context_end = len(template.head) + len(context)
     context_ids, question_ids = _split_ids(tokenizer, text, context_end)

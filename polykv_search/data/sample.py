@@ -1,4 +1,5 @@
-"""One evaluation or calibration example in canonical (LongBench) form."""
+"""One evaluation or calibration example: a LongBench row, or a kvpress row whose context and question carry their
+own instructions."""
 
 from __future__ import annotations
 
@@ -7,7 +8,12 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class Sample:
-    """A LongBench-style row: `context` is compressed, `question` is asked after it, `answers` are references."""
+    """A row: `context` is compressed, `question` is asked after it, `answers` are references.
+
+    `templated` rows (kvpress's form: `question`, `answer_prefix`, `max_new_tokens`, `task`) carry their own
+    instructions and are joined as given; other rows get their task's LongBench-style template. A row's own
+    `answer_prefix` and `max_new_tokens`, when set, replace the template's.
+    """
 
     id: str
     task: str
@@ -16,18 +22,25 @@ class Sample:
     answers: tuple[str, ...]
     all_classes: tuple[str, ...] | None = None
     length: int = 0  # words in the context, as LongBench's `length` column
+    answer_prefix: str | None = None  # the start of the reply, written for the model (kvpress)
+    max_new_tokens: int | None = None  # the answer's room in tokens
+    templated: bool = False  # context and question already hold the instructions (kvpress's form)
 
     def to_row(self) -> dict[str, object]:
-        """The LongBench JSON row for this sample (keys `_id`, `dataset`, `input`, ...)."""
-        return {
-            "context": self.context,
-            "input": self.question,
-            "answers": list(self.answers),
-            "length": self.length,
-            "dataset": self.task,
-            "all_classes": list(self.all_classes) if self.all_classes is not None else None,
-            "_id": self.id,
-        }
+        """The JSON row for this sample: LongBench keys (`_id`, `dataset`, `input`, ...), or kvpress's
+        (`question`, `task`, `answer_prefix`, ...) for a templated sample."""
+        if self.templated:
+            row: dict[str, object] = {"context": self.context, "question": self.question,
+                                      "answers": list(self.answers), "task": self.task, "_id": self.id}
+        else:
+            row = {"context": self.context, "input": self.question, "answers": list(self.answers),
+                   "length": self.length, "dataset": self.task,
+                   "all_classes": list(self.all_classes) if self.all_classes is not None else None, "_id": self.id}
+        if self.answer_prefix is not None:
+            row["answer_prefix"] = self.answer_prefix
+        if self.max_new_tokens is not None:
+            row["max_new_tokens"] = self.max_new_tokens
+        return row
 
 
 def spread_over_tasks(samples: list[Sample], n: int | None) -> list[Sample]:
