@@ -23,6 +23,7 @@ from pathlib import Path
 from polykv_search.calibration import CalibrationConfig, CalibrationRun, Profile, calibrate_model
 from polykv_search.calibration.profile import HEAD_KL, OPTIONAL_COST_KINDS
 from polykv_search.calibration.figures import signal_heatmap
+from polykv_search.checkpoints import folder_lock
 from polykv_search.data import Sample, load_samples, spread_over_tasks
 from polykv_search.engine import EndToEndObjective
 from polykv_search.errors import ConfigError
@@ -101,15 +102,18 @@ def calibrate(model: ModelSpec = DEFAULT_MODEL, data: DataSpec = CALIBRATION_DAT
     from them). The returned run holds the profile."""
     config = config.validated()
     samples, sources = resolve_samples(data, max_samples=max_samples, column_map=column_map)
-    lm = resolve_model(model, device=device, dtype=dtype, trust_remote_code=trust_remote_code, revision=revision)
     out = Path(out_dir) if out_dir is not None else default_out_dir(model)
-    step = None
-    if progress:
-        def step(result) -> None:
-            note = f"skipped: {result.skipped}" if result.skipped else f"{result.task} ({result.context_tokens} tok)"
-            progress("calibrate", result.index + 1, len(samples), note)
-    return calibrate_model(lm, samples, config=config, data_sources=sources, out_dir=out, resume=resume,
-                           progress=step)
+    with folder_lock(out):  # a second run on the folder is refused before the model loads
+        lm = resolve_model(model, device=device, dtype=dtype, trust_remote_code=trust_remote_code,
+                           revision=revision)
+        step = None
+        if progress:
+            def step(result) -> None:
+                note = f"skipped: {result.skipped}" if result.skipped else \
+                    f"{result.task} ({result.context_tokens} tok)"
+                progress("calibrate", result.index + 1, len(samples), note)
+        return calibrate_model(lm, samples, config=config, data_sources=sources, out_dir=out, resume=resume,
+                               progress=step)
 
 
 def optimize(profile: Profile | str | Path, *, budgets: float | Sequence[float],
@@ -167,20 +171,24 @@ def evaluate(model: ModelSpec = DEFAULT_MODEL, data: DataSpec = EVALUATION_DATA,
         raise ConfigError(f"unknown allocator {', '.join(unknown)}; known: {', '.join(ALLOCATORS)}")
     samples, sources = resolve_samples(data, max_samples=max_samples, column_map=column_map)
     loaded_profile = Profile.load(profile) if isinstance(profile, (str, Path)) else profile
-    lm = resolve_model(model, device=device, dtype=dtype, trust_remote_code=trust_remote_code, revision=revision)
-    for _, plan_file in named:
-        plan_file.check_model(lm.info)
-    methods = build_methods(lm.info, budgets=grid, uniform_policies=uniform, allocators=allocators,
-                            allocator_policy=allocator_policy, profile=loaded_profile, plans=named)
     out = Path(out_dir) if out_dir is not None else default_out_dir(model) / "eval"
-    step = (lambda done, total: progress("evaluate", done, total, f"{len(methods) + 1} methods per sample")) \
-        if progress else None
-    results = score_methods(lm, samples, methods, out_dir=out, resume=resume, with_kl=with_kl, batch_size=batch_size,
-                            max_context_tokens=max_context_tokens, progress=step)
-    report = summarize(results, methods, kv_slots=len(lm.info.compressible_layers) * lm.info.num_kv_heads)
-    title = f"{lm.info.model_id} on {', '.join(Path(s).name for s in sources) or f'{len(samples)} samples'}"
-    report.save(out, title=title)
-    return report
+    with folder_lock(out):  # a second run on the folder is refused before the model loads
+        lm = resolve_model(model, device=device, dtype=dtype, trust_remote_code=trust_remote_code,
+                           revision=revision)
+        for _, plan_file in named:
+            plan_file.check_model(lm.info)
+        if loaded_profile is not None:
+            loaded_profile.check_model(lm.info)
+        methods = build_methods(lm.info, budgets=grid, uniform_policies=uniform, allocators=allocators,
+                                allocator_policy=allocator_policy, profile=loaded_profile, plans=named)
+        step = (lambda done, total: progress("evaluate", done, total, f"{len(methods) + 1} methods per sample")) \
+            if progress else None
+        results = score_methods(lm, samples, methods, out_dir=out, resume=resume, with_kl=with_kl,
+                                batch_size=batch_size, max_context_tokens=max_context_tokens, progress=step)
+        report = summarize(results, methods, kv_slots=len(lm.info.compressible_layers) * lm.info.num_kv_heads)
+        title = f"{lm.info.model_id} on {', '.join(Path(s).name for s in sources) or f'{len(samples)} samples'}"
+        report.save(out, title=title)
+        return report
 
 
 def run(model: ModelSpec = DEFAULT_MODEL, *, budgets: float | Sequence[float] = 128,
@@ -199,8 +207,18 @@ def run(model: ModelSpec = DEFAULT_MODEL, *, budgets: float | Sequence[float] = 
     config = config.validated()
     budgets = check_budgets(budgets)
     resolve_samples(eval_data, max_samples=max_eval_samples)  # a bad held-out set is refused before any work
-    lm = resolve_model(model, device=device, dtype=dtype)
     out = Path(out_dir) if out_dir is not None else default_out_dir(model)
+    with folder_lock(out):  # a second run on the folder is refused before the model loads
+        return _run_locked(model, budgets=budgets, calib=calib, eval_data=eval_data, policies=policies, grid=grid,
+                           config=config, max_calib_samples=max_calib_samples, max_eval_samples=max_eval_samples,
+                           out=out, fresh=fresh, device=device, dtype=dtype, progress=progress)
+
+
+def _run_locked(model: ModelSpec, *, budgets: list[float], calib: DataSpec, eval_data: DataSpec,
+                policies: Sequence[str] | None, grid: Sequence[int] | None, config: OptimizeConfig,
+                max_calib_samples: int | None, max_eval_samples: int | None, out: Path, fresh: bool, device: str,
+                dtype: str, progress: Progress | None) -> RunResult:
+    lm = resolve_model(model, device=device, dtype=dtype)
     around = ()
     if config.cost == "around_kl":
         if any(not float(b).is_integer() for b in budgets):

@@ -1,35 +1,188 @@
-"""Per-sample checkpoints shared by long runs (calibrate, evaluate): a fingerprint of the run's settings
-guards `--resume`, so a resumed run never mixes samples computed under other settings."""
+"""Per-sample checkpoints shared by long runs (calibrate, evaluate): a fingerprint of everything that decides their
+content guards `--resume` (each checkpoint carries its digest too), and a lock file keeps a second run out of a
+folder that a live run is writing."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import os
 import shutil
+import socket
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from polykv_search.errors import ProfileError
+from polykv_search.errors import ConfigError, ProfileError
 from polykv_search.io import write_json_atomic
 
 logger = logging.getLogger(__name__)
 
+LOCK_NAME = ".polykv.lock"
+_held: dict[Path, int] = {}  # folders this process holds, and how deeply (run holds its folder, then calibrate)
 
-def prepare_checkpoints(ckpt_dir: Path, fingerprint: dict[str, Any], *, resume: bool) -> None:
-    """Keep `ckpt_dir` when resuming a run with the same fingerprint; otherwise start it afresh."""
+
+def samples_digest(samples: Sequence[Any]) -> str:
+    """A hash of the `Sample`s' whole content (text, answers, prefixes, order): an edited data file is another run."""
+    digest = hashlib.sha256()
+    for sample in samples:
+        digest.update(json.dumps(sample.to_row(), sort_keys=True, ensure_ascii=False).encode())
+        digest.update(b"\n")
+    return digest.hexdigest()
+
+
+def fingerprint_digest(fingerprint: dict[str, Any]) -> str:
+    """The short digest each checkpoint records of the run fingerprint it was made under."""
+    return hashlib.sha256(json.dumps(fingerprint, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def prepare_checkpoints(ckpt_dir: Path, fingerprint: dict[str, Any], *, resume: bool) -> str:
+    """Keep `ckpt_dir` when resuming a run with the same fingerprint; otherwise start it afresh. Returns the
+    fingerprint's digest, which every checkpoint of the run records."""
     run_file = ckpt_dir / "run.json"
     fingerprint = json.loads(json.dumps(fingerprint))  # compare as stored: tuples become lists
     if resume and run_file.exists():
-        previous = json.loads(run_file.read_text())
+        try:
+            previous = json.loads(run_file.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ProfileError(f"--resume: {run_file} is damaged ({exc}); start over (calibrate and evaluate: "
+                               "without --resume; run: --fresh)") from exc
         if previous != fingerprint:
-            changed = sorted(k for k in fingerprint if previous.get(k) != fingerprint[k])
+            changed = sorted({*fingerprint, *previous} - {k for k in fingerprint if previous.get(k) == fingerprint[k]})
             raise ProfileError(f"--resume: the checkpoints in {ckpt_dir} were made with a different "
                                f"{', '.join(changed)}; re-run with the same options, or start over (calibrate and "
                                "evaluate: without --resume; run: --fresh)")
-        return
+        return fingerprint_digest(fingerprint)
     if resume:
         logger.info("--resume: no checkpoints in %s, starting from the first sample", ckpt_dir)
     if ckpt_dir.exists():
         shutil.rmtree(ckpt_dir)
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     write_json_atomic(run_file, fingerprint)
+    return fingerprint_digest(fingerprint)
+
+
+def check_checkpoint(path: Path, recorded: str | None, expected: str) -> None:
+    """Refuse a checkpoint made under another fingerprint than its folder's run.json (another writer's file)."""
+    if recorded != expected:
+        raise ProfileError(f"--resume: checkpoint {path} was made by another run than {path.parent / 'run.json'} "
+                           "describes (its settings differ); start over (calibrate and evaluate: without --resume; "
+                           "run: --fresh)")
+
+
+def check_out_dir(folder: str | Path, *, option: str = "--out") -> Path:
+    """`folder` as an output folder: refused in one line when it is a file or cannot be created."""
+    path = Path(folder)
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"{option} {path} is a file; give a folder (it will hold the checkpoints and results)")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"{option} {path}: cannot create the folder ({exc.strerror}); give a writable folder") \
+            from exc
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise ConfigError(f"{option} {path} is not writable; give a writable folder")
+    return path
+
+
+@contextmanager
+def folder_lock(folder: str | Path) -> Iterator[Path]:
+    """Hold `folder` while a run writes in it: a second run on it is refused at once, with the owner's PID; a
+    lock left by a process that is gone is taken over. Re-entrant within one process."""
+    created = not Path(folder).exists()
+    folder = check_out_dir(folder).resolve()
+    if folder in _held:
+        _held[folder] += 1
+        try:
+            yield folder
+        finally:
+            _held[folder] -= 1
+        return
+    lock = folder / LOCK_NAME
+    _acquire(lock)
+    _held[folder] = 1
+    _remove_leftovers(folder)
+    try:
+        yield folder
+    finally:
+        del _held[folder]
+        lock.unlink(missing_ok=True)
+        if created and not any(folder.iterdir()):  # a run refused before writing leaves no empty folder behind
+            folder.rmdir()
+
+
+def _remove_leftovers(folder: Path) -> None:
+    """Temporary files of a write a killed run never finished (`write_atomic` names them .<name>.*.tmp): with the
+    lock held no live writer owns them."""
+    for leftover in [*folder.glob(".*.tmp"), *(folder / "checkpoints").glob(".*.tmp")]:
+        logger.info("removing %s, left by an interrupted write", leftover)
+        leftover.unlink(missing_ok=True)
+
+
+def _acquire(lock: Path) -> None:
+    owner_text = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()})
+    for _ in range(5):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+        except FileExistsError:
+            owner = _owner(lock)
+            if owner is not None and _alive(owner):
+                started = time.strftime("%H:%M:%S", time.localtime(owner.get("started", 0)))
+                raise ConfigError(f"{lock.parent} is in use by another polykv-search run (PID {owner['pid']} on "
+                                  f"{owner['host']}, since {started}); wait for it to finish, or give another "
+                                  f"--out (delete {lock} only if no run is using the folder)") from None
+            logger.warning("taking over %s: the run that held it (PID %s) is gone", lock,
+                           owner.get("pid") if owner else "unknown")
+            lock.unlink(missing_ok=True)
+            continue
+        with os.fdopen(fd, "w") as handle:
+            handle.write(owner_text)
+        return
+    raise ConfigError(f"could not take the lock {lock}; another run keeps taking it: give another --out")
+
+
+def _owner(lock: Path) -> dict[str, Any] | None:
+    try:
+        owner = json.loads(lock.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        # killed between creating and writing the lock: stale unless it is brand new (its writer is still at it)
+        try:
+            young = time.time() - lock.stat().st_mtime < 2
+        except OSError:
+            return None
+        return {"pid": "unknown", "host": socket.gethostname(), "started": time.time()} if young else None
+    if not isinstance(owner, dict) or not isinstance(owner.get("pid"), int):
+        return None
+    return owner
+
+
+def _alive(owner: dict[str, Any]) -> bool:
+    if owner.get("host") != socket.gethostname():
+        return True  # another machine's process cannot be checked from here: assume it runs
+    pid = owner["pid"]
+    if pid == "unknown":
+        return True
+    if pid == os.getpid():
+        return False  # this process holds no such lock (folder_lock knows its own): a reused PID
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # someone else's live process
+    started = _process_start(pid)
+    return started is None or started <= float(owner.get("started", 0)) + 1  # a later process reused the PID
+
+
+def _process_start(pid: int) -> float | None:
+    """When process `pid` started (Linux /proc), or None where that cannot be read."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        boot = next(float(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
+                    if line.startswith("btime "))
+        return boot + int(fields[19]) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError, StopIteration):
+        return None

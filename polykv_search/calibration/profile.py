@@ -12,7 +12,9 @@ Sliding-window layers hold NaN: the architecture fixes their cache and no plan t
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,6 +32,15 @@ PROFILE_FORMAT = "polykv-profile"
 PROFILE_VERSION = 2  # bump when arrays or header fields change meaning; 2: "around" backgrounds are plans
 READABLE_VERSIONS = (1, PROFILE_VERSION)  # version 1 headers are upgraded on load
 HEADER_KEY = "polykv_profile"
+CHECKSUM_KEY = "polykv_sha256"  # of the tensors (names, dtypes, shapes, bytes): a damaged file is refused
+REQUIRED_HEADER = ("model", "policies", "budgets", "samples")
+# Where each cost lives (sliding-window layers hold NaN; every other value must be finite and in its range):
+# mass_lost is a share of attention mass; the KLs are >= 0 up to float rounding; an NLL rise may be negative.
+COST_RANGES: dict[str, tuple[float, float]] = {
+    "mass_lost": (-1e-4, 1 + 1e-4), "out_err": (0.0, math.inf), "layer_kl": (-1e-3, math.inf),
+    "layer_nll": (-math.inf, math.inf), "around_kl": (-1e-3, math.inf), "around_base_kl": (-1e-3, math.inf),
+    "head_kl": (-1e-3, math.inf),
+}
 COST_KINDS = ("mass_lost", "out_err")  # in every profile
 OPTIONAL_COST_KINDS = ("layer_kl", "layer_nll")  # measured by `calibrate --layer-kl` only
 AROUND_KL = "around_kl"  # measured by `calibrate --around` only; a cost at the measured budgets only
@@ -140,7 +151,7 @@ class Profile:
     def save(self, path: str | Path) -> Path:
         tensors = {k: v.contiguous().float() if v.is_floating_point() else v.contiguous()
                    for k, v in self.arrays.items()}
-        meta = {HEADER_KEY: json.dumps(self.header)}
+        meta = {HEADER_KEY: json.dumps(self.header), CHECKSUM_KEY: tensors_sha256(tensors)}
         return write_atomic(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
 
     @classmethod
@@ -156,7 +167,14 @@ class Profile:
             raise ProfileError(f"{path} is not a readable safetensors profile ({exc}); re-run calibrate") from exc
         if HEADER_KEY not in meta:
             raise ProfileError(f"{path} has no polykv-search header; it is not a profile written by calibrate")
-        header = json.loads(meta[HEADER_KEY])
+        try:
+            header = json.loads(meta[HEADER_KEY])
+        except json.JSONDecodeError as exc:
+            raise ProfileError(f"{path}: the profile header is not JSON ({exc.msg}); the file is damaged, re-run "
+                               "calibrate") from exc
+        if not isinstance(header, dict):
+            raise ProfileError(f"{path}: the profile header is a JSON {type(header).__name__}, not an object; the "
+                               "file is damaged, re-run calibrate")
         if header.get("format") != PROFILE_FORMAT:
             raise ProfileError(f"{path} is not a polykv-search profile (format {header.get('format')!r})")
         version = header.get("format_version")
@@ -164,12 +182,28 @@ class Profile:
             raise ProfileError(f"{path} is profile format version {version}, this polykv-search reads versions "
                                f"{', '.join(map(str, READABLE_VERSIONS))}; re-run `polykv-search calibrate` to "
                                "rebuild it")
+        missing = [key for key in REQUIRED_HEADER if key not in header]
+        if missing:
+            raise ProfileError(f"{path}: the profile header lacks {', '.join(missing)}; the file is damaged or "
+                               "edited, re-run calibrate")
+        recorded = meta.get(CHECKSUM_KEY)
+        if recorded is not None and recorded != tensors_sha256(arrays):
+            raise ProfileError(f"{path} is damaged or was edited: its tensors do not match their checksum; re-run "
+                               "calibrate")
+        try:
+            ModelInfo.from_dict(header["model"])
+        except (TypeError, KeyError, ValueError, AttributeError) as exc:
+            raise ProfileError(f"{path}: the profile header's model is unreadable ({type(exc).__name__}: {exc}); "
+                               "the file is damaged or edited, re-run calibrate") from exc
         if version == 1 and header.get("around"):
             header = {**header, "format_version": PROFILE_VERSION,
                       "around": [_upgraded_background(entry, ModelInfo.from_dict(header["model"]))
                                  for entry in header["around"]]}
         profile = cls(header=header, arrays=arrays)
-        profile.check()
+        try:
+            profile.check()
+        except ProfileError as exc:
+            raise ProfileError(f"{path}: {exc}") from None
         return profile
 
     def check_model(self, info: ModelInfo) -> None:
@@ -216,6 +250,33 @@ class Profile:
                                        "calibrate")
         if self.num_samples != len(self.header.get("samples", [])):
             raise ProfileError("profile sample count does not match its header; re-run calibrate")
+        self._check_ranges()
+
+    def _check_ranges(self) -> None:
+        """Every cost finite and in its documented range (NaN only in sliding-window layers)."""
+        sliding = [i for i in range(self.model.num_layers) if i not in set(self.model.compressible_layers)]
+        for kind, (low, high) in COST_RANGES.items():
+            values = self.arrays.get(kind)
+            if values is None or not values.is_floating_point():
+                continue
+            nan = torch.isnan(values)
+            if kind != AROUND_BASE and sliding and values.dim() > 1:
+                nan[:, sliding] = False  # sliding-window layers are NaN by design
+            bad = nan | (~torch.isnan(values) & ((values < low) | (values > high)))
+            if bool(bad.any()):
+                where = tuple(int(i) for i in bad.nonzero()[0])
+                raise ProfileError(f"profile array {kind} holds {float(values[where]):g} at {where}, outside "
+                                   f"[{low:g}, {high:g}]; the file is damaged or edited, re-run calibrate")
+
+
+def tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:
+    """A checksum of named tensors: names, dtypes, shapes and bytes, in name order."""
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        tensor = tensors[name].detach().cpu().contiguous()
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()
 
 
 def _upgraded_background(entry: dict[str, Any], info: ModelInfo) -> dict[str, Any]:

@@ -4,7 +4,6 @@ checkpoints (so an interrupted run resumes), and the aggregated profile written 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import platform
@@ -41,9 +40,9 @@ from polykv_search.calibration.profile import (
 )
 from polykv_search.calibration.layer_kl import head_probes, layer_probes, probe_state
 from polykv_search.calibration.signals import SIGNAL_NAMES
-from polykv_search.checkpoints import prepare_checkpoints
+from polykv_search.checkpoints import check_checkpoint, folder_lock, prepare_checkpoints, samples_digest
 from polykv_search.data import Sample, build_prompt
-from polykv_search.errors import ConfigError, DataError
+from polykv_search.errors import ConfigError, DataError, ProfileError
 from polykv_search.io import file_sha256, write_atomic
 from polykv_search.engine import PrefillEngine
 from polykv_search.models import LoadedModel
@@ -132,10 +131,18 @@ def calibrate_model(lm: LoadedModel, samples: Sequence[Sample], *, config: Calib
     if not samples:
         raise DataError("the calibration data set is empty; pass a --data file with at least one row")
     out_dir = Path(out_dir)
-    ckpt_dir = out_dir / "checkpoints"
     max_ctx = config.max_context_tokens or lm.info.max_context or 8192
+    with folder_lock(out_dir):
+        return _calibrate_locked(lm, samples, config=config, data_sources=data_sources, out_dir=out_dir,
+                                 resume=resume, progress=progress, max_ctx=max_ctx)
+
+
+def _calibrate_locked(lm: LoadedModel, samples: Sequence[Sample], *, config: CalibrationConfig,
+                      data_sources: Sequence[str], out_dir: Path, resume: bool, progress: ProgressFn | None,
+                      max_ctx: int) -> CalibrationRun:
+    ckpt_dir = out_dir / "checkpoints"
     fingerprint = _fingerprint(lm, samples, config, data_sources, max_ctx)
-    prepare_checkpoints(ckpt_dir, fingerprint, resume=resume)
+    run_digest = prepare_checkpoints(ckpt_dir, fingerprint, resume=resume)
 
     capture = LayerCapture(lm.model, lm.info, policies=config.policies, budgets=config.budgets,
                            window=config.window, n_sink=config.n_sink, recent=config.recent)
@@ -152,13 +159,13 @@ def calibrate_model(lm: LoadedModel, samples: Sequence[Sample], *, config: Calib
             ckpt = ckpt_dir / f"sample-{index:05d}.safetensors"
             t0 = time.perf_counter()
             if resume and ckpt.exists():
-                record, result = _load_checkpoint(ckpt, index)
+                record, result = _load_checkpoint(ckpt, index, run_digest)
                 result.resumed = True
             else:
                 record, result = _calibrate_one(lm, capture, sample, index, max_ctx, min_context, probe=probe,
                                                 layer_kl=config.layer_kl, head_kl=config.head_kl,
                                                 backgrounds=backgrounds)
-                _save_checkpoint(ckpt, record, result)
+                _save_checkpoint(ckpt, record, result, run_digest)
             result.seconds = time.perf_counter() - t0
             results.append(result)
             if record is not None:
@@ -242,7 +249,7 @@ def _calibrate_one(lm: LoadedModel, capture: LayerCapture, sample: Sample, index
     return record, result
 
 
-def _save_checkpoint(path: Path, record: SampleRecord | None, result: SampleResult) -> None:
+def _save_checkpoint(path: Path, record: SampleRecord | None, result: SampleResult, run_digest: str) -> None:
     tensors = {}
     if record is not None:
         tensors = {"mass_lost": record.mass_lost, "out_err": record.out_err,
@@ -250,17 +257,24 @@ def _save_checkpoint(path: Path, record: SampleRecord | None, result: SampleResu
         tensors.update(record.layer_probes or {})
     else:
         tensors = {"skipped": torch.zeros(1)}
-    meta = {"result": json.dumps(asdict(result))}
+    meta = {"result": json.dumps(asdict(result)), "run": run_digest}
     write_atomic(path, lambda tmp: save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=meta))
 
 
-def _load_checkpoint(path: Path, index: int) -> tuple[SampleRecord | None, SampleResult]:
-    with safe_open(str(path), framework="pt") as handle:
-        meta = handle.metadata()
+def _load_checkpoint(path: Path, index: int, run_digest: str) -> tuple[SampleRecord | None, SampleResult]:
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            meta = handle.metadata() or {}
+        check_checkpoint(path, meta.get("run"), run_digest)
+        arrays = load_file(str(path))
+    except ProfileError:
+        raise
+    except Exception as exc:  # safetensors raises its own error types for a damaged file
+        raise ProfileError(f"--resume: checkpoint {path} is damaged ({type(exc).__name__}); delete it to redo "
+                           "that sample, or start over without --resume") from exc
     result = SampleResult(**{k: v for k, v in json.loads(meta["result"]).items() if k != "resumed"})
     if result.skipped is not None:
         return None, result
-    arrays = load_file(str(path))
     signals = {k.split(".", 1)[1]: v for k, v in arrays.items() if k.startswith("signal.")}
     return SampleRecord(mass_lost=arrays["mass_lost"], out_err=arrays["out_err"], signals=signals,
                         layer_probes={k: arrays[k] for k in PROBE_ARRAYS if k in arrays} or None), result
@@ -268,10 +282,9 @@ def _load_checkpoint(path: Path, index: int) -> tuple[SampleRecord | None, Sampl
 
 def _fingerprint(lm: LoadedModel, samples: Sequence[Sample], config: CalibrationConfig,
                  data_sources: Sequence[str], max_ctx: int) -> dict[str, Any]:
-    ids = hashlib.sha256("\n".join(f"{s.id}\t{s.task}\t{len(s.context)}" for s in samples).encode()).hexdigest()
-    found = {"model": lm.info.model_id, "revision": lm.info.revision, "config": asdict(config),
-             "max_context_tokens": max_ctx, "samples": ids, "data": list(data_sources),
-             "format_version": PROFILE_VERSION}
+    found = {"model": lm.info.model_id, "revision": lm.info.revision, "dtype": str(getattr(lm.model, "dtype", "")),
+             "device": str(lm.device), "config": asdict(config), "max_context_tokens": max_ctx,
+             "samples": samples_digest(samples), "data": list(data_sources), "format_version": PROFILE_VERSION}
     if config.around_plan is not None:  # an edited plan file is another background
         found["around_plan_sha256"] = file_sha256(Path(config.around_plan))
     return found

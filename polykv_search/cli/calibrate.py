@@ -25,6 +25,7 @@ from polykv_search.cli.options import (
     ModelOpt,
     RevisionOpt,
     TrustOpt,
+    check_out_file,
     parse_column_map,
     parse_int_list,
     parse_str_list,
@@ -115,6 +116,7 @@ def merge_profiles(
     from polykv_search.calibration import Profile
     from polykv_search.calibration.merge import merge_budget_grids
 
+    check_out_file(out, example="profile.safetensors")
     merged = merge_budget_grids([Profile.load(p) for p in profiles])
     path = merged.save(out)
     typer.echo(f"profile: {path} (budgets {','.join(map(str, merged.budgets))}; {', '.join(merged.cost_kinds)})")

@@ -36,6 +36,8 @@ from polykv_search.cli.options import (
     StorageOpt,
     TieOpt,
     WeightingOpt,
+    check_out_file,
+    given,
     model_slug,
     parse_allowed,
     parse_budget_list,
@@ -43,6 +45,8 @@ from polykv_search.cli.options import (
     parse_tied,
 )
 from polykv_search.cli.render import choice_table, plan_table, progress_bars
+from polykv_search.errors import ConfigError
+from polykv_search.models import same_model
 
 BudgetOpt = Annotated[str, typer.Option("--budget", "-b", help="Average tokens per compressible layer; a comma "
                                         "list writes a ladder of plans.")]
@@ -52,8 +56,21 @@ def profile_path(profile: Path | None, model: str) -> Path:
     return profile or Path("outputs") / model_slug(model) / "profile.safetensors"
 
 
+def profile_model(ctx: typer.Context, model: str, recorded: str) -> str | None:
+    """The model to measure with: --model when given, which must be the one the profile was calibrated on (checked
+    by name, before any weight is read); None (the profile's own) when not given."""
+    if not given(ctx, "model"):
+        return None
+    if not same_model(model, recorded):
+        raise ConfigError(f"--model {model} does not match the profile, which was calibrated on {recorded}; pass "
+                          f"that model's profile (--profile outputs/{model_slug(model)}/profile.safetensors) or "
+                          "leave --model out")
+    return model
+
+
 @app.command()
 def optimize(
+    ctx: typer.Context,
     budget: BudgetOpt = "512",
     model: ModelOpt = DEFAULT_MODEL,
     profile: ProfileOpt = None,
@@ -99,9 +116,10 @@ def optimize(
                                allowed=parse_allowed(only), time_limit=time_limit, mip_gap=gap, n_trials=n_trials,
                                timeout=timeout, storage=storage, seed=seed).validated()
     budgets = parse_budget_list(budget)
+    check_out_file(out)
     path = profile_path(profile, model)
     loaded = pk.Profile.load(path)
-    chosen_model = model if model != DEFAULT_MODEL or loaded.model.model_id == DEFAULT_MODEL else None
+    chosen_model = profile_model(ctx, model, loaded.model.model_id)
     with progress_bars() as progress:
         plan_file = pk.optimize(path, budgets=budgets, config=config, model=chosen_model, data=data,
                                 max_samples=max_samples, device=device, dtype=dtype, progress=progress)
@@ -119,6 +137,7 @@ def optimize(
 
 @app.command("check-proxy")
 def check_proxy_cmd(
+    ctx: typer.Context,
     budget: Annotated[float, typer.Option("--budget", "-b", help="Average tokens per layer of the random plans.")] = 128,
     model: ModelOpt = DEFAULT_MODEL,
     profile: ProfileOpt = None,
@@ -134,13 +153,12 @@ def check_proxy_cmd(
     """Spearman correlation between the profile's predicted loss and the measured KL of random plans."""
     # imported here: the library loads torch, transformers and kvpress (about 4 s)
     import polykv_search as pk
-    from polykv_search.errors import ConfigError
     from polykv_search.optimization.proxy import WEAK_PROXY
 
     if n_plans < 20:
         raise ConfigError(f"--n-plans {n_plans}: use at least 20 plans for a meaningful rank correlation")
     loaded = pk.Profile.load(profile_path(profile, model))
-    chosen_model = model if model != DEFAULT_MODEL or loaded.model.model_id == DEFAULT_MODEL else None
+    chosen_model = profile_model(ctx, model, loaded.model.model_id)
     with err_console.status(f"measuring {n_plans} random plans"):
         report = pk.check_proxy(loaded, budget=budget, cost=cost, n_plans=n_plans, model=chosen_model, data=data,
                                 max_samples=max_samples, seed=seed, device=device, dtype=dtype)
@@ -175,10 +193,10 @@ def choose_cmd(
     # imported here: the library loads torch, transformers and kvpress (about 4 s)
     import polykv_search as pk
     from polykv_search.engine import METRICS
-    from polykv_search.errors import ConfigError
 
     if metric not in METRICS:
         raise ConfigError(f"--metric {metric!r} is not one of {', '.join(METRICS)}")
+    check_out_file(out)
     uniform_policies = parse_str_list(uniform) if uniform is not None else []
     with progress_bars() as progress:
         result = pk.choose(model, plan, data=data or ["calibration_data/calib.jsonl"], metric=metric,

@@ -18,8 +18,8 @@ TrustOpt = Annotated[bool, typer.Option("--trust-remote-code", help="Allow the m
 RevisionOpt = Annotated[str | None, typer.Option(help="Hub revision (commit, tag or branch) of --model.")]
 DataOpt = Annotated[list[str] | None, typer.Option("--data", "-d", help="JSON/JSONL/parquet file, folder, or hub id; "
                                                    "repeat for several.")]
-ColumnMapOpt = Annotated[str | None, typer.Option(help="Rename columns to the LongBench schema, e.g. "
-                                                  "'question=input,passage=context'.")]
+ColumnMapOpt = Annotated[str | None, typer.Option(help="Rename columns to the canonical names (LongBench's or "
+                                                  "kvpress's load as they are), e.g. 'query=input,passage=context'.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")]
 WeightingOpt = Annotated[str, typer.Option(help="How calibration samples combine: mean (plain mean of the costs) or "
                                            "equal (each sample scaled by its own cost level first, so every "
@@ -60,8 +60,38 @@ StorageOpt = Annotated[str | None, typer.Option(help="optuna: journal:PATH or an
 __all__ = ["DEFAULT_MODEL", "CapOpt", "ColumnMapOpt", "CostOpt", "DataOpt", "DeviceOpt", "DtypeOpt", "FloorOpt",
            "JsonOpt", "MaxPoliciesOpt", "MetricOpt", "ModelOpt", "NTrialsOpt", "OnlyOpt", "OutOpt", "PoliciesOpt",
            "ProfileOpt", "RevisionOpt", "SolverOpt", "StorageOpt", "TieOpt", "TrustOpt", "WeightingOpt",
-           "model_slug", "parse_allowed", "parse_budget_list", "parse_column_map", "parse_int_list",
+           "check_out_file", "check_out_folder", "given", "model_slug", "parse_allowed", "parse_budget_list", "parse_column_map", "parse_int_list",
            "parse_str_list", "parse_tied"]
+
+
+def given(ctx: typer.Context, name: str) -> bool:
+    """Whether option `name` was given (command line or environment), not left at its default."""
+    source = ctx.get_parameter_source(name)
+    return source is not None and source.name in ("COMMANDLINE", "ENVIRONMENT")
+
+
+def check_out_file(path: Path | None, *, option: str = "--out", example: str = "plan.json") -> Path | None:
+    """An output file path, refused in one line (before any work) when it names a folder or lies under a file."""
+    if path is None:
+        return None
+    if path.is_dir():
+        raise ConfigError(f"{option} {path} is a folder; give a file name, e.g. {path / example}")
+    above = next((parent for parent in path.parents if parent.exists()), None)
+    if above is not None and not above.is_dir():
+        raise ConfigError(f"{option} {path}: {above} is a file, not a folder; give another path")
+    return path
+
+
+def check_out_folder(path: Path | None, *, option: str = "--out") -> Path | None:
+    """An output folder, refused in one line (before any model loads) when it is a file or lies under one."""
+    if path is None:
+        return None
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"{option} {path} is a file; give a folder (it holds the checkpoints and results)")
+    above = next((parent for parent in path.parents if parent.exists()), None)
+    if above is not None and not above.is_dir():
+        raise ConfigError(f"{option} {path}: {above} is a file, not a folder; give another path")
+    return path
 
 
 def parse_budget_list(text: str, *, option: str = "--budget") -> list[float]:

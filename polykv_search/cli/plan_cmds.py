@@ -16,10 +16,10 @@ import typer
 
 from polykv_search.cli import app
 from polykv_search.cli.errors import err_console
-from polykv_search.cli.options import RevisionOpt, TrustOpt, parse_int_list
+from polykv_search.cli.options import RevisionOpt, TrustOpt, check_out_file, parse_int_list
 from polykv_search.cli.render import plan_table
 from polykv_search.errors import ConfigError
-from polykv_search.plan import PLAN_SCHEMA, PlanFile, load_plan
+from polykv_search.plan import PLAN_SCHEMA, InvalidPlanError, PlanFile, budgets_beyond_context, load_plan
 
 KINDS = ("uniform", "pyramidkv", "cake")
 
@@ -47,7 +47,11 @@ def validate(
         # imported here: loading a model needs torch and transformers (seconds); a plain check needs neither
         from polykv_search.models import load_model
 
-        plan_file.check_model(load_model(model, revision=revision, trust_remote_code=trust_remote_code).info)
+        info = load_model(model, revision=revision, trust_remote_code=trust_remote_code).info
+        plan_file.check_model(info)
+        beyond = budgets_beyond_context(plan_file.to_dict(), info)
+        if beyond:
+            raise InvalidPlanError(source=str(plan), problems=beyond)
     budgets = ", ".join(_fmt(b) for b in plan_file.budgets)
     count = len(plan_file.plans)
     typer.echo(f"valid: {count} plan{'s' if count != 1 else ''}, budgets [{budgets}]")
@@ -74,6 +78,7 @@ def baseline(
     trust_remote_code: TrustOpt = False,
 ) -> None:
     """Write a baseline plan (or a ladder of them): uniform, PyramidKV or CAKE budgets for one policy."""
+    check_out_file(out)
     # imported here: the library loads torch, transformers and kvpress (about 4 s)
     from polykv_search.calibration import Profile
     from polykv_search.io import file_sha256

@@ -10,11 +10,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from polykv_search.checkpoints import prepare_checkpoints
+from polykv_search.checkpoints import check_checkpoint, folder_lock, prepare_checkpoints, samples_digest
 from polykv_search.data import Sample
 from polykv_search.data.metrics import score_sample
 from polykv_search.engine import Answer, PrefillEngine
-from polykv_search.errors import DataError
+from polykv_search.errors import DataError, ProfileError
 from polykv_search.evaluation.methods import FULL, Method
 from polykv_search.io import write_json_atomic
 from polykv_search.models import LoadedModel
@@ -39,6 +39,7 @@ class ScoredResult:
 
 
 ProgressFn = Callable[[int, int], None]
+CHECKPOINT_VERSION = 2  # 2: {"run": digest, "rows": [...]} per sample
 
 
 def score_methods(lm: LoadedModel, samples: Sequence[Sample], methods: Sequence[Method], *, out_dir: str | Path,
@@ -52,15 +53,24 @@ def score_methods(lm: LoadedModel, samples: Sequence[Sample], methods: Sequence[
         raise DataError(f"samples {', '.join(map(str, missing[:5]))} have no answers; evaluation needs "
                         "reference answers (the `answers` column)")
     out_dir = Path(out_dir)
+    with folder_lock(out_dir):
+        return _score_locked(lm, samples, methods, out_dir=out_dir, resume=resume, with_kl=with_kl,
+                             batch_size=batch_size, max_context_tokens=max_context_tokens, progress=progress)
+
+
+def _score_locked(lm: LoadedModel, samples: Sequence[Sample], methods: Sequence[Method], *, out_dir: Path,
+                  resume: bool, with_kl: bool, batch_size: int, max_context_tokens: int | None,
+                  progress: ProgressFn | None) -> list[ScoredResult]:
     ckpt_dir = out_dir / "checkpoints"
-    prepare_checkpoints(ckpt_dir, _fingerprint(lm, samples, methods, with_kl, max_context_tokens), resume=resume)
+    run_digest = prepare_checkpoints(ckpt_dir, _fingerprint(lm, samples, methods, with_kl, max_context_tokens),
+                                     resume=resume)
     engine = PrefillEngine.for_plans(lm, [m.plan for m in methods], policies=[m.policy for m in methods if m.policy],
                                      max_context_tokens=max_context_tokens)
     results: list[ScoredResult] = []
     for index, sample in enumerate(samples):
         ckpt = ckpt_dir / f"sample-{index:05d}.json"
         if resume and ckpt.exists():
-            rows = [ScoredResult(**row) for row in json.loads(ckpt.read_text())]
+            rows = _load_checkpoint(ckpt, run_digest)
         else:
             state = engine.prefill(sample)
             plans = [m.plan_for(state) for m in methods]
@@ -68,12 +78,26 @@ def score_methods(lm: LoadedModel, samples: Sequence[Sample], methods: Sequence[
             answered += engine.run_many(state, plans, with_kl=with_kl, batch_size=batch_size)
             rows = [_scored(method, answer, sample, state.n_context, engine.footprint(state, plan))
                     for method, plan, answer in zip([FULL, *methods], [None, *plans], answered)]
-            write_json_atomic(ckpt, [asdict(r) for r in rows])
+            write_json_atomic(ckpt, {"run": run_digest, "rows": [asdict(r) for r in rows]})
         results.extend(rows)
         if progress:
             progress(index + 1, len(samples))
     logger.info("evaluated %d samples with %d prefills", len(samples), engine.prefills)
     return results
+
+
+def _load_checkpoint(path: Path, run_digest: str) -> list[ScoredResult]:
+    try:
+        stored = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ProfileError(f"--resume: checkpoint {path} is damaged ({exc}); delete it to redo that sample, or "
+                           "start over without --resume") from exc
+    check_checkpoint(path, stored.get("run") if isinstance(stored, dict) else None, run_digest)
+    try:
+        return [ScoredResult(**row) for row in stored["rows"]]
+    except (TypeError, KeyError) as exc:
+        raise ProfileError(f"--resume: checkpoint {path} is damaged (rows do not parse); delete it to redo that "
+                           "sample, or start over without --resume") from exc
 
 
 def _scored(method: Method, answer: Answer, sample: Sample, n_context: int,
@@ -87,9 +111,9 @@ def _scored(method: Method, answer: Answer, sample: Sample, n_context: int,
 
 def _fingerprint(lm: LoadedModel, samples: Sequence[Sample], methods: Sequence[Method], with_kl: bool,
                  max_context: int | None) -> dict:
-    ids = hashlib.sha256("\n".join(f"{s.id}\t{s.task}\t{len(s.context)}" for s in samples).encode()).hexdigest()
     described = [{"name": m.name, "family": m.family, "budget": m.average_budget, "policy": m.policy,
                   "plan": None if m.plan is None else m.plan.to_dict()["layers"]} for m in methods]
     method_sig = hashlib.sha256(json.dumps(described, sort_keys=True, default=str).encode()).hexdigest()
-    return {"model": lm.info.model_id, "revision": lm.info.revision, "samples": ids, "methods": method_sig,
-            "with_kl": with_kl, "max_context": max_context}
+    return {"model": lm.info.model_id, "revision": lm.info.revision, "dtype": str(getattr(lm.model, "dtype", "")),
+            "device": str(lm.device), "samples": samples_digest(samples), "methods": method_sig, "with_kl": with_kl,
+            "max_context": max_context, "format_version": CHECKPOINT_VERSION}

@@ -7,11 +7,12 @@ from importlib import import_module
 from typing import TYPE_CHECKING, Any
 
 from polykv_search.models.embedded import DEFAULT_MODEL, EMBEDDED
-from polykv_search.models.info import ModelInfo, model_info, model_slug
+from polykv_search.models.info import ModelInfo, model_info, model_slug, same_model
 
 # loading imports torch (a second): the command line's --help and plan checks need only the names above
 _LAZY = {"LoadedModel", "load_model", "resolve_device", "resolve_dtype"}
-__all__ = ["DEFAULT_MODEL", "EMBEDDED", "ModelInfo", "model_info", "model_slug", *sorted(_LAZY)]
+__all__ = ["DEFAULT_MODEL", "EMBEDDED", "ModelInfo", "model_info", "model_slug", "same_model",
+           *sorted(_LAZY)]
 
 
 def __getattr__(name: str) -> Any:

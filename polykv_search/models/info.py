@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -63,6 +64,19 @@ def model_info(model: Any, *, model_id: str, revision: str = "local", add_bos: b
 
 
 def model_slug(model: str | Path) -> str:
-    """A folder name for a model spec: its alias, file stem or last path part (outputs/<slug>/ by default)."""
+    """A folder name for a model spec: its alias, file stem or last path part (outputs/<slug>/ by default); never
+    a path of its own (a model id of ".." from an edited file stays under outputs/)."""
     name = Path(str(model).rstrip("/")).name
-    return name[:-5] if name.endswith(".gguf") else name
+    name = name[:-5] if name.endswith(".gguf") else name
+    name = re.sub(r"[^A-Za-z0-9._+-]", "_", name).strip(".")
+    return name or "model"
+
+
+def same_model(spec: str | Path, model_id: str) -> bool:
+    """Whether the model spec (alias, .gguf path, folder or hub id) names the model a profile or plan recorded as
+    `model_id`, read without loading the model."""
+    spec = str(spec)
+    if spec == model_id or (spec.endswith(".gguf") and Path(spec).name == model_id):
+        return True
+    mine, theirs = Path(spec).expanduser(), Path(model_id).expanduser()
+    return mine.is_dir() and theirs.is_dir() and mine.resolve() == theirs.resolve()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import pickle
 import shutil
 import tempfile
 import time
@@ -22,7 +23,8 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from transformers import __version__ as tf_version
 from transformers.utils import logging as tf_logging
 
-from polykv_search.errors import ConfigError, ModelError
+import polykv_search.hub as hub
+from polykv_search.errors import ConfigError, ModelError, PolykvError
 from polykv_search.io import file_sha256
 from polykv_search.models.cache import cache_root
 from polykv_search.models.embedded import EMBEDDED
@@ -93,9 +95,14 @@ def load_model(
         if not Path(spec).expanduser().is_dir() and ("/" not in spec or spec.startswith((".", "/", "~"))):
             raise ModelError(f"unknown model {spec!r}: not an embedded alias ({', '.join(EMBEDDED)}), "
                              "not a local folder, not a .gguf file, and not a hub id of the form owner/name")
+    local_only = not Path(str(source)).expanduser().exists() and not hub.reachable()
+    if local_only and not _in_hub_cache(str(source), revision):
+        raise ModelError(f"model {spec} is not in the local Hugging Face cache and the hub ({hub.endpoint()}) "
+                         "cannot be reached; download it where there is network, or give a local folder, a .gguf "
+                         "file or an embedded alias")
     model, tokenizer = _from_pretrained(source, device=device, dtype=torch_dtype, revision=revision,
                                         trust_remote_code=trust_remote_code,
-                                        attn_implementation=attn_implementation)
+                                        attn_implementation=attn_implementation, local_files_only=local_only)
     if rev == "local":
         rev = getattr(model.config, "_commit_hash", None) or "local"
     if add_bos:
@@ -106,9 +113,24 @@ def load_model(
     return LoadedModel(model=model, tokenizer=tokenizer, info=info, device=first)
 
 
+def _in_hub_cache(repo_id: str, revision: str | None) -> bool:
+    """Whether the hub model `repo_id` has its config in the local Hugging Face cache."""
+    # imported here: huggingface_hub comes with transformers; only a hub id needs it
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        found = try_to_load_from_cache(repo_id=repo_id, filename="config.json", revision=revision)
+    except ValueError:  # not a valid repo id
+        return False
+    return isinstance(found, str)
+
+
 def _from_pretrained(source: str | Path, *, device: str, dtype: torch.dtype, revision: str | None,
-                     trust_remote_code: bool, attn_implementation: str) -> tuple[Any, Any]:
+                     trust_remote_code: bool, attn_implementation: str,
+                     local_files_only: bool = False) -> tuple[Any, Any]:
     kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code, "revision": revision}
+    if local_files_only:  # the hub cannot be reached: the cached copy, without a minute of retries
+        kwargs["local_files_only"] = True
     try:
         with quiet_transformers():
             check_family(AutoConfig.from_pretrained(source, **kwargs).model_type, source=str(source))  # before weights
@@ -116,10 +138,20 @@ def _from_pretrained(source: str | Path, *, device: str, dtype: torch.dtype, rev
             model = AutoModelForCausalLM.from_pretrained(
                 source, dtype=dtype, attn_implementation=attn_implementation,
                 device_map="auto" if device == "auto" else None, **kwargs)
+    except PolykvError:
+        raise
+    except pickle.UnpicklingError as exc:  # torch's weights-only loader refused a pickle that runs code
+        raise ModelError(f"cannot load model {source}: its weights are a pickle that torch refuses to load safely "
+                         "(it would run code); use the model's safetensors weights, or convert them where you "
+                         "trust the file") from exc
     except (OSError, ValueError, KeyError) as exc:
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelError(f"cannot load model {source}: {first_line}; check the id or path "
                          "(no hub access: use a local folder, a .gguf file or an embedded alias)") from exc
+    except Exception as exc:  # noqa: BLE001 (transformers raises many types for a broken model folder)
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise ModelError(f"cannot load model {source}: {type(exc).__name__}: {first_line[:200]}; check that the "
+                         "folder holds a complete Hugging Face model") from exc
     if device != "auto":
         model.to(device)
     return model, tokenizer

@@ -45,8 +45,8 @@ def solve_ilp(problem: Problem, *, time_limit: float = 10.0, mip_gap: float = 1e
     except ImportError as exc:
         raise SolverError(f"the ilp solver needs cvxpy and HiGHS ({exc}); run `pip install cvxpy highspy`") from exc
     if not time_limit > 0 or not 0 <= mip_gap < 1:
-        raise ConfigError(f"time_limit {time_limit} must be positive and mip_gap {mip_gap} in [0, 1); e.g. "
-                          f"--time-limit 10 --mip-gap 1e-6")
+        raise ConfigError(f"--time-limit {time_limit:g} must be positive and --gap {mip_gap:g} in [0, 1); e.g. "
+                          "--time-limit 10 --gap 1e-6")
     silence_highs_banner()
     start = time.perf_counter()
     prep = problem.prepared

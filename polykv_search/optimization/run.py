@@ -17,7 +17,7 @@ from dataclasses import dataclass, replace
 from polykv_search.calibration.profile import ALL_COST_KINDS, AROUND_KL, HEAD_KL, WEIGHTINGS, Profile
 from polykv_search.engine import METRICS, EndToEndObjective
 from polykv_search.errors import ConfigError
-from polykv_search.optimization.optuna_search import search
+from polykv_search.optimization.optuna_search import open_storage, search
 from polykv_search.optimization.problem import Problem
 from polykv_search.optimization.refine import refine
 from polykv_search.optimization.select import candidate_plans, select_plan
@@ -88,6 +88,16 @@ class OptimizeConfig:
             if ignored:
                 raise ConfigError(f"--max-changes moves at most K layers of the probed plan to measured cells; "
                                   f"{', '.join(ignored)} would be ignored, drop {'them' if len(ignored) > 1 else 'it'}")
+        if not self.time_limit > 0 or not 0 <= self.mip_gap < 1:
+            raise ConfigError(f"--time-limit {self.time_limit:g} must be positive and --gap {self.mip_gap:g} in "
+                              "[0, 1); e.g. --time-limit 10 --gap 1e-6")
+        optuna_only = [flag for flag, used in (("--storage", self.storage is not None),
+                                               ("--timeout", self.timeout is not None)) if used]
+        if optuna_only and self.solver != "optuna":
+            raise ConfigError(f"{', '.join(optuna_only)} {'are' if len(optuna_only) > 1 else 'is'} for --solver "
+                              f"optuna; drop {'them' if len(optuna_only) > 1 else 'it'} or add --solver optuna")
+        if self.solver == "optuna" and self.storage is not None:
+            open_storage(self.storage)  # a bad URL or an unreachable database is refused before any model loads
         return self
 
     @property

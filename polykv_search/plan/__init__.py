@@ -22,12 +22,13 @@ from polykv_search.plan.schema import PLAN_SCHEMA, SCHEMA_VERSION
 from polykv_search.plan.uniform import uniform_plan
 from polykv_search.plan.validate import (
     InvalidPlanError,
+    budgets_beyond_context,
     check_matches_model,
     validate_plan_json,
 )
 
 __all__ = [
     "PLAN_SCHEMA", "SCHEMA_VERSION", "Constraint", "HeadPlan", "InvalidPlanError", "LayerPlan", "Plan", "PlanFile",
-    "PlanModel", "Producer", "SearchInfo", "budget_total", "check_matches_model", "exact_integer_budgets",
+    "PlanModel", "Producer", "SearchInfo", "budget_total", "budgets_beyond_context", "check_matches_model", "exact_integer_budgets",
     "load_plan", "uniform_plan", "validate_plan_json",
 ]

@@ -28,6 +28,8 @@ if TYPE_CHECKING:
 
 PRODUCER_NAME = "polykv-search"
 SLIDING = "sliding_attention"
+# The largest plan file read: a ladder of 16 rungs for 128 layers x 64 KV heads per head takes about 10 MiB.
+MAX_PLAN_BYTES = 16 * 2**20
 
 
 @dataclass(frozen=True)
@@ -358,6 +360,9 @@ class PlanFile:
     @classmethod
     def from_json(cls, text: str | bytes, *, source: str = "<string>") -> PlanFile:
         """Parse and validate plan JSON; PlanError for text that is not JSON or a plan with problems."""
+        if len(text) > MAX_PLAN_BYTES:
+            raise PlanError(f"plan file {source} is {len(text) / 2**20:.1f} MiB, more than the "
+                            f"{MAX_PLAN_BYTES // 2**20} MiB any plan needs; it is not a plan file")
         if isinstance(text, bytes):
             try:
                 text = text.decode("utf-8-sig")
@@ -384,6 +389,10 @@ class PlanFile:
             raise PlanError(f"plan file {path} does not exist; write one with `polykv-search optimize` or "
                             "`polykv-search baseline`")
         try:
+            size = path.stat().st_size
+            if size > MAX_PLAN_BYTES:  # refused before reading: a huge file would take gigabytes to parse
+                raise PlanError(f"plan file {path} is {size / 2**20:.1f} MiB, more than the "
+                                f"{MAX_PLAN_BYTES // 2**20} MiB any plan needs; it is not a plan file")
             raw = path.read_bytes()
         except OSError as exc:
             raise PlanError(f"plan file {path} cannot be read ({exc.strerror}); check its permissions") from exc

@@ -170,6 +170,34 @@ def _model_mismatches(block: dict[str, Any], model: ModelInfo) -> list[str]:
     return problems
 
 
+def budgets_beyond_context(obj: Any, model: ModelInfo) -> list[str]:
+    """Budgets of a plan file larger than the model's context window (a typo such as 1e12): a layer keeps at most
+    its whole context, so such a budget is never spent. The runtime accepts them (the layer keeps everything);
+    `validate --model` refuses them."""
+    plans = obj.get("plans") if isinstance(obj, dict) else None
+    if not model.max_context or not isinstance(plans, list):
+        return []
+    problems: list[str] = []
+    for i, plan in enumerate(plans):
+        layers = plan.get("layers") if isinstance(plan, dict) else None
+        for j, layer in enumerate(layers if isinstance(layers, list) else []):
+            if not isinstance(layer, dict):
+                continue
+            entries = layer.get("heads") if isinstance(layer.get("heads"), list) else []
+            budgets = [(f"$.plans[{i}].layers[{j}].budget", layer.get("budget"))]
+            budgets += [(f"$.plans[{i}].layers[{j}].heads[{h}].budget", head.get("budget"))
+                        for h, head in enumerate(entries) if isinstance(head, dict)]
+            for where, budget in budgets:
+                if isinstance(budget, (int, float)) and not isinstance(budget, bool) and budget > model.max_context:
+                    problems.append(f"{where} is {_fmt_number(budget)} tokens, more than model {model.model_id}'s "
+                                    f"context of {model.max_context}; give at most {model.max_context}")
+    return problems
+
+
+def _fmt_number(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() and abs(value) < 1e15 else f"{value:g}"
+
+
 def _short(value: Any) -> str:
     if isinstance(value, list) and len(value) > 4:
         kinds = sorted(set(map(str, value)))

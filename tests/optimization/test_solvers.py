@@ -115,7 +115,7 @@ def test_unknown_solver_and_bad_ilp_options():
     problem = Problem(np.ones((2, 1, 2)), [16, 32], range(2), ["a"], 48)
     with pytest.raises(ConfigError, match="not one of dp, ilp"):
         solve(problem, solver="optuna")  # type: ignore[arg-type]
-    with pytest.raises(ConfigError, match="time_limit"):
+    with pytest.raises(ConfigError, match="--time-limit 0 must be positive and --gap"):
         solve(problem, solver="ilp", time_limit=0)
 
 
