@@ -40,6 +40,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from polykv_search.calibration.layer_kl import head_probes
 from polykv_search.data import load_samples, spread_over_tasks
 from polykv_search.data.metrics import score_sample
 from polykv_search.engine import PrefillEngine, PrefillState
@@ -65,24 +66,11 @@ def per_head_plan(info: ModelInfo, heads: dict[int, list[HeadPlan]], average: fl
 
 def probe_sample(engine: PrefillEngine, state: PrefillState, policies: list[str], grid: list[int],
                  num_kv: int) -> torch.Tensor:
-    """(L_c * H_kv, P, G) KL of compressing one head alone; 0 where the budget keeps the whole context."""
+    """(L_c * H_kv, P, G) KL of compressing one head alone (calibrate --head-kl's probes, compressible layers
+    only); 0 where the budget keeps the whole context."""
     info = engine.lm.info
-    layers = info.compressible_layers
-    probes, where = [], []
-    for i, idx in enumerate(layers):
-        for h in range(num_kv):
-            for p, policy in enumerate(policies):
-                for g, budget in enumerate(grid):
-                    if budget >= state.n_context:
-                        continue
-                    heads = [HeadPlan.full()] * num_kv
-                    heads[h] = HeadPlan.of(policy, budget)
-                    probes.append(per_head_plan(info, {idx: heads}))
-                    where.append((i * num_kv + h, p, g))
-    costs = torch.zeros(len(layers) * num_kv, len(policies), len(grid))
-    for (u, p, g), m in zip(where, engine.answer_metrics_many(state, probes, batch_size=4)):
-        costs[u, p, g] = m["kl"]
-    return costs
+    probes = head_probes(engine, state, info=info, policies=policies, budgets=grid)  # (L, H_kv, P, G)
+    return probes[info.compressible_layers].reshape(-1, len(policies), len(grid))
 
 
 def head_plan(info: ModelInfo, costs: np.ndarray, policies: list[str], grid: list[int], budget: int,
