@@ -96,3 +96,28 @@ def test_budgets_option_keeps_only_those_plan_rungs(monkeypatch, capsys, tiny_di
     code, _, err = run_cli(monkeypatch, capsys, "evaluate", "--model", tiny_dir, "--plan", plan_path, "--data",
                            data, "--out", tmp_path / "ev2", "--policies", "snapkv", "--budgets", "64")
     assert code == 2 and "none of them in --budgets" in err, err
+
+
+def test_resume_reuses_checkpoints_and_refuses_damaged_ones(monkeypatch, capsys, tiny_dir, tmp_path):
+    data = write_jsonl(tmp_path / "eval.jsonl", sample_rows(2, words=150, seed=5))
+    args = ["evaluate", "--model", tiny_dir, "--data", data, "--out", tmp_path / "ev", "--policies", "snapkv",
+            "--budgets", "16", "--allocators", "pyramidkv", "--json"]
+    monkeypatch.setattr(sys, "argv", ["polykv-search", *map(str, args)])
+    main()
+    capsys.readouterr()
+    first = json.loads((tmp_path / "ev" / "report.json").read_text())
+    checkpoint = tmp_path / "ev" / "checkpoints" / "sample-00001.json"
+    stored = json.loads(checkpoint.read_text())
+    assert set(stored) == {"run", "rows"}
+    monkeypatch.setattr(sys, "argv", ["polykv-search", *map(str, args), "--resume"])
+    main()
+    capsys.readouterr()
+    assert json.loads((tmp_path / "ev" / "report.json").read_text())["methods"] == first["methods"]
+    checkpoint.write_text(json.dumps({**stored, "run": "0" * 16}))
+    code, _, err = run_cli(monkeypatch, capsys, *args, "--resume")
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert code == 2 and len(errors) == 1 and "sample-00001.json was made by another run" in errors[0], err
+    checkpoint.write_text("{broken")
+    code, _, err = run_cli(monkeypatch, capsys, *args, "--resume")
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert code == 2 and len(errors) == 1 and "sample-00001.json is damaged" in errors[0], err
