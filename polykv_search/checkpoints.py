@@ -57,7 +57,7 @@ def prepare_checkpoints(ckpt_dir: Path, fingerprint: dict[str, Any], *, resume: 
                                "evaluate: without --resume; run: --fresh)")
         return fingerprint_digest(fingerprint)
     if resume:
-        logger.info("--resume: no checkpoints in %s, starting from the first sample", ckpt_dir)
+        logger.debug("--resume: no checkpoints in %s, starting from the first sample", ckpt_dir)
     if ckpt_dir.exists():
         shutil.rmtree(ckpt_dir)
     ckpt_dir.mkdir(parents=True, exist_ok=True)
