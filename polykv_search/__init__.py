@@ -21,7 +21,8 @@ logging.getLogger(__name__).addHandler(logging.NullHandler())  # a library logs;
 # public name -> the module that defines it (imported lazily by __getattr__, see the docstring)
 _EXPORTS = {
     "calibrate": "polykv_search.api", "optimize": "polykv_search.api", "evaluate": "polykv_search.api",
-    "run": "polykv_search.api", "choose": "polykv_search.api", "check_proxy": "polykv_search.api",
+    "run": "polykv_search.api", "choose": "polykv_search.api", "guard_plan": "polykv_search.api",
+    "check_proxy": "polykv_search.api",
     "RunResult": "polykv_search.api", "ChooseResult": "polykv_search.api",
     "CalibrationConfig": "polykv_search.calibration", "CalibrationRun": "polykv_search.calibration",
     "Profile": "polykv_search.calibration",
@@ -51,8 +52,8 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:
-    from polykv_search.api import (ChooseResult, RunResult, calibrate, check_proxy, choose, evaluate, optimize,
-                                   run)
+    from polykv_search.api import (ChooseResult, RunResult, calibrate, check_proxy, choose, evaluate,
+                                   guard_plan, optimize, run)
     from polykv_search.calibration import CalibrationConfig, CalibrationRun, Profile
     from polykv_search.data import Sample, load_samples
     from polykv_search.errors import PolykvError

@@ -17,7 +17,7 @@ A model is an embedded alias, a .gguf file, a local folder, a hub id, or a `Load
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from polykv_search.calibration import CalibrationConfig, CalibrationRun, Profile, calibrate_model
@@ -30,7 +30,7 @@ from polykv_search.errors import ConfigError
 from polykv_search.evaluation import ALLOCATORS, Report, build_methods, score_methods, summarize
 from polykv_search.io import file_sha256
 from polykv_search.models import DEFAULT_MODEL, LoadedModel, load_model, model_slug
-from polykv_search.optimization.choose import Choice, choose_rungs
+from polykv_search.optimization.choose import Choice, choose_rungs, guard_rungs
 from polykv_search.optimization.figures import allocation_png
 from polykv_search.optimization.proxy import ProxyReport
 from polykv_search.optimization.proxy import check_proxy as proxy_check
@@ -52,9 +52,11 @@ class RunResult:
 
     out_dir: Path
     calibration: CalibrationRun
-    plan_file: PlanFile
+    plan_file: PlanFile  # the plan as written: each rung the optimized one or, where the guard replaced it, uniform
     plan_path: Path
     report: Report  # report.files: where its json, markdown and png are
+    guard: list[Choice] = field(default_factory=list)  # per budget, what the guard measured and kept (none: off)
+    guard_samples: int = 0
 
 
 @dataclass
@@ -196,14 +198,17 @@ def run(model: ModelSpec = DEFAULT_MODEL, *, budgets: float | Sequence[float] = 
         policies: Sequence[str] | None = None, grid: Sequence[int] | None = None,
         config: OptimizeConfig = OptimizeConfig(), max_calib_samples: int | None = None,
         max_eval_samples: int | None = None, out_dir: str | Path | None = None, fresh: bool = False,
-        device: str = "cpu", dtype: str = "auto", progress: Progress | None = None) -> RunResult:
+        guard: bool = True, device: str = "cpu", dtype: str = "auto",
+        progress: Progress | None = None) -> RunResult:
     """The whole job on one model: calibrate on `calib`, optimize a plan per budget, evaluate it on the held-out
     `eval_data` against the full cache, every uniform policy, PyramidKV and CAKE. Everything goes under `out_dir`
     (default outputs/<model>/); an interrupted run resumes where it stopped (`fresh`: start over, discarding the
     folder's checkpoints). `config.cost` decides the calibrate mode: layer_kl / layer_nll calibrate with
     `layer_kl`, head_kl with `head_kl` (a per-head plan), around_kl around the budgets themselves. The end-to-end
-    solvers (select, optuna) measure on every sample of `calib`. The comparison: the full cache, every uniform
-    policy, PyramidKV, CAKE and Ada-KV."""
+    solvers (select, optuna) measure on every sample of `calib`. `guard` (the default): per budget, the
+    optimized rung is kept only where its task score on the `calib` samples is at least every uniform policy's,
+    else the best uniform policy takes its place and the rung's notes say so (the optimized ladder is kept as
+    plan_optimized.json). The comparison: the full cache, every uniform policy, PyramidKV, CAKE and Ada-KV."""
     config = config.validated()
     budgets = check_budgets(budgets)
     resolve_samples(eval_data, max_samples=max_eval_samples)  # a bad held-out set is refused before any work
@@ -211,13 +216,13 @@ def run(model: ModelSpec = DEFAULT_MODEL, *, budgets: float | Sequence[float] = 
     with folder_lock(out):  # a second run on the folder is refused before the model loads
         return _run_locked(model, budgets=budgets, calib=calib, eval_data=eval_data, policies=policies, grid=grid,
                            config=config, max_calib_samples=max_calib_samples, max_eval_samples=max_eval_samples,
-                           out=out, fresh=fresh, device=device, dtype=dtype, progress=progress)
+                           out=out, fresh=fresh, guard=guard, device=device, dtype=dtype, progress=progress)
 
 
 def _run_locked(model: ModelSpec, *, budgets: list[float], calib: DataSpec, eval_data: DataSpec,
                 policies: Sequence[str] | None, grid: Sequence[int] | None, config: OptimizeConfig,
-                max_calib_samples: int | None, max_eval_samples: int | None, out: Path, fresh: bool, device: str,
-                dtype: str, progress: Progress | None) -> RunResult:
+                max_calib_samples: int | None, max_eval_samples: int | None, out: Path, fresh: bool, guard: bool,
+                device: str, dtype: str, progress: Progress | None) -> RunResult:
     lm = resolve_model(model, device=device, dtype=dtype)
     around = ()
     if config.cost == "around_kl":
@@ -233,11 +238,40 @@ def _run_locked(model: ModelSpec, *, budgets: list[float], calib: DataSpec, eval
                             resume=not fresh, progress=progress)
     signal_heatmap(calibration.profile, out / "signals.png")
     plan_file = optimize(calibration.path, budgets=budgets, config=config, model=lm, data=calib, progress=progress)
+    choices, guard_samples = [], 0
+    if guard:
+        plan_file.save(out / "plan_optimized.json")
+        samples, _ = resolve_samples(calib, max_samples=max_calib_samples)
+        plan_file, choices, guard_samples = guard_plan(lm, plan_file, samples, progress=progress)
     plan_path = plan_file.save(out / "plan.json")
     allocation_png(plan_file, out / "plan.png")
     report = evaluate(lm, eval_data, plans={"plan": plan_file}, budgets=budgets, profile=calibration.profile,
                       out_dir=out / "eval", max_samples=max_eval_samples, resume=not fresh, progress=progress)
-    return RunResult(out_dir=out, calibration=calibration, plan_file=plan_file, plan_path=plan_path, report=report)
+    return RunResult(out_dir=out, calibration=calibration, plan_file=plan_file, plan_path=plan_path, report=report,
+                     guard=choices, guard_samples=guard_samples)
+
+
+def guard_plan(model: ModelSpec, plan_file: PlanFile | str | Path, samples: DataSpec, *,
+               policies: Sequence[str] = DEFAULT_POLICIES, device: str = "cpu", dtype: str = "auto",
+               progress: Progress | None = None) -> tuple[PlanFile, list[Choice], int]:
+    """Per budget, the plan's rung where its task score on `samples` (calibration data, never the evaluation
+    set) is at least every uniform policy's in `policies`, else the best of those policies (ties by the share
+    of the output lost). Returns the guarded plan file, what was measured per budget, and the samples scored."""
+    plan_file = load_plan(plan_file) if isinstance(plan_file, (str, Path)) else plan_file
+    policies = check_policy_names(list(policies))
+    lm = resolve_model(model, device=device, dtype=dtype)
+    plan_file.check_model(lm.info)
+    uniform = [(policy, PlanFile.build(lm.info, [uniform_plan(lm.info, policy=policy, budget=b)
+                                                 for b in plan_file.budgets])) for policy in policies]
+    scorers = {key: scorer for f in [plan_file] + [f for _, f in uniform] for rung in f.plans
+               for key, scorer in rung.scorers.items()}
+    loaded, _ = resolve_samples(samples)
+    if progress:
+        progress("guard", 0, 0, f"prefilling {len(loaded)} calibration samples to score the plan against "
+                                f"{len(policies)} uniform policies")
+    objective = EndToEndObjective(lm, loaded, policies=list(scorers.values()), metric="task")
+    plans, choices = guard_rungs(plan_file, uniform, objective.measure)
+    return replace(plan_file, plans=tuple(plans), schema_version=""), choices, len(objective.states)
 
 
 def choose(model: ModelSpec, plans: Mapping[str, PlanFile | str | Path] | Sequence[str | Path], *,

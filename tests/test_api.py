@@ -7,6 +7,7 @@ import pytest
 
 import polykv_search as pk
 from polykv_search.errors import ConfigError
+from polykv_search.policies import DEFAULT_POLICIES
 from tests.conftest import sample_rows, write_jsonl
 
 GRID = (8, 16, 32)
@@ -61,6 +62,11 @@ def test_run_writes_everything_under_one_folder(tiny_llama, files, capsys):
     assert result.calibration.profile.policies == ["snapkv", "streaming"]
     assert [r.budget for r in result.report.recovery_of("plan")] == [16]
     assert (tmp / "run" / "signals.png").is_file() and (tmp / "run" / "plan.png").is_file()
+    [choice] = result.guard  # the optimized rung against every uniform policy on the 2 calibration samples
+    assert choice.budget == 16 and result.guard_samples == 2 and len(choice.measured) == 1 + len(DEFAULT_POLICIES)
+    optimized = pk.load_plan(tmp / "run" / "plan_optimized.json").plans[0]
+    kept = result.plan_file.plans[0]
+    assert (kept.layers == optimized.layers) == (choice.chosen == "plan") and "guard:" in kept.search.notes
     assert capsys.readouterr() == ("", "")
 
 

@@ -41,7 +41,7 @@ from polykv_search.cli.options import (
     parse_str_list,
     parse_tied,
 )
-from polykv_search.cli.render import plan_table, progress_bars, recovery_lines
+from polykv_search.cli.render import choice_table, plan_table, progress_bars, recovery_lines
 
 
 @app.command()
@@ -75,6 +75,10 @@ def run(
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Folder (default: outputs/<model>)")] = None,
     fresh: Annotated[bool, typer.Option("--fresh", help="Start over: discard the folder's checkpoints instead of "
                                         "resuming from them.")] = False,
+    guard: Annotated[bool, typer.Option("--guard/--no-guard", help="Keep a budget's optimized plan only where it "
+                                        "scores at least as well as every uniform policy on the calibration "
+                                        "samples (else write that policy; the optimized ladder stays in "
+                                        "plan_optimized.json).")] = True,
     device: DeviceOpt = "cpu",
     dtype: DtypeOpt = "auto",
     as_json: JsonOpt = False,
@@ -91,14 +95,20 @@ def run(
                         policies=parse_str_list(policies) if policies else None,
                         grid=parse_int_list(grid, option="--grid") if grid else None, config=config,
                         max_calib_samples=max_calib_samples, max_eval_samples=max_eval_samples, out_dir=out, fresh=fresh,
-                        device=device, dtype=dtype, progress=progress)
+                        guard=guard, device=device, dtype=dtype, progress=progress)
     report = result.report
     if as_json:
         typer.echo(json.dumps({"profile": str(result.calibration.path), "plan": str(result.plan_path),
-                               "report": str(report.files["json"]),
+                               "report": str(report.files["json"]), "guard": [c.__dict__ for c in result.guard],
                                "recovery": [r.__dict__ for r in report.recovery]}))
         return
     err_console.print(f"profile: {result.calibration.path} ({result.calibration.seconds:.0f} s)")
+    if result.guard:
+        candidates = list(result.guard[0].measured)
+        err_console.print(choice_table(candidates, result.guard, what="task loss (1 - score)",
+                                       samples=result.guard_samples))
+        typer.echo("guard: " + ", ".join(f"{c.budget:g} -> {'optimized plan' if c.chosen == 'plan' else c.chosen}"
+                                         for c in result.guard))
     err_console.print(plan_table(result.plan_file))
     err_console.print(report.markdown(), markup=False, highlight=False)
     for line in recovery_lines(report, "plan"):

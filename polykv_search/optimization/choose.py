@@ -6,6 +6,10 @@ the end-to-end objective on calibration samples (each prefilled once) and keeps 
 the choice never reads the evaluation data. Uniform policies can stand as candidates too, so that a budget where
 no plan measures better keeps the best single policy. Ties go to a second measure when one is given (the task
 score ties often on a few samples: then the share of the output lost decides), then to the earlier candidate.
+
+`guard_rungs` is the same measurement with a bias for the optimized plan: `run` keeps the plan's rung wherever it
+scores at least as well as every uniform policy on the calibration samples, and writes the best uniform policy in
+its place where it does not, so the plan a user gets is never below a single policy on the data it was made from.
 """
 
 from __future__ import annotations
@@ -48,4 +52,32 @@ def choose_rungs(plan_files: Sequence[tuple[str, PlanFile]],
         notes = f"{plan.search.notes}; {note}" if plan.search.notes else note
         plans.append(replace(plan, search=replace(plan.search, notes=notes)))
         choices.append(Choice(budget=budget, chosen=name, measured=measured))
+    return plans, choices
+
+
+def guard_rungs(plan_file: PlanFile, uniform: Sequence[tuple[str, PlanFile]],
+                measure: Callable[[list[Plan]], list[dict[str, float]]], *, metric: str = "task",
+                tie_break: str = "lost", name: str = "plan") -> tuple[list[Plan], list[Choice]]:
+    """Per budget of `plan_file`: its rung where its `metric` is at most every uniform candidate's (a tie keeps
+    the plan), else the uniform rung lowest by `metric` then `tie_break`. Each kept or replaced rung's search
+    notes say what was measured; a replaced rung is the uniform plan itself (solver "uniform")."""
+    if not uniform:
+        raise ConfigError("the guard needs at least one uniform policy to compare the plan with")
+    plans, choices = [], []
+    for budget in plan_file.budgets:
+        rungs = [(name, plan_file.plan_for(budget))] + [(n, f.plan_for(budget)) for n, f in uniform]
+        values = measure([p for _, p in rungs])
+        measured = {n: float(v[metric]) for (n, _), v in zip(rungs, values)}
+        best = min(range(1, len(rungs)), key=lambda i: (values[i][metric], values[i][tie_break]))
+        others = ", ".join(f"{n}={v:.4g}" for n, v in measured.items())
+        keep = values[0][metric] <= values[best][metric]
+        chosen_name, plan = rungs[0] if keep else rungs[best]
+        if keep:
+            note = f"guard: kept, mean {metric} at most every uniform policy's on calibration samples ({others})"
+        else:
+            note = (f"guard: the optimized plan measured worse than uniform {chosen_name} by mean {metric} on "
+                    f"calibration samples ({others}); this rung is that uniform policy")
+        notes = f"{plan.search.notes}; {note}" if plan.search.notes else note
+        plans.append(replace(plan, search=replace(plan.search, notes=notes)))
+        choices.append(Choice(budget=budget, chosen=chosen_name, measured=measured))
     return plans, choices

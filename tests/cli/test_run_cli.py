@@ -6,6 +6,7 @@ import sys
 from polykv_search.calibration.profile import Profile
 from polykv_search.cli import main
 from polykv_search.plan import PlanFile
+from polykv_search.policies import DEFAULT_POLICIES
 from tests.conftest import sample_rows, write_jsonl
 
 
@@ -21,8 +22,17 @@ def test_run_calibrates_with_its_grid_policies_and_layer_kl_then_evaluates(monke
     profile = Profile.load(out["profile"])
     assert profile.budgets == [8, 16, 32] and profile.policies == ["snapkv", "streaming"]
     assert profile.num_samples == 2 and "layer_kl" in profile.cost_kinds
+    optimized = PlanFile.load(tmp_path / "o" / "plan_optimized.json").plans[0]
+    assert {entry.policy for entry in optimized.layers} <= {"snapkv", "streaming"}
+    # the guard scored the optimized rung against every uniform policy on the calibration samples
+    [guard] = out["guard"]
+    assert guard["budget"] == 16 and set(guard["measured"]) == {"plan", *DEFAULT_POLICIES}
     plan = PlanFile.load(out["plan"]).plans[0]
-    assert {entry.policy for entry in plan.layers} <= {"snapkv", "streaming"}
+    if guard["chosen"] == "plan":
+        assert plan.layers == optimized.layers and "guard: kept" in plan.search.notes
+    else:
+        assert {entry.policy for entry in plan.layers} == {guard["chosen"]} and "guard:" in plan.search.notes
+        assert guard["measured"][guard["chosen"]] < guard["measured"]["plan"]
     assert [r["budget"] for r in out["recovery"] if r["method"] == "plan"] == [16]
 
 
@@ -32,9 +42,10 @@ def test_run_with_around_kl_calibrates_around_its_budgets(monkeypatch, capsys, t
     monkeypatch.setattr(sys, "argv", ["polykv-search", "run", "--model", str(tiny_dir), "--budget", "8,16",
                                       "--calib", str(calib), "--eval", str(held_out), "--out", str(tmp_path / "o"),
                                       "--cost", "around_kl", "--policies", "snapkv,streaming", "--grid", "4,8,16,32",
-                                      "--json"])
+                                      "--no-guard", "--json"])
     main()
     out = json.loads(capsys.readouterr().out)
+    assert out["guard"] == [] and not (tmp_path / "o" / "plan_optimized.json").exists()
     profile = Profile.load(out["profile"])
     assert profile.around_budgets == [8, 16] and "layer_kl" not in profile.cost_kinds
     assert [p.average_budget for p in PlanFile.load(out["plan"]).plans] == [8, 16]

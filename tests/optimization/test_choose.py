@@ -3,7 +3,7 @@
 import pytest
 
 from polykv_search.errors import ConfigError
-from polykv_search.optimization.choose import choose_rungs
+from polykv_search.optimization.choose import choose_rungs, guard_rungs
 from polykv_search.plan import PlanFile, SearchInfo
 from tests.conftest import tiny_loaded
 from tests.plans import plan_of
@@ -57,3 +57,27 @@ def test_ties_go_to_the_second_measure_then_to_the_earlier_candidate():
     assert choices[0].chosen == "b"  # no second measure: the earlier of the tied candidates
     plans, _ = choose_rungs(files, measure, metric="task", tie_break="lost")
     assert "by mean task then lost" in plans[0].search.notes
+
+
+def test_the_guard_keeps_the_plan_unless_a_uniform_policy_scores_better():
+    info = tiny_loaded("llama").info
+    plan = ladder(info, "snapkv", [16, 32])
+    uniform = [("knorm", ladder(info, "knorm", [16, 32])), ("streaming", ladder(info, "streaming", [16, 32]))]
+    # at 16 the plan ties the best uniform policy on the task (kept); at 32 two policies beat it, tied on the
+    # task, and the share lost decides between them
+    task = {16: {"snapkv": 0.5, "knorm": 0.5, "streaming": 0.7}, 32: {"snapkv": 0.6, "knorm": 0.4, "streaming": 0.4}}
+    lost = {"snapkv": 0.1, "knorm": 0.3, "streaming": 0.2}
+
+    def measure(candidates):
+        return [{"task": task[p.average_budget][next(x for x in p.policies if x)],
+                 "lost": lost[next(x for x in p.policies if x)]} for p in candidates]
+
+    plans, choices = guard_rungs(plan, uniform, measure)
+    assert [c.chosen for c in choices] == ["plan", "streaming"]
+    assert choices[1].measured == {"plan": 0.6, "knorm": 0.4, "streaming": 0.4}
+    assert set(plans[0].policies) - {None} == {"snapkv"} and "guard: kept" in plans[0].search.notes
+    assert set(plans[1].policies) - {None} == {"streaming"}
+    assert "worse than uniform streaming" in plans[1].search.notes and plans[1].average_budget == 32
+    assert plans[1].search.solver == "manual"  # the uniform candidate's own provenance, with the guard's note
+    with pytest.raises(ConfigError, match="at least one uniform policy"):
+        guard_rungs(plan, [], measure)
