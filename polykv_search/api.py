@@ -16,6 +16,8 @@ A model is an embedded alias, a .gguf file, a local folder, a hub id, or a `Load
 
 from __future__ import annotations
 
+import json
+import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -23,20 +25,22 @@ from pathlib import Path
 from polykv_search.calibration import CalibrationConfig, CalibrationRun, Profile, calibrate_model
 from polykv_search.calibration.profile import HEAD_KL, OPTIONAL_COST_KINDS
 from polykv_search.calibration.figures import signal_heatmap
-from polykv_search.checkpoints import folder_lock
+from polykv_search.checkpoints import fingerprint_digest, folder_lock, samples_digest
 from polykv_search.data import Sample, load_samples, spread_over_tasks
 from polykv_search.engine import EndToEndObjective
 from polykv_search.errors import ConfigError
 from polykv_search.evaluation import ALLOCATORS, Report, build_methods, score_methods, summarize
-from polykv_search.io import file_sha256
+from polykv_search.io import file_sha256, write_json_atomic
 from polykv_search.models import DEFAULT_MODEL, LoadedModel, load_model, model_slug
 from polykv_search.optimization.choose import Choice, choose_rungs, guard_rungs
 from polykv_search.optimization.figures import allocation_png
 from polykv_search.optimization.proxy import ProxyReport
 from polykv_search.optimization.proxy import check_proxy as proxy_check
 from polykv_search.optimization.run import OptimizeConfig, check_budgets, optimize_profile
-from polykv_search.plan import PlanFile, load_plan, uniform_plan
+from polykv_search.plan import Plan, PlanFile, load_plan, uniform_plan
 from polykv_search.policies import DEFAULT_POLICIES, check_policy_names
+
+logger = logging.getLogger(__name__)
 
 CALIBRATION_DATA = "calibration_data/calib.jsonl"
 EVALUATION_DATA = "calibration_data/eval.jsonl"
@@ -242,7 +246,10 @@ def _run_locked(model: ModelSpec, *, budgets: list[float], calib: DataSpec, eval
     if guard:
         plan_file.save(out / "plan_optimized.json")
         samples, _ = resolve_samples(calib, max_samples=max_calib_samples)
-        plan_file, choices, guard_samples = guard_plan(lm, plan_file, samples, progress=progress)
+        if fresh:
+            (out / "guard.json").unlink(missing_ok=True)
+        plan_file, choices, guard_samples = guard_plan(lm, plan_file, samples, progress=progress,
+                                                       cache=out / "guard.json")
     plan_path = plan_file.save(out / "plan.json")
     allocation_png(plan_file, out / "plan.png")
     report = evaluate(lm, eval_data, plans={"plan": plan_file}, budgets=budgets, profile=calibration.profile,
@@ -252,26 +259,63 @@ def _run_locked(model: ModelSpec, *, budgets: list[float], calib: DataSpec, eval
 
 
 def guard_plan(model: ModelSpec, plan_file: PlanFile | str | Path, samples: DataSpec, *,
-               policies: Sequence[str] = DEFAULT_POLICIES, device: str = "cpu", dtype: str = "auto",
-               progress: Progress | None = None) -> tuple[PlanFile, list[Choice], int]:
+               policies: Sequence[str] = DEFAULT_POLICIES, cache: str | Path | None = None, device: str = "cpu",
+               dtype: str = "auto", progress: Progress | None = None) -> tuple[PlanFile, list[Choice], int]:
     """Per budget, the plan's rung where its task score on `samples` (calibration data, never the evaluation
     set) is at least every uniform policy's in `policies`, else the best of those policies (ties by the share
-    of the output lost). Returns the guarded plan file, what was measured per budget, and the samples scored."""
+    of the output lost). Returns the guarded plan file, what was measured per budget, and the samples scored.
+    `cache`: a JSON file keeping the measurements, reused when the model, plan, samples and policies are the
+    same (an interrupted `run` does not measure again)."""
     plan_file = load_plan(plan_file) if isinstance(plan_file, (str, Path)) else plan_file
     policies = check_policy_names(list(policies))
     lm = resolve_model(model, device=device, dtype=dtype)
     plan_file.check_model(lm.info)
     uniform = [(policy, PlanFile.build(lm.info, [uniform_plan(lm.info, policy=policy, budget=b)
                                                  for b in plan_file.budgets])) for policy in policies]
+    loaded, _ = resolve_samples(samples)
+    key = fingerprint_digest({"model": lm.info.model_id, "revision": lm.info.revision, "dtype": str(next(lm.model.parameters()).dtype),
+                              "device": str(lm.device),
+                              "plan": plan_file.to_dict(), "samples": samples_digest(loaded),
+                              "policies": policies, "guard": 1})
+    stored = read_guard_cache(cache, key, budgets=len(plan_file.budgets), candidates=1 + len(policies))
+    if stored is not None:
+        replay = iter(stored["values"])
+        plans, choices = guard_rungs(plan_file, uniform, lambda _: next(replay))
+        return replace(plan_file, plans=tuple(plans), schema_version=""), choices, stored["samples"]
     scorers = {key: scorer for f in [plan_file] + [f for _, f in uniform] for rung in f.plans
                for key, scorer in rung.scorers.items()}
-    loaded, _ = resolve_samples(samples)
     if progress:
         progress("guard", 0, 0, f"prefilling {len(loaded)} calibration samples to score the plan against "
                                 f"{len(policies)} uniform policies")
     objective = EndToEndObjective(lm, loaded, policies=list(scorers.values()), metric="task")
-    plans, choices = guard_rungs(plan_file, uniform, objective.measure)
+    recorded: list[list[dict[str, float]]] = []
+
+    def measure(plans: list[Plan]) -> list[dict[str, float]]:
+        recorded.append(objective.measure(plans))
+        if progress:
+            progress("guard", 0, 0, f"{plans[0].average_budget:g} tokens/layer measured")
+        return recorded[-1]
+
+    plans, choices = guard_rungs(plan_file, uniform, measure)
+    if cache is not None:
+        write_json_atomic(cache, {"run": key, "samples": len(objective.states), "values": recorded})
     return replace(plan_file, plans=tuple(plans), schema_version=""), choices, len(objective.states)
+
+
+def read_guard_cache(path: str | Path | None, key: str, *, budgets: int, candidates: int) -> dict | None:
+    """The guard's stored measurements when `path` holds them for `key` in the expected shape; else None (the
+    guard measures again: the file is a cache, never the only copy of anything)."""
+    if path is None or not Path(path).is_file():
+        return None
+    try:
+        stored = json.loads(Path(path).read_text())
+        values = stored["values"]
+        ok = (stored["run"] == key and isinstance(stored["samples"], int) and len(values) == budgets
+              and all(len(v) == candidates and all({"task", "lost"} <= set(m) for m in v) for v in values))
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as exc:
+        logger.debug("guard cache %s not used: %s", path, exc)
+        return None
+    return stored if ok else None
 
 
 def choose(model: ModelSpec, plans: Mapping[str, PlanFile | str | Path] | Sequence[str | Path], *,

@@ -53,7 +53,7 @@ def test_calibrate_optimize_evaluate_chain_and_print_nothing(tiny_llama, files, 
     assert capsys.readouterr() == ("", "")
 
 
-def test_run_writes_everything_under_one_folder(tiny_llama, files, capsys):
+def test_run_writes_everything_under_one_folder(tiny_llama, files, capsys, monkeypatch):
     calib, held_out, tmp = files
     result = pk.run(tiny_llama, budgets=16, calib=calib, eval_data=held_out, policies=["snapkv", "streaming"],
                     grid=GRID, config=pk.OptimizeConfig(cost="out_err"), out_dir=tmp / "run")
@@ -68,6 +68,18 @@ def test_run_writes_everything_under_one_folder(tiny_llama, files, capsys):
     kept = result.plan_file.plans[0]
     assert (kept.layers == optimized.layers) == (choice.chosen == "plan") and "guard:" in kept.search.notes
     assert capsys.readouterr() == ("", "")
+
+    def measured_again(*args, **kwargs):
+        raise AssertionError("the guard measured again")
+
+    # the guard's measurements are kept: the same plan and samples are not measured twice; a damaged cache is
+    monkeypatch.setattr("polykv_search.api.EndToEndObjective", measured_again)
+    again, choices, samples = pk.guard_plan(tiny_llama, tmp / "run" / "plan_optimized.json", calib,
+                                            cache=tmp / "run" / "guard.json")
+    assert again == result.plan_file and choices == result.guard and samples == 2
+    (tmp / "run" / "guard.json").write_text('{"run": "x"')
+    with pytest.raises(AssertionError, match="measured again"):
+        pk.guard_plan(tiny_llama, tmp / "run" / "plan_optimized.json", calib, cache=tmp / "run" / "guard.json")
 
 
 def test_bad_options_are_refused_before_any_work(tiny_llama, files):
