@@ -284,16 +284,22 @@ def guard_plan(model: ModelSpec, plan_file: PlanFile | str | Path, samples: Data
         return replace(plan_file, plans=tuple(plans), schema_version=""), choices, stored["samples"]
     scorers = {key: scorer for f in [plan_file] + [f for _, f in uniform] for rung in f.plans
                for key, scorer in rung.scorers.items()}
-    if progress:
-        progress("guard", 0, 0, f"prefilling {len(loaded)} calibration samples to score the plan against "
-                                f"{len(policies)} uniform policies")
-    objective = EndToEndObjective(lm, loaded, policies=list(scorers.values()), metric="task")
+    steps = len(loaded) + len(plan_file.budgets)  # each prefill, then each budget's measurement
+
+    def step(done: int, note: str) -> None:
+        if progress:
+            progress("guard", done, steps, note)
+
+    step(0, f"prefilling the calibration samples to score the plan against {len(policies)} uniform policies")
+    objective = EndToEndObjective(lm, loaded, policies=list(scorers.values()), metric="task",
+                                  on_prefill=lambda done, _: step(done, "prefilling the calibration samples"))
     recorded: list[list[dict[str, float]]] = []
 
     def measure(plans: list[Plan]) -> list[dict[str, float]]:
+        step(len(loaded) + len(recorded), f"{plans[0].average_budget:g} tokens/layer: the plan and "
+                                           f"{len(plans) - 1} uniform policies answer every sample")
         recorded.append(objective.measure(plans))
-        if progress:
-            progress("guard", 0, 0, f"{plans[0].average_budget:g} tokens/layer measured")
+        step(len(loaded) + len(recorded), f"{plans[0].average_budget:g} tokens/layer measured")
         return recorded[-1]
 
     plans, choices = guard_rungs(plan_file, uniform, measure)

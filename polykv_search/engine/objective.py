@@ -9,7 +9,7 @@ the only one that decodes, and the one `evaluate` reports, so the one to choose 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from polykv_search.data import Sample
 from polykv_search.data.metrics import score_sample
@@ -28,14 +28,20 @@ class EndToEndObjective:
 
     def __init__(self, lm: LoadedModel, samples: Sequence[Sample], *,
                  policies: Sequence[str | tuple[str, dict]], max_context_tokens: int | None = None,
-                 batch_size: int = 16, metric: str = "kl") -> None:
+                 batch_size: int = 16, metric: str = "kl",
+                 on_prefill: Callable[[int, int], None] | None = None) -> None:
         """`policies`: the rankings the measured plans may use: registered policy names (their registered
-        parameters) or (policy, params), as PrefillEngine's `scorers`."""
+        parameters) or (policy, params), as PrefillEngine's `scorers`. `on_prefill(done, total)` is called after
+        each sample's prefill."""
         if metric not in METRICS:
             raise ConfigError(f"unknown end-to-end metric {metric!r}; choose one of {', '.join(METRICS)}")
         self.metric = metric
         self.engine = PrefillEngine(lm, scorers=policies, max_context_tokens=max_context_tokens)
-        self.states = [self.engine.prefill(sample) for sample in samples]  # one prefill per sample, kept
+        self.states = []  # one prefill per sample, kept
+        for sample in samples:
+            self.states.append(self.engine.prefill(sample))
+            if on_prefill:
+                on_prefill(len(self.states), len(samples))
         self.states = [s for s in self.states if s.full_logprobs is not None]
         self.batch_size = batch_size
         self.evaluations = 0
