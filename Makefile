@@ -21,7 +21,7 @@ $(VENV)/.installed: pyproject.toml
 
 setup: $(VENV)/.installed
 
-# bfloat16: about 1.5x faster than float32 on this CPU (AVX512-BF16); it brings the job under 10 minutes
+# bfloat16: about 1.5x faster than float32 on CPUs with AVX512-BF16 (measured in docs/measurements.md)
 demo: setup
 	$(VENV)/bin/polykv-search run --model smollm2-135m --budget 128 --dtype bfloat16
 
