@@ -51,7 +51,7 @@ def prepare_checkpoints(ckpt_dir: Path, fingerprint: dict[str, Any], *, resume: 
             raise ProfileError(f"--resume: {run_file} is damaged ({exc}); start over (calibrate and evaluate: "
                                "without --resume; run: --fresh)") from exc
         if previous != fingerprint:
-            changed = sorted({*fingerprint, *previous} - {k for k in fingerprint if previous.get(k) == fingerprint[k]})
+            changed = changed_keys(previous, fingerprint)
             raise ProfileError(f"--resume: the checkpoints in {ckpt_dir} were made with a different "
                                f"{', '.join(changed)}; re-run with the same options, or start over (calibrate and "
                                "evaluate: without --resume; run: --fresh)")
@@ -63,6 +63,20 @@ def prepare_checkpoints(ckpt_dir: Path, fingerprint: dict[str, Any], *, resume: 
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     write_json_atomic(run_file, fingerprint)
     return fingerprint_digest(fingerprint)
+
+
+def changed_keys(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
+    """The keys whose values differ, nested dicts named by path (config.budgets): what a refusal should name."""
+    changed = []
+    for key in sorted({*old, *new}):
+        a, b = old.get(key), new.get(key)
+        if a == b:
+            continue
+        if isinstance(a, dict) and isinstance(b, dict):
+            changed += changed_keys(a, b, f"{prefix}{key}.")
+        else:
+            changed.append(f"{prefix}{key}")
+    return changed
 
 
 def check_checkpoint(path: Path, recorded: str | None, expected: str) -> None:
