@@ -343,11 +343,24 @@ def choose(model: ModelSpec, plans: Mapping[str, PlanFile | str | Path] | Sequen
               for policy in uniform]
     scorers = {key: scorer for _, f in named for rung in f.plans for key, scorer in rung.scorers.items()}
     samples, _ = resolve_samples(data, max_samples=max_samples)
-    if progress:
-        progress("choose", 0, len(samples), f"prefilling {len(samples)} calibration samples")
-    objective = EndToEndObjective(lm, samples, policies=list(scorers.values()), metric=metric)
-    chosen, choices = choose_rungs(named, objective.measure, metric=metric,
-                                   tie_break="lost" if metric == "task" else None)
+    steps = len(samples) + len(budgets)  # each prefill, then each budget's measurement
+
+    def step(done: int, note: str) -> None:
+        if progress:
+            progress("choose", done, steps, note)
+
+    step(0, "prefilling the calibration samples")
+    objective = EndToEndObjective(lm, samples, policies=list(scorers.values()), metric=metric,
+                                  on_prefill=lambda done, _: step(done, "prefilling the calibration samples"))
+    measured: list[float] = []
+
+    def measure(plans: list[Plan]) -> list[dict[str, float]]:
+        values = objective.measure(plans)
+        measured.append(plans[0].average_budget)
+        step(len(samples) + len(measured), f"{plans[0].average_budget:g} tokens/layer measured")
+        return values
+
+    chosen, choices = choose_rungs(named, measure, metric=metric, tie_break="lost" if metric == "task" else None)
     return ChooseResult(plan_file=PlanFile.build(lm.info, chosen), choices=choices, samples=len(objective.states))
 
 

@@ -100,3 +100,19 @@ def test_run_refuses_a_bad_held_out_set_and_ignored_options_first(tiny_llama, fi
     with pytest.raises(ConfigError, match="does not take --tie"):
         pk.OptimizeConfig(solver="select", tied=((0, 1),)).validated()
     assert not (tmp / "never2").exists()
+
+
+def test_choose_and_guard_report_each_prefill_and_each_budget(tiny_llama, files):
+    calib, _, tmp = files
+    info = tiny_llama.info
+    ladders = {p: pk.PlanFile.build(info, [pk.uniform_plan(info, policy=p, budget=b) for b in (8, 16)])
+               for p in ("snapkv", "streaming")}
+    seen = []
+    result = pk.choose(tiny_llama, ladders, data=calib, metric="lost",
+                       progress=lambda *call: seen.append(call[:3]))
+    assert [c.budget for c in result.choices] == [8, 16]
+    assert seen == [("choose", done, 4) for done in range(5)]  # 2 prefills, then 2 budgets
+    seen.clear()
+    pk.guard_plan(tiny_llama, ladders["snapkv"], calib, policies=["streaming"],
+                  progress=lambda *call: seen.append(call[:3]))
+    assert seen[0] == ("guard", 0, 4) and seen[-1] == ("guard", 4, 4) and ("guard", 2, 4) in seen
