@@ -276,8 +276,9 @@ class PrefillEngine:
         for begin in range(0, len(order), batch_size):
             rows = order[begin:begin + batch_size]
             group = [plans[i] for i in rows]
-            cache, valid, _ = self._batched_cache(state, group)
-            logits = self._suffix_logits(state, cache, valid, start=min(first[i] for i in rows), inputs=inputs)
+            start = self._start_layer(min(first[i] for i in rows), inputs)
+            cache, valid, _ = self._batched_cache(state, group, unused_below=start)
+            logits = self._suffix_logits(state, cache, valid, start=start, inputs=inputs)
             logprobs = torch.log_softmax(logits[:, :-1], dim=-1)  # (B, A, V)
             kl = (full.exp() * (full - logprobs)).sum(-1).mean(-1)  # (B,)
             nll = -logprobs.gather(-1, answer[None, :, None].expand(len(group), -1, 1))[..., 0].mean(-1)  # (B,)
@@ -352,10 +353,20 @@ class PrefillEngine:
         """Cache slots a plan's cache needs after the context: the question, then the answer or the decoding."""
         return len(state.parts.question_ids) + max(len(state.parts.answer_ids), state.parts.max_new_tokens) + 1
 
-    def _batched_cache(self, state: PrefillState, plans: Sequence[Plan | None]):
+    def _start_layer(self, start: int, inputs: list[torch.Tensor] | None) -> int:
+        """The layer a teacher-forced forward can begin at: `start`, or 0 where it cannot skip layers (no kept
+        hidden states, a multimodal wrapper whose decoder layers are not ours, or rows that change no layer)."""
+        if inputs is None or getattr(self.lm.model.model, "layers", None) is not self.layers \
+                or start >= len(self.layers):
+            return 0
+        return start
+
+    def _batched_cache(self, state: PrefillState, plans: Sequence[Plan | None], *, unused_below: int = 0):
         """A batch-B cache (one row per plan), the validity masks of the padded slots per compressed layer
         ((B, K_l), or (B, H_kv, K_l) when the KV heads of a row keep different numbers of tokens) and, per row,
-        the layers whose budget kept the whole context."""
+        the layers whose budget kept the whole context. Layers below `unused_below` (which every row holds whole,
+        and which a forward starting there neither reads nor writes) are shared views, not copies: for probes
+        that change one deep layer, most of the cache."""
         batch, n = len(plans), state.n_context
         cache = copy.copy(state.cache)
         cache.layers = []
@@ -370,6 +381,11 @@ class PrefillEngine:
         room = self._room(state)
         for idx, layer in enumerate(state.cache.layers):
             keys, values = layer.keys, layer.values  # (1, H_kv, T', D)
+            if idx < unused_below:
+                unused = copy.copy(layer)
+                unused.keys, unused.values = keys.expand(batch, -1, -1, -1), values.expand(batch, -1, -1, -1)
+                cache.layers.append(unused)
+                continue
             if not any(idx in k for k in kept):
                 # expanded views: a sliding layer's update() concatenates them into a new tensor
                 cache.layers.append(_reserved(layer, keys.expand(batch, -1, -1, -1),
@@ -457,9 +473,7 @@ class PrefillEngine:
         position_ids = torch.arange(n, n + len(suffix), device=self.lm.device)[None].expand(batch, -1)
         model = self.lm.model
         inputs_at = inputs if inputs is not None else state.suffix_inputs
-        if inputs_at is None or getattr(model.model, "layers", None) is not self.layers \
-                or start >= len(self.layers):  # a multimodal wrapper, or rows that change no layer: run them all
-            start = 0
+        start = self._start_layer(start, inputs_at)
         feed = {"input_ids": torch.tensor([suffix] * batch, device=self.lm.device)}
         if start > 0:
             feed = {"inputs_embeds": inputs_at[start].expand(batch, -1, -1)}
