@@ -160,8 +160,8 @@ def evaluate(model: ModelSpec = DEFAULT_MODEL, data: DataSpec = EVALUATION_DATA,
              device: str = "cpu", dtype: str = "auto", trust_remote_code: bool = False, revision: str | None = None,
              progress: Progress | None = None) -> Report:
     """Answer held-out samples with the full cache, every uniform policy, PyramidKV and CAKE (CAKE needs a
-    `profile`) and Ada-KV (`allocators`) at each budget, and the given plans at their own budgets; score each answer by its task's metric;
-    gap recovery R per budget. `plans`: name -> plan file (or paths, named by their stem). `budgets` default: the
+    `profile`) and Ada-KV (`allocators`) at each budget, and the given plans at their own budgets; score each
+    answer by its task's metric; gap recovery R per budget. `plans`: name -> plan file (or paths, named by their stem). `budgets` default: the
     plans' budgets, else 64, 128, 256, 512; plan rungs at other budgets are left out. Writes the checkpoints and
     the report (json, md, png) under `out_dir` (default outputs/<model>/eval)."""
     named = _named_plans(plans)
@@ -273,17 +273,17 @@ def guard_plan(model: ModelSpec, plan_file: PlanFile | str | Path, samples: Data
     uniform = [(policy, PlanFile.build(lm.info, [uniform_plan(lm.info, policy=policy, budget=b)
                                                  for b in plan_file.budgets])) for policy in policies]
     loaded, _ = resolve_samples(samples)
-    key = fingerprint_digest({"model": lm.info.model_id, "revision": lm.info.revision, "dtype": str(next(lm.model.parameters()).dtype),
-                              "device": str(lm.device),
-                              "plan": plan_file.to_dict(), "samples": samples_digest(loaded),
-                              "policies": policies, "guard": 1})
+    dtype_used = str(next(lm.model.parameters()).dtype)
+    key = fingerprint_digest({"model": lm.info.model_id, "revision": lm.info.revision, "dtype": dtype_used,
+                              "device": str(lm.device), "plan": plan_file.to_dict(),
+                              "samples": samples_digest(loaded), "policies": policies, "guard": 1})
     stored = read_guard_cache(cache, key, budgets=len(plan_file.budgets), candidates=1 + len(policies))
     if stored is not None:
         replay = iter(stored["values"])
         plans, choices = guard_rungs(plan_file, uniform, lambda _: next(replay))
         return replace(plan_file, plans=tuple(plans), schema_version=""), choices, stored["samples"]
-    scorers = {key: scorer for f in [plan_file] + [f for _, f in uniform] for rung in f.plans
-               for key, scorer in rung.scorers.items()}
+    scorers = {name: scorer for f in [plan_file] + [f for _, f in uniform] for rung in f.plans
+               for name, scorer in rung.scorers.items()}
     steps = len(loaded) + len(plan_file.budgets)  # each prefill, then each budget's measurement
 
     def step(done: int, note: str) -> None:
@@ -317,8 +317,10 @@ def read_guard_cache(path: str | Path | None, key: str, *, budgets: int, candida
         stored = json.loads(Path(path).read_text())
         values = stored["values"]
         ok = (stored["run"] == key and isinstance(stored["samples"], int) and len(values) == budgets
-              and all(len(v) == candidates and all({"task", "lost"} <= set(m) for m in v) for v in values))
-    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as exc:
+              and all(len(v) == candidates and all(isinstance(m.get("task"), (int, float)) and
+                                                   isinstance(m.get("lost"), (int, float)) for m in v)
+                      for v in values))
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as exc:
         logger.debug("guard cache %s not used: %s", path, exc)
         return None
     return stored if ok else None

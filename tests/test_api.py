@@ -1,6 +1,7 @@
 """The library API on a tiny model: each stage is one call returning typed objects, the stages chain, and nothing
 is printed (progress goes to the callback)."""
 
+import json
 import logging
 
 import pytest
@@ -77,6 +78,11 @@ def test_run_writes_everything_under_one_folder(tiny_llama, files, capsys, monke
     again, choices, samples = pk.guard_plan(tiny_llama, tmp / "run" / "plan_optimized.json", calib,
                                             cache=tmp / "run" / "guard.json")
     assert again == result.plan_file and choices == result.guard and samples == 2
+    stored = json.loads((tmp / "run" / "guard.json").read_text())
+    stored["values"][0][0]["task"] = "not a number"  # the right key, an edited value
+    (tmp / "run" / "guard.json").write_text(json.dumps(stored))
+    with pytest.raises(AssertionError, match="measured again"):
+        pk.guard_plan(tiny_llama, tmp / "run" / "plan_optimized.json", calib, cache=tmp / "run" / "guard.json")
     (tmp / "run" / "guard.json").write_text('{"run": "x"')
     with pytest.raises(AssertionError, match="measured again"):
         pk.guard_plan(tiny_llama, tmp / "run" / "plan_optimized.json", calib, cache=tmp / "run" / "guard.json")
