@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 from rapidfuzz import fuzz
 from rouge_score import rouge_scorer
 
+from polykv_search.data.sample import task_key
 from polykv_search.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -217,16 +218,13 @@ FIRST_LINE_TASKS = frozenset({"trec", "triviaqa", "samsum", "lsht", "fewshot_cla
 
 def metric_for(task: str) -> str:
     """The metric name for `task`; LongBench-E names ("hotpotqa_e") map to their base task, unknown ones to qa_f1."""
-    if task in TASK_METRIC:
-        return TASK_METRIC[task]
-    if task.endswith("_e") and task[:-2] in TASK_METRIC:
-        return TASK_METRIC[task[:-2]]
-    return DEFAULT_METRIC
+    key = task_key(task, TASK_METRIC)
+    return TASK_METRIC[key] if key is not None else DEFAULT_METRIC
 
 
 def has_metric(task: str) -> bool:
     """True when `task` (or its LongBench-E base) has a metric of its own rather than the qa_f1 fallback."""
-    return task in TASK_METRIC or (task.endswith("_e") and task[:-2] in TASK_METRIC)
+    return task_key(task, TASK_METRIC) is not None
 
 
 def scored_part_complete(task: str, prediction: str) -> bool:

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
-from polykv_search.data.sample import Sample
+from polykv_search.data.sample import Sample, task_key
 from polykv_search.errors import DataError
 
 logger = logging.getLogger(__name__)
@@ -164,16 +164,13 @@ AS_GIVEN_TEMPLATE = PromptTemplate("", "{input}", 50, prefix_sep="\n")
 
 def has_template(task: str) -> bool:
     """True when `task` (or its LongBench-E base) has a template of its own rather than the generic one."""
-    return task in TEMPLATES or (task.endswith("_e") and task[:-2] in TEMPLATES)
+    return task_key(task, TEMPLATES) is not None
 
 
 def template_for(task: str) -> PromptTemplate:
     """The template for `task`; LongBench-E names ("lcc_e") use their base task, unknown tasks a generic QA one."""
-    if task in TEMPLATES:
-        return TEMPLATES[task]
-    if task.endswith("_e") and task[:-2] in TEMPLATES:
-        return TEMPLATES[task[:-2]]
-    return DEFAULT_TEMPLATE
+    key = task_key(task, TEMPLATES)
+    return TEMPLATES[key] if key is not None else DEFAULT_TEMPLATE
 
 
 def template_for_sample(sample: Sample) -> PromptTemplate:
@@ -204,8 +201,9 @@ def build_prompt(sample: Sample, tokenizer: Any, *, max_context_tokens: int, add
                  template: PromptTemplate | None = None, use_chat_template: bool | None = None) -> PromptParts:
     """Tokenize `sample` as context part + question part, cutting the context in the middle if it is too long.
 
-    `template=None` uses `template_for_sample`. The prompt (both parts) is kept within `max_context_tokens - max_new_tokens`. `add_bos=None` follows the
-    chat template in chat mode and the tokenizer's default in plain mode; BOS is never doubled.
+    `template=None` uses `template_for_sample`. The prompt (both parts) is kept within
+    `max_context_tokens - max_new_tokens`. `add_bos=None` follows the chat template in chat mode and the
+    tokenizer's default in plain mode; BOS is never doubled.
     `use_chat_template=None` uses the tokenizer's chat template when it has one and the task asks for chat.
     """
     template = template or template_for_sample(sample)

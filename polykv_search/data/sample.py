@@ -3,6 +3,7 @@ own instructions."""
 
 from __future__ import annotations
 
+from collections.abc import Container
 from dataclasses import dataclass
 
 
@@ -41,6 +42,16 @@ class Sample:
         if self.max_new_tokens is not None:
             row["max_new_tokens"] = self.max_new_tokens
         return row
+
+
+def task_key(task: str, table: Container[str]) -> str | None:
+    """The entry of `task` in a per-task table (metrics, templates): the task itself, else the base task of a
+    LongBench-E name ("hotpotqa_e" -> "hotpotqa"); None when the table has neither."""
+    if task in table:
+        return task
+    if task.endswith("_e") and task[:-2] in table:
+        return task[:-2]
+    return None
 
 
 def spread_over_tasks(samples: list[Sample], n: int | None) -> list[Sample]:

@@ -20,7 +20,7 @@ from polykv_search.data.metrics import (
     substring_match,
     substring_match_all,
 )
-from polykv_search.data.metrics import METRICS, scored_part_complete
+from polykv_search.data.metrics import METRICS, has_metric, scored_part_complete
 
 
 def test_normalize_answer_like_longbench():
@@ -89,6 +89,8 @@ def test_metric_table():
     assert metric_for("hotpotqa") == "qa_f1"
     assert metric_for("hotpotqa_e") == "qa_f1"
     assert metric_for("lcc") == "code_edit_similarity"
+    assert metric_for("lcc_e") == "code_edit_similarity"  # LongBench-E names use their base task's metric
+    assert has_metric("lcc_e") and has_metric("hotpotqa") and not has_metric("my_task") and not has_metric("x_e")
     assert metric_for("passage_retrieval_en") == "retrieval_score"
     assert metric_for("never-heard-of-it") == "qa_f1"
     assert set(TASK_METRIC.values()) <= {*METRICS, "substring_match_all"}
