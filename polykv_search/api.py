@@ -161,9 +161,9 @@ def evaluate(model: ModelSpec = DEFAULT_MODEL, data: DataSpec = EVALUATION_DATA,
              progress: Progress | None = None) -> Report:
     """Answer held-out samples with the full cache, every uniform policy, PyramidKV and CAKE (CAKE needs a
     `profile`) and Ada-KV (`allocators`) at each budget, and the given plans at their own budgets; score each
-    answer by its task's metric; gap recovery R per budget. `plans`: name -> plan file (or paths, named by their stem). `budgets` default: the
-    plans' budgets, else 64, 128, 256, 512; plan rungs at other budgets are left out. Writes the checkpoints and
-    the report (json, md, png) under `out_dir` (default outputs/<model>/eval)."""
+    answer by its task's metric; gap recovery R per budget. `plans`: name -> plan file (or paths, named by their
+    stem). `budgets` default: the plans' budgets, else 64, 128, 256, 512; plan rungs at other budgets are left
+    out. Writes the checkpoints and the report (json, md, png) under `out_dir` (default outputs/<model>/eval)."""
     named = _named_plans(plans)
     if budgets is not None:
         grid = check_budgets(budgets)
@@ -270,11 +270,10 @@ def guard_plan(model: ModelSpec, plan_file: PlanFile | str | Path, samples: Data
     policies = check_policy_names(list(policies))
     lm = resolve_model(model, device=device, dtype=dtype)
     plan_file.check_model(lm.info)
-    uniform = [(policy, PlanFile.build(lm.info, [uniform_plan(lm.info, policy=policy, budget=b)
-                                                 for b in plan_file.budgets])) for policy in policies]
+    uniform = uniform_ladders(lm, policies, plan_file.budgets)
     loaded, _ = resolve_samples(samples)
-    dtype_used = str(next(lm.model.parameters()).dtype)
-    key = fingerprint_digest({"model": lm.info.model_id, "revision": lm.info.revision, "dtype": dtype_used,
+    key = fingerprint_digest({"model": lm.info.model_id, "revision": lm.info.revision,
+                              "dtype": str(getattr(lm.model, "dtype", "")),
                               "device": str(lm.device), "plan": plan_file.to_dict(),
                               "samples": samples_digest(loaded), "policies": policies, "guard": 1})
     stored = read_guard_cache(cache, key, budgets=len(plan_file.budgets), candidates=1 + len(policies))
@@ -282,30 +281,51 @@ def guard_plan(model: ModelSpec, plan_file: PlanFile | str | Path, samples: Data
         replay = iter(stored["values"])
         plans, choices = guard_rungs(plan_file, uniform, lambda _: next(replay))
         return replace(plan_file, plans=tuple(plans), schema_version=""), choices, stored["samples"]
-    scorers = {name: scorer for f in [plan_file] + [f for _, f in uniform] for rung in f.plans
-               for name, scorer in rung.scorers.items()}
-    steps = len(loaded) + len(plan_file.budgets)  # each prefill, then each budget's measurement
-
-    def step(done: int, note: str) -> None:
-        if progress:
-            progress("guard", done, steps, note)
-
-    step(0, f"prefilling the calibration samples to score the plan against {len(policies)} uniform policies")
-    objective = EndToEndObjective(lm, loaded, policies=list(scorers.values()), metric="task",
-                                  on_prefill=lambda done, _: step(done, "prefilling the calibration samples"))
+    objective, measured = _measured_on(lm, loaded, [plan_file] + [f for _, f in uniform], metric="task",
+                                       stage="guard", budgets=len(plan_file.budgets), progress=progress)
     recorded: list[list[dict[str, float]]] = []
 
     def measure(plans: list[Plan]) -> list[dict[str, float]]:
-        step(len(loaded) + len(recorded), f"{plans[0].average_budget:g} tokens/layer: the plan and "
-                                           f"{len(plans) - 1} uniform policies answer every sample")
-        recorded.append(objective.measure(plans))
-        step(len(loaded) + len(recorded), f"{plans[0].average_budget:g} tokens/layer measured")
+        recorded.append(measured(plans))
         return recorded[-1]
 
     plans, choices = guard_rungs(plan_file, uniform, measure)
     if cache is not None:
         write_json_atomic(cache, {"run": key, "samples": len(objective.states), "values": recorded})
     return replace(plan_file, plans=tuple(plans), schema_version=""), choices, len(objective.states)
+
+
+def uniform_ladders(lm: LoadedModel, policies: Sequence[str],
+                    budgets: Sequence[float]) -> list[tuple[str, PlanFile]]:
+    """(policy, a uniform plan of it at each budget) for each policy: the single-policy candidates."""
+    return [(policy, PlanFile.build(lm.info, [uniform_plan(lm.info, policy=policy, budget=b) for b in budgets]))
+            for policy in policies]
+
+
+def _measured_on(lm: LoadedModel, samples: list[Sample], files: Sequence[PlanFile], *, metric: str, stage: str,
+                 budgets: int, progress: Progress | None
+                 ) -> tuple[EndToEndObjective, Callable[[list[Plan]], list[dict[str, float]]]]:
+    """The end-to-end objective over `samples` with every scorer the files' rungs use (each sample prefilled
+    once), and its measure of one budget's rungs; `progress` hears of each prefill, then of each budget."""
+    scorers = {name: scorer for f in files for rung in f.plans for name, scorer in rung.scorers.items()}
+    steps = len(samples) + budgets
+
+    def step(done: int, note: str) -> None:
+        if progress:
+            progress(stage, done, steps, note)
+
+    step(0, "prefilling the calibration samples")
+    objective = EndToEndObjective(lm, samples, policies=list(scorers.values()), metric=metric,
+                                  on_prefill=lambda done, _: step(done, "prefilling the calibration samples"))
+    done = [len(samples)]
+
+    def measure(plans: list[Plan]) -> list[dict[str, float]]:
+        values = objective.measure(plans)
+        done[0] += 1
+        step(done[0], f"{plans[0].average_budget:g} tokens/layer measured")
+        return values
+
+    return objective, measure
 
 
 def read_guard_cache(path: str | Path | None, key: str, *, budgets: int, candidates: int) -> dict | None:
@@ -341,27 +361,10 @@ def choose(model: ModelSpec, plans: Mapping[str, PlanFile | str | Path] | Sequen
     for _, plan_file in named:
         plan_file.check_model(lm.info)
     budgets = sorted({b for _, f in named for b in f.budgets})
-    named += [(policy, PlanFile.build(lm.info, [uniform_plan(lm.info, policy=policy, budget=b) for b in budgets]))
-              for policy in uniform]
-    scorers = {key: scorer for _, f in named for rung in f.plans for key, scorer in rung.scorers.items()}
+    named += uniform_ladders(lm, uniform, budgets)
     samples, _ = resolve_samples(data, max_samples=max_samples)
-    steps = len(samples) + len(budgets)  # each prefill, then each budget's measurement
-
-    def step(done: int, note: str) -> None:
-        if progress:
-            progress("choose", done, steps, note)
-
-    step(0, "prefilling the calibration samples")
-    objective = EndToEndObjective(lm, samples, policies=list(scorers.values()), metric=metric,
-                                  on_prefill=lambda done, _: step(done, "prefilling the calibration samples"))
-    measured: list[float] = []
-
-    def measure(plans: list[Plan]) -> list[dict[str, float]]:
-        values = objective.measure(plans)
-        measured.append(plans[0].average_budget)
-        step(len(samples) + len(measured), f"{plans[0].average_budget:g} tokens/layer measured")
-        return values
-
+    objective, measure = _measured_on(lm, samples, [f for _, f in named], metric=metric, stage="choose",
+                                      budgets=len(budgets), progress=progress)
     chosen, choices = choose_rungs(named, measure, metric=metric, tie_break="lost" if metric == "task" else None)
     return ChooseResult(plan_file=PlanFile.build(lm.info, chosen), choices=choices, samples=len(objective.states))
 
