@@ -60,8 +60,8 @@ StorageOpt = Annotated[str | None, typer.Option(help="optuna: journal:PATH or an
 __all__ = ["DEFAULT_MODEL", "CapOpt", "ColumnMapOpt", "CostOpt", "DataOpt", "DeviceOpt", "DtypeOpt", "FloorOpt",
            "JsonOpt", "MaxPoliciesOpt", "MetricOpt", "ModelOpt", "NTrialsOpt", "OnlyOpt", "OutOpt", "PoliciesOpt",
            "ProfileOpt", "RevisionOpt", "SolverOpt", "StorageOpt", "TieOpt", "TrustOpt", "WeightingOpt",
-           "check_out_file", "check_out_folder", "given", "model_slug", "parse_allowed", "parse_budget_list", "parse_column_map", "parse_int_list",
-           "parse_str_list", "parse_tied"]
+           "check_out_file", "given", "model_slug", "parse_allowed", "parse_budget_list", "parse_column_map",
+           "parse_int_list", "parse_str_list", "parse_tied"]
 
 
 def given(ctx: typer.Context, name: str) -> bool:
@@ -76,18 +76,6 @@ def check_out_file(path: Path | None, *, option: str = "--out", example: str = "
         return None
     if path.is_dir():
         raise ConfigError(f"{option} {path} is a folder; give a file name, e.g. {path / example}")
-    above = next((parent for parent in path.parents if parent.exists()), None)
-    if above is not None and not above.is_dir():
-        raise ConfigError(f"{option} {path}: {above} is a file, not a folder; give another path")
-    return path
-
-
-def check_out_folder(path: Path | None, *, option: str = "--out") -> Path | None:
-    """An output folder, refused in one line (before any model loads) when it is a file or lies under one."""
-    if path is None:
-        return None
-    if path.exists() and not path.is_dir():
-        raise ConfigError(f"{option} {path} is a file; give a folder (it holds the checkpoints and results)")
     above = next((parent for parent in path.parents if parent.exists()), None)
     if above is not None and not above.is_dir():
         raise ConfigError(f"{option} {path}: {above} is a file, not a folder; give another path")

@@ -1,4 +1,5 @@
-"""Data: samples in LongBench's or kvpress's form, their loading, per-task prompts, and the generator of calibration data."""
+"""Data: samples in LongBench's or kvpress's form, their loading, per-task prompts, and the generator of
+calibration data."""
 
 from polykv_search.data.loading import load_samples
 from polykv_search.data.prompts import (
