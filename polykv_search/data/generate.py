@@ -1,7 +1,9 @@
 """Generate the calibration and evaluation task files from text every CPython install carries.
 
 Usage: python -m polykv_search.data.generate --seed 0 --out calibration_data
-Writes calib.jsonl, eval.jsonl, eval_alt.jsonl (LongBench row schema) and manifest.json.
+Writes calib.jsonl, eval.jsonl, eval_alt.jsonl, long.jsonl (LongBench row schema) and manifest.json.
+    python -m polykv_search.data.generate --only-long --long-tokens 8000,32000 --tokenizer gemma3-270m --out DIR
+writes only a long split, measured in another model's tokens (and its manifest entry).
 """
 
 from __future__ import annotations
@@ -12,14 +14,16 @@ import json
 import logging
 import platform
 import random
+import sys
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from polykv_search.data.sample import Sample
-from polykv_search.data.sources import Split, documents_for
-from polykv_search.data.tasks import CHARS_PER_TOKEN, FAMILIES, make_pool
-from polykv_search.errors import ConfigError
+from polykv_search.data.sources import LONG, Split, documents_for
+from polykv_search.data.tasks import CHARS_PER_TOKEN, FAMILIES, Builder, SplitPool, make_pool
+from polykv_search.errors import ConfigError, PolykvError
 from polykv_search.io import write_atomic, write_json_atomic
 
 logger = logging.getLogger(__name__)
@@ -28,14 +32,30 @@ GENERATOR_VERSION = 1
 # Samples per family in each split: calib 6 x 4 = 24, eval and eval_alt 6 x 10 = 60.
 DEFAULT_PER_FAMILY: dict[Split, int] = {"calib": 4, "eval": 10, "eval_alt": 10}
 SPLIT_FILES: dict[Split, str] = {"calib": "calib.jsonl", "eval": "eval.jsonl", "eval_alt": "eval_alt.jsonl"}
+# The long split: 2 samples a family (issue #19: an evaluation of long prompts on CPU), 6k-8k tokens (SmolLM2 reads
+# 8,192, question and answer included), measured with the tokenizer of the model it is for.
+LONG_FILE = "long.jsonl"
+LONG_PER_FAMILY = 2
+LONG_TOKENS = (6000, 8000)
+LONG_TOKENIZER = "smollm2-135m"
+LONG_SOURCES = ("CPython standard library test suites (test/, */tests/, idlelib/idle_test/): source files, "
+                "docstrings and comments (PSF License)")
+# A measured long context is within this share of its target: a few rebuilds with the character target rescaled
+# by the measured ratio get there (characters per token vary 3.0-4.6 between samples).
+FIT_TOLERANCE = 0.03
+_FIT_ROUNDS = 6
+_FIT_KWARGS: dict[str, dict[str, float]] = {"code_completion": {"slack": 0.02}}  # the code prefix ends near target
+TokenCounter = Callable[[str], int]
 
 
 def generate_split(split: Split, *, seed: int, per_family: int, min_tokens: int = 1100,
-                   max_tokens: int = 3500, families: Sequence[str] | None = None) -> list[Sample]:
+                   max_tokens: int = 3500, families: Sequence[str] | None = None,
+                   count_tokens: TokenCounter | None = None) -> list[Sample]:
     """Build `per_family` samples of every family for `split`, deterministically for (`seed`, `split`).
 
-    Target context sizes are spread evenly over [min_tokens, max_tokens] (SmolLM2 tokens, estimated from
-    characters) and shuffled, so every family covers the whole length range.
+    Target context sizes are spread evenly over [min_tokens, max_tokens] and shuffled, so every family covers
+    the whole length range. They are SmolLM2 tokens estimated from characters, or, with `count_tokens`, tokens
+    measured by it: each context is then within FIT_TOLERANCE of its target.
     """
     if not 0 < min_tokens <= max_tokens:
         raise ConfigError(f"token range {min_tokens}..{max_tokens} is empty; give 0 < --min-tokens <= --max-tokens")
@@ -51,8 +71,37 @@ def generate_split(split: Split, *, seed: int, per_family: int, min_tokens: int 
         targets = [min_tokens + (max_tokens - min_tokens) * (i + 0.5) / per_family for i in range(per_family)]
         rng.shuffle(targets)
         for index, tokens in enumerate(targets):
-            samples.append(builder(pool, rng, chars=int(tokens * CHARS_PER_TOKEN[kind]), index=index))
+            if count_tokens is None:
+                samples.append(builder(pool, rng, chars=int(tokens * CHARS_PER_TOKEN[kind]), index=index))
+            else:
+                samples.append(_fitted(builder, pool, rng, tokens=tokens, chars=tokens * CHARS_PER_TOKEN[kind],
+                                       index=index, count_tokens=count_tokens, **_FIT_KWARGS.get(name, {})))
     return samples
+
+
+def _fitted(builder: Builder, pool: SplitPool, rng: random.Random, *, tokens: float, chars: float, index: int,
+            count_tokens: TokenCounter, **kwargs: float) -> Sample:
+    """The sample `builder` makes whose context measures closest to `tokens`: build, measure, rescale the
+    character target by the measured ratio and build again from the same pool position and random state."""
+    start = (rng.getstate(), pool.cursor, set(pool.used_files))
+    best: tuple[int, Sample, tuple[object, int, set[str]]] | None = None
+    for _ in range(_FIT_ROUNDS):
+        rng.setstate(start[0])
+        pool.cursor, pool.used_files = start[1], set(start[2])
+        sample = builder(pool, rng, chars=int(chars), index=index, **kwargs)
+        measured = count_tokens(sample.context)
+        if best is None or abs(measured - tokens) < abs(best[0] - tokens):
+            best = (measured, sample, (rng.getstate(), pool.cursor, set(pool.used_files)))
+        if abs(measured - tokens) <= FIT_TOLERANCE * tokens:
+            break
+        chars *= tokens / max(measured, 1)
+    assert best is not None  # _FIT_ROUNDS >= 1
+    measured, sample, (state, cursor, used) = best
+    rng.setstate(state)  # type: ignore[arg-type]
+    pool.cursor, pool.used_files = cursor, used
+    if abs(measured - tokens) > FIT_TOLERANCE * tokens:
+        logger.warning("sample %s: context of %d tokens for a target of %.0f", sample.id, measured, tokens)
+    return sample
 
 
 def write_jsonl(path: Path, samples: Sequence[Sample]) -> Path:
@@ -63,7 +112,8 @@ def write_jsonl(path: Path, samples: Sequence[Sample]) -> Path:
 
 def generate(out: str | Path, *, seed: int = 0, per_family: dict[Split, int] | None = None,
              min_tokens: int = 1100, max_tokens: int = 3500) -> dict[Split, Path]:
-    """Write every split under `out` plus a manifest recording the seed, sources and file hashes."""
+    """Write calib, eval and eval_alt under `out` plus a manifest recording the seed, sources and file hashes
+    (a long split's entry already in the manifest is kept: `generate_long` writes that split)."""
     out = Path(out)
     counts = {**DEFAULT_PER_FAMILY, **(per_family or {})}
     written: dict[Split, Path] = {}
@@ -81,17 +131,71 @@ def generate(out: str | Path, *, seed: int = 0, per_family: dict[Split, int] | N
                                  max_tokens=max_tokens)
         path = write_jsonl(out / filename, samples)
         written[split] = path
-        documents = documents_for(split)
-        manifest["splits"][split] = {  # type: ignore[index]
-            "file": filename,
-            "samples": len(samples),
-            "per_task": dict(Counter(s.task for s in samples)),
-            "source_documents": len(documents),
-            "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
-        }
+        manifest["splits"][split] = _split_entry(split, path, samples)  # type: ignore[index]
         logger.info("wrote %s: %d samples", path, len(samples))
+    kept = _read_manifest(out).get("splits", {}).get(LONG)
+    if kept is not None:
+        manifest["splits"][LONG] = kept  # type: ignore[index]
     write_json_atomic(out / "manifest.json", manifest)
     return written
+
+
+def generate_long(out: str | Path, *, seed: int = 0, per_family: int = LONG_PER_FAMILY,
+                  tokens: tuple[int, int] = LONG_TOKENS, tokenizer: str = LONG_TOKENIZER) -> Path:
+    """Write the long split (`long.jsonl`) under `out` and its entry in the manifest (other entries are kept):
+    contexts of `tokens` = (min, max) tokens of model `tokenizer`, measured, from the test-suite source."""
+    # imported here: measuring needs transformers (and torch), which the other splits do not
+    from polykv_search.models import load_tokenizer
+
+    loaded = load_tokenizer(tokenizer)
+    if loaded.max_context and tokens[1] > loaded.max_context:
+        raise ConfigError(f"--long-tokens up to {tokens[1]} exceeds the {loaded.max_context}-token context of "
+                          f"{tokenizer}; lower it or give --tokenizer of a model with a longer context")
+
+    def count(text: str) -> int:
+        return len(loaded.tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
+
+    samples = generate_split(LONG, seed=seed, per_family=per_family, min_tokens=tokens[0], max_tokens=tokens[1],
+                             count_tokens=count)
+    path = write_jsonl(Path(out) / LONG_FILE, samples)
+    entry = {**_split_entry(LONG, path, samples), "seed": seed, "python": platform.python_version(),
+             "token_range": list(tokens), "tokenizer": {"model": loaded.model_id, "revision": loaded.revision},
+             "sources": LONG_SOURCES}
+    manifest = _read_manifest(Path(out)) or {"generator": "polykv_search.data.generate",
+                                             "generator_version": GENERATOR_VERSION}
+    manifest.setdefault("splits", {})[LONG] = entry
+    write_json_atomic(Path(out) / "manifest.json", manifest)
+    logger.info("wrote %s: %d samples of %d-%d %s tokens", path, len(samples), *tokens, loaded.model_id)
+    return path
+
+
+def _split_entry(split: Split, path: Path, samples: Sequence[Sample]) -> dict[str, object]:
+    return {
+        "file": path.name,
+        "samples": len(samples),
+        "per_task": dict(Counter(s.task for s in samples)),
+        "source_documents": len(documents_for(split)),
+        "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
+    }
+
+
+def _read_manifest(out: Path) -> dict[str, Any]:
+    path = out / "manifest.json"
+    try:
+        return json.loads(path.read_text()) if path.exists() else {}
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"cannot read {path} ({exc}); delete it to write a new one") from exc
+
+
+def parse_token_range(text: str) -> tuple[int, int]:
+    """"6000,8000" -> (6000, 8000); ConfigError naming the value otherwise."""
+    try:
+        low, high = (int(part) for part in text.split(","))
+    except ValueError:
+        raise ConfigError(f"token range {text!r} is not MIN,MAX (e.g. 6000,8000)") from None
+    if not 0 < low <= high:
+        raise ConfigError(f"token range {text!r} is empty; give 0 < MIN <= MAX")
+    return low, high
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -103,10 +207,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     for split, count in DEFAULT_PER_FAMILY.items():
         parser.add_argument(f"--{split.replace('_', '-')}-per-task", type=int, default=count, dest=f"n_{split}",
                             help=f"samples per task family in {SPLIT_FILES[split]}")
+    parser.add_argument("--long-per-task", type=int, default=LONG_PER_FAMILY,
+                        help=f"samples per task family in {LONG_FILE} (0: no long split)")
+    parser.add_argument("--long-tokens", default=",".join(map(str, LONG_TOKENS)),
+                        help="MIN,MAX context tokens of the long split, measured with --tokenizer")
+    parser.add_argument("--tokenizer", default=LONG_TOKENIZER,
+                        help="model whose tokenizer measures the long split (alias, .gguf, folder or hub id)")
+    parser.add_argument("--only-long", action="store_true", help=f"write only {LONG_FILE} (and its manifest entry)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    generate(args.out, seed=args.seed, min_tokens=args.min_tokens, max_tokens=args.max_tokens,
-             per_family={split: getattr(args, f"n_{split}") for split in DEFAULT_PER_FAMILY})
+    try:
+        long_tokens = parse_token_range(args.long_tokens)
+        if args.only_long and args.long_per_task < 1:
+            raise ConfigError("--only-long needs --long-per-task of 1 or more")
+        if not args.only_long:
+            generate(args.out, seed=args.seed, min_tokens=args.min_tokens, max_tokens=args.max_tokens,
+                     per_family={split: getattr(args, f"n_{split}") for split in DEFAULT_PER_FAMILY})
+        if args.long_per_task > 0:
+            generate_long(args.out, seed=args.seed, per_family=args.long_per_task, tokens=long_tokens,
+                          tokenizer=args.tokenizer)
+    except PolykvError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -33,9 +33,19 @@ _NOUNS = ("anchor", "badger", "candle", "dragon", "engine", "falcon", "garden", 
           "umbrella", "violin", "walrus", "yacht", "zebra", "bridge", "canyon", "desert", "forest", "glacier",
           "hammer", "igloo", "jungle", "kitten", "ladder", "mirror", "nugget", "otter", "pillow", "rocket",
           "spider", "tunnel", "valley", "window", "beacon", "castle", "feather", "goblet", "helmet", "marble")
-# First digit of every number and first letter of every variable name, per split: no needle is shared.
-_DIGITS: dict[Split, str] = {"calib": "123", "eval": "456", "eval_alt": "789"}
-_LETTERS: dict[Split, str] = {"calib": "ABCDEFGH", "eval": "IJKLMNOPQ", "eval_alt": "RSTUVWXYZ"}
+# Key words of the long split only (none is in the lists above).
+_LONG_ADJECTIVES = ("azure", "breezy", "cosmic", "dapper", "frosty", "glossy", "humble", "ivory", "jovial", "lunar",
+                    "mossy", "quirky", "rosy", "snowy", "sunny", "thorny")
+_LONG_NOUNS = ("acorn", "bucket", "comet", "dolphin", "ember", "fiddle", "gazebo", "hornet", "iceberg", "jigsaw",
+               "koala", "lobster", "mango", "nebula", "pebble", "robin")
+# First digit of every number and first letter of every variable name, per split: no needle is shared. The long
+# split has no digit or letter left; its numbers are longer instead (7 digits, RULER's needle length, against 5-6
+# elsewhere) and so are its variable names (6 letters against 5), so none of its needles equals another split's.
+_DIGITS: dict[Split, str] = {"calib": "123", "eval": "456", "eval_alt": "789", "long": "123456789"}
+_LETTERS: dict[Split, str] = {"calib": "ABCDEFGH", "eval": "IJKLMNOPQ", "eval_alt": "RSTUVWXYZ",
+                              "long": "ABCDEFGHIJKLMNOPQRSTUVWXYZ"}
+_NUMBER_DIGITS: dict[Split, int] = {"long": 7}  # else the family's own
+_NAME_LETTERS: dict[Split, int] = {"long": 6}  # else 5 (RULER's)
 _UPPER = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 
 # Statement kinds for few-shot classification: a regex on the stripped source line, and its label.
@@ -86,13 +96,13 @@ def make_pool(split: Split, documents: list[Document], rng: random.Random) -> Sp
     paragraphs = [p for doc in docs for p in doc.paragraphs]
     code_docs = sorted((doc for doc in docs if doc.code), key=lambda d: d.id)
     lines_by_label: dict[str, list[str]] = {label: [] for label in STATEMENT_LABELS}
-    owners = line_owners()
+    owners = line_owners()  # every line of the hashed splits' files; the long split's own lines are absent
     seen: set[str] = set()
     for doc in code_docs:
         for line in doc.code.splitlines():
             text = line.strip()
             label = statement_kind(text)
-            if label and text not in seen and owners.get(text) == split:
+            if label and text not in seen and owners.get(text, "long") == split:
                 seen.add(text)
                 lines_by_label[label].append(text)
     return SplitPool(split=split, paragraphs=paragraphs, code_docs=code_docs, lines_by_label=lines_by_label)
@@ -110,17 +120,21 @@ def statement_kind(line: str) -> str | None:
 
 
 def _number(rng: random.Random, split: Split, digits: int) -> str:
+    digits = _NUMBER_DIGITS.get(split, digits)
     return rng.choice(_DIGITS[split]) + "".join(rng.choice("0123456789") for _ in range(digits - 1))
 
 
 def _variable(rng: random.Random, split: Split) -> str:
-    return rng.choice(_LETTERS[split]) + "".join(rng.choice(_UPPER) for _ in range(4))
+    return rng.choice(_LETTERS[split]) + "".join(rng.choice(_UPPER) for _ in range(_NAME_LETTERS.get(split, 5) - 1))
 
 
 def _keys(rng: random.Random, split: Split, count: int) -> list[str]:
-    part = {"calib": 0, "eval": 1, "eval_alt": 2}[split]
-    adjectives = [w for i, w in enumerate(_ADJECTIVES) if i % 3 == part]
-    nouns = [w for i, w in enumerate(_NOUNS) if i % 3 == part]
+    if split == "long":
+        adjectives, nouns = list(_LONG_ADJECTIVES), list(_LONG_NOUNS)
+    else:
+        part = {"calib": 0, "eval": 1, "eval_alt": 2}[split]
+        adjectives = [w for i, w in enumerate(_ADJECTIVES) if i % 3 == part]
+        nouns = [w for i, w in enumerate(_NOUNS) if i % 3 == part]
     return [f"{a}-{n}" for a, n in zip(rng.sample(adjectives, count), rng.sample(nouns, count))]
 
 
@@ -222,10 +236,11 @@ def _content_words(text: str) -> set[str]:
 
 
 def code_completion(pool: SplitPool, rng: random.Random, *, chars: int, index: int, local_lines: int = 3,
-                    min_similarity: float = 75.0, far: int = 20) -> Sample:
+                    min_similarity: float = 75.0, far: int = 20, slack: float = 0.15) -> Sample:
     """A stdlib file prefix; the answer is the next statement line, one resembling a line >= `far` lines back.
 
-    The last `local_lines` lines before the answer are the question (uncompressed), the rest is the context.
+    The last `local_lines` lines before the answer are the question (uncompressed), the rest is the context,
+    within `slack` (a share) of `chars` characters.
     """
     files = [doc for doc in pool.code_docs if len(doc.code) > chars * 1.2 and doc.id not in pool.used_files]
     rng.shuffle(files)
@@ -237,7 +252,7 @@ def code_completion(pool: SplitPool, rng: random.Random, *, chars: int, index: i
             starts.append(starts[-1] + len(line))
         candidates = []
         for k in range(far + local_lines, len(lines)):
-            if not chars * 0.85 <= starts[k] <= chars * 1.15 or k + 1 in in_strings:
+            if not chars * (1 - slack) <= starts[k] <= chars * (1 + slack) or k + 1 in in_strings:
                 continue
             text = lines[k].strip()
             if not 12 <= len(text) <= 100 or text.startswith(("#", '"', "'", "@")):
@@ -255,7 +270,7 @@ def code_completion(pool: SplitPool, rng: random.Random, *, chars: int, index: i
             # The answer keeps its indentation (the metric strips it) so teacher forcing sees the real line.
             return _sample(pool, "code_completion", index, context, question, (lines[k].rstrip(),))
     raise DataError(f"no stdlib file of split {pool.split} is long enough for a {chars}-char code prefix; "
-                    "lower --max-tokens")
+                    "lower --max-tokens (--long-tokens for the long split)")
 
 
 def _string_lines(code: str) -> set[int]:

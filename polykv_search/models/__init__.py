@@ -10,7 +10,7 @@ from polykv_search.models.embedded import DEFAULT_MODEL, EMBEDDED
 from polykv_search.models.info import ModelInfo, model_info, model_slug, same_model
 
 # loading imports torch (a second): the command line's --help and plan checks need only the names above
-_LAZY = {"LoadedModel", "load_model", "resolve_device", "resolve_dtype"}
+_LAZY = {"LoadedModel", "LoadedTokenizer", "load_model", "load_tokenizer", "resolve_device", "resolve_dtype"}
 __all__ = ["DEFAULT_MODEL", "EMBEDDED", "ModelInfo", "model_info", "model_slug", "same_model",
            *sorted(_LAZY)]
 
@@ -24,4 +24,11 @@ def __getattr__(name: str) -> Any:
 
 
 if TYPE_CHECKING:
-    from polykv_search.models.loading import LoadedModel, load_model, resolve_device, resolve_dtype
+    from polykv_search.models.loading import (
+        LoadedModel,
+        LoadedTokenizer,
+        load_model,
+        load_tokenizer,
+        resolve_device,
+        resolve_dtype,
+    )

@@ -77,6 +77,55 @@ def load_model(
     """Load `spec` (alias, .gguf path, folder or hub id) for inference, in eval mode."""
     device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, device)
+    source, model_id, rev, add_bos, local_only = _resolve(spec, revision)
+    model, tokenizer = _from_pretrained(source, device=device, dtype=torch_dtype, revision=revision,
+                                        trust_remote_code=trust_remote_code,
+                                        attn_implementation=attn_implementation, local_files_only=local_only)
+    if rev == "local":
+        rev = getattr(model.config, "_commit_hash", None) or "local"
+    if add_bos:
+        _force_bos(tokenizer)
+    info = model_info(model, model_id=model_id, revision=rev, add_bos=add_bos)
+    model.eval()
+    first = next(model.parameters()).device
+    return LoadedModel(model=model, tokenizer=tokenizer, info=info, device=first)
+
+
+@dataclass(frozen=True)
+class LoadedTokenizer:
+    """A model's tokenizer without its weights, and the model's context length (0 when its config has none)."""
+
+    tokenizer: Any
+    model_id: str
+    revision: str
+    max_context: int
+
+
+def load_tokenizer(spec: str, *, trust_remote_code: bool = False, revision: str | None = None) -> LoadedTokenizer:
+    """The tokenizer of `spec` (alias, .gguf path, folder or hub id) as `load_model` would give it, without loading
+    the weights (a GGUF file is still converted once, into the cache `load_model` reads)."""
+    source, model_id, rev, add_bos, local_only = _resolve(spec, revision)
+    kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code, "revision": revision}
+    if local_only:
+        kwargs["local_files_only"] = True
+    try:
+        with quiet_transformers():
+            config = AutoConfig.from_pretrained(source, **kwargs)
+            tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+    except (OSError, ValueError, KeyError) as exc:
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelError(f"cannot load the tokenizer of {source}: {first_line}; check the id or path") from exc
+    if add_bos:
+        _force_bos(tokenizer)
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    if rev == "local":
+        rev = getattr(config, "_commit_hash", None) or "local"
+    return LoadedTokenizer(tokenizer=tokenizer, model_id=model_id, revision=rev,
+                           max_context=int(getattr(text_config, "max_position_embeddings", 0) or 0))
+
+
+def _resolve(spec: str, revision: str | None) -> tuple[Path | str, str, str, bool, bool]:
+    """(source folder or id, model id, revision, add BOS, local files only) for a model spec."""
     add_bos = False
     if spec in EMBEDDED:
         embedded = EMBEDDED[spec]
@@ -100,17 +149,7 @@ def load_model(
         raise ModelError(f"model {spec} is not in the local Hugging Face cache and the hub ({hub.endpoint()}) "
                          "cannot be reached; download it where there is network, or give a local folder, a .gguf "
                          "file or an embedded alias")
-    model, tokenizer = _from_pretrained(source, device=device, dtype=torch_dtype, revision=revision,
-                                        trust_remote_code=trust_remote_code,
-                                        attn_implementation=attn_implementation, local_files_only=local_only)
-    if rev == "local":
-        rev = getattr(model.config, "_commit_hash", None) or "local"
-    if add_bos:
-        _force_bos(tokenizer)
-    info = model_info(model, model_id=model_id, revision=rev, add_bos=add_bos)
-    model.eval()
-    first = next(model.parameters()).device
-    return LoadedModel(model=model, tokenizer=tokenizer, info=info, device=first)
+    return source, model_id, rev, add_bos, local_only
 
 
 def _in_hub_cache(repo_id: str, revision: str | None) -> bool:
