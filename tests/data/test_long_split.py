@@ -44,18 +44,11 @@ def smollm2_tokenizer():  # type: ignore[no-untyped-def]
 
 
 @pytest.fixture(scope="module")
-def long_dir(tmp_path_factory, smollm2_tokenizer):  # type: ignore[no-untyped-def]
-    """long.jsonl and its manifest as the generator's defaults write them, in a fresh folder."""
-    out = tmp_path_factory.mktemp("long")
-    generate_long(out)
-    return out
-
-
-@pytest.fixture(scope="module")
 def committed():  # type: ignore[no-untyped-def]
     return {split: load_samples(DATA / name) for split, name in {**SPLIT_FILES, LONG: LONG_FILE}.items()}
 
 
+@pytest.mark.skipif(importlib.util.find_spec("test") is None, reason="this Python has no test suite (`test`)")
 def test_long_documents_are_no_other_splits_documents():
     long_ids = {doc.id for doc in long_documents()}
     assert len(long_ids) == len(long_documents()) > 500
@@ -67,14 +60,17 @@ def test_long_documents_are_no_other_splits_documents():
 
 
 @needs_smollm2
-def test_the_long_split_is_deterministic_and_is_the_committed_file(long_dir):
-    again = long_dir.parent / "again"
-    generate_long(again)
-    assert (again / LONG_FILE).read_bytes() == (long_dir / LONG_FILE).read_bytes()
+def test_the_long_split_is_deterministic_and_is_the_committed_file(tmp_path, smollm2_tokenizer):
+    """One generation equal to the committed bytes (a second one would only repeat that check); on another Python
+    the test-suite text differs, so the bytes cannot be compared there."""
     manifest = json.loads((DATA / "manifest.json").read_text())
     entry = manifest["splits"][LONG]
     if entry["python"] != platform.python_version():
         pytest.skip(f"long.jsonl was generated on Python {entry['python']}; the stdlib text differs on this one")
+    if importlib.util.find_spec("test") is None:
+        pytest.skip("this Python has no test suite (the `test` package), the long split's source")
+    long_dir = tmp_path / "long"
+    generate_long(long_dir)
     assert (long_dir / LONG_FILE).read_bytes() == (DATA / LONG_FILE).read_bytes()
     assert json.loads((long_dir / "manifest.json").read_text())["splits"][LONG] == entry
 
