@@ -26,6 +26,7 @@ _EXPORTS = {
     "RunResult": "polykv_search.api", "ChooseResult": "polykv_search.api",
     "CalibrationConfig": "polykv_search.calibration", "CalibrationRun": "polykv_search.calibration",
     "Profile": "polykv_search.calibration",
+    "merge_profiles": "polykv_search.calibration.merge", "Shard": "polykv_search.calibration.shards",
     "OptimizeConfig": "polykv_search.optimization.run",
     "Report": "polykv_search.evaluation", "Recovery": "polykv_search.evaluation",
     "load_model": "polykv_search.models", "LoadedModel": "polykv_search.models", "ModelInfo": "polykv_search.models",
@@ -55,6 +56,8 @@ if TYPE_CHECKING:
     from polykv_search.api import (ChooseResult, RunResult, calibrate, check_proxy, choose, evaluate,
                                    guard_plan, optimize, run)
     from polykv_search.calibration import CalibrationConfig, CalibrationRun, Profile
+    from polykv_search.calibration.merge import merge_profiles
+    from polykv_search.calibration.shards import Shard
     from polykv_search.data import Sample, load_samples
     from polykv_search.errors import PolykvError
     from polykv_search.evaluation import Recovery, Report

@@ -23,8 +23,10 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from polykv_search.calibration import CalibrationConfig, CalibrationRun, Profile, calibrate_model
-from polykv_search.calibration.profile import HEAD_KL, OPTIONAL_COST_KINDS
+from polykv_search.calibration.budgets import HEAD_BUDGETS
+from polykv_search.calibration.profile import HEAD_COST_KINDS, HEAD_FISHER, HEAD_KL, OPTIONAL_COST_KINDS
 from polykv_search.calibration.figures import signal_heatmap
+from polykv_search.calibration.shards import Shard
 from polykv_search.checkpoints import fingerprint_digest, folder_lock, samples_digest
 from polykv_search.data import Sample, load_samples, spread_over_tasks
 from polykv_search.engine import EndToEndObjective
@@ -38,7 +40,7 @@ from polykv_search.optimization.proxy import ProxyReport
 from polykv_search.optimization.proxy import check_proxy as proxy_check
 from polykv_search.optimization.run import OptimizeConfig, check_budgets, optimize_profile
 from polykv_search.plan import Plan, PlanFile, load_plan, uniform_plan
-from polykv_search.policies import DEFAULT_POLICIES, check_policy_names
+from polykv_search.policies import DEFAULT_POLICIES, PER_HEAD_POLICIES, check_policy_names
 
 logger = logging.getLogger(__name__)
 
@@ -102,13 +104,19 @@ def calibrate(model: ModelSpec = DEFAULT_MODEL, data: DataSpec = CALIBRATION_DAT
               config: CalibrationConfig = CalibrationConfig(), out_dir: str | Path | None = None,
               max_samples: int | None = None, column_map: Mapping[str, str] | None = None, resume: bool = False,
               device: str = "cpu", dtype: str = "auto", trust_remote_code: bool = False, revision: str | None = None,
-              progress: Progress | None = None) -> CalibrationRun:
+              progress: Progress | None = None, shard: Shard | tuple[int, int] | str | None = None,
+              ) -> CalibrationRun:
     """Measure per-layer signals and every policy's cost at every budget of the grid on calibration samples;
     writes `out_dir/profile.safetensors` (default outputs/<model>/) and per-sample checkpoints (`resume` goes on
-    from them). The returned run holds the profile."""
+    from them). The returned run holds the profile. `shard` (K, N) or "K/N": only every N-th sample of the
+    selection, from the K-th (1-based), into `out_dir/shard-K-of-N/`; `merge_profiles` joins the N profiles."""
     config = config.validated()
     samples, sources = resolve_samples(data, max_samples=max_samples, column_map=column_map)
     out = Path(out_dir) if out_dir is not None else default_out_dir(model)
+    if shard is not None:
+        shard = Shard.of(shard)
+        out = out / shard.name  # a folder (and a lock) per shard: shards sharing --out never meet
+        shard.select(samples)  # an empty shard is refused before the model loads
     with folder_lock(out):  # a second run on the folder is refused before the model loads
         lm = resolve_model(model, device=device, dtype=dtype, trust_remote_code=trust_remote_code,
                            revision=revision)
@@ -117,9 +125,10 @@ def calibrate(model: ModelSpec = DEFAULT_MODEL, data: DataSpec = CALIBRATION_DAT
             def step(result) -> None:
                 note = f"skipped: {result.skipped}" if result.skipped else \
                     f"{result.task} ({result.context_tokens} tok)"
-                progress("calibrate", result.index + 1, len(samples), note)
+                progress("calibrate", result.index + 1, len(shard.positions(len(samples))) if shard else
+                         len(samples), note)
         return calibrate_model(lm, samples, config=config, data_sources=sources, out_dir=out, resume=resume,
-                               progress=step)
+                               progress=step, shard=shard)
 
 
 def optimize(profile: Profile | str | Path, *, budgets: float | Sequence[float],
@@ -200,31 +209,38 @@ def evaluate(model: ModelSpec = DEFAULT_MODEL, data: DataSpec = EVALUATION_DATA,
 def run(model: ModelSpec = DEFAULT_MODEL, *, budgets: float | Sequence[float] = 128,
         calib: DataSpec = CALIBRATION_DATA, eval_data: DataSpec = EVALUATION_DATA,
         policies: Sequence[str] | None = None, grid: Sequence[int] | None = None,
-        config: OptimizeConfig = OptimizeConfig(), max_calib_samples: int | None = None,
+        compare: Sequence[str] | None = None,
+        config: OptimizeConfig = OptimizeConfig(cost=HEAD_FISHER), max_calib_samples: int | None = None,
         max_eval_samples: int | None = None, out_dir: str | Path | None = None, fresh: bool = False,
         guard: bool = True, device: str = "cpu", dtype: str = "auto",
         progress: Progress | None = None) -> RunResult:
     """The whole job on one model: calibrate on `calib`, optimize a plan per budget, evaluate it on the held-out
-    `eval_data` against the full cache, every uniform policy, PyramidKV and CAKE. Everything goes under `out_dir`
-    (default outputs/<model>/); an interrupted run resumes where it stopped (`fresh`: start over, discarding the
-    folder's checkpoints). `config.cost` decides the calibrate mode: layer_kl / layer_nll calibrate with
-    `layer_kl`, head_kl with `head_kl` (a per-head plan), around_kl around the budgets themselves. The end-to-end
-    solvers (select, optuna) measure on every sample of `calib`. `guard` (the default): per budget, the
-    optimized rung is kept only where its task score on the `calib` samples is at least every uniform policy's,
-    else the best uniform policy takes its place and the rung's notes say so (the optimized ladder is kept as
-    plan_optimized.json). The comparison: the full cache, every uniform policy, PyramidKV, CAKE and Ada-KV."""
+    `eval_data` against the full cache, the uniform policies, PyramidKV, CAKE and Ada-KV. Everything goes under
+    `out_dir` (default outputs/<model>/); an interrupted run resumes where it stopped (`fresh`: start over,
+    discarding the folder's checkpoints).
+
+    `config.cost` decides the calibrate mode. The default, head_fisher, plans a policy and budget per KV head from
+    `calibrate --head-fisher` (candidates `policies`, default PER_HEAD_POLICIES, on the grid HEAD_BUDGETS);
+    head_kl does the same from the probes (slower); layer_kl / layer_nll calibrate with `layer_kl`, around_kl
+    around the budgets themselves, mass_lost and out_err need no extra mode (per-layer candidates default to
+    every registered policy). The end-to-end solvers (select, optuna) measure on every sample of `calib`.
+    `guard` (the default): per budget, the optimized rung is kept only where its task score on the `calib`
+    samples is at least that of every uniform policy in `compare`, else the best of them takes its place and the
+    rung's notes say so (the optimized ladder is kept as plan_optimized.json). `compare` (default: every
+    registered policy) is also the uniform policies the evaluation scores."""
     config = config.validated()
     budgets = check_budgets(budgets)
     resolve_samples(eval_data, max_samples=max_eval_samples)  # a bad held-out set is refused before any work
     out = Path(out_dir) if out_dir is not None else default_out_dir(model)
     with folder_lock(out):  # a second run on the folder is refused before the model loads
         return _run_locked(model, budgets=budgets, calib=calib, eval_data=eval_data, policies=policies, grid=grid,
+                           compare=check_policy_names(list(compare)) if compare else list(DEFAULT_POLICIES),
                            config=config, max_calib_samples=max_calib_samples, max_eval_samples=max_eval_samples,
                            out=out, fresh=fresh, guard=guard, device=device, dtype=dtype, progress=progress)
 
 
 def _run_locked(model: ModelSpec, *, budgets: list[float], calib: DataSpec, eval_data: DataSpec,
-                policies: Sequence[str] | None, grid: Sequence[int] | None, config: OptimizeConfig,
+                policies: Sequence[str] | None, grid: Sequence[int] | None, compare: list[str], config: OptimizeConfig,
                 max_calib_samples: int | None, max_eval_samples: int | None, out: Path, fresh: bool, guard: bool,
                 device: str, dtype: str, progress: Progress | None) -> RunResult:
     lm = resolve_model(model, device=device, dtype=dtype)
@@ -234,10 +250,14 @@ def _run_locked(model: ModelSpec, *, budgets: list[float], calib: DataSpec, eval
             raise ConfigError(f"--cost around_kl measures whole-token operating points; --budget {budgets} has a "
                               "fraction: use whole numbers of tokens per layer")
         around = tuple(int(b) for b in budgets)
-    calibration_config = CalibrationConfig(policies=tuple(policies) if policies else DEFAULT_POLICIES,
-                                           budgets=tuple(grid) if grid else CalibrationConfig().budgets,
+    per_head = config.cost in HEAD_COST_KINDS
+    calibration_config = CalibrationConfig(policies=tuple(policies) if policies else
+                                           PER_HEAD_POLICIES if per_head else DEFAULT_POLICIES,
+                                           budgets=tuple(grid) if grid else HEAD_BUDGETS if per_head else
+                                           CalibrationConfig().budgets,
                                            layer_kl=config.cost in OPTIONAL_COST_KINDS,
-                                           head_kl=config.cost == HEAD_KL, around=around)
+                                           head_kl=config.cost == HEAD_KL, head_fisher=config.cost == HEAD_FISHER,
+                                           around=around)
     calibration = calibrate(lm, calib, config=calibration_config, out_dir=out, max_samples=max_calib_samples,
                             resume=not fresh, progress=progress)
     signal_heatmap(calibration.profile, out / "signals.png")
@@ -248,12 +268,13 @@ def _run_locked(model: ModelSpec, *, budgets: list[float], calib: DataSpec, eval
         samples, _ = resolve_samples(calib, max_samples=max_calib_samples)
         if fresh:
             (out / "guard.json").unlink(missing_ok=True)
-        plan_file, choices, guard_samples = guard_plan(lm, plan_file, samples, progress=progress,
+        plan_file, choices, guard_samples = guard_plan(lm, plan_file, samples, policies=compare, progress=progress,
                                                        cache=out / "guard.json")
     plan_path = plan_file.save(out / "plan.json")
     allocation_png(plan_file, out / "plan.png")
-    report = evaluate(lm, eval_data, plans={"plan": plan_file}, budgets=budgets, profile=calibration.profile,
-                      out_dir=out / "eval", max_samples=max_eval_samples, resume=not fresh, progress=progress)
+    report = evaluate(lm, eval_data, plans={"plan": plan_file}, budgets=budgets, policies=compare,
+                      profile=calibration.profile, out_dir=out / "eval", max_samples=max_eval_samples,
+                      resume=not fresh, progress=progress)
     return RunResult(out_dir=out, calibration=calibration, plan_file=plan_file, plan_path=plan_path, report=report,
                      guard=choices, guard_samples=guard_samples)
 

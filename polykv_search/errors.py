@@ -31,3 +31,7 @@ class PlanError(PolykvError):
 
 class SolverError(PolykvError):
     """The optimizer could not solve the problem (infeasible budget, missing solver, bad storage URL)."""
+
+
+class ExportError(PolykvError):
+    """A plan holds choices the target engine cannot express; the message names the layers and KV heads."""

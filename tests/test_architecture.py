@@ -17,7 +17,7 @@ PACKAGE = ROOT / "polykv_search"
 # Same-rank imports are allowed but must not form a cycle.
 RANK = {"errors": 0, "io": 0, "hub": 0, "checkpoints": 0,
         "models": 1, "data": 1, "policies": 1, "plan": 1,
-        "runtime": 2, "engine": 3, "calibration": 4, "optimization": 5, "evaluation": 6, "api": 7, "cli": 8}
+        "runtime": 2, "export": 2, "engine": 3, "calibration": 4, "optimization": 5, "evaluation": 6, "api": 7, "cli": 8}
 
 
 def package_of(path: Path) -> str:

@@ -18,6 +18,7 @@ import torch
 from polykv_search.models.anatomy import decoder_layers, layer_rotaries
 from polykv_search.policies.attention import attention_probs
 from polykv_search.calibration.costs import cost_curves
+from polykv_search.calibration.head_fisher import fisher_from_dot
 from polykv_search.calibration.signals import (
     SIGNAL_NAMES,
     decoding_signals,
@@ -40,6 +41,7 @@ class SampleRecord:
     out_err: torch.Tensor
     signals: dict[str, torch.Tensor]
     layer_probes: dict[str, torch.Tensor] | None = None  # `--layer-kl` only: layer_kl, layer_nll (L, 1, P, G)
+    head_fisher: torch.Tensor | None = None  # `--head-fisher` only: (L, H_kv, P, G)
 
 
 @dataclass
@@ -64,6 +66,8 @@ class LayerCapture:
         self.n_context = 0
         self._state: dict[int, _LayerState] = {}
         self._record: SampleRecord | None = None
+        self.answer_grads: dict[int, torch.Tensor] = {}  # set per sample for the Fisher estimate: layer -> (K, H, S, D)
+        self.n_answer = 0
 
     @contextmanager
     def attached(self) -> Iterator[LayerCapture]:
@@ -91,6 +95,7 @@ class LayerCapture:
         shape = (num_layers, num_kv, len(self.policies), len(self.budgets))
         nan = float("nan")
         self.n_context = n_context
+        self.answer_grads, self.n_answer = {}, 0
         self._state = {idx: _LayerState() for idx in self.layer_ids}
         self._record = SampleRecord(
             mass_lost=torch.full(shape, nan), out_err=torch.full(shape, nan),
@@ -102,6 +107,7 @@ class LayerCapture:
 
     def finish_sample(self) -> SampleRecord:
         record, self._record, self._state = self._record, None, {}
+        self.answer_grads = {}
         assert record is not None
         return record
 
@@ -151,6 +157,11 @@ class LayerCapture:
             self._record.signals[key][idx] = group_heads(value, self.info.num_kv_heads)
         vals = values[0].cpu()  # (H_kv, T + S, D)
         rankings = torch.stack([state.rankings[name] for name in self.policies])  # (P, H_kv, T)
-        lost, err = cost_curves(probs, vals, rankings, self.budgets, n_ctx)  # (P, H_kv, G) each
+        grads = self.answer_grads.pop(idx, None)
+        lost, err, *dots = cost_curves(probs, vals, rankings, self.budgets, n_ctx, grads)  # (P, H_kv, G) each
         self._record.mass_lost[idx] = lost.transpose(0, 1)  # (H_kv, P, G)
         self._record.out_err[idx] = err.transpose(0, 1)
+        if dots:  # (P, K, H_kv, G) -> (H_kv, P, G)
+            if self._record.head_fisher is None:
+                self._record.head_fisher = torch.full_like(self._record.mass_lost, float("nan"))
+            self._record.head_fisher[idx] = fisher_from_dot(dots[0], self.n_answer).transpose(0, 1)

@@ -12,12 +12,15 @@ EPS = 1e-12
 
 
 def cost_curves(attn: torch.Tensor, values: torch.Tensor, rankings: torch.Tensor, budgets: Sequence[int],
-                n_context: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mass lost and relative output error per policy, KV head and budget, both (P, H_kv, G).
+                n_context: int, grads: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+    """Mass lost and relative output error per policy, KV head and budget, both (P, H_kv, G); with `grads` also
+    the draws' dot products of those gradients with the change of the attention output, (P, K, H_kv, G).
 
     attn:     (H, S, K) decoding queries' full-cache attention, K = n_context + suffix keys
     values:   (H_kv, K, D) value states of the same keys
     rankings: (P, H_kv, T) policy scores over the context, higher = kept first (T = n_context)
+    grads:    (K, H, S, D) gradients of K answer draws' log-likelihood with respect to the attention output
+              (head_fisher.answer_gradients); their dot products with the output's change give the Fisher estimate
     Evicting context tokens renormalises attention over what is left; the suffix is never evicted.
     """
     num_heads, num_queries, _ = attn.shape
@@ -44,7 +47,9 @@ def cost_curves(attn: torch.Tensor, values: torch.Tensor, rankings: torch.Tensor
 
     kept_num = torch.zeros(num_policies, num_kv, columns, head_dim)
     kept_mass = torch.zeros(num_policies, num_kv, columns)
-    lost, err = [], []
+    if grads is not None:  # (K, H, S, D) -> (K, H_kv, G*S, D), the columns laid out as o_full's
+        grads = grads.float().reshape(grads.shape[0], num_kv, columns, head_dim)
+    lost, err, dots = [], [], []
     start = 0
     for budget in budgets:
         end = min(int(budget), n_context)
@@ -56,6 +61,10 @@ def cost_curves(attn: torch.Tensor, values: torch.Tensor, rankings: torch.Tensor
             kept_mass += segment.sum(dim=-2)
             start = end
         o_kept = (kept_num + suf_num) / (kept_mass + suf_mass).clamp_min(EPS)[..., None]  # (P, H_kv, G*S, D)
-        err.append(((o_kept - o_full).norm(dim=-1) / o_norm).mean(dim=-1))  # (P, H_kv)
+        change = o_kept - o_full  # (P, H_kv, G*S, D)
+        err.append((change.norm(dim=-1) / o_norm).mean(dim=-1))  # (P, H_kv)
         lost.append((ctx_mass - kept_mass).clamp_min(0).mean(dim=-1))  # (P, H_kv)
-    return torch.stack(lost, dim=-1), torch.stack(err, dim=-1)  # (P, H_kv, G) each
+        if grads is not None:
+            dots.append(torch.einsum("phcd,khcd->pkh", change, grads))  # (P, K, H_kv)
+    found = (torch.stack(lost, dim=-1), torch.stack(err, dim=-1))  # (P, H_kv, G) each
+    return (*found, torch.stack(dots, dim=-1)) if grads is not None else found

@@ -6,7 +6,9 @@ Arrays (N samples, L layers, H_kv KV heads, P policies, G budgets):
   and layer_nll (N, L, 1, P, G): the rise of the reference answer's negative log-likelihood in the same probe;
   with `calibrate --around B1,B2,...` also around_kl (N, L, A, P, G): KL with every other layer at the uniform
   background of budget B_a (header "around": budget and policy of each), and around_base_kl (N, A): the
-  background's own KL.
+  background's own KL; with `calibrate --head-kl` head_kl (N, L, H_kv, P, G): KL with only that KV head
+  compressed, and with `--head-fisher` head_fisher (N, L, H_kv, P, G): the same estimated to second order from
+  answer gradients (calibration/head_fisher.py).
 Sliding-window layers hold NaN: the architecture fixes their cache and no plan touches them.
 """
 
@@ -39,14 +41,17 @@ REQUIRED_HEADER = ("model", "policies", "budgets", "samples")
 COST_RANGES: dict[str, tuple[float, float]] = {
     "mass_lost": (-1e-4, 1 + 1e-4), "out_err": (0.0, math.inf), "layer_kl": (-1e-3, math.inf),
     "layer_nll": (-math.inf, math.inf), "around_kl": (-1e-3, math.inf), "around_base_kl": (-1e-3, math.inf),
-    "head_kl": (-1e-3, math.inf),
+    "head_kl": (-1e-3, math.inf), "head_fisher": (0.0, math.inf),
 }
 COST_KINDS = ("mass_lost", "out_err")  # in every profile
 OPTIONAL_COST_KINDS = ("layer_kl", "layer_nll")  # measured by `calibrate --layer-kl` only
 AROUND_KL = "around_kl"  # measured by `calibrate --around` only; a cost at the measured budgets only
 AROUND_BASE = "around_base_kl"
 HEAD_KL = "head_kl"  # measured by `calibrate --head-kl` only: one KV head compressed at a time, (N, L, H_kv, P, G)
-ALL_COST_KINDS = (*COST_KINDS, *OPTIONAL_COST_KINDS, AROUND_KL, HEAD_KL)
+HEAD_FISHER = "head_fisher"  # `calibrate --head-fisher` only: head_kl's second-order estimate, (N, L, H_kv, P, G)
+HEAD_COST_KINDS = (HEAD_KL, HEAD_FISHER)  # costs per KV head: `optimize` makes per-head plans from them
+ALL_COST_KINDS = (*COST_KINDS, *OPTIONAL_COST_KINDS, AROUND_KL, *HEAD_COST_KINDS)
+HEAD_MODE_FLAGS = {HEAD_KL: "--head-kl", HEAD_FISHER: "--head-fisher"}
 WEIGHTINGS = ("mean", "equal")  # how samples are combined into one cost table
 
 
@@ -91,9 +96,9 @@ class Profile:
             raise ProfileError(f"this profile has no {kind} costs; re-run calibrate with --layer-kl to measure them")
         if kind == AROUND_KL and kind not in self.arrays:
             raise ProfileError("this profile has no around_kl costs; re-run calibrate with --around BUDGETS")
-        if kind == HEAD_KL:
-            raise ProfileError("head_kl is a cost per KV head, not per layer: `optimize --cost head_kl` allocates per "
-                               "KV head (Profile.head_costs)")
+        if kind in HEAD_COST_KINDS:
+            raise ProfileError(f"{kind} is a cost per KV head, not per layer: `optimize --cost {kind}` allocates "
+                               "per KV head (Profile.head_costs)")
         if kind not in self.cost_kinds:
             raise ProfileError(f"unknown cost kind {kind!r}; the profile has {', '.join(self.cost_kinds)}")
         if weighting not in WEIGHTINGS:
@@ -124,10 +129,12 @@ class Profile:
         """Cost per (layer, KV head, policy, budget) averaged over samples: (L, H_kv, P, G); "equal" weighting first
         divides each sample's costs by its own level (its mean over compressible layers, heads and policies at the
         lowest budget level)."""
-        if kind != HEAD_KL:
-            raise ProfileError(f"{kind!r} is not a cost per KV head; the per-head cost is {HEAD_KL!r}")
+        if kind not in HEAD_COST_KINDS:
+            raise ProfileError(f"{kind!r} is not a cost per KV head; the per-head costs are "
+                               f"{', '.join(HEAD_COST_KINDS)}")
         if kind not in self.arrays:
-            raise ProfileError("this profile has no head_kl costs; re-run calibrate with --head-kl to measure them")
+            raise ProfileError(f"this profile has no {kind} costs; re-run calibrate with {HEAD_MODE_FLAGS[kind]} to "
+                               "measure them")
         if weighting not in WEIGHTINGS:
             raise ProfileError(f"unknown sample weighting {weighting!r}; use one of {', '.join(WEIGHTINGS)}")
         costs = self.arrays[kind]  # (N, L, H_kv, P, G)
@@ -141,7 +148,7 @@ class Profile:
         """The cost kinds this profile holds."""
         kinds = [*COST_KINDS, *(k for k in OPTIONAL_COST_KINDS if k in self.arrays)]
         kinds += [AROUND_KL] if AROUND_KL in self.arrays else []
-        return kinds + [HEAD_KL] if HEAD_KL in self.arrays else kinds
+        return kinds + [k for k in HEAD_COST_KINDS if k in self.arrays]
 
     def layer_signals(self) -> dict[str, torch.Tensor]:
         """Mean signal per layer over samples and KV heads: name -> (L,)."""
@@ -235,10 +242,11 @@ class Profile:
                 raise ProfileError(f"profile array {kind} has shape {tuple(probed.shape)}, expected (N, "
                                    f"{info.num_layers}, 1, {expected[2]}, {expected[3]}) from its header; re-run "
                                    "calibrate")
-        head = self.arrays.get(HEAD_KL)
-        if head is not None and tuple(head.shape[1:]) != expected:
-            raise ProfileError(f"profile array {HEAD_KL} has shape {tuple(head.shape)}, expected "
-                               f"(N, {', '.join(map(str, expected))}) from its header; re-run calibrate")
+        for kind in HEAD_COST_KINDS:
+            head = self.arrays.get(kind)
+            if head is not None and tuple(head.shape[1:]) != expected:
+                raise ProfileError(f"profile array {kind} has shape {tuple(head.shape)}, expected "
+                                   f"(N, {', '.join(map(str, expected))}) from its header; re-run calibrate")
         if AROUND_KL in self.arrays:
             n_around = len(self.header.get("around", []))
             want = {AROUND_KL: (info.num_layers, n_around, *expected[2:]), AROUND_BASE: (n_around,)}

@@ -8,6 +8,7 @@ import json
 import logging
 import platform
 import time
+import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from importlib.metadata import PackageNotFoundError, version
@@ -32,13 +33,16 @@ from polykv_search.calibration.profile import (
     AROUND_BASE,
     AROUND_KL,
     COST_KINDS,
+    HEAD_FISHER,
     HEAD_KL,
     OPTIONAL_COST_KINDS,
     PROFILE_FORMAT,
     PROFILE_VERSION,
     Profile,
 )
+from polykv_search.calibration.head_fisher import DEFAULT_DRAWS, answer_gradients
 from polykv_search.calibration.layer_kl import head_probes, layer_probes, probe_state
+from polykv_search.calibration.shards import SHARD_KEY, Shard
 from polykv_search.calibration.signals import SIGNAL_NAMES
 from polykv_search.checkpoints import check_checkpoint, folder_lock, prepare_checkpoints, samples_digest
 from polykv_search.data import Sample, build_prompt
@@ -50,7 +54,8 @@ from polykv_search.plan import PlanFile, load_plan, uniform_plan
 from polykv_search.policies import DEFAULT_POLICIES, POLICIES, check_policy_names, policy_params
 
 logger = logging.getLogger(__name__)
-PROBE_ARRAYS = (*OPTIONAL_COST_KINDS, AROUND_KL, AROUND_BASE, HEAD_KL)  # a checkpoint's optional per-sample arrays
+# a checkpoint's optional per-sample arrays
+PROBE_ARRAYS = (*OPTIONAL_COST_KINDS, AROUND_KL, AROUND_BASE, HEAD_KL, HEAD_FISHER)
 
 
 
@@ -64,6 +69,8 @@ class CalibrationConfig:
     max_context_tokens: int | None = None  # None: the model's context length
     layer_kl: bool = False  # slower mode: KL to the full cache with one layer compressed, per policy and budget
     head_kl: bool = False  # slower still: the same with one KV head compressed (the cost of per-head plans)
+    head_fisher: bool = False  # the per-head cost estimated to second order from answer gradients (no probes)
+    draws: int = DEFAULT_DRAWS  # answer draws (backward passes) per sample for head_fisher
     around: tuple[int, ...] = ()  # operating points: probes with every other layer at this uniform budget
     around_policy: str | None = None  # the background's policy (None: the best uniform one on the samples)
     around_plan: str | None = None  # or: a plan file whose rungs at the --around budgets are the backgrounds
@@ -76,6 +83,8 @@ class CalibrationConfig:
         if bad:
             raise ConfigError(f"budget grid values must be at least 1 token, got {bad}; "
                               "pass positive integers, e.g. --budgets 16,32,64,128")
+        if self.draws < 1:
+            raise ConfigError(f"--draws must be at least 1, got {self.draws}")
         if self.window < 1 or self.recent < 1 or self.n_sink < 0:
             raise ConfigError("--window and --recent must be at least 1 and --n-sink at least 0")
         if any(int(b) < 1 for b in self.around):
@@ -93,7 +102,7 @@ class CalibrationConfig:
         return CalibrationConfig(policies=policies, budgets=tuple(sorted({int(b) for b in self.budgets})),
                                  window=self.window, n_sink=self.n_sink, recent=self.recent,
                                  max_context_tokens=self.max_context_tokens, layer_kl=self.layer_kl,
-                                 head_kl=self.head_kl,
+                                 head_kl=self.head_kl, head_fisher=self.head_fisher, draws=self.draws,
                                  around=around, around_policy=self.around_policy, around_plan=self.around_plan)
 
 
@@ -125,23 +134,35 @@ ProgressFn = Callable[[SampleResult], None]
 
 def calibrate_model(lm: LoadedModel, samples: Sequence[Sample], *, config: CalibrationConfig = CalibrationConfig(),
               data_sources: Sequence[str] = (), out_dir: str | Path, resume: bool = False,
-              progress: ProgressFn | None = None) -> CalibrationRun:
-    """Calibrate `lm` on `samples` and write `out_dir/profile.safetensors`."""
+              progress: ProgressFn | None = None, shard: Shard | tuple[int, int] | str | None = None,
+              ) -> CalibrationRun:
+    """Calibrate `lm` on `samples` and write `out_dir/profile.safetensors`; with `shard` (K, N) only on the
+    samples at positions i with i mod N == K - 1, the header recording which (calibration/shards.py)."""
     config = config.validated()
     if not samples:
         raise DataError("the calibration data set is empty; pass a --data file with at least one row")
+    selection = list(samples)
+    if shard is not None:
+        shard = Shard.of(shard)
+        if config.around and config.around_policy is None and config.around_plan is None:
+            raise ConfigError("--shard with --around needs --around-policy or --around-plan: a background chosen "
+                              "on each shard's own samples would differ between shards")
+        samples = shard.select(selection)
     out_dir = Path(out_dir)
     max_ctx = config.max_context_tokens or lm.info.max_context or 8192
     with folder_lock(out_dir):
         return _calibrate_locked(lm, samples, config=config, data_sources=data_sources, out_dir=out_dir,
-                                 resume=resume, progress=progress, max_ctx=max_ctx)
+                                 resume=resume, progress=progress, max_ctx=max_ctx, shard=shard,
+                                 selection=selection)
 
 
 def _calibrate_locked(lm: LoadedModel, samples: Sequence[Sample], *, config: CalibrationConfig,
                       data_sources: Sequence[str], out_dir: Path, resume: bool, progress: ProgressFn | None,
-                      max_ctx: int) -> CalibrationRun:
+                      max_ctx: int, shard: Shard | None = None, selection: Sequence[Sample] = ()) -> CalibrationRun:
     ckpt_dir = out_dir / "checkpoints"
     fingerprint = _fingerprint(lm, samples, config, data_sources, max_ctx)
+    if shard is not None:
+        fingerprint["shard"] = {"name": shard.name, "selection": samples_digest(selection)}
     run_digest = prepare_checkpoints(ckpt_dir, fingerprint, resume=resume)
 
     capture = LayerCapture(lm.model, lm.info, policies=config.policies, budgets=config.budgets,
@@ -164,6 +185,7 @@ def _calibrate_locked(lm: LoadedModel, samples: Sequence[Sample], *, config: Cal
             else:
                 record, result = _calibrate_one(lm, capture, sample, index, max_ctx, min_context, probe=probe,
                                                 layer_kl=config.layer_kl, head_kl=config.head_kl,
+                                                draws=config.draws if config.head_fisher else 0,
                                                 backgrounds=backgrounds)
                 _save_checkpoint(ckpt, record, result, run_digest)
             result.seconds = time.perf_counter() - t0
@@ -177,6 +199,9 @@ def _calibrate_locked(lm: LoadedModel, samples: Sequence[Sample], *, config: Cal
                         f"{min_context} context tokens); use longer contexts")
     profile = _assemble(lm, config, records, [r for r in results if r.skipped is None], data_sources, max_ctx,
                         backgrounds)
+    if shard is not None:  # which shard of which selection: what merge-profiles checks and orders by
+        profile.header[SHARD_KEY] = shard.record(selection, [r.index for r in results if r.skipped is None],
+                                                 dtype=str(getattr(lm.model, "dtype", "")), device=str(lm.device))
     path = profile.save(out_dir / "profile.safetensors")
     return CalibrationRun(profile=profile, path=path, results=results, seconds=time.perf_counter() - started)
 
@@ -211,7 +236,7 @@ def _backgrounds(lm: LoadedModel, samples: Sequence[Sample], config: Calibration
 
 def _calibrate_one(lm: LoadedModel, capture: LayerCapture, sample: Sample, index: int, max_ctx: int,
                    min_context: int, *, probe=None, layer_kl: bool = True, head_kl: bool = False,
-                   backgrounds: Sequence[dict] = (),
+                   draws: int = 0, backgrounds: Sequence[dict] = (),
                    ) -> tuple[SampleRecord | None, SampleResult]:
     parts = build_prompt(sample, lm.tokenizer, max_context_tokens=max_ctx)
     suffix_ids = list(parts.question_ids) + list(parts.answer_ids)
@@ -240,11 +265,17 @@ def _calibrate_one(lm: LoadedModel, capture: LayerCapture, sample: Sample, index
                 probes[HEAD_KL] = head_probes(probe, state, **grid)
             if backgrounds:
                 probes.update(around_probes(probe, state, backgrounds=backgrounds, **grid))
+        if draws:  # the decoding pass's cost curves turn these into the Fisher estimate per KV head
+            capture.answer_grads = answer_gradients(lm.model, capture.layer_ids, cache, parts, draws=draws,
+                                                    seed=zlib.crc32(str(sample.id).encode()))
+            capture.n_answer = len(parts.answer_ids)
         capture.phase = "decode"
         lm.model(input_ids=suffix, past_key_values=cache, use_cache=True, logits_to_keep=1)
     finally:
         capture.phase = None
     record = capture.finish_sample()
+    if record.head_fisher is not None:
+        probes = {**(probes or {}), HEAD_FISHER: record.head_fisher}
     record.layer_probes = probes
     return record, result
 
@@ -321,9 +352,10 @@ def _assemble(lm: LoadedModel, config: CalibrationConfig, records: list[SampleRe
         probed = [k for k in OPTIONAL_COST_KINDS if all(k in (r.layer_probes or {}) for r in records)]
         for kind in probed:
             arrays[kind] = torch.stack([r.layer_probes[kind] for r in records])  # (N, L, 1, P, G)
-    if config.head_kl:
-        arrays[HEAD_KL] = torch.stack([r.layer_probes[HEAD_KL] for r in records])  # (N, L, H_kv, P, G)
-        probed.append(HEAD_KL)
+    for kind, wanted in ((HEAD_KL, config.head_kl), (HEAD_FISHER, config.head_fisher)):
+        if wanted:
+            arrays[kind] = torch.stack([r.layer_probes[kind] for r in records])  # (N, L, H_kv, P, G)
+            probed.append(kind)
     if backgrounds:
         for kind in (AROUND_KL, AROUND_BASE):  # (N, L, A, P, G) and (N, A)
             arrays[kind] = torch.stack([r.layer_probes[kind] for r in records])
@@ -344,7 +376,8 @@ def _assemble(lm: LoadedModel, config: CalibrationConfig, records: list[SampleRe
         "budget_unit": "context tokens kept per layer",
         "options": {"window": config.window, "n_sink": config.n_sink, "recent": config.recent,
                     "max_context_tokens": max_ctx, "decoding_queries": "question + reference answer",
-                    "cost_kinds": [*COST_KINDS, *probed]},
+                    "cost_kinds": [*COST_KINDS, *probed],
+                    **({"answer_draws": config.draws} if config.head_fisher else {})},
         "signals": list(SIGNAL_NAMES),
         "data": _data_entries(data_sources),
         "samples": [{"id": r.sample_id, "task": r.task, "context_tokens": r.context_tokens,

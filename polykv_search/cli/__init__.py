@@ -32,6 +32,7 @@ def _root(version: bool = typer.Option(False, "--version", callback=_version, is
 # Commands register themselves on `app` when imported.
 from polykv_search.cli import calibrate as _calibrate  # noqa: E402,F401
 from polykv_search.cli import evaluate as _evaluate  # noqa: E402,F401
+from polykv_search.cli import export as _export  # noqa: E402,F401
 from polykv_search.cli import optimize as _optimize  # noqa: E402,F401
 from polykv_search.cli import plan_cmds as _plan_cmds  # noqa: E402,F401
 from polykv_search.cli import run as _run  # noqa: E402,F401

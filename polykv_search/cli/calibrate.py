@@ -3,6 +3,8 @@
     polykv-search calibrate                                   # embedded SmolLM2, shipped calib split
     polykv-search calibrate --model gemma3-270m --resume      # continue an interrupted run
     polykv-search calibrate --model ./my-model --data longbench/qasper.jsonl --budgets 64,128,256,512
+    polykv-search calibrate --shard 2/4 --device cuda             # every 4th sample from the 2nd (docs/distributed.md)
+    polykv-search merge-profiles outputs/smollm2-135m/shard-*-of-4/profile.safetensors -o merged.safetensors
 """
 
 from __future__ import annotations
@@ -57,6 +59,12 @@ def calibrate(
                                           "compressed, per layer, KV head, policy and budget (layers x heads x "
                                           "policies x budgets forwards per sample). `optimize --cost head_kl` "
                                           "allocates per KV head from them.")] = False,
+    head_fisher: Annotated[bool, typer.Option("--head-fisher", help="The per-KV-head cost of --head-kl estimated "
+                                              "to second order from --draws backward passes over the answer "
+                                              "(no forward per head: a few times a plain calibrate). "
+                                              "`optimize --cost head_fisher` allocates per KV head from it.")] = False,
+    draws: Annotated[int, typer.Option(help="--head-fisher: answer-token draws (backward passes) per "
+                                       "sample.")] = 16,
     around: Annotated[str | None, typer.Option(help="Slower: per layer, policy and budget, the KL with every other "
                                                "layer at a uniform background of each of these average budgets "
                                                "(e.g. 64,128,256,512; one background per budget, a prefill per "
@@ -70,6 +78,9 @@ def calibrate(
                                                      "`optimize --cost around_kl` refines the plan; its "
                                                      "policies must be among --policies.")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the checkpoints of an interrupted run.")] = False,
+    shard: Annotated[str | None, typer.Option(help="K/N: calibrate only samples i (of the selection, from 0) with "
+                                              "i mod N = K-1, into <out>/shard-K-of-N/; run the N shards anywhere, "
+                                              "then `merge-profiles` them.")] = None,
     device: DeviceOpt = "cpu",
     dtype: DtypeOpt = "auto",
     trust_remote_code: TrustOpt = False,
@@ -85,12 +96,12 @@ def calibrate(
         **({"policies": tuple(parse_str_list(policies))} if policies else {}),
         **({"budgets": tuple(parse_int_list(budgets, option="--budgets"))} if budgets else {}),
         window=window, max_context_tokens=max_context, layer_kl=layer_kl, head_kl=head_kl,
-        around=tuple(parse_int_list(around, option="--around")) if around else (),
+        head_fisher=head_fisher, draws=draws, around=tuple(parse_int_list(around, option="--around")) if around else (),
         around_policy=around_policy, around_plan=str(around_plan) if around_plan else None).validated()
     with progress_bars() as progress:
         run = pk.calibrate(model, data or [DEFAULT_DATA], config=config, out_dir=out, max_samples=max_samples,
                            column_map=parse_column_map(column_map), resume=resume, device=device, dtype=dtype,
-                           trust_remote_code=trust_remote_code, revision=revision, progress=progress)
+                           trust_remote_code=trust_remote_code, revision=revision, progress=progress, shard=shard)
     heatmap = signal_heatmap(run.profile, run.path.parent / "signals.png")
     if as_json:
         typer.echo(json.dumps({"profile": str(run.path), "heatmap": str(heatmap), "samples": run.profile.num_samples,
@@ -107,16 +118,24 @@ def calibrate(
 
 @app.command("merge-profiles")
 def merge_profiles(
-    profiles: Annotated[list[Path], typer.Argument(help="Profiles of the same model, samples and policies, on "
-                                                   "disjoint budget grids.")],
+    profiles: Annotated[list[Path], typer.Argument(help="Profiles of the same model, policies and options: the "
+                                                   "shards of one `calibrate --shard K/N` split, or profiles of "
+                                                   "the same samples on disjoint budget grids.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Merged profile file.")],
+    allow_partial: Annotated[bool, typer.Option("--allow-partial", help="Shards: merge the shards given even if "
+                                                "some of the N are missing (the result can be merged with them "
+                                                "later).")] = False,
 ) -> None:
-    """Join profiles calibrated on disjoint budget grids into one on the union grid (no re-measuring)."""
+    """Join the shards of a split calibration, in sample order, or profiles calibrated on disjoint budget grids
+    into one on the union grid (no re-measuring)."""
     # imported here: the library loads torch (seconds), which --help does not need
-    from polykv_search.calibration import Profile
-    from polykv_search.calibration.merge import merge_budget_grids
+    from polykv_search.calibration.merge import merge_profiles as merge
+    from polykv_search.calibration.shards import SHARD_KEY
 
     check_out_file(out, example="profile.safetensors")
-    merged = merge_budget_grids([Profile.load(p) for p in profiles])
+    merged = merge(profiles, allow_partial=allow_partial)
     path = merged.save(out)
-    typer.echo(f"profile: {path} (budgets {','.join(map(str, merged.budgets))}; {', '.join(merged.cost_kinds)})")
+    partial = merged.header.get(SHARD_KEY)
+    shards = f"; shards {','.join(map(str, partial['indices']))} of {partial['count']}" if partial else ""
+    typer.echo(f"profile: {path} ({merged.num_samples} samples{shards}; budgets "
+               f"{','.join(map(str, merged.budgets))}; {', '.join(merged.cost_kinds)})")

@@ -91,6 +91,11 @@ def optimize(
                                                     "cells are exact one layer at a time).")] = None,
     tie: TieOpt = None,
     only: OnlyOpt = None,
+    target: Annotated[str, typer.Option(help="Engine the plans must fit as they are: kvpress (any plan), trtllm "
+                                        "(StreamingLLM windows per layer) or duo-attention (per KV head, "
+                                        "StreamingLLM at one window or full; needs --cost head_fisher or "
+                                        "head_kl). Then "
+                                        "`polykv-search export --to TARGET`.")] = "kvpress",
     time_limit: Annotated[float, typer.Option(help="ilp: seconds before HiGHS stops.")] = 10.0,
     gap: Annotated[float, typer.Option(help="ilp: relative MIP gap to stop at.")] = 1e-6,
     n_trials: NTrialsOpt = 40,
@@ -114,7 +119,7 @@ def optimize(
                                policies=tuple(parse_str_list(policies)) if policies else None, floor=floor, cap=cap,
                                max_policies=max_policies, max_changes=max_changes, tied=parse_tied(tie),
                                allowed=parse_allowed(only), time_limit=time_limit, mip_gap=gap, n_trials=n_trials,
-                               timeout=timeout, storage=storage, seed=seed).validated()
+                               timeout=timeout, storage=storage, seed=seed, target=target).validated()
     budgets = parse_budget_list(budget)
     check_out_file(out)
     path = profile_path(profile, model)

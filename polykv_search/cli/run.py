@@ -1,8 +1,9 @@
 """`polykv-search run`: the whole job on one model — calibrate on the calib split, optimize, evaluate on the
 held-out eval split — with everything under outputs/<model>/ and the comparison table with R at the end.
 
-    polykv-search run                                    # smollm2-135m at 128 tokens per layer
-    polykv-search run --model gemma3-270m --budget 64,128,256,512 --solver dp
+    polykv-search run                                    # smollm2-135m at 128 tokens per layer, per KV head
+    polykv-search run --model gemma3-270m --budget 64,128,256,512
+    polykv-search run --budget 128 --cost mass_lost      # per layer, from the attention mass (the fastest)
     polykv-search run --budget 64,128,256,512 --cost layer_kl --max-calib-samples 12 \\
         --policies streaming,snapkv,h2o_recent,tova_recent,expected_attention_recent \\
         --grid 16,32,64,128,256,512,1024,2048           # the per-layer KL cost (slower calibration)
@@ -30,7 +31,6 @@ from polykv_search.cli.options import (
     ModelOpt,
     NTrialsOpt,
     OnlyOpt,
-    PoliciesOpt,
     SolverOpt,
     StorageOpt,
     TieOpt,
@@ -51,12 +51,16 @@ def run(
                                         "optimizes and evaluates a ladder.")] = "128",
     solver: SolverOpt = "dp",
     metric: MetricOpt = "kl",
-    cost: Annotated[str, typer.Option(help="Profile cost: mass_lost, out_err, layer_kl or layer_nll "
-                                      "(these two calibrate with --layer-kl: slower), around_kl (calibrates "
-                                      "with --around at the --budget values: slower still) or head_kl (calibrates "
-                                      "with --head-kl and plans a budget per KV head).")] = "mass_lost",
+    cost: Annotated[str, typer.Option(help="Profile cost. head_fisher (default): calibrates with --head-fisher "
+                                      "and plans a policy and budget per KV head; head_kl: the same from the "
+                                      "probes of --head-kl (much slower); per layer: mass_lost, out_err, layer_kl "
+                                      "or layer_nll (these two calibrate with --layer-kl: slower), around_kl "
+                                      "(calibrates with --around at the --budget values: slower still).")
+                    ] = "head_fisher",
     weighting: WeightingOpt = "mean",
-    policies: PoliciesOpt = None,
+    policies: Annotated[str | None, typer.Option(help="Candidate policies of the plan (default: "
+                                                 "expected_attention_recent,h2o_recent,streaming per KV head, all "
+                                                 "registered per layer).")] = None,
     floor: FloorOpt = 1,
     cap: CapOpt = None,
     max_policies: MaxPoliciesOpt = None,
@@ -65,7 +69,10 @@ def run(
     n_trials: NTrialsOpt = 40,
     storage: StorageOpt = None,
     grid: Annotated[str | None, typer.Option(help="Calibration budget grid, e.g. 16,32,64,128,256,512,1024,2048 "
-                                             "(default: calibrate's).")] = None,
+                                             "(default: 16,64,256,1024,2048 per KV head, else calibrate's).")
+                    ] = None,
+    compare: Annotated[str | None, typer.Option(help="Uniform policies the guard and the evaluation compare the "
+                                                "plan with (default: all registered).")] = None,
     max_calib_samples: Annotated[int | None, typer.Option(help="Calibrate on N samples, taken in turn from each "
                                                           "task (default: all).")] = None,
     calib: Annotated[Path, typer.Option(help="Calibration split.")] = Path("calibration_data/calib.jsonl"),
@@ -93,7 +100,8 @@ def run(
     with progress_bars() as progress:
         result = pk.run(model, budgets=parse_budget_list(budget), calib=calib, eval_data=eval_data,
                         policies=parse_str_list(policies) if policies else None,
-                        grid=parse_int_list(grid, option="--grid") if grid else None, config=config,
+                        grid=parse_int_list(grid, option="--grid") if grid else None,
+                        compare=parse_str_list(compare) if compare else None, config=config,
                         max_calib_samples=max_calib_samples, max_eval_samples=max_eval_samples, out_dir=out, fresh=fresh,
                         guard=guard, device=device, dtype=dtype, progress=progress)
     report = result.report

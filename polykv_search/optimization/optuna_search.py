@@ -5,12 +5,16 @@ Parametrisation: per compressible layer a categorical policy and an integer budg
 step rescales the budgets to the exact total (largest remainder), and is the identity on a vector that already
 sums to it, so seeds (the exact plan, every uniform plan, PyramidKV, CAKE) are represented exactly and enqueued
 with `enqueue_trial`. The best trial is never worse than the best seed on the measured objective.
-Storage: a journal file (several processes) or an RDB URL (several machines); a killed study resumes.
+Storage: a journal file (several processes) or an RDB URL (several machines); a killed study resumes, and workers
+that open one study name in one storage share it: `n_trials` is the study's total, each worker stopping once the
+study has finished that many (docs/distributed.md).
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import socket
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -67,7 +71,11 @@ def search(objective: Callable[[Plan], float], *, info: ModelInfo, average_budge
            n_trials: int = 50, timeout: float | None = None, storage: str | None = None, study_name: str = "polykv",
            seed: int = 0) -> SearchResult:
     """Minimise `objective(plan)` over plans with one registered policy and budget per compressible layer of
-    `info`, the budgets summing to `total` exactly."""
+    `info`, the budgets summing to `total` exactly. With a `storage`, every worker (process or machine) that calls
+    this with the same `study_name` joins the study: the seeds are enqueued once, by whichever comes first (two
+    starting at the same instant may both enqueue them), the trials run until the study holds `n_trials` finished
+    ones, and each trial records its worker (user attribute "worker": host:pid). Give each worker its own `seed`:
+    samplers with the same seed propose the same first trials."""
     import optuna  # imported here: a second to load, only --solver optuna needs it
 
     layers = info.compressible_layers
@@ -81,7 +89,8 @@ def search(objective: Callable[[Plan], float], *, info: ModelInfo, average_budge
                                 sampler=optuna.samplers.TPESampler(seed=seed, multivariate=True),
                                 load_if_exists=True)
     seeds = seeds or {}
-    done = {t.user_attrs.get("seed_name") for t in study.trials}
+    done = {t.user_attrs.get("seed_name") for t in study.trials}  # evaluated, or enqueued by another worker
+    enqueued = [name for name in seeds if name not in done]
     for name, seed_plan in seeds.items():
         if name in done:
             continue  # already evaluated before a restart
@@ -91,11 +100,14 @@ def search(objective: Callable[[Plan], float], *, info: ModelInfo, average_budge
             params[f"budget_{layer}"] = int(min(max(seed_plan.layers[layer].budget, floor), hi))
         study.enqueue_trial(params, user_attrs={"seed_name": name})
 
+    worker = f"{socket.gethostname()}:{os.getpid()}"
+
     def run(trial: optuna.Trial) -> float:
         chosen = [trial.suggest_categorical(f"policy_{layer}", list(policies)) for layer in layers]
         raw = [trial.suggest_int(f"budget_{layer}", floor, hi) for layer in layers]
         fixed = repair(raw, total, floor=floor, cap=cap)
         trial.set_user_attr("budgets", fixed)
+        trial.set_user_attr("worker", worker)
         return float(objective(trial_plan(chosen, fixed)))
 
     def trial_plan(chosen: Sequence[str], budgets: Sequence[int]) -> Plan:
@@ -103,9 +115,13 @@ def search(objective: Callable[[Plan], float], *, info: ModelInfo, average_budge
                           layers=[LayerPlan.of(layer, name, int(budget))
                                   for layer, name, budget in zip(layers, chosen, budgets)])
 
-    remaining = max(n_trials - len([t for t in study.trials if t.state.is_finished()]), 0)
-    remaining = max(remaining, len(seeds))  # seeds are always evaluated
-    study.optimize(run, n_trials=remaining, timeout=timeout, gc_after_trial=False)
+    finished = len([t for t in study.trials if t.state.is_finished()])
+    limit = max(n_trials, finished + len(enqueued))  # the seeds this worker enqueued are always evaluated
+    # n_trials is the study's: a worker stops when the study (every worker's trials) has finished `limit`
+    shared = optuna.study.MaxTrialsCallback(limit, states=tuple(s for s in optuna.trial.TrialState
+                                                                if s.is_finished()))
+    study.optimize(run, n_trials=max(limit - finished, 0), timeout=timeout, gc_after_trial=False,
+                   callbacks=[shared])
     best = study.best_trial
     plan = trial_plan([best.params[f"policy_{layer}"] for layer in layers], best.user_attrs["budgets"])
     seed_objectives = {t.user_attrs["seed_name"]: float(t.value) for t in study.trials

@@ -14,7 +14,14 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 
-from polykv_search.calibration.profile import ALL_COST_KINDS, AROUND_KL, HEAD_KL, WEIGHTINGS, Profile
+from polykv_search.calibration.profile import (
+    ALL_COST_KINDS,
+    AROUND_KL,
+    HEAD_COST_KINDS,
+    HEAD_KL,
+    WEIGHTINGS,
+    Profile,
+)
 from polykv_search.engine import METRICS, EndToEndObjective
 from polykv_search.errors import ConfigError
 from polykv_search.optimization.optuna_search import open_storage, search
@@ -22,6 +29,12 @@ from polykv_search.optimization.problem import Problem
 from polykv_search.optimization.refine import refine
 from polykv_search.optimization.select import candidate_plans, select_plan
 from polykv_search.optimization.solve import solve
+from polykv_search.optimization.targets import (
+    DUO_ATTENTION,
+    check_target,
+    duo_attention_plan,
+    restrict_to_target,
+)
 from polykv_search.plan import HeadPlan, LayerPlan, Plan, PlanFile, SearchInfo, budget_total
 from polykv_search.policies import check_policy_names
 
@@ -50,6 +63,7 @@ class OptimizeConfig:
     timeout: float | None = None  # optuna: seconds
     storage: str | None = None  # optuna: journal:PATH or an RDB URL (shared by processes, resumable)
     seed: int = 0  # optuna's sampler
+    target: str = "kvpress"  # the engine the plans must fit as they are: kvpress (any), trtllm, duo-attention
 
     def validated(self) -> OptimizeConfig:
         """The same config, or ConfigError naming the bad option and its accepted values."""
@@ -59,15 +73,17 @@ class OptimizeConfig:
             raise ConfigError(f"--cost {self.cost!r} is not one of {', '.join(ALL_COST_KINDS)}")
         if self.weighting not in WEIGHTINGS:
             raise ConfigError(f"--weighting {self.weighting!r} is not one of {', '.join(WEIGHTINGS)}")
+        check_target(self)  # --target: only what that engine expresses (optimization/targets.py)
         if self.metric not in METRICS:
             raise ConfigError(f"--metric {self.metric!r} is not one of {', '.join(METRICS)}")
         if self.policies is not None:
             check_policy_names(list(self.policies))
-        if self.cost == HEAD_KL:
+        if self.cost in HEAD_COST_KINDS:
             if self.solver not in ("dp", "ilp"):
-                raise ConfigError("--cost head_kl allocates per KV head with an exact solver: use --solver dp or ilp")
+                raise ConfigError(f"--cost {self.cost} allocates per KV head with an exact solver: use --solver dp "
+                                  "or ilp")
             if self.tied or self.max_changes is not None:
-                raise ConfigError("--cost head_kl allocates per KV head: --tie and --max-changes are per-layer "
+                raise ConfigError(f"--cost {self.cost} allocates per KV head: --tie and --max-changes are per-layer "
                                   "options; drop them")
         ignored = {"select": (("--floor", self.floor != 1), ("--tie", bool(self.tied)), ("--only", bool(self.allowed)),
                               ("--max-policies", self.max_policies is not None)),
@@ -129,7 +145,7 @@ def optimize_profile(profile: Profile, budgets: Sequence[float], *, config: Opti
                      progress: ProgressFn | None = None) -> PlanFile:
     """One plan per average budget, in the order given. `objective` (select / optuna): plans measured on
     calibration samples; `profile_signature` (the profile file's sha256) goes into every plan's provenance."""
-    config = config.validated()
+    config = restrict_to_target(config.validated())
     if config.end_to_end and objective is None:
         raise ConfigError(f"--solver {config.solver} measures plans end to end: give the objective (the model "
                           "and calibration samples)")
@@ -143,7 +159,10 @@ def optimize_profile(profile: Profile, budgets: Sequence[float], *, config: Opti
             plans.append(found.to_plan(profile, average_budget=average, max_changes=config.max_changes,
                                        seconds=time.perf_counter() - started, profile_signature=profile_signature))
             continue
-        if config.cost == HEAD_KL:
+        if config.target == DUO_ATTENTION:
+            plans.append(duo_attention_plan(profile, average, config=config, cap=cap, signature=profile_signature))
+            continue
+        if config.cost in HEAD_COST_KINDS:
             plans.append(_per_head(profile, average, config=config, names=names, cap=cap,
                                    signature=profile_signature))
             continue
@@ -169,8 +188,9 @@ def optimize_profile(profile: Profile, budgets: Sequence[float], *, config: Opti
 def per_head_problem(profile: Profile, average: float, *, config: OptimizeConfig = OptimizeConfig(cost=HEAD_KL),
                      names: list[str] | None = None, cap: int | None = None) -> Problem:
     """The allocation over (compressible layer, KV head) slots: slot i * H + h is KV head h of the i-th compressible
-    layer; its cost is the profile's head_kl of that head; the budgets of all slots sum exactly to round(average x
-    compressible layers x KV heads). `config.allowed` restricts a policy to layers, i.e. to every head of them."""
+    layer; its cost is the profile's per-head cost of that head (`config.cost`: head_kl or head_fisher); the
+    budgets of all slots sum exactly to round(average x compressible layers x KV heads). `config.allowed`
+    restricts a policy to layers, i.e. to every head of them."""
     info = profile.model
     layers, heads = info.compressible_layers, info.num_kv_heads
     known = profile.policies
@@ -179,7 +199,7 @@ def per_head_problem(profile: Profile, average: float, *, config: OptimizeConfig
     if unknown:
         raise ConfigError(f"policy {', '.join(map(repr, unknown))} is not in the profile; known policies: "
                           f"{', '.join(known)}")
-    table = profile.head_costs(HEAD_KL, config.weighting).double().numpy()  # (L, H_kv, P_all, G)
+    table = profile.head_costs(config.cost, config.weighting).double().numpy()  # (L, H_kv, P_all, G)
     costs = table[layers][:, :, [known.index(p) for p in chosen]].reshape(len(layers) * heads, len(chosen), -1)
     allowed = None
     if config.allowed:
@@ -212,7 +232,7 @@ def _per_head(profile: Profile, average: float, *, config: OptimizeConfig, names
     search = SearchInfo(solver=allocation.solver, status=allocation.status, objective=float(allocation.objective),
                         bound=float(allocation.bound), gap=float(allocation.gap), profile_signature=signature,
                         seconds=round(float(allocation.seconds), 4),
-                        notes=f"per KV head: {len(layers) * heads} slots, cost head_kl ({config.weighting})")
+                        notes=f"per KV head: {len(layers) * heads} slots, cost {config.cost} ({config.weighting})")
     return Plan.build(info, average_budget=average, layers=layers, search=search)
 
 

@@ -14,7 +14,7 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from polykv_search.calibration.profile import AROUND_KL, COST_KINDS, HEAD_KL, Profile
+from polykv_search.calibration.profile import AROUND_KL, COST_KINDS, HEAD_COST_KINDS, Profile
 from polykv_search.optimization.problem import Problem
 from polykv_search.optimization.solve import solve
 from polykv_search.optimization.allocators import cake_plan, pyramidkv_plan
@@ -42,8 +42,8 @@ def candidate_plans(profile: Profile, *, average: float, policies: Sequence[str]
     """Named candidate plans at `average` tokens per compressible layer, duplicates (same layers) removed."""
     info = profile.model
     names = list(policies or profile.policies)
-    # every per-layer cost the profile holds (layer_kl with --layer-kl; head_kl is per KV head, not a layer's cost)
-    costs = list(costs or [kind for kind in profile.cost_kinds if kind != HEAD_KL])
+    # every per-layer cost the profile holds (layer_kl with --layer-kl; head costs are per KV head, not a layer's)
+    costs = list(costs or [kind for kind in profile.cost_kinds if kind not in HEAD_COST_KINDS])
     found: dict[str, Plan] = {}
 
     def add(name: str, candidate: Plan) -> None:

@@ -7,6 +7,7 @@ anywhere; the presses, rankings and scoring that run a policy are in `presses` a
 from polykv_search.policies.catalog import (
     DEFAULT_POLICIES,
     N_SINK_RECENT,
+    PER_HEAD_POLICIES,
     POLICIES,
     PolicySpec,
     check_policy_names,
@@ -15,5 +16,5 @@ from polykv_search.policies.catalog import (
     scorer_key,
 )
 
-__all__ = ["DEFAULT_POLICIES", "N_SINK_RECENT", "POLICIES", "PolicySpec", "check_policy_names", "params_problems",
-           "policy_params", "scorer_key"]
+__all__ = ["DEFAULT_POLICIES", "N_SINK_RECENT", "PER_HEAD_POLICIES", "POLICIES", "PolicySpec", "check_policy_names",
+           "params_problems", "policy_params", "scorer_key"]

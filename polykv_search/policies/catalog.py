@@ -72,6 +72,9 @@ POLICIES: dict[str, PolicySpec] = {
         base="expected_attention", description="4 sinks, then newest tokens and ExpectedAttention's choice in turn"),
 }
 DEFAULT_POLICIES: tuple[str, ...] = tuple(POLICIES)
+# The per-head recipe's candidates (`run`'s default): one sink-and-recency policy, one that reads the prefill's
+# attention and one that predicts future queries, each able to keep a head's newest tokens.
+PER_HEAD_POLICIES: tuple[str, ...] = ("expected_attention_recent", "h2o_recent", "streaming")
 
 
 def check_policy_names(names: Sequence[str]) -> list[str]:

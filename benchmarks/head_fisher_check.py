@@ -1,0 +1,125 @@
+"""Benchmark: what `calibrate --head-fisher` costs per sample against a plain prefill of the same sample, and how
+well its estimate ranks the cells against `--head-kl`'s probes, in float32 and bfloat16 side by side in one run.
+
+    python benchmarks/head_fisher_check.py --max-samples 4 \
+        --probes outputs/perhead/smollm2/profile.safetensors      # a --head-kl profile of the same model and grid
+
+Prints, per dtype and sample: seconds of a plain prefill of the context, of calibrate without a per-head mode and
+with --head-fisher, and the ratios to the plain prefill; then, per sample found in the --probes profile, the
+Spearman rank correlation of the estimate with the probes' KL over the cells (layer x KV head x policy x budget),
+and the same for the mean over those samples (the table the optimizer reads). The probes themselves cost
+27-37x a plain prefill on SmolLM2 (benchmarks/head_probe_speed.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from scipy.stats import spearmanr
+
+from polykv_search.calibration import CalibrationConfig, Profile, calibrate_model
+from polykv_search.data import build_prompt, load_samples, spread_over_tasks
+from polykv_search.models import load_model
+
+POLICIES = "expected_attention_recent,h2o_recent,streaming"
+BUDGETS = "16,64,256,1024,2048"
+
+
+def measure(model: str, dtype: str, samples, config: CalibrationConfig) -> dict:
+    lm = load_model(model, dtype=dtype)
+    plain_config = CalibrationConfig(policies=config.policies, budgets=config.budgets)
+    rows, costs = [], {}
+    with tempfile.TemporaryDirectory() as tmp:
+        calibrate_model(lm, samples[:1], config=config, out_dir=Path(tmp) / "warm")  # first-call costs
+        for index, sample in enumerate(samples):
+            ids = torch.tensor([build_prompt(sample, lm.tokenizer, max_context_tokens=lm.info.max_context or 8192,
+                                             ).context_ids])
+            with torch.inference_mode():
+                start = time.perf_counter()
+                lm.model(input_ids=ids, logits_to_keep=1)
+                plain = time.perf_counter() - start
+            base = calibrate_model(lm, [sample], config=plain_config, out_dir=Path(tmp) / f"p{index}")
+            fisher = calibrate_model(lm, [sample], config=config, out_dir=Path(tmp) / f"f{index}")
+            row = {"id": sample.id, "context": ids.shape[1], "plain": plain, "calibrate": base.results[0].seconds,
+                   "head_fisher": fisher.results[0].seconds}
+            rows.append(row)
+            costs[sample.id] = fisher.profile.arrays["head_fisher"][0]
+            print(f"{dtype}: {row['context']} tokens, plain prefill {plain:.1f} s, calibrate {row['calibrate']:.1f} s "
+                  f"({row['calibrate'] / plain:.1f}x), --head-fisher {row['head_fisher']:.1f} s "
+                  f"({row['head_fisher'] / plain:.1f}x)", flush=True)
+    return {"rows": rows, "costs": costs}
+
+
+def rank_agreement(estimates: dict[str, torch.Tensor], probes: Profile) -> dict:
+    """Spearman of the estimate with the probes' KL per sample and for the mean over the shared samples."""
+    ids = [s["id"] for s in probes.header["samples"]]
+    shared = [sid for sid in estimates if sid in ids]
+    per_sample = {}
+    for sid in shared:
+        kl, est = probes.arrays["head_kl"][ids.index(sid)], estimates[sid]
+        keep = torch.isfinite(kl) & (kl > 0)
+        per_sample[sid] = float(spearmanr(kl[keep].numpy(), est[keep].numpy()).statistic)
+    if not shared:
+        return {"per_sample": {}, "mean_table": None}
+    kl = torch.stack([probes.arrays["head_kl"][ids.index(sid)] for sid in shared]).mean(0)
+    est = torch.stack([estimates[sid] for sid in shared]).mean(0)
+    keep = torch.isfinite(kl) & (kl > 0)
+    return {"per_sample": per_sample, "mean_table": float(spearmanr(kl[keep].numpy(), est[keep].numpy()).statistic)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--data", default="calibration_data/calib.jsonl")
+    parser.add_argument("--max-samples", type=int, default=4)
+    parser.add_argument("--policies", default=POLICIES)
+    parser.add_argument("--budgets", default=BUDGETS)
+    parser.add_argument("--draws", type=int, default=CalibrationConfig().draws)
+    parser.add_argument("--probes", type=Path, help="a --head-kl profile of the same model, policies and grid")
+    parser.add_argument("--out", type=Path, default=Path("outputs/benchmarks/head_fisher_check.json"))
+    args = parser.parse_args()
+    samples = spread_over_tasks(load_samples(args.data), args.max_samples)
+    config = CalibrationConfig(policies=tuple(args.policies.split(",")),
+                               budgets=tuple(int(b) for b in args.budgets.split(",")), head_fisher=True,
+                               draws=args.draws)
+    results = {dtype: measure(args.model, dtype, samples, config) for dtype in ("float32", "bfloat16")}
+    summary = {}
+    for dtype, result in results.items():
+        rows = result["rows"]
+        summary[dtype] = {k: statistics.mean(r[k] for r in rows) for k in ("plain", "calibrate", "head_fisher")}
+        for k in ("calibrate", "head_fisher"):
+            summary[dtype][f"{k}_over_plain"] = statistics.mean(r[k] / r["plain"] for r in rows)
+        print(f"{dtype}: per sample plain prefill {summary[dtype]['plain']:.1f} s, calibrate "
+              f"{summary[dtype]['calibrate']:.1f} s ({summary[dtype]['calibrate_over_plain']:.1f}x), --head-fisher "
+              f"{summary[dtype]['head_fisher']:.1f} s ({summary[dtype]['head_fisher_over_plain']:.1f}x)")
+    a, b = results["float32"]["costs"], results["bfloat16"]["costs"]
+    dtype_rho = []
+    for sid in a:
+        keep = torch.isfinite(a[sid]) & torch.isfinite(b[sid]) & (a[sid] > 0)
+        dtype_rho.append(float(spearmanr(a[sid][keep].numpy(), b[sid][keep].numpy()).statistic))
+    print(f"bfloat16 vs float32 estimates: Spearman {', '.join(f'{r:.3f}' for r in dtype_rho)} (per sample)")
+    agreement = {}
+    if args.probes:
+        probes = Profile.load(args.probes)
+        for dtype, result in results.items():
+            agreement[dtype] = rank_agreement(result["costs"], probes)
+            found = agreement[dtype]
+            print(f"{dtype} estimate vs the probes' KL: Spearman per sample "
+                  f"{', '.join(f'{r:.3f}' for r in found['per_sample'].values()) or 'none shared'}; mean table "
+                  f"{found['mean_table'] if found['mean_table'] is None else round(found['mean_table'], 3)}")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"samples": len(samples), "policies": list(config.policies),
+                                    "budgets": list(config.budgets), "draws": config.draws, "per_dtype": summary,
+                                    "bf16_vs_f32_spearman": dtype_rho, "vs_probes": agreement,
+                                    "rows": {d: r["rows"] for d, r in results.items()}}, indent=2))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

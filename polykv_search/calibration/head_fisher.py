@@ -1,0 +1,110 @@
+"""calibrate's cheap per-KV-head cost: a second-order (Fisher) estimate of head_kl, with no forward per head.
+
+Compressing one KV head changes that head's attention output at the question and answer positions by a known
+amount: the cost curves already compute it exactly from the decoding pass's attention, for every policy and
+budget. What the probes add is how much that change moves the answer's output distribution. To second order, the
+KL from the full cache's distribution p_t to the perturbed one, summed over the answer tokens, is
+1/2 sum_t dz_t' F_t dz_t, where dz_t is the change of the logits (first order: the Jacobian times the change of the
+attention output) and F_t = diag(p_t) - p_t p_t' is the softmax's Fisher matrix. Drawing a token y_t from p_t at
+every answer position, the gradient g of sum_t log p_t(y_t) with respect to the attention outputs satisfies
+E[(g . do)^2] = sum_t dz_t' F_t dz_t (the draws are independent and their scores have mean zero), so one
+teacher-forced pass on the full cache and `draws` backward passes give an unbiased estimate of every cell
+(layer, KV head, policy, budget) at once: draws x (one suffix forward + backward) per sample, where the probes cost
+one suffix forward per cell (about 1,350 on SmolLM2).
+
+The estimate is first order in the attention output's change: where a budget changes it a lot it grows as a square
+while the true KL saturates, which keeps the order of the cells; `benchmarks/head_fisher_check.py` measures how well
+it ranks and what it costs against the probes.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+
+import torch
+from transformers import DynamicCache
+
+from polykv_search.data import PromptParts
+from polykv_search.models.anatomy import decoder_layers
+
+DEFAULT_DRAWS = 16  # answer-token draws (one backward pass each) per sample
+
+
+@contextmanager
+def _frozen(model: torch.nn.Module) -> Iterator[None]:
+    """No parameter gradients (only the attention outputs'); restored on exit."""
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    for p, _ in flags:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+
+def _plain_copy(cache: DynamicCache) -> DynamicCache:
+    """A copy of `cache` whose tensors autograd may save (the prefill ran in inference mode); `cache` is untouched."""
+    new = copy.copy(cache)
+    new.layers = []
+    for layer in cache.layers:
+        twin = copy.copy(layer)
+        twin.keys, twin.values = layer.keys.clone(), layer.values.clone()
+        new.layers.append(twin)
+    return new
+
+
+def answer_gradients(model: torch.nn.Module, layers: Sequence[int], cache: DynamicCache, parts: PromptParts, *,
+                     draws: int = DEFAULT_DRAWS, seed: int = 0) -> dict[int, torch.Tensor]:
+    """Per layer in `layers`, the gradients (draws, H, S, D) of sum_t log p_t(y_t) with respect to the attention
+    output (before the output projection) at the S question and answer positions, y_t drawn from the full cache's
+    own distribution at each answer position (seeded by `seed`). `cache`: the full cache right after the context
+    prefill (not modified)."""
+    answer = list(parts.answer_ids)
+    suffix = list(parts.question_ids) + answer
+    if not answer or draws < 1:
+        return {}
+    attn = {idx: decoder_layers(model)[idx].self_attn for idx in layers}
+    num_heads = model.config.num_attention_heads
+    device = next(model.parameters()).device
+    n = len(parts.context_ids)
+    deltas: dict[int, torch.Tensor] = {}
+
+    def shifted(idx: int):
+        def hook(module, args):
+            zero = torch.zeros_like(args[0], requires_grad=True)  # d(loss)/d(zero) = d(loss)/d(attention output)
+            deltas[idx] = zero
+            return (args[0] + zero, *args[1:])
+        return hook
+
+    generator = torch.Generator().manual_seed(seed)
+    with torch.inference_mode(False), torch.enable_grad(), _frozen(model):
+        handles = [module.o_proj.register_forward_pre_hook(shifted(idx)) for idx, module in attn.items()]
+        try:
+            out = model(input_ids=torch.tensor([suffix], device=device), past_key_values=_plain_copy(cache),
+                        position_ids=torch.arange(n, n + len(suffix), device=device)[None],
+                        logits_to_keep=len(answer) + 1)
+        finally:
+            for handle in handles:
+                handle.remove()
+        logits = out.logits[0, :-1]  # (A, V): the predictions of the answer tokens
+        probs = torch.softmax(logits.float(), dim=-1).detach()
+        inputs = [deltas[idx] for idx in layers]
+        grads: dict[int, list[torch.Tensor]] = {idx: [] for idx in layers}
+        for k in range(draws):
+            drawn = torch.multinomial(probs.cpu(), 1, generator=generator).to(device)  # (A, 1)
+            score = -probs  # d log p(y) / d logits = onehot(y) - p
+            score.scatter_add_(1, drawn, torch.ones_like(drawn, dtype=score.dtype))
+            found = torch.autograd.grad(logits, inputs, grad_outputs=score.to(logits.dtype),
+                                        retain_graph=k < draws - 1)
+            for idx, g in zip(layers, found):
+                s = g.shape[1]
+                grads[idx].append(g[0].reshape(s, num_heads, -1).transpose(0, 1).float().cpu())  # (H, S, D)
+    return {idx: torch.stack(found) for idx, found in grads.items()}  # (draws, H, S, D)
+
+
+def fisher_from_dot(dots: torch.Tensor, n_answer: int) -> torch.Tensor:
+    """The estimated mean KL per answer token from the draws' dot products g . do (..., draws, ...) on dim 1."""
+    return dots.pow(2).mean(dim=1) / (2 * max(n_answer, 1))

@@ -1,0 +1,121 @@
+"""`optimize --target`: plans an engine runs as they are (polykv_search.export writes them in its format).
+
+    kvpress        any plan (the default)
+    trtllm         the per-layer problem with the streaming policy only, each budget above its sinks: one
+                   StreamingLLM window per layer (TensorRT-LLM's max_attention_window, sink_token_length)
+    duo-attention  per KV head, StreamingLLM at one shared window W or the whole context (DuoAttention)
+
+duo-attention assumes the profile's top grid level T holds the whole context: a full head is counted at T tokens
+and costs the profile's cost at T. For each window W of the grid (above the sinks, within floor and cap) the
+budget leaves room for k = (total - S W) // (T - W) full heads among the S KV heads; which k is solved exactly by
+the package's dp / ilp on a table with two options per head (streaming at W, full), and the W with the lowest
+total cost wins. The tokens the total leaves over go to the full heads (above T: still the whole context), so the
+heads' budgets sum to the total exactly, as in every plan.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from polykv_search.calibration.profile import HEAD_COST_KINDS, Profile
+from polykv_search.errors import ConfigError, SolverError
+from polykv_search.export import DUO_ATTENTION, KVPRESS, TARGETS, TRTLLM
+from polykv_search.optimization.problem import Problem
+from polykv_search.optimization.solve import solve
+from polykv_search.plan import HeadPlan, LayerPlan, Plan, SearchInfo, budget_total
+from polykv_search.policies import policy_params
+
+if TYPE_CHECKING:
+    from polykv_search.optimization.run import OptimizeConfig
+
+STREAMING = "streaming"
+N_SINK = int(policy_params(STREAMING)["n_sink"])  # every plan of a target uses the registered sinks
+
+
+def check_target(config: Any) -> None:
+    """ConfigError, in one line, for an option the target's engine cannot follow (called by OptimizeConfig)."""
+    target = config.target
+    if target not in TARGETS:
+        raise ConfigError(f"--target {target!r} is not one of {', '.join(TARGETS)}")
+    if target == KVPRESS:
+        return
+    if config.solver not in ("dp", "ilp"):
+        raise ConfigError(f"--target {target} solves exactly for what the engine expresses: use --solver dp or ilp")
+    per_head = config.cost in HEAD_COST_KINDS
+    if target == TRTLLM and per_head:
+        raise ConfigError(f"--target trtllm gives all KV heads of a layer one window: --cost {config.cost} is per KV "
+                          "head; use a per-layer cost (mass_lost, out_err, layer_kl, layer_nll)")
+    if target == DUO_ATTENTION and not per_head:
+        raise ConfigError(f"--target duo-attention chooses per KV head: --cost {config.cost} is per layer; use "
+                          f"--cost {' or '.join(HEAD_COST_KINDS)} (calibrate --head-kl)")
+    dropped = [flag for flag, used in (
+        ("--policies", config.policies is not None and tuple(config.policies) != (STREAMING,)),
+        ("--only", bool(config.allowed)), ("--max-policies", config.max_policies is not None),
+        ("--max-changes", config.max_changes is not None),
+        ("--tie", bool(config.tied) and target == DUO_ATTENTION)) if used]
+    if dropped:
+        kept = "per layer" if target == TRTLLM else "or full heads"
+        raise ConfigError(f"--target {target} keeps StreamingLLM only ({kept}); drop {', '.join(dropped)}")
+
+
+def restrict_to_target(config: OptimizeConfig) -> OptimizeConfig:
+    """trtllm: the streaming policy only, budgets above its sinks (a window must exceed sink_token_length)."""
+    if config.target != TRTLLM:
+        return config
+    return replace(config, policies=(STREAMING,), floor=max(config.floor, N_SINK + 1))
+
+
+def duo_attention_plan(profile: Profile, average: float, *, config: OptimizeConfig, cap: int,
+                       signature: str | None) -> Plan:
+    """The cheapest DuoAttention plan at `average` tokens per KV head (see the module docstring)."""
+    started = time.perf_counter()
+    info = profile.model
+    layers, heads = info.compressible_layers, info.num_kv_heads
+    if STREAMING not in profile.policies:
+        raise ConfigError(f"--target duo-attention needs the profile's streaming costs; it has "
+                          f"{', '.join(profile.policies)}: re-run calibrate with streaming among --policies")
+    table = profile.head_costs(config.cost, config.weighting).double().numpy()  # (L, H_kv, P, G)
+    costs = table[layers][:, :, profile.policies.index(STREAMING)].reshape(len(layers) * heads, -1)  # (S, G)
+    grid, slots = list(profile.budgets), len(layers) * heads
+    top, total = grid[-1], budget_total(average, slots)
+    tried: dict[int, tuple[Any, int, int]] = {}  # W -> (allocation, full heads, tokens left over)
+    for g, window in enumerate(grid[:-1]):
+        spare = total - slots * window
+        if window <= N_SINK or window < config.floor or window > cap or spare < 0:
+            continue
+        n_full = min(spare // (top - window), slots)
+        left = spare - n_full * (top - window)
+        if left and not n_full:
+            continue  # the total is between S W and one full head more: W cannot spend it exactly
+        two = np.stack([costs[:, g], costs[:, -1]], axis=1)[:, None, :]  # (S, 1, 2): streaming at W, full
+        problem = Problem(two, (1, 2), range(slots), [STREAMING], total=slots + n_full)  # budget 2 = a full head
+        tried[window] = (solve(problem, solver=config.solver, time_limit=config.time_limit, mip_gap=config.mip_gap),
+                         n_full, left)
+    if not tried:
+        windows = [w for w in grid[:-1] if w > N_SINK and config.floor <= w <= cap]
+        raise SolverError(f"no shared window fits average {average:g} per KV head: the windows {windows} of the grid "
+                          f"(above {N_SINK} sinks) need the {slots} KV heads' total {total} to be at least "
+                          f"{slots} x W and to leave over only what full heads of {top} tokens absorb; choose an "
+                          f"average of {min(windows, default=top)} or more (or exactly a window)")
+    best = min(tried, key=lambda w: (tried[w][0].objective, w))
+    allocation, n_full, left = tried[best]
+    full = [i for i, slot in enumerate(allocation.layers) if slot.budget == 2]
+    share, rest = divmod(left, max(n_full, 1))
+    budgets = [best] * slots
+    for rank, i in enumerate(full):
+        budgets[i] = top + share + (1 if rank < rest else 0)
+    entries = [LayerPlan(index=layer, policy=None, heads=tuple(HeadPlan.of(STREAMING, budgets[i * heads + h])
+                                                                 for h in range(heads)))
+               for i, layer in enumerate(layers)]
+    notes = (f"duo-attention: StreamingLLM window {best} ({N_SINK} sinks + {best - N_SINK} recent) on "
+             f"{slots - n_full} KV heads, {n_full} full heads counted at the top grid level {top} (assumed to hold "
+             f"the whole context; cost {config.cost} at {top}); export with --to duo-attention --context {top}; "
+             "windows tried: " + ", ".join(f"{w}={tried[w][0].objective:.4g}" for w in sorted(tried)))
+    search = SearchInfo(solver=allocation.solver, status=allocation.status, objective=float(allocation.objective),
+                        bound=float(allocation.bound), gap=float(allocation.gap), profile_signature=signature,
+                        seconds=round(time.perf_counter() - started, 4), notes=notes)
+    return Plan.build(info, average_budget=average, layers=entries, search=search)
