@@ -123,3 +123,12 @@ def kvpress_answer(pipe, state, press) -> str:
               "questions_ids": [torch.tensor([state.parts.question_ids])]}
     with polykv_attention(pipe.model):
         return pipe.forward(inputs, max_new_tokens=state.parts.max_new_tokens, press=press)[0]
+
+
+def interruptible() -> None:
+    """preexec_fn for a child that a test interrupts: SIGINT at its default, as from a terminal (a shell's
+    background jobs, such as CI runners or `nohup ... &`, start with SIGINT ignored, and Python then never raises
+    KeyboardInterrupt)."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)

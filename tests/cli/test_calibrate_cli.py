@@ -7,7 +7,7 @@ import pytest
 
 from polykv_search.calibration.profile import Profile
 from polykv_search.cli import main
-from tests.conftest import sample_rows, write_jsonl
+from tests.conftest import interruptible, sample_rows, write_jsonl
 
 
 def run_cli(monkeypatch, capsys, *args):
@@ -177,6 +177,7 @@ def test_ctrl_c_exits_130_with_one_line_and_resume_finishes(tiny_dir, tmp_path):
     args = [sys.executable, "-m", "polykv_search", "calibrate", "--model", str(tiny_dir), "--data", str(data),
             "--out", str(out), "--budgets", "8,16", "--window", "16"]
     proc = subprocess.Popen(args, stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                            preexec_fn=interruptible,
                             env={**os.environ, "POLYKV_DEBUG": "0"})
     first = out / "checkpoints" / "sample-00000.safetensors"
     deadline = time.time() + 120

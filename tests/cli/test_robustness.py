@@ -22,7 +22,7 @@ from polykv_search.checkpoints import LOCK_NAME
 from polykv_search.cli import main
 from polykv_search.models import model_slug
 from tests.conftest import sample_rows as needle_rows
-from tests.conftest import write_jsonl
+from tests.conftest import interruptible, write_jsonl
 
 
 def sample_rows(n: int, **kwargs) -> list[dict]:
@@ -82,7 +82,8 @@ def test_a_second_calibrate_on_a_live_folder_is_refused_at_once(tiny_dir, tmp_pa
     out = tmp_path / "o"
     args = [sys.executable, "-m", "polykv_search", "calibrate", "--model", str(tiny_dir), "--data", str(data),
             "--out", str(out), "--budgets", "8,16", "--window", "16"]
-    first = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    first = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             preexec_fn=interruptible)
     try:
         deadline = time.time() + 120
         while not (out / "checkpoints" / "sample-00000.safetensors").exists() and first.poll() is None \
