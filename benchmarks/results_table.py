@@ -1,5 +1,6 @@
-"""Print the README's results table from evaluate reports: FullKV, best uniform policy, PyramidKV, CAKE and each
-plan with R, per budget, one table per report.
+"""Print the README's results table from evaluate reports: FullKV, best uniform policy, PyramidKV, CAKE, Ada-KV and
+each plan with R, per budget, and the megabytes each plan's cache allocates beside the best uniform policy's, one
+table per report.
 
     python benchmarks/results_table.py outputs/smollm2-135m/eval/report.json outputs/smollm2-135m/eval_alt/report.json
 """
@@ -17,8 +18,8 @@ def table(path: str) -> str:
     for r in report["recovery"]:
         rows[r["budget"]][r["method"]] = r
     plans = sorted({m for by in rows.values() for m, r in by.items() if r["family"] == "plan"})
-    head = ["budget", "full", "best uniform", "PyramidKV", "CAKE", *plans, *(f"R {p}" for p in plans),
-            "R PyramidKV", "R CAKE"]
+    head = ["budget", "full", "best uniform", "PyramidKV", "CAKE", "Ada-KV", *plans, *(f"R {p}" for p in plans),
+            "R PyramidKV", "R CAKE", "R Ada-KV", *(f"MB {p} / uniform" for p in plans)]
     lines = [f"{path} ({report.get('samples', '?')} samples)", "", "| " + " | ".join(head) + " |",
              "|" + "---|" * len(head)]
     mean_r: dict[str, list[float]] = defaultdict(list)
@@ -36,9 +37,15 @@ def table(path: str) -> str:
             low_high = by[name].get("R_90")
             return f"{by[name]['R']:+.2f}" + (f" [{low_high[0]:+.2f}, {low_high[1]:+.2f}]" if low_high else "")
 
+        def megabytes(name: str) -> str:
+            method = report["methods"].get(f"{name}@{budget:g}")
+            uniform = report["methods"].get(f"{any_row['best_uniform']}@{budget:g}")
+            return f"{method['kv_mb']:.1f} / {uniform['kv_mb']:.1f}" if method and uniform else "-"
+
         cells = [f"{budget:g}", f"{any_row['full_score']:.3f}",
                  f"{any_row['best_uniform']} {any_row['best_uniform_score']:.3f}", score("pyramidkv"), score("cake"),
-                 *(score(p) for p in plans), *(rec(p) for p in plans), rec("pyramidkv"), rec("cake")]
+                 score("adakv"), *(score(p) for p in plans), *(rec(p) for p in plans), rec("pyramidkv"), rec("cake"),
+                 rec("adakv"), *(megabytes(p) for p in plans)]
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
     lines.append("mean R: " + ", ".join(f"{name} {sum(v) / len(v):+.2f}" for name, v in mean_r.items()))
