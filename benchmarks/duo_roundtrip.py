@@ -4,7 +4,11 @@ and gives the same teacher-forced log-probabilities and greedy answer.
 
     polykv-search optimize --profile outputs/readme/smollm2/profile.safetensors --cost head_fisher \
         --target duo-attention --budget 256 --out outputs/engines/duo_plan.json
-    python benchmarks/duo_roundtrip.py outputs/engines/duo_plan.json --samples 1
+    python benchmarks/duo_roundtrip.py outputs/engines/duo_plan.json --context 2048 --samples 1
+
+`--context` is the export's (the plan's notes say which): heads keeping at least that many tokens are DuoAttention's
+full heads, so only samples whose context fits in it are compared (on longer ones our runtime's "full" heads keep
+their budget while DuoAttention's keep everything).
 
 Prints, per sample: tokens kept per KV head that differ between the two (expected 0), the largest difference of
 the teacher-forced log-probabilities over the question and reference answer, and both greedy answers.
@@ -57,14 +61,17 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--data", default="calibration_data/eval.jsonl")
     parser.add_argument("--samples", type=int, default=1)
+    parser.add_argument("--context", type=int, default=2048, help="the export's --context (see the plan's notes)")
     parser.add_argument("--out", type=Path, default=Path("outputs/engines/duo_roundtrip.json"))
     args = parser.parse_args()
     lm = load_model(args.model, dtype="float32")
     context_limit = lm.info.max_context or 8192
-    folder = export_plan(args.plan, to="duo-attention", out=args.out.parent / "duo_pattern", context=context_limit)
+    folder = export_plan(args.plan, to="duo-attention", out=args.out.parent / "duo_pattern", context=args.context)
     plan = PlanFile.load(args.plan).plans[0]
     model, rows = lm.model, []
-    for sample in spread_over_tasks(load_samples(args.data), args.samples):
+    fitting = [s for s in load_samples(args.data)
+               if len(build_prompt(s, lm.tokenizer, max_context_tokens=context_limit).context_ids) <= args.context]
+    for sample in spread_over_tasks(fitting, args.samples):
         parts = build_prompt(sample, lm.tokenizer, max_context_tokens=context_limit)
         context, suffix = list(parts.context_ids), list(parts.question_ids) + list(parts.answer_ids)
         n = len(context)
