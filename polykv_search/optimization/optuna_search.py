@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,10 +54,23 @@ def open_storage(url: str | None):
             path = Path(url.removeprefix("journal:"))
             path.parent.mkdir(parents=True, exist_ok=True)
             return JournalStorage(JournalFileBackend(str(path)))
-        return optuna.storages.RDBStorage(url)
+        return _rdb_storage(optuna, url)
     except Exception as exc:  # optuna and SQLAlchemy raise many types for a bad URL
         raise SolverError(f"cannot open Optuna storage {url!r}: {str(exc).splitlines()[0] if str(exc) else exc}; "
                           "use journal:PATH for a file, or a valid sqlite:///, postgresql:// or mysql:// URL") from exc
+
+
+def _rdb_storage(optuna, url: str, attempts: int = 5):
+    """optuna's RDBStorage; workers starting together on a new database race to create its tables (one of them
+    fails with "table ... already exists"), so a failed first open is retried once the other has made them."""
+    for attempt in range(attempts):
+        try:
+            return optuna.storages.RDBStorage(url)
+        except Exception as exc:  # SQLAlchemy's OperationalError / IntegrityError, by driver
+            if "already exists" not in str(exc) or attempt == attempts - 1:
+                raise
+            time.sleep(0.2 * (attempt + 1))
+    raise AssertionError("unreachable")
 
 
 def repair(budgets: Sequence[int], total: int, *, floor: int, cap: int | None) -> list[int]:

@@ -50,12 +50,13 @@ print(json.dumps({"objective": result.objective, "trials": result.trials, "budge
 """
 
 
-def test_two_processes_share_one_study(tmp_path):
-    """A journal file, as processes on one machine share it (an RDB URL such as sqlite:///study.db or
-    postgresql://... takes the same path through optuna; it is left out here because sqlite is slow)."""
+@pytest.mark.parametrize("kind", ["journal", "sqlite"])
+def test_two_processes_share_one_study(tmp_path, kind):
+    """A journal file, as processes on one machine share it, and an RDB (sqlite here; postgresql:// or mysql://
+    URLs take the same path through optuna's RDBStorage)."""
     import optuna  # imported here: only this test needs it
 
-    storage = f"journal:{tmp_path / 'study.log'}"
+    storage = f"journal:{tmp_path / 'study.log'}" if kind == "journal" else f"sqlite:///{tmp_path / 'study.db'}"
     workers = [subprocess.Popen([sys.executable, "-c", WORKER, storage, str(tmp_path), str(i), str(seed),
                                  str(N_TRIALS), json.dumps(INFO.to_dict())], cwd=ROOT, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True)
