@@ -60,14 +60,20 @@ def open_storage(url: str | None):
                           "use journal:PATH for a file, or a valid sqlite:///, postgresql:// or mysql:// URL") from exc
 
 
+# What a worker sees when another creates the same new database at that moment: its tables, its schema version row
+RACES = ("already exists", "UNIQUE constraint failed", "database is locked", "no such table", "Duplicate entry",
+         "duplicate key")
+
+
 def _rdb_storage(optuna, url: str, attempts: int = 5):
-    """optuna's RDBStorage; workers starting together on a new database race to create its tables (one of them
-    fails with "table ... already exists"), so a failed first open is retried once the other has made them."""
+    """optuna's RDBStorage; workers starting together on a new database race to create its tables and to record
+    its schema version (one of them fails with "table ... already exists" or a unique-constraint error), so such a
+    failed open is retried once the other has made them."""
     for attempt in range(attempts):
         try:
             return optuna.storages.RDBStorage(url)
         except Exception as exc:  # SQLAlchemy's OperationalError / IntegrityError, by driver
-            if "already exists" not in str(exc) or attempt == attempts - 1:
+            if not any(race in str(exc) for race in RACES) or attempt == attempts - 1:
                 raise
             time.sleep(0.2 * (attempt + 1))
     raise AssertionError("unreachable")
