@@ -66,7 +66,8 @@ def answer_gradients(model: torch.nn.Module, layers: Sequence[int], cache: Dynam
     suffix = list(parts.question_ids) + answer
     if not answer or draws < 1:
         return {}
-    attn = {idx: decoder_layers(model)[idx].self_attn for idx in layers}
+    blocks = decoder_layers(model)
+    attn = {idx: blocks[idx].self_attn for idx in layers}
     num_heads = model.config.num_attention_heads
     device = next(model.parameters()).device
     n = len(parts.context_ids)
@@ -91,10 +92,11 @@ def answer_gradients(model: torch.nn.Module, layers: Sequence[int], cache: Dynam
                 handle.remove()
         logits = out.logits[0, :-1]  # (A, V): the predictions of the answer tokens
         probs = torch.softmax(logits.float(), dim=-1).detach()
+        on_cpu = probs.cpu()  # the generator draws on the CPU, whatever the device
         inputs = [deltas[idx] for idx in layers]
         grads: dict[int, list[torch.Tensor]] = {idx: [] for idx in layers}
         for k in range(draws):
-            drawn = torch.multinomial(probs.cpu(), 1, generator=generator).to(device)  # (A, 1)
+            drawn = torch.multinomial(on_cpu, 1, generator=generator).to(device)  # (A, 1)
             score = -probs  # d log p(y) / d logits = onehot(y) - p
             score.scatter_add_(1, drawn, torch.ones_like(drawn, dtype=score.dtype))
             found = torch.autograd.grad(logits, inputs, grad_outputs=score.to(logits.dtype),
