@@ -4,20 +4,23 @@ well its estimate ranks the cells against `--head-kl`'s probes, in float32 and b
     python benchmarks/head_fisher_check.py --max-samples 4 \
         --probes outputs/perhead/smollm2/profile.safetensors      # a --head-kl profile of the same model and grid
 
-Prints, per dtype and sample: seconds of a plain prefill of the context, of calibrate without a per-head mode and
-with --head-fisher, and the ratios to the plain prefill; then, per sample found in the --probes profile, the
-Spearman rank correlation of the estimate with the probes' KL over the cells (layer x KV head x policy x budget),
-and the same for the mean over those samples (the table the optimizer reads). The probes themselves cost
-27-37x a plain prefill on SmolLM2 (benchmarks/head_probe_speed.py).
+Prints, per dtype and sample: seconds of a plain prefill of the context, of calibrate without a per-head mode, with
+--head-fisher's bare estimate (--probe-above inf) and with --head-fisher as it runs by default (the cells estimated
+above --probe-above probed exactly; how many), and the ratios to the plain prefill; then, per sample found in the
+--probes profile, the Spearman rank correlation of the bare estimate with the probes' KL over the cells (layer x KV
+head x policy x budget), and the same for the mean over those samples (the table the optimizer reads). Probing
+every cell costs 27-37x a plain prefill on SmolLM2 (benchmarks/head_probe_speed.py).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -45,14 +48,20 @@ def measure(model: str, dtype: str, samples, config: CalibrationConfig) -> dict:
                 lm.model(input_ids=ids, logits_to_keep=1)
                 plain = time.perf_counter() - start
             base = calibrate_model(lm, [sample], config=plain_config, out_dir=Path(tmp) / f"p{index}")
+            bare = calibrate_model(lm, [sample], config=replace(config, probe_above=math.inf),
+                                   out_dir=Path(tmp) / f"e{index}")
             fisher = calibrate_model(lm, [sample], config=config, out_dir=Path(tmp) / f"f{index}")
             row = {"id": sample.id, "context": ids.shape[1], "plain": plain, "calibrate": base.results[0].seconds,
-                   "head_fisher": fisher.results[0].seconds}
+                   "estimate": bare.results[0].seconds, "head_fisher": fisher.results[0].seconds,
+                   "probed_cells": int(fisher.profile.arrays["head_fisher_probed"].sum()),
+                   "cells": int(torch.isfinite(fisher.profile.arrays["head_fisher"]).sum())}
             rows.append(row)
-            costs[sample.id] = fisher.profile.arrays["head_fisher"][0]
+            costs[sample.id] = bare.profile.arrays["head_fisher"][0]
             print(f"{dtype}: {row['context']} tokens, plain prefill {plain:.1f} s, calibrate {row['calibrate']:.1f} s "
-                  f"({row['calibrate'] / plain:.1f}x), --head-fisher {row['head_fisher']:.1f} s "
-                  f"({row['head_fisher'] / plain:.1f}x)", flush=True)
+                  f"({row['calibrate'] / plain:.1f}x), bare estimate {row['estimate']:.1f} s "
+                  f"({row['estimate'] / plain:.1f}x), --head-fisher {row['head_fisher']:.1f} s "
+                  f"({row['head_fisher'] / plain:.1f}x, {row['probed_cells']} of {row['cells']} cells probed)",
+                  flush=True)
     return {"rows": rows, "costs": costs}
 
 
@@ -81,23 +90,27 @@ def main() -> None:
     parser.add_argument("--policies", default=POLICIES)
     parser.add_argument("--budgets", default=BUDGETS)
     parser.add_argument("--draws", type=int, default=CalibrationConfig().draws)
+    parser.add_argument("--probe-above", type=float, default=CalibrationConfig().probe_above)
     parser.add_argument("--probes", type=Path, help="a --head-kl profile of the same model, policies and grid")
     parser.add_argument("--out", type=Path, default=Path("outputs/benchmarks/head_fisher_check.json"))
     args = parser.parse_args()
     samples = spread_over_tasks(load_samples(args.data), args.max_samples)
     config = CalibrationConfig(policies=tuple(args.policies.split(",")),
                                budgets=tuple(int(b) for b in args.budgets.split(",")), head_fisher=True,
-                               draws=args.draws)
+                               draws=args.draws, probe_above=args.probe_above)
     results = {dtype: measure(args.model, dtype, samples, config) for dtype in ("float32", "bfloat16")}
     summary = {}
     for dtype, result in results.items():
         rows = result["rows"]
-        summary[dtype] = {k: statistics.mean(r[k] for r in rows) for k in ("plain", "calibrate", "head_fisher")}
-        for k in ("calibrate", "head_fisher"):
+        kinds = ("plain", "calibrate", "estimate", "head_fisher", "probed_cells", "cells")
+        summary[dtype] = {k: statistics.mean(r[k] for r in rows) for k in kinds}
+        for k in ("calibrate", "estimate", "head_fisher"):
             summary[dtype][f"{k}_over_plain"] = statistics.mean(r[k] / r["plain"] for r in rows)
-        print(f"{dtype}: per sample plain prefill {summary[dtype]['plain']:.1f} s, calibrate "
-              f"{summary[dtype]['calibrate']:.1f} s ({summary[dtype]['calibrate_over_plain']:.1f}x), --head-fisher "
-              f"{summary[dtype]['head_fisher']:.1f} s ({summary[dtype]['head_fisher_over_plain']:.1f}x)")
+        got = summary[dtype]
+        print(f"{dtype}: per sample plain prefill {got['plain']:.1f} s, calibrate {got['calibrate']:.1f} s "
+              f"({got['calibrate_over_plain']:.1f}x), bare estimate {got['estimate']:.1f} s "
+              f"({got['estimate_over_plain']:.1f}x), --head-fisher {got['head_fisher']:.1f} s "
+              f"({got['head_fisher_over_plain']:.1f}x; {got['probed_cells']:.0f} of {got['cells']:.0f} cells probed)")
     a, b = results["float32"]["costs"], results["bfloat16"]["costs"]
     dtype_rho = []
     for sid in a:
@@ -115,7 +128,8 @@ def main() -> None:
                   f"{found['mean_table'] if found['mean_table'] is None else round(found['mean_table'], 3)}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"samples": len(samples), "policies": list(config.policies),
-                                    "budgets": list(config.budgets), "draws": config.draws, "per_dtype": summary,
+                                    "budgets": list(config.budgets), "draws": config.draws,
+                                    "probe_above": config.probe_above, "per_dtype": summary,
                                     "bf16_vs_f32_spearman": dtype_rho, "vs_probes": agreement,
                                     "rows": {d: r["rows"] for d, r in results.items()}}, indent=2))
     print(f"wrote {args.out}")

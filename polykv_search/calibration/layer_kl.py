@@ -80,14 +80,18 @@ def layer_probes(engine: PrefillEngine, state: PrefillState, *, info: ModelInfo,
 
 
 def head_probes(engine: PrefillEngine, state: PrefillState, *, info: ModelInfo, policies: Sequence[str],
-                budgets: Sequence[int], batch_size: int = 4) -> torch.Tensor:
+                budgets: Sequence[int], batch_size: int = 4, only: torch.Tensor | None = None) -> torch.Tensor:
     """head_kl (L, H_kv, P, G): mean KL(full || only that KV head compressed) over the answer tokens, for every KV
     head of every compressible layer, policy and budget of the grid; 0 where the budget keeps the whole context, NaN
-    on layers not probed. Each row starts at its head's layer from the full cache's hidden states."""
+    on layers not probed. Each row starts at its head's layer from the full cache's hidden states.
+
+    `only` (L, H_kv, P, G) bool: probe just those cells; every other cell is NaN."""
     heads = info.num_kv_heads
     out = torch.full((info.num_layers, heads, len(policies), len(budgets)), float("nan"))
     for layer in info.compressible_layers:
         out[layer] = 0.0  # budgets at or above the context length keep everything
+    if only is not None:
+        out[~only.bool()] = float("nan")
     if not state.parts.answer_ids:
         return out
     cells, plans = [], []
@@ -96,7 +100,7 @@ def head_probes(engine: PrefillEngine, state: PrefillState, *, info: ModelInfo, 
         for h in range(heads):
             for p, policy in enumerate(policies):
                 for g, budget in enumerate(budgets):
-                    if budget >= state.n_context:
+                    if budget >= state.n_context or (only is not None and not bool(only[layer, h, p, g])):
                         continue
                     entries = [HeadPlan.full()] * heads
                     entries[h] = HeadPlan.of(policy, int(budget))

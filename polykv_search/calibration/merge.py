@@ -24,6 +24,8 @@ from polykv_search.calibration.profile import (
     AROUND_KL,
     COST_KINDS,
     HEAD_COST_KINDS,
+    HEAD_FISHER,
+    HEAD_FISHER_PROBED,
     OPTIONAL_COST_KINDS,
     Profile,
 )
@@ -181,11 +183,13 @@ def merge_budget_grids(profiles: Sequence[Profile]) -> Profile:
                                "the same --around budgets and --around-policy")
         kinds.append(AROUND_KL)  # its background KL (around_base_kl) does not depend on the grid
     order = torch.tensor(sorted(range(len(budgets)), key=budgets.__getitem__))
-    per_level = (*COST_KINDS, *OPTIONAL_COST_KINDS, AROUND_KL, *HEAD_COST_KINDS)
+    per_level = (*COST_KINDS, *OPTIONAL_COST_KINDS, AROUND_KL, *HEAD_COST_KINDS, HEAD_FISHER_PROBED)
     arrays = {k: v.clone() for k, v in first.arrays.items() if k not in per_level}
     if AROUND_KL not in kinds:
         arrays.pop(AROUND_BASE, None)
-    for kind in kinds:
+    probed_mask = [HEAD_FISHER_PROBED] if HEAD_FISHER in kinds and all(HEAD_FISHER_PROBED in p.arrays
+                                                                        for p in profiles) else []
+    for kind in [*kinds, *probed_mask]:
         arrays[kind] = torch.cat([p.arrays[kind] for p in profiles], dim=-1).index_select(-1, order)
     header = dict(first.header)
     header["budgets"] = sorted(budgets)

@@ -8,7 +8,8 @@ Arrays (N samples, L layers, H_kv KV heads, P policies, G budgets):
   background of budget B_a (header "around": budget and policy of each), and around_base_kl (N, A): the
   background's own KL; with `calibrate --head-kl` head_kl (N, L, H_kv, P, G): KL with only that KV head
   compressed, and with `--head-fisher` head_fisher (N, L, H_kv, P, G): the same estimated to second order from
-  answer gradients (calibration/head_fisher.py).
+  answer gradients, probed exactly where the estimate is large (calibration/head_fisher.py), and
+  head_fisher_probed (N, L, H_kv, P, G) uint8: 1 where the cell holds the probe's KL, 0 where the estimate.
 Sliding-window layers hold NaN: the architecture fixes their cache and no plan touches them.
 """
 
@@ -49,6 +50,7 @@ AROUND_KL = "around_kl"  # measured by `calibrate --around` only; a cost at the 
 AROUND_BASE = "around_base_kl"
 HEAD_KL = "head_kl"  # measured by `calibrate --head-kl` only: one KV head compressed at a time, (N, L, H_kv, P, G)
 HEAD_FISHER = "head_fisher"  # `calibrate --head-fisher` only: head_kl's second-order estimate, (N, L, H_kv, P, G)
+HEAD_FISHER_PROBED = "head_fisher_probed"  # which head_fisher cells were probed exactly, (N, L, H_kv, P, G) uint8
 HEAD_COST_KINDS = (HEAD_KL, HEAD_FISHER)  # costs per KV head: `optimize` makes per-head plans from them
 ALL_COST_KINDS = (*COST_KINDS, *OPTIONAL_COST_KINDS, AROUND_KL, *HEAD_COST_KINDS)
 HEAD_MODE_FLAGS = {HEAD_KL: "--head-kl", HEAD_FISHER: "--head-fisher"}

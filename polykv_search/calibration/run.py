@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import platform
 import time
 import zlib
@@ -34,13 +35,16 @@ from polykv_search.calibration.profile import (
     AROUND_KL,
     COST_KINDS,
     HEAD_FISHER,
+    HEAD_FISHER_PROBED,
     HEAD_KL,
     OPTIONAL_COST_KINDS,
     PROFILE_FORMAT,
     PROFILE_VERSION,
     Profile,
 )
-from polykv_search.calibration.head_fisher import DEFAULT_DRAWS, answer_gradients
+from polykv_search.calibration.head_fisher import (DEFAULT_DRAWS, DEFAULT_PROBE_ABOVE, DEFAULT_PROBE_SHARE,
+                                                   answer_gradients,
+                                                   cells_to_probe, corrected, detached_copy)
 from polykv_search.calibration.layer_kl import head_probes, layer_probes, probe_state
 from polykv_search.calibration.shards import SHARD_KEY, Shard
 from polykv_search.calibration.signals import SIGNAL_NAMES
@@ -55,7 +59,7 @@ from polykv_search.policies import DEFAULT_POLICIES, POLICIES, check_policy_name
 
 logger = logging.getLogger(__name__)
 # a checkpoint's optional per-sample arrays
-PROBE_ARRAYS = (*OPTIONAL_COST_KINDS, AROUND_KL, AROUND_BASE, HEAD_KL, HEAD_FISHER)
+PROBE_ARRAYS = (*OPTIONAL_COST_KINDS, AROUND_KL, AROUND_BASE, HEAD_KL, HEAD_FISHER, HEAD_FISHER_PROBED)
 
 
 
@@ -71,6 +75,8 @@ class CalibrationConfig:
     head_kl: bool = False  # slower still: the same with one KV head compressed (the cost of per-head plans)
     head_fisher: bool = False  # the per-head cost estimated to second order from answer gradients (no probes)
     draws: int = DEFAULT_DRAWS  # answer draws (backward passes) per sample for head_fisher
+    probe_above: float = DEFAULT_PROBE_ABOVE  # head_fisher: probe exactly the cells estimated above this (inf: none),
+    probe_share: float = DEFAULT_PROBE_SHARE  # at most this share of each sample's cells, the largest first
     around: tuple[int, ...] = ()  # operating points: probes with every other layer at this uniform budget
     around_policy: str | None = None  # the background's policy (None: the best uniform one on the samples)
     around_plan: str | None = None  # or: a plan file whose rungs at the --around budgets are the backgrounds
@@ -85,6 +91,11 @@ class CalibrationConfig:
                               "pass positive integers, e.g. --budgets 16,32,64,128")
         if self.draws < 1:
             raise ConfigError(f"--draws must be at least 1, got {self.draws}")
+        if not self.probe_above >= 0:
+            raise ConfigError(f"--probe-above must be a mean KL per answer token of at least 0 (inf: probe no cell), "
+                              f"got {self.probe_above}")
+        if not 0 <= self.probe_share <= 1:
+            raise ConfigError(f"--probe-share must be a share of the cells between 0 and 1, got {self.probe_share}")
         if self.window < 1 or self.recent < 1 or self.n_sink < 0:
             raise ConfigError("--window and --recent must be at least 1 and --n-sink at least 0")
         if any(int(b) < 1 for b in self.around):
@@ -103,7 +114,8 @@ class CalibrationConfig:
                                  window=self.window, n_sink=self.n_sink, recent=self.recent,
                                  max_context_tokens=self.max_context_tokens, layer_kl=self.layer_kl,
                                  head_kl=self.head_kl, head_fisher=self.head_fisher, draws=self.draws,
-                                 around=around, around_policy=self.around_policy, around_plan=self.around_plan)
+                                 probe_above=float(self.probe_above),
+                                 probe_share=float(self.probe_share), around=around, around_policy=self.around_policy, around_plan=self.around_plan)
 
 
 @dataclass
@@ -169,7 +181,8 @@ def _calibrate_locked(lm: LoadedModel, samples: Sequence[Sample], *, config: Cal
                            window=config.window, n_sink=config.n_sink, recent=config.recent)
     min_context = _min_context(config)
     probe = None
-    if config.layer_kl or config.head_kl or config.around:  # scores nothing: calibrate's prefill hands it the rankings
+    if config.layer_kl or config.head_kl or config.around or _probes_fisher(config):
+        # scores nothing: calibrate's prefill hands it the rankings
         probe = PrefillEngine(lm, max_context_tokens=max_ctx)
     backgrounds = _backgrounds(lm, samples, config, ckpt_dir, max_ctx, resume=resume) if config.around else []
     started = time.perf_counter()
@@ -186,6 +199,7 @@ def _calibrate_locked(lm: LoadedModel, samples: Sequence[Sample], *, config: Cal
                 record, result = _calibrate_one(lm, capture, sample, index, max_ctx, min_context, probe=probe,
                                                 layer_kl=config.layer_kl, head_kl=config.head_kl,
                                                 draws=config.draws if config.head_fisher else 0,
+                                                fisher_probes=(config.probe_above, config.probe_share),
                                                 backgrounds=backgrounds)
                 _save_checkpoint(ckpt, record, result, run_digest)
             result.seconds = time.perf_counter() - t0
@@ -204,6 +218,11 @@ def _calibrate_locked(lm: LoadedModel, samples: Sequence[Sample], *, config: Cal
                                                  dtype=str(getattr(lm.model, "dtype", "")), device=str(lm.device))
     path = profile.save(out_dir / "profile.safetensors")
     return CalibrationRun(profile=profile, path=path, results=results, seconds=time.perf_counter() - started)
+
+
+def _probes_fisher(config: CalibrationConfig) -> bool:
+    """Whether the Fisher estimate's large cells are probed (a finite --probe-above)."""
+    return config.head_fisher and math.isfinite(config.probe_above)
 
 
 def _min_context(config: CalibrationConfig) -> int:
@@ -236,7 +255,8 @@ def _backgrounds(lm: LoadedModel, samples: Sequence[Sample], config: Calibration
 
 def _calibrate_one(lm: LoadedModel, capture: LayerCapture, sample: Sample, index: int, max_ctx: int,
                    min_context: int, *, probe=None, layer_kl: bool = True, head_kl: bool = False,
-                   draws: int = 0, backgrounds: Sequence[dict] = (),
+                   draws: int = 0, fisher_probes: tuple[float, float] = (math.inf, 0.0),
+                   backgrounds: Sequence[dict] = (),
                    ) -> tuple[SampleRecord | None, SampleResult]:
     parts = build_prompt(sample, lm.tokenizer, max_context_tokens=max_ctx)
     suffix_ids = list(parts.question_ids) + list(parts.answer_ids)
@@ -265,19 +285,38 @@ def _calibrate_one(lm: LoadedModel, capture: LayerCapture, sample: Sample, index
                 probes[HEAD_KL] = head_probes(probe, state, **grid)
             if backgrounds:
                 probes.update(around_probes(probe, state, backgrounds=backgrounds, **grid))
+        rankings = capture.rankings()
         if draws:  # the decoding pass's cost curves turn these into the Fisher estimate per KV head
             capture.answer_grads = answer_gradients(lm.model, capture.layer_ids, cache, parts, draws=draws,
                                                     seed=zlib.crc32(str(sample.id).encode()))
             capture.n_answer = len(parts.answer_ids)
         capture.phase = "decode"
-        lm.model(input_ids=suffix, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        decoding = detached_copy(cache) if draws else cache  # the Fisher cells' probes need the context's cache
+        lm.model(input_ids=suffix, past_key_values=decoding, use_cache=True, logits_to_keep=1)
     finally:
         capture.phase = None
     record = capture.finish_sample()
     if record.head_fisher is not None:
-        probes = {**(probes or {}), HEAD_FISHER: record.head_fisher}
+        probes = {**(probes or {}), **_fisher_cells(probe, sample, parts, cache, rankings, record.head_fisher,
+                                                    capture=capture, lm=lm, rule=fisher_probes)}
     record.layer_probes = probes
     return record, result
+
+
+def _fisher_cells(engine, sample: Sample, parts, cache: DynamicCache, rankings, estimate: torch.Tensor, *,
+                  capture: LayerCapture, lm: LoadedModel, rule: tuple[float, float]) -> dict[str, torch.Tensor]:
+    """head_fisher: the estimate, with the cells chosen by `rule` (probe_above, probe_share) replaced by their
+    probes' KL, and the mask of those cells (head_fisher_probed)."""
+    above, share = rule
+    chosen = cells_to_probe(estimate, above, share) if engine is not None and math.isfinite(above) else \
+        torch.zeros_like(estimate, dtype=torch.bool)
+    if bool(chosen.any()):
+        state = probe_state(engine, sample, parts, cache, rankings)
+        measured = head_probes(engine, state, info=lm.info, policies=capture.policies, budgets=capture.budgets,
+                               only=chosen)
+        chosen &= ~torch.isnan(measured)  # budgets that keep the whole context were not probed: estimate 0 there
+        estimate = corrected(estimate, chosen, torch.nan_to_num(measured))
+    return {HEAD_FISHER: estimate, HEAD_FISHER_PROBED: chosen.to(torch.uint8)}
 
 
 def _save_checkpoint(path: Path, record: SampleRecord | None, result: SampleResult, run_digest: str) -> None:
@@ -356,6 +395,8 @@ def _assemble(lm: LoadedModel, config: CalibrationConfig, records: list[SampleRe
         if wanted:
             arrays[kind] = torch.stack([r.layer_probes[kind] for r in records])  # (N, L, H_kv, P, G)
             probed.append(kind)
+    if config.head_fisher:
+        arrays[HEAD_FISHER_PROBED] = torch.stack([r.layer_probes[HEAD_FISHER_PROBED] for r in records])
     if backgrounds:
         for kind in (AROUND_KL, AROUND_BASE):  # (N, L, A, P, G) and (N, A)
             arrays[kind] = torch.stack([r.layer_probes[kind] for r in records])
@@ -377,7 +418,9 @@ def _assemble(lm: LoadedModel, config: CalibrationConfig, records: list[SampleRe
         "options": {"window": config.window, "n_sink": config.n_sink, "recent": config.recent,
                     "max_context_tokens": max_ctx, "decoding_queries": "question + reference answer",
                     "cost_kinds": [*COST_KINDS, *probed],
-                    **({"answer_draws": config.draws} if config.head_fisher else {})},
+                    **({"answer_draws": config.draws, "probe_above": config.probe_above,
+                        "probe_share": config.probe_share}
+                       if config.head_fisher else {})},
         "signals": list(SIGNAL_NAMES),
         "data": _data_entries(data_sources),
         "samples": [{"id": r.sample_id, "task": r.task, "context_tokens": r.context_tokens,

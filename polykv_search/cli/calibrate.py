@@ -65,6 +65,11 @@ def calibrate(
                                               "`optimize --cost head_fisher` allocates per KV head from it.")] = False,
     draws: Annotated[int, typer.Option(help="--head-fisher: answer-token draws (backward passes) per "
                                        "sample.")] = 16,
+    probe_above: Annotated[float, typer.Option(help="--head-fisher: probe exactly (as --head-kl does) the cells "
+                                               "whose estimate is above this mean KL per answer token, where "
+                                               "the second order under-counts; inf probes none.")] = 0.003,
+    probe_share: Annotated[float, typer.Option(help="--head-fisher: probe at most this share of a sample's cells, "
+                                               "the largest estimates first (bounds the probes' time).")] = 0.06,
     around: Annotated[str | None, typer.Option(help="Slower: per layer, policy and budget, the KL with every other "
                                                "layer at a uniform background of each of these average budgets "
                                                "(e.g. 64,128,256,512; one background per budget, a prefill per "
@@ -96,7 +101,8 @@ def calibrate(
         **({"policies": tuple(parse_str_list(policies))} if policies else {}),
         **({"budgets": tuple(parse_int_list(budgets, option="--budgets"))} if budgets else {}),
         window=window, max_context_tokens=max_context, layer_kl=layer_kl, head_kl=head_kl,
-        head_fisher=head_fisher, draws=draws, around=tuple(parse_int_list(around, option="--around")) if around else (),
+        head_fisher=head_fisher, draws=draws, probe_above=probe_above, probe_share=probe_share,
+        around=tuple(parse_int_list(around, option="--around")) if around else (),
         around_policy=around_policy, around_plan=str(around_plan) if around_plan else None).validated()
     with progress_bars() as progress:
         run = pk.calibrate(model, data or [DEFAULT_DATA], config=config, out_dir=out, max_samples=max_samples,

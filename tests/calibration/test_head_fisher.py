@@ -1,5 +1,8 @@
 """calibrate --head-fisher: the answer gradients give the second-order KL of a change of one layer's attention output
-(checked against the KL itself for a small change), and the per-head estimate ranks cells as the probes do."""
+(checked against the KL itself for a small change), the per-head estimate ranks cells as the probes do, and the
+cells it estimates above --probe-above hold exactly the probes' KL."""
+
+import math
 
 import pytest
 import torch
@@ -7,7 +10,7 @@ from scipy.stats import spearmanr
 from transformers import DynamicCache
 
 from polykv_search.calibration import CalibrationConfig, Profile, calibrate_model
-from polykv_search.calibration.head_fisher import answer_gradients
+from polykv_search.calibration.head_fisher import answer_gradients, cells_to_probe
 from polykv_search.data import build_prompt, load_samples
 from polykv_search.errors import ProfileError
 from polykv_search.models.anatomy import decoder_layers
@@ -68,12 +71,12 @@ def calibrated(request, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("hf")
     samples = load_samples(write_jsonl(tmp / "c.jsonl", sample_rows(2, words=180)))
     config = CalibrationConfig(policies=("snapkv", "knorm"), budgets=(4, 16, 1000), window=16, head_kl=True,
-                               head_fisher=True, draws=64)
-    return lm, calibrate_model(lm, samples, config=config, out_dir=tmp / "out")
+                               head_fisher=True, draws=64, probe_above=math.inf)  # the bare estimate
+    return lm, calibrate_model(lm, samples, config=config, out_dir=tmp / "out"), samples, tmp
 
 
 def test_the_estimate_ranks_the_cells_as_the_probes_do(calibrated):
-    lm, run = calibrated
+    lm, run, _, _ = calibrated
     fisher, kl = run.profile.arrays["head_fisher"], run.profile.arrays["head_kl"]
     assert fisher.shape == kl.shape
     profile = Profile.load(run.path)
@@ -87,7 +90,7 @@ def test_the_estimate_ranks_the_cells_as_the_probes_do(calibrated):
 
 
 def test_optimize_allocates_per_head_on_the_estimate(calibrated):
-    lm, run = calibrated
+    lm, run, _, _ = calibrated
     plan = optimize_profile(run.profile, [8], config=OptimizeConfig(cost="head_fisher")).plans[0]
     slots = len(lm.info.compressible_layers) * lm.info.num_kv_heads
     assert plan.per_head and plan.constraint.total_realised == 8 * slots
@@ -96,3 +99,28 @@ def test_optimize_allocates_per_head_on_the_estimate(calibrated):
                                                       if k != "head_fisher"})
     with pytest.raises(ProfileError, match="--head-fisher"):
         bare.head_costs("head_fisher")
+
+
+def test_cells_estimated_above_the_threshold_hold_the_probes_kl(calibrated):
+    lm, run, samples, tmp = calibrated
+    estimate, kl = run.profile.arrays["head_fisher"], run.profile.arrays["head_kl"]
+    assert not run.profile.arrays["head_fisher_probed"].any()  # inf: no cell probed
+    above = float(estimate[torch.isfinite(estimate) & (estimate > 0)].median())
+    config = CalibrationConfig(policies=("snapkv", "knorm"), budgets=(4, 16, 1000), window=16, head_fisher=True,
+                               draws=64, probe_above=above, probe_share=1.0)
+    done = calibrate_model(lm, samples, config=config, out_dir=tmp / f"hybrid-{above:g}")
+    hybrid = done.profile
+    probed = hybrid.arrays["head_fisher_probed"].bool()
+    wanted = torch.isfinite(estimate) & (estimate > above) & (kl > 0)  # kl == 0: the budget keeps the context
+    assert probed.sum() >= 4 and torch.equal(probed & (kl > 0), wanted)
+    got = hybrid.arrays["head_fisher"]
+    assert torch.allclose(got[probed], kl[probed].clamp_min(0), atol=1e-6)  # the probes, measured in a batch of
+    assert torch.equal(got[~probed & torch.isfinite(got)], estimate[~probed & torch.isfinite(got)])  # another size
+    assert Profile.load(done.path).header["options"]["probe_above"] == above
+
+
+def test_at_most_the_share_of_cells_is_probed_the_largest_first():
+    estimate = torch.tensor([[0.5, 0.002, float("nan")], [0.01, 0.2, 0.004]])
+    assert cells_to_probe(estimate, 0.003).tolist() == [[True, False, False], [True, True, True]]
+    assert cells_to_probe(estimate, 0.003, share=0.4).tolist() == [[True, False, False], [False, True, False]]
+    assert not cells_to_probe(estimate, 0.003, share=0.0).any()

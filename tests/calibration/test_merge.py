@@ -14,7 +14,8 @@ POLICIES = ("snapkv", "streaming")
 
 
 def _profile(lm, samples, budgets, out):
-    config = CalibrationConfig(policies=POLICIES, budgets=budgets, window=16, layer_kl=True)
+    config = CalibrationConfig(policies=POLICIES, budgets=budgets, window=16, layer_kl=True, head_fisher=True,
+                               draws=4, probe_above=0.0, probe_share=1.0)  # every cell probed: grid-independent
     return calibrate_model(lm, samples, config=config, out_dir=out).profile
 
 
@@ -25,7 +26,8 @@ def test_merged_grids_equal_one_run_on_the_union(tiny_llama, tmp_path):
     fine = _profile(tiny_llama, samples, (8, 32), tmp_path / "b")
     merged = merge_budget_grids([coarse, fine])
     assert merged.budgets == [8, 16, 32, 64]
-    assert merged.cost_kinds == union.cost_kinds == ["mass_lost", "out_err", "layer_kl", "layer_nll"]
+    assert merged.cost_kinds == union.cost_kinds == ["mass_lost", "out_err", "layer_kl", "layer_nll", "head_fisher"]
+    assert merged.arrays["head_fisher_probed"].any()
     for kind, array in union.arrays.items():
         torch.testing.assert_close(merged.arrays[kind], array, rtol=1e-4, atol=1e-5, equal_nan=True)
     path = merged.save(tmp_path / "m.safetensors")
