@@ -1,7 +1,7 @@
 """Benchmark: which of the Fisher estimate's cells are worth probing, on calibration samples only.
 
     python benchmarks/fisher_probe_share.py outputs/fisher/smollm2/profile.safetensors \
-        outputs/perhead/smollm2/profile.safetensors        # --head-fisher --probe-above inf, and --head-kl, same samples
+        outputs/perhead/smollm2/profile.safetensors     # --head-fisher --probe-above inf; --head-kl; same samples
 
 Takes a profile of the bare estimate and a `--head-kl` profile of the same samples, policies and grid. For each rule
 (probe the cells estimated above a threshold, at most a share of each sample's cells, the largest first) it builds

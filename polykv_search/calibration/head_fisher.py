@@ -17,8 +17,8 @@ output most (on SmolLM2 the probes' KL is about 1.3x the estimate above 0.03 and
 0.03), and those cells decide which heads a low-budget plan keeps whole. So calibrate then probes exactly the cells
 whose estimate is above `probe_above` (0.003 by default), the largest first and at most `probe_share` of the
 sample's cells (6%: 81 of SmolLM2's 1,350), and keeps the estimate elsewhere (`corrected`); the profile records
-which cells were measured. `benchmarks/head_fisher_check.py`
-measures how well it ranks and what it costs against the probes.
+which cells were measured. `benchmarks/head_fisher_check.py` measures how well the estimate ranks and what each
+costs against the probes; `benchmarks/fisher_probe_share.py` how the rule was chosen.
 """
 
 from __future__ import annotations

@@ -43,8 +43,7 @@ from polykv_search.calibration.profile import (
     Profile,
 )
 from polykv_search.calibration.head_fisher import (DEFAULT_DRAWS, DEFAULT_PROBE_ABOVE, DEFAULT_PROBE_SHARE,
-                                                   answer_gradients,
-                                                   cells_to_probe, corrected, detached_copy)
+                                                   answer_gradients, cells_to_probe, corrected, detached_copy)
 from polykv_search.calibration.layer_kl import head_probes, layer_probes, probe_state
 from polykv_search.calibration.shards import SHARD_KEY, Shard
 from polykv_search.calibration.signals import SIGNAL_NAMES
@@ -73,7 +72,7 @@ class CalibrationConfig:
     max_context_tokens: int | None = None  # None: the model's context length
     layer_kl: bool = False  # slower mode: KL to the full cache with one layer compressed, per policy and budget
     head_kl: bool = False  # slower still: the same with one KV head compressed (the cost of per-head plans)
-    head_fisher: bool = False  # the per-head cost estimated to second order from answer gradients (no probes)
+    head_fisher: bool = False  # the per-head cost estimated to second order from answer gradients, large cells probed
     draws: int = DEFAULT_DRAWS  # answer draws (backward passes) per sample for head_fisher
     probe_above: float = DEFAULT_PROBE_ABOVE  # head_fisher: probe exactly the cells estimated above this (inf: none),
     probe_share: float = DEFAULT_PROBE_SHARE  # at most this share of each sample's cells, the largest first
@@ -114,8 +113,8 @@ class CalibrationConfig:
                                  window=self.window, n_sink=self.n_sink, recent=self.recent,
                                  max_context_tokens=self.max_context_tokens, layer_kl=self.layer_kl,
                                  head_kl=self.head_kl, head_fisher=self.head_fisher, draws=self.draws,
-                                 probe_above=float(self.probe_above),
-                                 probe_share=float(self.probe_share), around=around, around_policy=self.around_policy, around_plan=self.around_plan)
+                                 probe_above=float(self.probe_above), probe_share=float(self.probe_share),
+                                 around=around, around_policy=self.around_policy, around_plan=self.around_plan)
 
 
 @dataclass
