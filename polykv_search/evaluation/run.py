@@ -39,7 +39,7 @@ class ScoredResult:
 
 
 ProgressFn = Callable[[int, int], None]
-CHECKPOINT_VERSION = 2  # 2: {"run": digest, "rows": [...]} per sample
+CHECKPOINT_VERSION = 3  # 2: {"run": digest, "rows": [...]} per sample; 3: identical plans answered once
 
 
 def score_methods(lm: LoadedModel, samples: Sequence[Sample], methods: Sequence[Method], *, out_dir: str | Path,
@@ -74,8 +74,9 @@ def _score_locked(lm: LoadedModel, samples: Sequence[Sample], methods: Sequence[
         else:
             state = engine.prefill(sample)
             plans = [m.plan_for(state) for m in methods]
-            answered = [engine.run(state, None, with_kl=False)]
-            answered += engine.run_many(state, plans, with_kl=with_kl, batch_size=batch_size)
+            distinct, which = _distinct(plans)
+            once = engine.run_many(state, distinct, with_kl=with_kl, batch_size=batch_size)
+            answered = [engine.run(state, None, with_kl=False)] + [once[i] for i in which]
             rows = [_scored(method, answer, sample, state.n_context, engine.footprint(state, plan))
                     for method, plan, answer in zip([FULL, *methods], [None, *plans], answered)]
             write_json_atomic(ckpt, {"run": run_digest, "rows": [asdict(r) for r in rows]})
@@ -84,6 +85,21 @@ def _score_locked(lm: LoadedModel, samples: Sequence[Sample], methods: Sequence[
             progress(index + 1, len(samples))
     logger.info("evaluated %d samples with %d prefills", len(samples), engine.prefills)
     return results
+
+
+def _distinct(plans: Sequence) -> tuple[list, list[int]]:
+    """The distinct plans (by what they keep: every layer's policies, parameters and budgets) and, per plan, the
+    index of its twin among them. Two methods running the same plan (a guard-written rung and the uniform policy it
+    names; Ada-KV and SnapKV on a model with one KV head) get the same answers, not two decodings that bfloat16
+    rounding in different batches can tell apart."""
+    distinct, which, seen = [], [], {}
+    for plan in plans:
+        key = json.dumps(plan.to_dict()["layers"], sort_keys=True, default=str)
+        if key not in seen:
+            seen[key] = len(distinct)
+            distinct.append(plan)
+        which.append(seen[key])
+    return distinct, which
 
 
 def _load_checkpoint(path: Path, run_digest: str) -> list[ScoredResult]:
