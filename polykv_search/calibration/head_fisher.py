@@ -52,22 +52,19 @@ def _frozen(model: torch.nn.Module) -> Iterator[None]:
             p.requires_grad_(flag)
 
 
-def _plain_copy(cache: DynamicCache) -> DynamicCache:
-    """A copy of `cache` whose tensors autograd may save (the prefill ran in inference mode); `cache` is untouched."""
-    new = copy.copy(cache)
-    new.layers = []
-    for layer in cache.layers:
-        twin = copy.copy(layer)
-        twin.keys, twin.values = layer.keys.clone(), layer.values.clone()
-        new.layers.append(twin)
-    return new
-
-
 def detached_copy(cache: DynamicCache) -> DynamicCache:
     """A cache that new tokens can be appended to while `cache` keeps only what it holds now (the layers rebind their
     tensors on update, so copying the layer objects is enough; no tensor is copied)."""
     new = copy.copy(cache)
     new.layers = [copy.copy(layer) for layer in cache.layers]
+    return new
+
+
+def _plain_copy(cache: DynamicCache) -> DynamicCache:
+    """A copy of `cache` whose tensors autograd may save (the prefill ran in inference mode); `cache` is untouched."""
+    new = detached_copy(cache)
+    for layer in new.layers:
+        layer.keys, layer.values = layer.keys.clone(), layer.values.clone()
     return new
 
 

@@ -313,8 +313,7 @@ def _fisher_cells(engine, sample: Sample, parts, cache: DynamicCache, rankings, 
         state = probe_state(engine, sample, parts, cache, rankings)
         measured = head_probes(engine, state, info=lm.info, policies=capture.policies, budgets=capture.budgets,
                                only=chosen)
-        chosen &= ~torch.isnan(measured)  # budgets that keep the whole context were not probed: estimate 0 there
-        estimate = corrected(estimate, chosen, torch.nan_to_num(measured))
+        estimate = corrected(estimate, chosen, measured)  # every chosen cell was probed (its estimate is > 0)
     return {HEAD_FISHER: estimate, HEAD_FISHER_PROBED: chosen.to(torch.uint8)}
 
 
