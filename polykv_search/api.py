@@ -35,6 +35,7 @@ from polykv_search.evaluation import ALLOCATORS, Report, build_methods, score_me
 from polykv_search.io import file_sha256, write_json_atomic
 from polykv_search.models import DEFAULT_MODEL, LoadedModel, load_model, model_slug
 from polykv_search.optimization.choose import Choice, choose_rungs, guard_rungs
+from polykv_search.optimization.crossfit import DEFAULT_FOLDS, fold_plans
 from polykv_search.optimization.figures import allocation_png
 from polykv_search.optimization.proxy import ProxyReport
 from polykv_search.optimization.proxy import check_proxy as proxy_check
@@ -226,7 +227,9 @@ def run(model: ModelSpec = DEFAULT_MODEL, *, budgets: float | Sequence[float] = 
     every registered policy). The end-to-end solvers (select, optuna) measure on every sample of `calib`.
     `guard` (the default): per budget, the optimized rung is kept only where its task score on the `calib`
     samples is at least that of every uniform policy in `compare`, else the best of them takes its place and the
-    rung's notes say so (the optimized ladder is kept as plan_optimized.json). `compare` (default: every
+    rung's notes say so (the optimized ladder is kept as plan_optimized.json); each sample is answered by the plan
+    optimized without its half of the samples (`guard_plan`'s cross-fitting; the end-to-end solvers, which
+    measure on every sample, are guarded in-sample). `compare` (default: every
     registered policy) is also the uniform policies the evaluation scores."""
     config = config.validated()
     budgets = check_budgets(budgets)
@@ -268,8 +271,9 @@ def _run_locked(model: ModelSpec, *, budgets: list[float], calib: DataSpec, eval
         samples, _ = resolve_samples(calib, max_samples=max_calib_samples)
         if fresh:
             (out / "guard.json").unlink(missing_ok=True)
+        crossfit = {} if config.end_to_end else {"profile": calibration.profile, "config": config}
         plan_file, choices, guard_samples = guard_plan(lm, plan_file, samples, policies=compare, progress=progress,
-                                                       cache=out / "guard.json")
+                                                       cache=out / "guard.json", **crossfit)
     plan_path = plan_file.save(out / "plan.json")
     allocation_png(plan_file, out / "plan.png")
     report = evaluate(lm, eval_data, plans={"plan": plan_file}, budgets=budgets, policies=compare,
@@ -280,37 +284,63 @@ def _run_locked(model: ModelSpec, *, budgets: list[float], calib: DataSpec, eval
 
 
 def guard_plan(model: ModelSpec, plan_file: PlanFile | str | Path, samples: DataSpec, *,
-               policies: Sequence[str] = DEFAULT_POLICIES, cache: str | Path | None = None, device: str = "cpu",
-               dtype: str = "auto", progress: Progress | None = None) -> tuple[PlanFile, list[Choice], int]:
+               policies: Sequence[str] = DEFAULT_POLICIES, profile: Profile | str | Path | None = None,
+               config: OptimizeConfig | None = None, folds: int = DEFAULT_FOLDS, cache: str | Path | None = None,
+               device: str = "cpu", dtype: str = "auto",
+               progress: Progress | None = None) -> tuple[PlanFile, list[Choice], int]:
     """Per budget, the plan's rung where its task score on `samples` (calibration data, never the evaluation
     set) is at least every uniform policy's in `policies`, else the best of those policies (ties by the share
     of the output lost). Returns the guarded plan file, what was measured per budget, and the samples scored.
-    `cache`: a JSON file keeping the measurements, reused when the model, plan, samples and policies are the
-    same (an interrupted `run` does not measure again)."""
+
+    With the `profile` and `config` the plan was optimized from, the guard cross-fits (`run` does): each sample
+    is answered by the plan optimized without its fold of the samples (`folds`, tasks spread over them;
+    optimization/crossfit.py), so a plan that only fits its own calibration samples is not kept. Without them,
+    the plan is measured on samples it may have been made from. `cache`: a JSON file keeping the measurements,
+    reused when the model, plans, samples and policies are the same (an interrupted `run` does not measure again)."""
     plan_file = load_plan(plan_file) if isinstance(plan_file, (str, Path)) else plan_file
     policies = check_policy_names(list(policies))
+    if (profile is None) != (config is None):
+        raise ConfigError("the guard cross-fits from the profile and the optimize config the plan was made with: "
+                          "pass both, or neither to measure the plan as it is")
     lm = resolve_model(model, device=device, dtype=dtype)
     plan_file.check_model(lm.info)
+    fold_of: dict[str, int] = {}
+    fold_files: list[PlanFile] = []
+    if profile is not None and config is not None:
+        profile = Profile.load(profile) if isinstance(profile, (str, Path)) else profile
+        profile.check_model(lm.info)
+        fold_of, fold_files = fold_plans(profile, plan_file.budgets, config=config.validated(), folds=folds)
+    where = (f"on calibration samples, each answered by the plan optimized without its fold ({folds} folds)"
+             if fold_files else "on calibration samples")
     uniform = uniform_ladders(lm, policies, plan_file.budgets)
     loaded, _ = resolve_samples(samples)
     key = fingerprint_digest({"model": lm.info.model_id, "revision": lm.info.revision,
                               "dtype": str(getattr(lm.model, "dtype", "")),
                               "device": str(lm.device), "plan": plan_file.to_dict(),
-                              "samples": samples_digest(loaded), "policies": policies, "guard": 1})
+                              "folds": [[fold_of.get(s.id) for s in loaded],  # what each sample answers with
+                                        [[rung["layers"] for rung in f.to_dict()["plans"]] for f in fold_files]],
+                              "samples": samples_digest(loaded), "policies": policies, "guard": 2})
     stored = read_guard_cache(cache, key, budgets=len(plan_file.budgets), candidates=1 + len(policies))
     if stored is not None:
         replay = iter(stored["values"])
-        plans, choices = guard_rungs(plan_file, uniform, lambda _: next(replay))
+        plans, choices = guard_rungs(plan_file, uniform, lambda _: next(replay), where=where)
         return replace(plan_file, plans=tuple(plans), schema_version=""), choices, stored["samples"]
-    objective, measured = _measured_on(lm, loaded, [plan_file] + [f for _, f in uniform], metric="task",
-                                       stage="guard", budgets=len(plan_file.budgets), progress=progress)
+    objective, measured = _measured_on(lm, loaded, [plan_file, *fold_files] + [f for _, f in uniform],
+                                       metric="task", stage="guard", budgets=len(plan_file.budgets),
+                                       progress=progress)
     recorded: list[list[dict[str, float]]] = []
 
     def measure(plans: list[Plan]) -> list[dict[str, float]]:
-        recorded.append(measured(plans))
+        budget = plans[0].average_budget
+
+        def for_sample(sample: Sample) -> list[Plan]:
+            fold = fold_of.get(sample.id)  # a sample the profile does not hold never shaped the plan
+            return [plans[0] if fold is None else fold_files[fold].plan_for(budget), *plans[1:]]
+
+        recorded.append(measured(plans, for_sample))
         return recorded[-1]
 
-    plans, choices = guard_rungs(plan_file, uniform, measure)
+    plans, choices = guard_rungs(plan_file, uniform, measure, where=where)
     if cache is not None:
         write_json_atomic(cache, {"run": key, "samples": len(objective.states), "values": recorded})
     return replace(plan_file, plans=tuple(plans), schema_version=""), choices, len(objective.states)
@@ -325,9 +355,10 @@ def uniform_ladders(lm: LoadedModel, policies: Sequence[str],
 
 def _measured_on(lm: LoadedModel, samples: list[Sample], files: Sequence[PlanFile], *, metric: str, stage: str,
                  budgets: int, progress: Progress | None
-                 ) -> tuple[EndToEndObjective, Callable[[list[Plan]], list[dict[str, float]]]]:
+                 ) -> tuple[EndToEndObjective, Callable[..., list[dict[str, float]]]]:
     """The end-to-end objective over `samples` with every scorer the files' rungs use (each sample prefilled
-    once), and its measure of one budget's rungs; `progress` hears of each prefill, then of each budget."""
+    once), and its measure of one budget's rungs (optionally `plans_for(sample)`, each sample's own candidates in
+    their place); `progress` hears of each prefill, then of each budget."""
     scorers = {name: scorer for f in files for rung in f.plans for name, scorer in rung.scorers.items()}
     steps = len(samples) + budgets
 
@@ -340,8 +371,8 @@ def _measured_on(lm: LoadedModel, samples: list[Sample], files: Sequence[PlanFil
                                   on_prefill=lambda done, _: step(done, "prefilling the calibration samples"))
     done = [len(samples)]
 
-    def measure(plans: list[Plan]) -> list[dict[str, float]]:
-        values = objective.measure(plans)
+    def measure(plans: list[Plan], plans_for: Callable[[Sample], list[Plan]] | None = None) -> list[dict[str, float]]:
+        values = objective.measure_each(plans_for or (lambda _: plans), len(plans))
         done[0] += 1
         step(done[0], f"{plans[0].average_budget:g} tokens/layer measured")
         return values

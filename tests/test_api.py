@@ -68,6 +68,7 @@ def test_run_writes_everything_under_one_folder(tiny_llama, files, capsys, monke
     optimized = pk.load_plan(tmp / "run" / "plan_optimized.json").plans[0]
     kept = result.plan_file.plans[0]
     assert (kept.layers == optimized.layers) == (choice.chosen == "plan") and "guard:" in kept.search.notes
+    assert "answered by the plan optimized without its fold (2 folds)" in kept.search.notes  # run cross-fits
     assert capsys.readouterr() == ("", "")
 
     def measured_again(*args, **kwargs):
@@ -75,17 +76,24 @@ def test_run_writes_everything_under_one_folder(tiny_llama, files, capsys, monke
 
     # the guard's measurements are kept: the same plan and samples are not measured twice; a damaged cache is
     monkeypatch.setattr("polykv_search.api.EndToEndObjective", measured_again)
+    crossfit = {"profile": result.calibration.path, "config": pk.OptimizeConfig(cost="out_err")}
     again, choices, samples = pk.guard_plan(tiny_llama, tmp / "run" / "plan_optimized.json", calib,
-                                            cache=tmp / "run" / "guard.json")
+                                            cache=tmp / "run" / "guard.json", **crossfit)
     assert again == result.plan_file and choices == result.guard and samples == 2
+    with pytest.raises(AssertionError, match="measured again"):  # in-sample is another measurement
+        pk.guard_plan(tiny_llama, tmp / "run" / "plan_optimized.json", calib, cache=tmp / "run" / "guard.json")
     stored = json.loads((tmp / "run" / "guard.json").read_text())
     stored["values"][0][0]["task"] = "not a number"  # the right key, an edited value
     (tmp / "run" / "guard.json").write_text(json.dumps(stored))
     with pytest.raises(AssertionError, match="measured again"):
-        pk.guard_plan(tiny_llama, tmp / "run" / "plan_optimized.json", calib, cache=tmp / "run" / "guard.json")
+        pk.guard_plan(tiny_llama, tmp / "run" / "plan_optimized.json", calib, cache=tmp / "run" / "guard.json",
+                      **crossfit)
     (tmp / "run" / "guard.json").write_text('{"run": "x"')
     with pytest.raises(AssertionError, match="measured again"):
-        pk.guard_plan(tiny_llama, tmp / "run" / "plan_optimized.json", calib, cache=tmp / "run" / "guard.json")
+        pk.guard_plan(tiny_llama, tmp / "run" / "plan_optimized.json", calib, cache=tmp / "run" / "guard.json",
+                      **crossfit)
+    with pytest.raises(ConfigError, match="pass both, or neither"):
+        pk.guard_plan(tiny_llama, tmp / "run" / "plan_optimized.json", calib, profile=result.calibration.path)
 
 
 def test_bad_options_are_refused_before_any_work(tiny_llama, files):
@@ -122,3 +130,30 @@ def test_choose_and_guard_report_each_prefill_and_each_budget(tiny_llama, files)
     pk.guard_plan(tiny_llama, ladders["snapkv"], calib, policies=["streaming"],
                   progress=lambda *call: seen.append(call[:3]))
     assert seen[0] == ("guard", 0, 4) and seen[-1] == ("guard", 4, 4) and ("guard", 2, 4) in seen
+
+
+def test_the_guard_answers_each_sample_with_the_plan_made_without_it(tiny_llama, files, monkeypatch):
+    from polykv_search.engine.objective import EndToEndObjective
+    from polykv_search.optimization.crossfit import fold_plans
+
+    calib, _, tmp = files
+    run = pk.calibrate(tiny_llama, calib, config=pk.CalibrationConfig(budgets=GRID, window=16),
+                       out_dir=tmp / "crossfit")
+    config = pk.OptimizeConfig(cost="out_err")
+    plan_file = pk.optimize(run.profile, budgets=[8, 16], config=config)
+    fold_of, fold_files = fold_plans(run.profile, [8, 16], config=config)
+    assert sorted(fold_of.values()) == [0, 1]  # two samples, one a fold
+    assert any(f.plan_for(b).layers != plan_file.plan_for(b).layers for f in fold_files for b in (8, 16))
+    answered = []
+    original = EndToEndObjective._sample_metrics
+
+    def spy(self, state, plans):
+        answered.append((state.sample.id, plans[0]))
+        return original(self, state, plans)
+
+    monkeypatch.setattr(EndToEndObjective, "_sample_metrics", spy)
+    pk.guard_plan(tiny_llama, plan_file, calib, policies=["streaming"], profile=run.profile, config=config)
+    assert len(answered) == 4  # 2 samples x 2 budgets
+    for sample_id, plan in answered:
+        expected = fold_files[fold_of[sample_id]].plan_for(plan.average_budget)
+        assert plan.layers == expected.layers

@@ -156,6 +156,16 @@ class Profile:
         """Mean signal per layer over samples and KV heads: name -> (L,)."""
         return {k.split(".", 1)[1]: v.mean(dim=(0, 2)) for k, v in self.arrays.items() if k.startswith("signal.")}
 
+    def subset(self, indices: list[int]) -> Profile:
+        """The profile of the samples at `indices` (in that order): every array is per sample along its first axis."""
+        n = self.num_samples
+        if not indices or any(not 0 <= i < n for i in indices):
+            raise ProfileError(f"sample indices {indices} are not a non-empty subset of the profile's {n} samples")
+        samples = self.header.get("samples")
+        header = {**self.header, "samples": [samples[i] for i in indices]} if isinstance(samples, list) and \
+            len(samples) == n else dict(self.header)
+        return Profile(header=header, arrays={k: v[indices] for k, v in self.arrays.items()})
+
     # -- files -------------------------------------------------------------------------------------
     def save(self, path: str | Path) -> Path:
         tensors = {k: v.contiguous().float() if v.is_floating_point() else v.contiguous()

@@ -84,7 +84,8 @@ def run(
                                         "resuming from them.")] = False,
     guard: Annotated[bool, typer.Option("--guard/--no-guard", help="Keep a budget's optimized plan only where it "
                                         "scores at least as well as every uniform policy on the calibration "
-                                        "samples (else write that policy; the optimized ladder stays in "
+                                        "samples, each answered by the plan optimized without its half of them "
+                                        "(else write that policy; the optimized ladder stays in "
                                         "plan_optimized.json).")] = True,
     device: DeviceOpt = "cpu",
     dtype: DtypeOpt = "auto",

@@ -53,10 +53,20 @@ class EndToEndObjective:
     def measure(self, plans: Sequence[Plan]) -> list[dict[str, float]]:
         """Every metric of each plan, each a mean over samples (the mean over tasks, when samples are tagged with
         several tasks, so that each task family weighs the same)."""
-        rows = [self._sample_metrics(state, plans) for state in self.states]
-        self.evaluations += len(plans)
+        return self.measure_each(lambda _: plans, len(plans))
+
+    def measure_each(self, plans_for: Callable[[Sample], Sequence[Plan]], count: int) -> list[dict[str, float]]:
+        """As `measure`, but each sample answers its own `count` candidates, `plans_for(sample)`: candidate i is the
+        i-th plan of every sample's list (the guard measures each sample with the plan made without it)."""
+        rows = []
+        for state in self.states:
+            plans = list(plans_for(state.sample))
+            if len(plans) != count:
+                raise ValueError(f"sample {state.sample.id} got {len(plans)} candidate plans, not {count}")
+            rows.append(self._sample_metrics(state, plans))
+        self.evaluations += count
         if not rows:  # no sample has a reference answer: nothing to tell the plans apart
-            return [dict.fromkeys(DECODED if self.metric == "task" else TEACHER_FORCED, 0.0) for _ in plans]
+            return [dict.fromkeys(DECODED if self.metric == "task" else TEACHER_FORCED, 0.0) for _ in range(count)]
         return mean_over_tasks([state.sample.task for state in self.states], rows)
 
     def _sample_metrics(self, state: PrefillState, plans: Sequence[Plan]) -> list[dict[str, float]]:

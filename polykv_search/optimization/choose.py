@@ -57,10 +57,11 @@ def choose_rungs(plan_files: Sequence[tuple[str, PlanFile]],
 
 def guard_rungs(plan_file: PlanFile, uniform: Sequence[tuple[str, PlanFile]],
                 measure: Callable[[list[Plan]], list[dict[str, float]]], *, metric: str = "task",
-                tie_break: str = "lost", name: str = "plan") -> tuple[list[Plan], list[Choice]]:
+                tie_break: str = "lost", name: str = "plan", where: str = "on calibration samples"
+                ) -> tuple[list[Plan], list[Choice]]:
     """Per budget of `plan_file`: its rung where its `metric` is at most every uniform candidate's (a tie keeps
     the plan), else the uniform rung lowest by `metric` then `tie_break`. Each kept or replaced rung's search
-    notes say what was measured; a replaced rung is the uniform plan itself (solver "uniform")."""
+    notes say what was measured, and `where`; a replaced rung is the uniform plan itself (solver "uniform")."""
     if not uniform:
         raise ConfigError("the guard needs at least one uniform policy to compare the plan with")
     plans, choices = [], []
@@ -73,10 +74,10 @@ def guard_rungs(plan_file: PlanFile, uniform: Sequence[tuple[str, PlanFile]],
         keep = values[0][metric] <= values[best][metric]
         chosen_name, plan = rungs[0] if keep else rungs[best]
         if keep:
-            note = f"guard: kept, mean {metric} at most every uniform policy's on calibration samples ({others})"
+            note = f"guard: kept, mean {metric} at most every uniform policy's {where} ({others})"
         else:
-            note = (f"guard: the optimized plan measured worse than uniform {chosen_name} by mean {metric} on "
-                    f"calibration samples ({others}); this rung is that uniform policy")
+            note = (f"guard: the optimized plan measured worse than uniform {chosen_name} by mean {metric} "
+                    f"{where} ({others}); this rung is that uniform policy")
         notes = f"{plan.search.notes}; {note}" if plan.search.notes else note
         plans.append(replace(plan, search=replace(plan.search, notes=notes)))
         choices.append(Choice(budget=budget, chosen=chosen_name, measured=measured))
