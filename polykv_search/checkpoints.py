@@ -54,7 +54,8 @@ def prepare_checkpoints(ckpt_dir: Path, fingerprint: dict[str, Any], *, resume: 
             changed = changed_keys(previous, fingerprint)
             raise ProfileError(f"--resume: the checkpoints in {ckpt_dir} were made with a different "
                                f"{', '.join(changed)}; re-run with the same options, or start over (calibrate and "
-                               "evaluate: without --resume; run: --fresh)")
+                               f"evaluate: without --resume; run: --fresh, or delete {ckpt_dir} to redo that stage "
+                               "alone)")
         return fingerprint_digest(fingerprint)
     if resume:
         logger.debug("--resume: no checkpoints in %s, starting from the first sample", ckpt_dir)

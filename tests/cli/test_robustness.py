@@ -126,7 +126,7 @@ def test_resume_refuses_edited_data_and_a_checkpoint_of_another_run(monkeypatch,
     rows[1]["answers"] = ["another answer"]  # same ids and lengths: only the content tells
     write_jsonl(data, rows)
     code, _, lines = run_cli(monkeypatch, capsys, *common, "--out", tmp_path / "a", "--window", "16", "--resume")
-    one_line_error(code, lines, "made with a different samples")
+    one_line_error(code, lines, "made with a different samples", f"delete {tmp_path / 'a' / 'checkpoints'} to redo")
     write_jsonl(data, sample_rows(2))
     foreign = tmp_path / "b" / "checkpoints" / "sample-00001.safetensors"
     (tmp_path / "a" / "checkpoints" / "sample-00001.safetensors").write_bytes(foreign.read_bytes())
