@@ -12,12 +12,16 @@ the one optimized on every sample.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import logging
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 from polykv_search.calibration.profile import Profile
 from polykv_search.errors import ConfigError
 from polykv_search.optimization.run import OptimizeConfig, optimize_profile
 from polykv_search.plan import PlanFile
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_FOLDS = 2
 
@@ -51,6 +55,20 @@ def fold_plans(profile: Profile, budgets: Sequence[float], *, config: OptimizeCo
     if len(ids) < folds:
         raise ConfigError(f"{len(ids)} calibration samples cannot be split into {folds} folds")
     fold = task_folds([str(s.get("task", "")) for s in samples], folds)
-    files = [optimize_profile(profile.subset([i for i, f in enumerate(fold) if f != k]), budgets, config=config)
-             for k in range(folds)]
+    with _solver_logs_quiet():  # the fold solves are the guard's detail; the plan's own solves are logged
+        files = [optimize_profile(profile.subset([i for i, f in enumerate(fold) if f != k]), budgets, config=config)
+                 for k in range(folds)]
+    logger.info("guard: %d fold plans optimized, each without its fold's calibration samples", folds)
     return dict(zip(ids, fold)), files
+
+
+@contextmanager
+def _solver_logs_quiet() -> Iterator[None]:
+    """Solver INFO lines (one per budget and fold) held back; warnings still show."""
+    solvers = logging.getLogger("polykv_search.optimization")
+    level = solvers.level
+    solvers.setLevel(max(logging.WARNING, level))
+    try:
+        yield
+    finally:
+        solvers.setLevel(level)

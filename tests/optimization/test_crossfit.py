@@ -68,3 +68,14 @@ def test_cross_fitting_refuses_what_it_cannot_split():
     del profile.header["samples"][0]["id"]
     with pytest.raises(ConfigError, match="does not name each of its samples"):
         fold_plans(profile, [32], config=OptimizeConfig(cost=HEAD_FISHER))
+
+
+def test_fold_solves_log_one_line_not_one_per_budget_and_fold(caplog):
+    import logging
+
+    caplog.set_level(logging.INFO, logger="polykv_search")
+    fold_plans(head_profile(4), [16, 32], config=OptimizeConfig(cost=HEAD_FISHER))
+    messages = [r.getMessage() for r in caplog.records]
+    assert not any("optimal objective" in m for m in messages), messages
+    assert messages == ["guard: 2 fold plans optimized, each without its fold's calibration samples"]
+    assert logging.getLogger("polykv_search.optimization").level == logging.NOTSET  # restored
