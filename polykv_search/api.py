@@ -229,7 +229,7 @@ def run(model: ModelSpec = DEFAULT_MODEL, *, budgets: float | Sequence[float] = 
     samples is at least that of every uniform policy in `compare`, else the best of them takes its place and the
     rung's notes say so (the optimized ladder is kept as plan_optimized.json); each sample is answered by the plan
     optimized without its half of the samples (`guard_plan`'s cross-fitting; the end-to-end solvers, which
-    measure on every sample, are guarded in-sample). `compare` (default: every
+    measure on every sample, and a single calibration sample are guarded in-sample). `compare` (default: every
     registered policy) is also the uniform policies the evaluation scores."""
     config = config.validated()
     budgets = check_budgets(budgets)
@@ -271,7 +271,12 @@ def _run_locked(model: ModelSpec, *, budgets: list[float], calib: DataSpec, eval
         samples, _ = resolve_samples(calib, max_samples=max_calib_samples)
         if fresh:
             (out / "guard.json").unlink(missing_ok=True)
-        crossfit = {} if config.end_to_end else {"profile": calibration.profile, "config": config}
+        crossfit = {"profile": calibration.profile, "config": config}
+        if config.end_to_end or calibration.profile.num_samples < DEFAULT_FOLDS:
+            crossfit = {}  # measured on every sample, or too few samples to split: the guard measures in-sample
+            logger.info("guard: the plan is measured on the calibration samples it was made from (%s)",
+                        f"--solver {config.solver} measures on every sample" if config.end_to_end else
+                        f"{calibration.profile.num_samples} sample cannot be split into {DEFAULT_FOLDS} folds")
         plan_file, choices, guard_samples = guard_plan(lm, plan_file, samples, policies=compare, progress=progress,
                                                        cache=out / "guard.json", **crossfit)
     plan_path = plan_file.save(out / "plan.json")

@@ -157,3 +157,14 @@ def test_the_guard_answers_each_sample_with_the_plan_made_without_it(tiny_llama,
     for sample_id, plan in answered:
         expected = fold_files[fold_of[sample_id]].plan_for(plan.average_budget)
         assert plan.layers == expected.layers
+
+
+def test_run_on_one_calibration_sample_guards_in_sample(tiny_llama, files):
+    calib, held_out, tmp = files
+    result = pk.run(tiny_llama, budgets=16, calib=calib, eval_data=held_out, policies=["snapkv", "streaming"],
+                    grid=GRID, compare=["streaming"], config=pk.OptimizeConfig(cost="out_err"), max_calib_samples=1,
+                    max_eval_samples=1, out_dir=tmp / "one")
+    [choice] = result.guard
+    assert result.guard_samples == 1 and set(choice.measured) == {"plan", "streaming"}
+    notes = result.plan_file.plans[0].search.notes
+    assert "guard:" in notes and "without its fold" not in notes  # nothing to cross-fit with: measured in-sample
