@@ -35,7 +35,7 @@ from polykv_search.evaluation import ALLOCATORS, Report, build_methods, score_me
 from polykv_search.io import file_sha256, write_json_atomic
 from polykv_search.models import DEFAULT_MODEL, LoadedModel, load_model, model_slug
 from polykv_search.optimization.choose import Choice, choose_rungs, guard_rungs
-from polykv_search.optimization.crossfit import DEFAULT_FOLDS, fold_plans
+from polykv_search.optimization.crossfit import DEFAULT_FOLDS, crossfit_obstacle, fold_plans
 from polykv_search.optimization.figures import allocation_png
 from polykv_search.optimization.proxy import ProxyReport
 from polykv_search.optimization.proxy import check_proxy as proxy_check
@@ -272,11 +272,10 @@ def _run_locked(model: ModelSpec, *, budgets: list[float], calib: DataSpec, eval
         if fresh:
             (out / "guard.json").unlink(missing_ok=True)
         crossfit = {"profile": calibration.profile, "config": config}
-        if config.end_to_end or calibration.profile.num_samples < DEFAULT_FOLDS:
-            crossfit = {}  # measured on every sample, or too few samples to split: the guard measures in-sample
-            logger.info("guard: the plan is measured on the calibration samples it was made from (%s)",
-                        f"--solver {config.solver} measures on every sample" if config.end_to_end else
-                        f"{calibration.profile.num_samples} sample cannot be split into {DEFAULT_FOLDS} folds")
+        obstacle = crossfit_obstacle(calibration.profile, config)
+        if obstacle:  # e.g. one calibration sample, or a solver that measures on every sample
+            crossfit = {}
+            logger.info("guard: the plan is measured on the calibration samples it was made from (%s)", obstacle)
         plan_file, choices, guard_samples = guard_plan(lm, plan_file, samples, policies=compare, progress=progress,
                                                        cache=out / "guard.json", **crossfit)
     plan_path = plan_file.save(out / "plan.json")

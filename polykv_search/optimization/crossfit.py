@@ -39,27 +39,36 @@ def task_folds(tasks: Sequence[str], folds: int) -> list[int]:
     return out
 
 
-def fold_plans(profile: Profile, budgets: Sequence[float], *, config: OptimizeConfig,
-               folds: int = DEFAULT_FOLDS) -> tuple[dict[str, int], list[PlanFile]]:
-    """(sample id -> its fold, the ladder optimized without that fold's samples, one per fold). Needs a solver that
-    reads only the profile (dp, ilp) and at least `folds` samples with ids."""
+def crossfit_obstacle(profile: Profile, config: OptimizeConfig, folds: int = DEFAULT_FOLDS) -> str | None:
+    """Why the plans of `profile` under `config` cannot be cross-fitted in `folds` folds, or None when they can."""
     if folds < 2:
-        raise ConfigError(f"cross-fitting needs at least 2 folds, got {folds}")
+        return f"cross-fitting needs at least 2 folds, got {folds}"
     if config.end_to_end:
-        raise ConfigError(f"--solver {config.solver} measures plans on every calibration sample; the guard can only "
-                          "cross-fit plans solved from the profile (dp, ilp)")
+        return (f"--solver {config.solver} measures plans on every calibration sample; the guard can only cross-fit "
+                "plans solved from the profile (dp, ilp)")
     samples = profile.header.get("samples")
     ids = [s.get("id") for s in samples] if isinstance(samples, list) else []
     if len(ids) != profile.num_samples or None in ids or len(set(ids)) != len(ids):
-        raise ConfigError("the profile does not name each of its samples; re-run calibrate to cross-fit its plans")
+        return "the profile does not name each of its samples; re-run calibrate to cross-fit its plans"
     if len(ids) < folds:
-        raise ConfigError(f"{len(ids)} calibration samples cannot be split into {folds} folds")
+        return f"{len(ids)} calibration samples cannot be split into {folds} folds"
+    return None
+
+
+def fold_plans(profile: Profile, budgets: Sequence[float], *, config: OptimizeConfig,
+               folds: int = DEFAULT_FOLDS) -> tuple[dict[str, int], list[PlanFile]]:
+    """(sample id -> its fold, the ladder optimized without that fold's samples, one per fold); ConfigError with
+    `crossfit_obstacle`'s reason when there is one."""
+    obstacle = crossfit_obstacle(profile, config, folds)
+    if obstacle:
+        raise ConfigError(obstacle)
+    samples = profile.header["samples"]
     fold = task_folds([str(s.get("task", "")) for s in samples], folds)
     with _solver_logs_quiet():  # the fold solves are the guard's detail; the plan's own solves are logged
         files = [optimize_profile(profile.subset([i for i, f in enumerate(fold) if f != k]), budgets, config=config)
                  for k in range(folds)]
     logger.info("guard: %d fold plans optimized, each without its fold's calibration samples", folds)
-    return dict(zip(ids, fold)), files
+    return {s["id"]: f for s, f in zip(samples, fold)}, files
 
 
 @contextmanager
