@@ -33,6 +33,7 @@ from transformers import DynamicCache
 
 from polykv_search.data import PromptParts
 from polykv_search.models.anatomy import decoder_layers
+from polykv_search.runtime.attention import constant_cache
 
 DEFAULT_DRAWS = 16  # answer-token draws (one backward pass each) per sample
 DEFAULT_PROBE_ABOVE = 0.003  # cells estimated above this mean KL per answer token are probed exactly,
@@ -93,7 +94,7 @@ def answer_gradients(model: torch.nn.Module, layers: Sequence[int], cache: Dynam
         return hook
 
     generator = torch.Generator().manual_seed(seed)
-    with torch.inference_mode(False), torch.enable_grad(), _frozen(model):
+    with torch.inference_mode(False), torch.enable_grad(), _frozen(model), constant_cache(model):
         handles = [module.o_proj.register_forward_pre_hook(shifted(idx)) for idx, module in attn.items()]
         try:
             out = model(input_ids=torch.tensor([suffix], device=device), past_key_values=_plain_copy(cache),

@@ -36,6 +36,7 @@ ATTENTION_NAME = "polykv_sdpa"
 OBSERVE_ATTR = "polykv_observe"  # int on an attention module: observe its next fresh prefill, keeping >= n last rows
 OBSERVED_ATTR = "polykv_observed"  # what the observation left: (column sums, last query chunk's probabilities)
 VALID_ATTR = "polykv_valid"  # bool mask of a batch's padded cache slots, set by `validity_masks`
+CONSTANT_ATTR = "polykv_constant_cache"  # set on an attention module: its cached keys are constants to autograd
 
 
 def evicted(key: torch.Tensor, position_ids: torch.Tensor | None) -> bool:
@@ -76,6 +77,10 @@ def polykv_sdpa_forward(module: torch.nn.Module, query: torch.Tensor, key: torch
         out, observed = observed_attention(module, query, key, value, attention_mask, scale, last=observe)
         setattr(module, OBSERVED_ATTR, observed)
         return out, None
+    if getattr(module, CONSTANT_ATTR, False) and torch.is_grad_enabled() and valid is None \
+            and not evicted(key, kwargs.get("position_ids")) and not (dropout or logit_softcap(module)):
+        scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+        return constant_cache_attention(query, key, value, scale)
     mask_fits = attention_mask is None or attention_mask.shape[-1] == k_len
     if valid is None and mask_fits and not evicted(key, kwargs.get("position_ids")):  # transformers' mask is right
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, is_causal,
@@ -121,6 +126,52 @@ def grouped_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
     probs = torch.softmax(logits, dim=-1, dtype=torch.float32).to(value.dtype)
     out = torch.matmul(probs, value)  # (B, H_kv, G*q, D)
     return out.view(batch, num_heads, q_len, head_dim).transpose(1, 2).contiguous(), None
+
+
+def constant_cache_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float,
+                             ) -> tuple[torch.Tensor, None]:
+    """Causal attention of the q new queries over a cache whose first K - q keys and values are constants to
+    autograd (the gradient flows to the queries and the new tokens' keys and values only).
+
+    query (B, H, q, D), key/value (B, H_kv, K, D), the new tokens last; returns ((B, q, H, D), None). The same
+    forward as SDPA's; its backward skips what SDPA's computes for every cached key (their gradients, and the sum
+    over each group of query heads), which was 75% of `calibrate --head-fisher`'s backward passes over a
+    2,747-token context (benchmarks/head_fisher_check.py).
+    """
+    batch, num_heads, q_len, head_dim = query.shape
+    num_kv, k_len = key.shape[1], key.shape[2]
+    group, cached = num_heads // num_kv, k_len - q_len
+    grouped = query.reshape(batch, num_kv, group * q_len, head_dim)  # head h uses KV head h // group
+    old = torch.matmul(grouped, key[:, :, :cached].detach().transpose(-1, -2))  # (B, H_kv, G*q, cached)
+    new = torch.matmul(grouped, key[:, :, cached:].transpose(-1, -2)).view(batch, num_kv, group, q_len, q_len)
+    future = torch.ones(q_len, q_len, dtype=torch.bool, device=query.device).triu_(1)
+    new = new.masked_fill(future, float("-inf")).view(batch, num_kv, group * q_len, q_len)
+    wide = torch.promote_types(value.dtype, torch.float32)  # float32 at least, as SDPA's softmax
+    probs = torch.softmax(torch.cat([old, new], dim=-1) * scale, dim=-1, dtype=wide).to(value.dtype)
+    out = torch.matmul(probs[..., :cached], value[:, :, :cached].detach()) + torch.matmul(
+        probs[..., cached:], value[:, :, cached:])  # (B, H_kv, G*q, D)
+    return out.view(batch, num_heads, q_len, head_dim).transpose(1, 2).contiguous(), None
+
+
+@contextmanager
+def constant_cache(model: torch.nn.Module) -> Iterator[None]:
+    """Within the block, gradients through the model's attention treat every layer's cache as constants (see
+    `constant_cache_attention`); the model is switched to "polykv_sdpa" for the duration if it is on SDPA, and left
+    as it is otherwise (then autograd runs through its own kernel: the same gradients, slower)."""
+    try:
+        previous = use_polykv_attention(model)
+    except ConfigError:
+        yield
+        return
+    modules = [m for m in model.modules() if hasattr(m, "o_proj") and hasattr(m, "k_proj")]
+    try:
+        for module in modules:
+            setattr(module, CONSTANT_ATTR, True)
+        yield
+    finally:
+        for module in modules:
+            module.__dict__.pop(CONSTANT_ATTR, None)
+        restore_attention(previous)
 
 
 def register() -> None:
