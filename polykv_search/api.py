@@ -31,7 +31,7 @@ from polykv_search.checkpoints import fingerprint_digest, folder_lock, samples_d
 from polykv_search.data import Sample, load_samples, spread_over_tasks
 from polykv_search.engine import EndToEndObjective
 from polykv_search.errors import ConfigError
-from polykv_search.evaluation import ALLOCATORS, Report, build_methods, score_methods, summarize
+from polykv_search.evaluation import ALLOCATORS, Report, build_methods, check_allocators, score_methods, summarize
 from polykv_search.io import file_sha256, write_json_atomic
 from polykv_search.models import DEFAULT_MODEL, LoadedModel, load_model, model_slug
 from polykv_search.optimization.choose import Choice, choose_rungs, guard_rungs
@@ -182,9 +182,7 @@ def evaluate(model: ModelSpec = DEFAULT_MODEL, data: DataSpec = EVALUATION_DATA,
         grid = sorted({p.average_budget for _, f in named for p in f.plans}) or [64, 128, 256, 512]
     uniform = check_policy_names(list(policies)) if policies else list(DEFAULT_POLICIES)
     check_policy_names([allocator_policy])
-    unknown = sorted(set(allocators) - set(ALLOCATORS))
-    if unknown:
-        raise ConfigError(f"unknown allocator {', '.join(unknown)}; known: {', '.join(ALLOCATORS)}")
+    allocators = check_allocators(allocators)
     samples, sources = resolve_samples(data, max_samples=max_samples, column_map=column_map)
     loaded_profile = Profile.load(profile) if isinstance(profile, (str, Path)) else profile
     out = Path(out_dir) if out_dir is not None else default_out_dir(model) / "eval"
@@ -210,13 +208,14 @@ def evaluate(model: ModelSpec = DEFAULT_MODEL, data: DataSpec = EVALUATION_DATA,
 def run(model: ModelSpec = DEFAULT_MODEL, *, budgets: float | Sequence[float] = 128,
         calib: DataSpec = CALIBRATION_DATA, eval_data: DataSpec = EVALUATION_DATA,
         policies: Sequence[str] | None = None, grid: Sequence[int] | None = None,
-        compare: Sequence[str] | None = None,
+        compare: Sequence[str] | None = None, allocators: Sequence[str] = ALLOCATORS,
         config: OptimizeConfig = OptimizeConfig(cost=HEAD_FISHER), max_calib_samples: int | None = None,
         max_eval_samples: int | None = None, out_dir: str | Path | None = None, fresh: bool = False,
         guard: bool = True, device: str = "cpu", dtype: str = "auto",
         progress: Progress | None = None) -> RunResult:
     """The whole job on one model: calibrate on `calib`, optimize a plan per budget, evaluate it on the held-out
-    `eval_data` against the full cache, the uniform policies, PyramidKV, CAKE and Ada-KV. Everything goes under
+    `eval_data` against the full cache, the uniform policies and the `allocators` (PyramidKV, CAKE and Ada-KV;
+    checked before any work). Everything goes under
     `out_dir` (default outputs/<model>/); an interrupted run resumes where it stopped (`fresh`: start over,
     discarding the folder's checkpoints).
 
@@ -234,17 +233,18 @@ def run(model: ModelSpec = DEFAULT_MODEL, *, budgets: float | Sequence[float] = 
     config = config.validated()
     budgets = check_budgets(budgets)
     resolve_samples(eval_data, max_samples=max_eval_samples)  # a bad held-out set is refused before any work
+    allocators = check_allocators(allocators)
     out = Path(out_dir) if out_dir is not None else default_out_dir(model)
     with folder_lock(out):  # a second run on the folder is refused before the model loads
         return _run_locked(model, budgets=budgets, calib=calib, eval_data=eval_data, policies=policies, grid=grid,
                            compare=check_policy_names(list(compare)) if compare else list(DEFAULT_POLICIES),
-                           config=config, max_calib_samples=max_calib_samples, max_eval_samples=max_eval_samples,
-                           out=out, fresh=fresh, guard=guard, device=device, dtype=dtype, progress=progress)
+                           allocators=allocators, config=config, max_calib_samples=max_calib_samples,
+                           max_eval_samples=max_eval_samples, out=out, fresh=fresh, guard=guard, device=device, dtype=dtype, progress=progress)
 
 
 def _run_locked(model: ModelSpec, *, budgets: list[float], calib: DataSpec, eval_data: DataSpec,
-                policies: Sequence[str] | None, grid: Sequence[int] | None, compare: list[str], config: OptimizeConfig,
-                max_calib_samples: int | None, max_eval_samples: int | None, out: Path, fresh: bool, guard: bool,
+                policies: Sequence[str] | None, grid: Sequence[int] | None, compare: list[str],
+                allocators: list[str], config: OptimizeConfig, max_calib_samples: int | None, max_eval_samples: int | None, out: Path, fresh: bool, guard: bool,
                 device: str, dtype: str, progress: Progress | None) -> RunResult:
     lm = resolve_model(model, device=device, dtype=dtype)
     around = ()
@@ -281,7 +281,7 @@ def _run_locked(model: ModelSpec, *, budgets: list[float], calib: DataSpec, eval
     plan_path = plan_file.save(out / "plan.json")
     allocation_png(plan_file, out / "plan.png")
     report = evaluate(lm, eval_data, plans={"plan": plan_file}, budgets=budgets, policies=compare,
-                      profile=calibration.profile, out_dir=out / "eval", max_samples=max_eval_samples,
+                      allocators=allocators, profile=calibration.profile, out_dir=out / "eval", max_samples=max_eval_samples,
                       resume=not fresh, progress=progress)
     return RunResult(out_dir=out, calibration=calibration, plan_file=plan_file, plan_path=plan_path, report=report,
                      guard=choices, guard_samples=guard_samples)

@@ -104,6 +104,8 @@ def test_bad_options_are_refused_before_any_work(tiny_llama, files):
         pk.run(tiny_llama, budgets=0, calib=calib, eval_data=held_out, out_dir=tmp / "never")
     with pytest.raises(ConfigError, match="unknown allocator"):
         pk.evaluate(tiny_llama, held_out, allocators=["h2o"], out_dir=tmp / "never")
+    with pytest.raises(ConfigError, match="unknown allocator h2o; known: pyramidkv, cake, adakv"):
+        pk.run(tiny_llama, budgets=16, calib=calib, eval_data=held_out, allocators=["h2o"], out_dir=tmp / "never")
     assert not (tmp / "never").exists()
 
 
@@ -163,7 +165,8 @@ def test_run_on_one_calibration_sample_guards_in_sample(tiny_llama, files):
     calib, held_out, tmp = files
     result = pk.run(tiny_llama, budgets=16, calib=calib, eval_data=held_out, policies=["snapkv", "streaming"],
                     grid=GRID, compare=["streaming"], config=pk.OptimizeConfig(cost="out_err"), max_calib_samples=1,
-                    max_eval_samples=1, out_dir=tmp / "one")
+                    max_eval_samples=1, allocators=["pyramidkv"], out_dir=tmp / "one")
+    assert {m.method for m in result.report.methods.values() if m.family == "allocator"} == {"pyramidkv"}
     [choice] = result.guard
     assert result.guard_samples == 1 and set(choice.measured) == {"plan", "streaming"}
     notes = result.plan_file.plans[0].search.notes

@@ -26,6 +26,7 @@ from polykv_search.cli.options import (
     RevisionOpt,
     TrustOpt,
     model_slug,
+    parse_allocators,
     parse_budget_list,
     parse_column_map,
     parse_str_list,
@@ -44,7 +45,7 @@ def evaluate(
                                                 "else 64,128,256,512); plan rungs at other budgets are skipped.")] = None,
     policies: Annotated[str | None, typer.Option(help="Uniform policies to compare (default: all).")] = None,
     allocators: Annotated[str, typer.Option(help="Known allocators to compare with: pyramidkv and cake (a budget per "
-                                            "layer), adakv (per KV head, from each sample's scores).")] =
+                                            "layer), adakv (per KV head, from each sample's scores), or none.")] =
     "pyramidkv,cake,adakv",
     allocator_policy: Annotated[str, typer.Option(help="Policy used by the allocators.")] = "snapkv",
     profile: Annotated[Path | None, typer.Option(help="Profile for CAKE's signals (default: "
@@ -72,13 +73,13 @@ def evaluate(
         report = pk.evaluate(model, data or [DEFAULT_EVAL], plans=plan or [],
                              budgets=parse_budget_list(budgets, option="--budgets") if budgets else None,
                              policies=parse_str_list(policies) if policies else None,
-                             allocators=parse_str_list(allocators), allocator_policy=allocator_policy,
+                             allocators=parse_allocators(allocators), allocator_policy=allocator_policy,
                              profile=profile_path if (profile or profile_path.exists()) else None, out_dir=out_dir,
                              max_samples=max_samples, max_context_tokens=max_context, with_kl=kl,
                              batch_size=batch_size, column_map=parse_column_map(column_map), resume=resume,
                              device=device, dtype=dtype, trust_remote_code=trust_remote_code, revision=revision,
                              progress=progress)
-    if profile is None and not profile_path.exists() and "cake" in parse_str_list(allocators):
+    if profile is None and not profile_path.exists() and "cake" in parse_allocators(allocators):
         err_console.print(f"note: no profile at {profile_path}; CAKE is left out (run calibrate or pass --profile)")
     if as_json:
         typer.echo(json.dumps({k: str(v) for k, v in report.files.items()}

@@ -127,6 +127,11 @@ def parse_str_list(text: str) -> list[str]:
     return [part.strip() for part in text.split(",") if part.strip()]
 
 
+def parse_allocators(text: str) -> list[str]:
+    """--allocators: a comma list, or "none" (or nothing) for no allocator."""
+    return [] if text.strip().lower() == "none" else parse_str_list(text)
+
+
 def parse_column_map(text: str | None) -> dict[str, str] | None:
     if not text:
         return None

@@ -35,6 +35,7 @@ from polykv_search.cli.options import (
     StorageOpt,
     TieOpt,
     WeightingOpt,
+    parse_allocators,
     parse_allowed,
     parse_budget_list,
     parse_int_list,
@@ -73,6 +74,8 @@ def run(
                     ] = None,
     compare: Annotated[str | None, typer.Option(help="Uniform policies the guard and the evaluation compare the "
                                                 "plan with (default: all registered).")] = None,
+    allocators: Annotated[str, typer.Option(help="Known allocators the evaluation also scores: pyramidkv, cake, "
+                                            "adakv, or none.")] = "pyramidkv,cake,adakv",
     max_calib_samples: Annotated[int | None, typer.Option(help="Calibrate on N samples, taken in turn from each "
                                                           "task (default: all).")] = None,
     calib: Annotated[Path, typer.Option(help="Calibration split.")] = Path("calibration_data/calib.jsonl"),
@@ -103,6 +106,7 @@ def run(
                         policies=parse_str_list(policies) if policies else None,
                         grid=parse_int_list(grid, option="--grid") if grid else None,
                         compare=parse_str_list(compare) if compare else None, config=config,
+                        allocators=parse_allocators(allocators),
                         max_calib_samples=max_calib_samples, max_eval_samples=max_eval_samples, out_dir=out, fresh=fresh,
                         guard=guard, device=device, dtype=dtype, progress=progress)
     report = result.report

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 from polykv_search.calibration.profile import Profile
 from polykv_search.engine import PrefillState
+from polykv_search.errors import ConfigError
 from polykv_search.models.info import ModelInfo
 from polykv_search.optimization.allocators import adakv_plan, cake_plan, pyramidkv_plan
 from polykv_search.plan import Plan, PlanFile, uniform_plan
@@ -16,6 +17,14 @@ from polykv_search.plan import Plan, PlanFile, uniform_plan
 FAMILIES = ("full", "uniform", "allocator", "plan")
 logger = logging.getLogger(__name__)
 ALLOCATORS = ("pyramidkv", "cake", "adakv")
+
+
+def check_allocators(names: Sequence[str]) -> list[str]:
+    """`names` as a list when every one is a known allocator (none is fine), else ConfigError naming the known."""
+    unknown = sorted(set(names) - set(ALLOCATORS))
+    if unknown:
+        raise ConfigError(f"unknown allocator {', '.join(unknown)}; known: {', '.join(ALLOCATORS)} (or none)")
+    return list(names)
 
 
 @dataclass(frozen=True)

@@ -16,9 +16,10 @@ def test_run_calibrates_with_its_grid_policies_and_layer_kl_then_evaluates(monke
     monkeypatch.setattr(sys, "argv", ["polykv-search", "run", "--model", str(tiny_dir), "--budget", "16",
                                       "--calib", str(calib), "--eval", str(held_out), "--out", str(tmp_path / "o"),
                                       "--cost", "layer_kl", "--policies", "snapkv,streaming", "--grid", "8,16,32",
-                                      "--max-calib-samples", "2", "--json"])
+                                      "--max-calib-samples", "2", "--allocators", "none", "--json"])
     main()
     out = json.loads(capsys.readouterr().out)
+    assert {r["method"] for r in out["recovery"]} == {"plan"}  # --allocators none: no allocator is scored
     profile = Profile.load(out["profile"])
     assert profile.budgets == [8, 16, 32] and profile.policies == ["snapkv", "streaming"]
     assert profile.num_samples == 2 and "layer_kl" in profile.cost_kinds
