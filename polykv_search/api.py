@@ -214,10 +214,9 @@ def run(model: ModelSpec = DEFAULT_MODEL, *, budgets: float | Sequence[float] = 
         guard: bool = True, device: str = "cpu", dtype: str = "auto",
         progress: Progress | None = None) -> RunResult:
     """The whole job on one model: calibrate on `calib`, optimize a plan per budget, evaluate it on the held-out
-    `eval_data` against the full cache, the uniform policies and the `allocators` (PyramidKV, CAKE and Ada-KV;
-    checked before any work). Everything goes under
-    `out_dir` (default outputs/<model>/); an interrupted run resumes where it stopped (`fresh`: start over,
-    discarding the folder's checkpoints).
+    `eval_data` against the full cache, the uniform policies and the `allocators` (PyramidKV, CAKE and Ada-KV
+    by default; checked before any work). Everything goes under `out_dir` (default outputs/<model>/); an
+    interrupted run resumes where it stopped (`fresh`: start over, discarding the folder's checkpoints).
 
     `config.cost` decides the calibrate mode. The default, head_fisher, plans a policy and budget per KV head from
     `calibrate --head-fisher` (candidates `policies`, default PER_HEAD_POLICIES, on the grid HEAD_BUDGETS);
@@ -239,13 +238,15 @@ def run(model: ModelSpec = DEFAULT_MODEL, *, budgets: float | Sequence[float] = 
         return _run_locked(model, budgets=budgets, calib=calib, eval_data=eval_data, policies=policies, grid=grid,
                            compare=check_policy_names(list(compare)) if compare else list(DEFAULT_POLICIES),
                            allocators=allocators, config=config, max_calib_samples=max_calib_samples,
-                           max_eval_samples=max_eval_samples, out=out, fresh=fresh, guard=guard, device=device, dtype=dtype, progress=progress)
+                           max_eval_samples=max_eval_samples, out=out, fresh=fresh, guard=guard, device=device,
+                           dtype=dtype, progress=progress)
 
 
 def _run_locked(model: ModelSpec, *, budgets: list[float], calib: DataSpec, eval_data: DataSpec,
                 policies: Sequence[str] | None, grid: Sequence[int] | None, compare: list[str],
-                allocators: list[str], config: OptimizeConfig, max_calib_samples: int | None, max_eval_samples: int | None, out: Path, fresh: bool, guard: bool,
-                device: str, dtype: str, progress: Progress | None) -> RunResult:
+                allocators: list[str], config: OptimizeConfig, max_calib_samples: int | None,
+                max_eval_samples: int | None, out: Path, fresh: bool, guard: bool, device: str, dtype: str,
+                progress: Progress | None) -> RunResult:
     lm = resolve_model(model, device=device, dtype=dtype)
     around = ()
     if config.cost == "around_kl":
@@ -281,8 +282,8 @@ def _run_locked(model: ModelSpec, *, budgets: list[float], calib: DataSpec, eval
     plan_path = plan_file.save(out / "plan.json")
     allocation_png(plan_file, out / "plan.png")
     report = evaluate(lm, eval_data, plans={"plan": plan_file}, budgets=budgets, policies=compare,
-                      allocators=allocators, profile=calibration.profile, out_dir=out / "eval", max_samples=max_eval_samples,
-                      resume=not fresh, progress=progress)
+                      allocators=allocators, profile=calibration.profile, out_dir=out / "eval",
+                      max_samples=max_eval_samples, resume=not fresh, progress=progress)
     return RunResult(out_dir=out, calibration=calibration, plan_file=plan_file, plan_path=plan_path, report=report,
                      guard=choices, guard_samples=guard_samples)
 

@@ -28,7 +28,7 @@ from transformers.masking_utils import (
 )
 
 from polykv_search.errors import ConfigError
-from polykv_search.models.anatomy import logit_softcap
+from polykv_search.models.anatomy import decoder_layers, logit_softcap
 from polykv_search.policies.scoring import observed_attention
 from polykv_search.runtime.ragged import RaggedKV, ragged_attention
 
@@ -163,7 +163,7 @@ def constant_cache(model: torch.nn.Module) -> Iterator[None]:
     except ConfigError:
         yield
         return
-    modules = [m for m in model.modules() if hasattr(m, "o_proj") and hasattr(m, "k_proj")]
+    modules = [layer.self_attn for layer in decoder_layers(model)]
     try:
         for module in modules:
             setattr(module, CONSTANT_ATTR, True)
