@@ -132,3 +132,12 @@ def interruptible() -> None:
     import signal
 
     signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def sdpa_module(num_heads: int, num_kv: int) -> torch.nn.Module:
+    """The attributes transformers' sdpa_attention_forward reads from an attention module (a causal layer whose
+    query heads share num_kv KV heads)."""
+    module = torch.nn.Module()
+    module.is_causal = True
+    module.num_key_value_groups = num_heads // num_kv
+    return module

@@ -32,7 +32,7 @@ from polykv_search.data import PromptParts, Sample, build_prompt
 from polykv_search.data.metrics import scored_part_complete
 from polykv_search.errors import ConfigError
 from polykv_search.models import LoadedModel
-from polykv_search.models.anatomy import decoder_layers, layer_rotaries
+from polykv_search.models.anatomy import decoder_layers, layer_rotaries, logit_softcap
 from polykv_search.plan import Plan
 from polykv_search.policies import POLICIES, check_policy_names, policy_params, scorer_key
 from polykv_search.policies.presses import make_press
@@ -45,6 +45,7 @@ from polykv_search.runtime.attention import (
     validity_masks,
 )
 from polykv_search.runtime.reserved import ReservedLayer
+from polykv_search.runtime.shared import SharedContextLayer
 
 HeadChoices = list[tuple[str, int] | None]  # per KV head: (scorer, budget), or None to keep the whole context
 
@@ -277,7 +278,7 @@ class PrefillEngine:
             rows = order[begin:begin + batch_size]
             group = [plans[i] for i in rows]
             start = self._start_layer(min(first[i] for i in rows), inputs)
-            cache, valid, _ = self._batched_cache(state, group, unused_below=start)
+            cache, valid, _ = self._batched_cache(state, group, unused_below=start, shared_context=True)
             logits = self._suffix_logits(state, cache, valid, start=start, inputs=inputs)
             logprobs = torch.log_softmax(logits[:, :-1], dim=-1)  # (B, A, V)
             kl = (full.exp() * (full - logprobs)).sum(-1).mean(-1)  # (B,)
@@ -361,12 +362,14 @@ class PrefillEngine:
             return 0
         return start
 
-    def _batched_cache(self, state: PrefillState, plans: Sequence[Plan | None], *, unused_below: int = 0):
+    def _batched_cache(self, state: PrefillState, plans: Sequence[Plan | None], *, unused_below: int = 0,
+                       shared_context: bool = False):
         """A batch-B cache (one row per plan), the validity masks of the padded slots per compressed layer
         ((B, K_l), or (B, H_kv, K_l) when the KV heads of a row keep different numbers of tokens) and, per row,
         the layers whose budget kept the whole context. Layers below `unused_below` (which every row holds whole,
         and which a forward starting there neither reads nor writes) are shared views, not copies: for probes
-        that change one deep layer, most of the cache."""
+        that change one deep layer, most of the cache. `shared_context` (one teacher-forced forward, no decoding;
+        CPU): a full-attention layer every row holds whole keeps the context once for all rows (SharedContextLayer)."""
         batch, n = len(plans), state.n_context
         cache = copy.copy(state.cache)
         cache.layers = []
@@ -387,6 +390,10 @@ class PrefillEngine:
                 cache.layers.append(unused)
                 continue
             if not any(idx in k for k in kept):
+                if shared_context and keys.device.type == "cpu" and type(layer) is DynamicLayer \
+                        and not logit_softcap(self.layers[idx].self_attn):
+                    cache.layers.append(SharedContextLayer(keys, values, batch, room))
+                    continue
                 # expanded views: a sliding layer's update() concatenates them into a new tensor
                 cache.layers.append(_reserved(layer, keys.expand(batch, -1, -1, -1),
                                               values.expand(batch, -1, -1, -1), room))

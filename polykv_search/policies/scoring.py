@@ -48,9 +48,11 @@ def observed_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.
     num_kv, k_len = key.shape[1], key.shape[2]
     group = num_heads // num_kv
     offset = k_len - n
+    softcap = logit_softcap(module)
+    if query.device.type == "cpu" and attention_mask is None and not softcap and n == k_len:
+        return _observed_from_logsumexp(query, key, value, scaling, last=last, chunk_elements=chunk_elements)
     q = query[0].float() * scaling  # (H, n, D)
     k, v = key[0].float(), value[0].float()  # (H_kv, K, D)
-    softcap = logit_softcap(module)
     out = torch.empty(num_heads, n, head_dim, device=query.device)
     column_sums = torch.zeros(1, num_heads, 1, k_len, device=query.device)
     probs = None
@@ -72,6 +74,36 @@ def observed_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.
     assert probs is not None
     last_probs = torch.nn.functional.pad(probs, (0, k_len - probs.shape[-1]))  # (H, c, K)
     return out.transpose(0, 1)[None].to(query.dtype), (column_sums, last_probs)
+
+
+def _observed_from_logsumexp(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float, *,
+                             last: int, chunk_elements: int) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+    """observed_attention for a plain causal prefill on CPU: the output and each query's log-sum-exp from SDPA's own
+    CPU kernel (the output is then exactly what the model's SDPA prefill gives), and the probabilities the column
+    sums need as exp(logit - logsumexp), in query chunks, without a softmax or a second matmul with the values."""
+    _, num_heads, n, head_dim = query.shape
+    num_kv = key.shape[1]
+    group = num_heads // num_kv
+    every = (1, num_heads, n, head_dim)  # the kernel wants one KV head per query head
+    dense_k = key[:, :, None].expand(1, num_kv, group, n, head_dim).reshape(every)
+    dense_v = value[:, :, None].expand(1, num_kv, group, n, head_dim).reshape(every)
+    out, logsumexp = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        query, dense_k, dense_v, 0.0, True, scale=scaling)[:2]  # (1, H, n, D), (1, H, n) float32
+    q = query[0].float() * scaling  # (H, n, D)
+    k = key[0].float()  # (H_kv, n, D)
+    column_sums = torch.zeros(1, num_heads, 1, n, device=query.device)
+    probs = None
+    for start, stop in query_chunks(n, chunk_elements=chunk_elements, last=last):
+        rows = stop - start  # a query never sees keys after its own position
+        probs = torch.bmm(q[:, start:stop].reshape(num_kv, group * rows, head_dim),
+                          k[:, :stop].transpose(1, 2)).view(num_heads, rows, stop)
+        probs.sub_(logsumexp[0, :, start:stop, None]).exp_()  # (H, c, stop): the softmax, normalized
+        probs[..., start:stop].masked_fill_(torch.ones(rows, rows, dtype=torch.bool, device=query.device).triu_(1),
+                                            0.0)
+        column_sums[0, :, 0, :stop] += probs.sum(dim=1)
+    assert probs is not None
+    last_probs = torch.nn.functional.pad(probs, (0, n - probs.shape[-1]))  # (H, c, n)
+    return out.transpose(1, 2).to(query.dtype), (column_sums, last_probs)
 
 
 def policy_scores(name: str, press: ScorerPress, module: torch.nn.Module, hidden: torch.Tensor, keys: torch.Tensor,

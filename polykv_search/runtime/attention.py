@@ -31,6 +31,7 @@ from polykv_search.errors import ConfigError
 from polykv_search.models.anatomy import decoder_layers, logit_softcap
 from polykv_search.policies.scoring import observed_attention
 from polykv_search.runtime.ragged import RaggedKV, ragged_attention
+from polykv_search.runtime.shared import SharedKV, shared_context_attention
 
 ATTENTION_NAME = "polykv_sdpa"
 OBSERVE_ATTR = "polykv_observe"  # int on an attention module: observe its next fresh prefill, keeping >= n last rows
@@ -66,6 +67,9 @@ def polykv_sdpa_forward(module: torch.nn.Module, query: torch.Tensor, key: torch
     if isinstance(key, RaggedKV):  # a per-head plan's layer: each KV head holds its own tokens
         scale = scaling if scaling is not None else query.shape[-1] ** -0.5
         return ragged_attention(query, key, value, scaling=scale), None
+    if isinstance(key, SharedKV):  # probes' rows sharing one whole context
+        scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+        return shared_context_attention(query, key, value, scaling=scale), None
     q_len, k_len = query.shape[2], key.shape[2]
     valid = module.__dict__.get(VALID_ATTR)  # (B, K_cached) or (B, H_kv, K_cached) bool, or None
     if getattr(module, "is_sliding", False) or getattr(module, "sliding_window", None):
@@ -148,8 +152,9 @@ def constant_cache_attention(query: torch.Tensor, key: torch.Tensor, value: torc
     new = new.masked_fill(future, float("-inf")).view(batch, num_kv, group * q_len, q_len)
     wide = torch.promote_types(value.dtype, torch.float32)  # float32 at least, as SDPA's softmax
     probs = torch.softmax(torch.cat([old, new], dim=-1) * scale, dim=-1, dtype=wide).to(value.dtype)
-    out = torch.matmul(probs[..., :cached], value[:, :, :cached].detach()) + torch.matmul(
-        probs[..., cached:], value[:, :, cached:])  # (B, H_kv, G*q, D)
+    to_old, to_new = probs.split([cached, q_len], dim=-1)  # its backward is one cat, not two zero-filled copies
+    out = torch.matmul(to_old, value[:, :, :cached].detach()) + torch.matmul(
+        to_new, value[:, :, cached:])  # (B, H_kv, G*q, D)
     return out.view(batch, num_heads, q_len, head_dim).transpose(1, 2).contiguous(), None
 
 

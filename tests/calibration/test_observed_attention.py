@@ -1,6 +1,7 @@
 """H2O's column sums observed inside the model's own attention equal the recomputed ones, and the model's
 outputs do not change when its prefill attention is observed."""
 
+import pytest
 import torch
 from transformers import DynamicCache
 
@@ -57,3 +58,22 @@ def test_query_chunks_cover_every_query_once_and_end_with_the_window():
             covered = [i for start, stop in chunks for i in range(start, stop)]
             assert covered == list(range(n))
             assert chunks[-1][1] - chunks[-1][0] >= min(n, last)
+
+
+def test_the_cpu_kernel_path_equals_the_chunked_softmax():
+    """On CPU a plain causal prefill takes SDPA's output and log-sum-exp and only sums the probabilities; an explicit
+    mask takes the chunked softmax. Both give the same output, column sums and final chunk."""
+    from polykv_search.policies.scoring import observed_attention
+    module = torch.nn.Module()
+    module.config = type("Config", (), {})()
+    torch.manual_seed(0)
+    n, heads, kv, dim = 70, 6, 2, 8
+    query, key, value = torch.randn(1, heads, n, dim), torch.randn(1, kv, n, dim), torch.randn(1, kv, n, dim)
+    causal = torch.ones(n, n, dtype=torch.bool).tril_()[None, None]
+    fast = observed_attention(module, query, key, value, None, dim ** -0.5, last=16, chunk_elements=20 * n)
+    slow = observed_attention(module, query, key, value, causal, dim ** -0.5, last=16, chunk_elements=20 * n)
+    torch.testing.assert_close(fast[0], slow[0], atol=1e-5, rtol=1e-4)
+    for mine, theirs in zip(fast[1], slow[1]):
+        assert mine.shape == theirs.shape
+        torch.testing.assert_close(mine, theirs, atol=1e-5, rtol=1e-4)
+    assert fast[1][0].sum() == pytest.approx(heads * n, rel=1e-4)  # every query's probabilities sum to 1

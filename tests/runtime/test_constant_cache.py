@@ -5,15 +5,9 @@ import torch
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from polykv_search.runtime.attention import constant_cache_attention
+from tests.conftest import sdpa_module
 
 H, H_KV, D = 6, 3, 8
-
-
-def _module() -> torch.nn.Module:
-    module = torch.nn.Module()
-    module.is_causal = True
-    module.num_key_value_groups = H // H_KV
-    return module
 
 
 def test_same_output_and_gradients_as_sdpa_with_the_cache_held_constant():
@@ -32,7 +26,7 @@ def test_same_output_and_gradients_as_sdpa_with_the_cache_held_constant():
         return out, torch.autograd.grad((out * weight).sum(), [query, new_k, new_v])
 
     mask = torch.ones(q_len, cached + q_len, dtype=torch.bool).tril_(cached)[None, None]  # bottom-right causal
-    out_sdpa, g_sdpa = grads(lambda k, v: sdpa_attention_forward(_module(), query, k, v, mask, scaling=D ** -0.5)[0])
+    out_sdpa, g_sdpa = grads(lambda k, v: sdpa_attention_forward(sdpa_module(H, H_KV), query, k, v, mask, scaling=D ** -0.5)[0])
     out_here, g_here = grads(lambda k, v: constant_cache_attention(query, k, v, D ** -0.5)[0])
     assert out_here.shape == out_sdpa.shape == (2, q_len, H, D)
     torch.testing.assert_close(out_here, out_sdpa)
