@@ -390,8 +390,9 @@ class PrefillEngine:
                 cache.layers.append(unused)
                 continue
             if not any(idx in k for k in kept):
+                module = self.layers[idx].self_attn  # the shared attention is causal, without soft-capping
                 if shared_context and keys.device.type == "cpu" and type(layer) is DynamicLayer \
-                        and not logit_softcap(self.layers[idx].self_attn):
+                        and getattr(module, "is_causal", True) and not logit_softcap(module):
                     cache.layers.append(SharedContextLayer(keys, values, batch, room))
                     continue
                 # expanded views: a sliding layer's update() concatenates them into a new tensor

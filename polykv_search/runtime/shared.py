@@ -9,8 +9,11 @@ and a buffer per row for the tokens appended after it; attention reads it throug
 call of SDPA's CPU kernel for every row's queries against the shared keys, a small per-row block for the appended
 tokens, joined by their log-sum-exps.
 
-Teacher-forced forwards on CPU only (the probes' `answer_metrics_many`): the layer cannot be cropped or reordered,
-and the kernel that returns the log-sum-exp is SDPA's CPU one (on a GPU the dense copies are cheap anyway).
+Teacher-forced forwards on CPU only (the probes' `answer_metrics_many`): the layer has room for the tokens it was
+built for and cannot be cropped or reordered (a decoding caller would use ReservedLayer), and the kernel that
+returns the log-sum-exp is SDPA's CPU one (on a GPU the dense copies are cheap anyway). In bfloat16 the kernel's
+output is rounded before the join, once more than SDPA's over a dense cache: differences at bfloat16's noise, which
+already makes single probes' small KLs unreliable in bfloat16 (docs/per-head.md).
 """
 
 from __future__ import annotations
