@@ -9,7 +9,7 @@ Prints, per dtype and sample: seconds of a plain prefill of the context, of cali
 above --probe-above probed exactly; how many), and the ratios to the plain prefill; then, per sample found in the
 --probes profile, the Spearman rank correlation of the bare estimate with the probes' KL over the cells (layer x KV
 head x policy x budget), and the same for the mean over those samples (the table the optimizer reads). Probing
-every cell costs 27-37x a plain prefill on SmolLM2 (benchmarks/head_probe_speed.py).
+every cell costs 18-26x a plain float32 prefill on SmolLM2 (benchmarks/head_probe_speed.py).
 """
 
 from __future__ import annotations
