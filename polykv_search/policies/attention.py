@@ -1,4 +1,5 @@
-"""Recompute a layer's attention probabilities for chosen queries from its cache, as the model computes them."""
+"""Recompute a layer's attention probabilities for chosen queries from its cache, as the model computes them; and
+SDPA's CPU attention with each query's log-sum-exp, which the probabilities can be recovered from."""
 
 from __future__ import annotations
 
@@ -39,3 +40,15 @@ def attention_probs(module: torch.nn.Module, hidden_states: torch.Tensor, keys: 
     if pad_to is not None and pad_to > visible:
         probs = torch.nn.functional.pad(probs, (0, pad_to - visible))
     return probs  # (H, n, K)
+
+
+def attention_with_logsumexp(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *, causal: bool,
+                             scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """SDPA's CPU kernel on query (B, h, q, D) and key/value (B, h, K, D) (as many heads: the caller lays out GQA):
+    the output (B, h, q, D) and each query's log-sum-exp (B, h, q) of its scaled logits, float32 at least, so that
+    softmax probabilities are exp(logit * scale - logsumexp) without a softmax. `causal` aligns top-left (for q = K,
+    the prefill's mask). CPU tensors only; the kernel is the one torch's SDPA runs there, called directly because
+    the public function does not return the log-sum-exp."""
+    out, logsumexp = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        query, key, value, 0.0, causal, scale=scale)[:2]
+    return out, logsumexp

@@ -11,7 +11,7 @@ import torch
 from kvpress import ScorerPress
 
 from polykv_search.models.anatomy import logit_softcap
-from polykv_search.policies.attention import attention_probs
+from polykv_search.policies.attention import attention_probs, attention_with_logsumexp
 from polykv_search.policies.projections import reused_query_projection
 from polykv_search.policies.presses import (
     N_SINK_RECENT,
@@ -87,8 +87,8 @@ def _observed_from_logsumexp(query: torch.Tensor, key: torch.Tensor, value: torc
     every = (1, num_heads, n, head_dim)  # the kernel wants one KV head per query head
     dense_k = key[:, :, None].expand(1, num_kv, group, n, head_dim).reshape(every)
     dense_v = value[:, :, None].expand(1, num_kv, group, n, head_dim).reshape(every)
-    out, logsumexp = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-        query, dense_k, dense_v, 0.0, True, scale=scaling)[:2]  # (1, H, n, D), (1, H, n) float32
+    out, logsumexp = attention_with_logsumexp(query, dense_k, dense_v, causal=True,
+                                              scale=scaling)  # (1, H, n, D), (1, H, n) float32
     q = query[0].float() * scaling  # (H, n, D)
     k = key[0].float()  # (H_kv, n, D)
     column_sums = torch.zeros(1, num_heads, 1, n, device=query.device)

@@ -64,11 +64,10 @@ def polykv_sdpa_forward(module: torch.nn.Module, query: torch.Tensor, key: torch
                         attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
                         is_causal: bool | None = None, **kwargs) -> tuple[torch.Tensor, None]:
     """query (B, H, q, D), key/value (B, H_kv, K, D); same contract as transformers' sdpa_attention_forward."""
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     if isinstance(key, RaggedKV):  # a per-head plan's layer: each KV head holds its own tokens
-        scale = scaling if scaling is not None else query.shape[-1] ** -0.5
         return ragged_attention(query, key, value, scaling=scale), None
     if isinstance(key, SharedKV):  # probes' rows sharing one whole context
-        scale = scaling if scaling is not None else query.shape[-1] ** -0.5
         return shared_context_attention(query, key, value, scaling=scale), None
     q_len, k_len = query.shape[2], key.shape[2]
     valid = module.__dict__.get(VALID_ATTR)  # (B, K_cached) or (B, H_kv, K_cached) bool, or None
@@ -77,13 +76,11 @@ def polykv_sdpa_forward(module: torch.nn.Module, query: torch.Tensor, key: torch
                                       **kwargs)
     observe = getattr(module, OBSERVE_ATTR, None)
     if observe is not None and q_len == k_len and query.shape[0] == 1 and valid is None:
-        scale = scaling if scaling is not None else query.shape[-1] ** -0.5
         out, observed = observed_attention(module, query, key, value, attention_mask, scale, last=observe)
         setattr(module, OBSERVED_ATTR, observed)
         return out, None
     if getattr(module, CONSTANT_ATTR, False) and torch.is_grad_enabled() and valid is None \
             and not evicted(key, kwargs.get("position_ids")) and not (dropout or logit_softcap(module)):
-        scale = scaling if scaling is not None else query.shape[-1] ** -0.5
         return constant_cache_attention(query, key, value, scale)
     mask_fits = attention_mask is None or attention_mask.shape[-1] == k_len
     if valid is None and mask_fits and not evicted(key, kwargs.get("position_ids")):  # transformers' mask is right
@@ -105,7 +102,7 @@ def polykv_sdpa_forward(module: torch.nn.Module, query: torch.Tensor, key: torch
         if mask is not None and mask.shape[1] > 1:  # per KV head: SDPA's mask is per query head
             mask = mask.repeat_interleave(query.shape[1] // mask.shape[1], dim=1)
         return sdpa_attention_forward(module, query, key, value, mask, dropout, scaling, False, **kwargs)
-    return grouped_attention(query, key, value, mask, scaling if scaling is not None else query.shape[-1] ** -0.5)
+    return grouped_attention(query, key, value, mask, scale)
 
 
 def grouped_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None,

@@ -24,6 +24,8 @@ from typing import Any
 import torch
 from transformers.cache_utils import CacheLayerMixin
 
+from polykv_search.policies.attention import attention_with_logsumexp
+
 
 @dataclass(frozen=True)
 class SharedKV:
@@ -132,8 +134,8 @@ def shared_context_attention(query: torch.Tensor, key: SharedKV, value: SharedKV
     group = num_heads // num_kv
     grouped = query.reshape(batch, num_kv, group * q_len, head_dim)  # head h uses KV head h // group
     stacked = grouped.transpose(0, 1).reshape(1, num_kv, batch * group * q_len, head_dim)  # (1, H_kv, B*G*q, D)
-    shared, shared_lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-        stacked, key.context, value.context, 0.0, False, scale=scaling)[:2]  # (1, H_kv, B*G*q, D), (1, H_kv, B*G*q)
+    shared, shared_lse = attention_with_logsumexp(stacked, key.context, value.context, causal=False,
+                                                  scale=scaling)  # (1, H_kv, B*G*q, D), (1, H_kv, B*G*q)
     wide = torch.promote_types(query.dtype, torch.float32)  # the appended block and the join: float32 at least
     shared = shared[0].view(num_kv, batch, group * q_len, head_dim).transpose(0, 1).to(wide)  # (B, H_kv, G*q, D)
     shared_lse = shared_lse[0].view(num_kv, batch, group * q_len).transpose(0, 1)[..., None]  # (B, H_kv, G*q, 1)
