@@ -29,8 +29,9 @@ from scipy.stats import spearmanr
 from polykv_search.calibration import CalibrationConfig, Profile, calibrate_model
 from polykv_search.data import build_prompt, load_samples, spread_over_tasks
 from polykv_search.models import load_model
+from polykv_search.policies import PER_HEAD_POLICIES
 
-POLICIES = "expected_attention_recent,h2o_recent,streaming"
+POLICIES = ",".join(PER_HEAD_POLICIES)  # the per-head recipe's candidates, as `run` calibrates them
 BUDGETS = "16,64,256,1024,2048"
 
 
@@ -65,8 +66,14 @@ def measure(model: str, dtype: str, samples, config: CalibrationConfig) -> dict:
     return {"rows": rows, "costs": costs}
 
 
-def rank_agreement(estimates: dict[str, torch.Tensor], probes: Profile) -> dict:
-    """Spearman of the estimate with the probes' KL per sample and for the mean over the shared samples."""
+def rank_agreement(estimates: dict[str, torch.Tensor], probes: Profile, policies: list[str]) -> dict:
+    """Spearman of the estimate with the probes' KL per sample and for the mean over the shared samples, over the
+    cells of the policies both have (the estimate's `policies`; the same budget grid)."""
+    missing = [p for p in probes.policies if p not in policies]
+    if missing:
+        raise SystemExit(f"--probes has policies the estimate lacks ({', '.join(missing)}); add them to --policies")
+    columns = torch.tensor([policies.index(p) for p in probes.policies])
+    estimates = {sid: est.index_select(2, columns) for sid, est in estimates.items()}  # (L, H_kv, P, G)
     ids = [s["id"] for s in probes.header["samples"]]
     shared = [sid for sid in estimates if sid in ids]
     per_sample = {}
@@ -91,7 +98,8 @@ def main() -> None:
     parser.add_argument("--budgets", default=BUDGETS)
     parser.add_argument("--draws", type=int, default=CalibrationConfig().draws)
     parser.add_argument("--probe-above", type=float, default=CalibrationConfig().probe_above)
-    parser.add_argument("--probes", type=Path, help="a --head-kl profile of the same model, policies and grid")
+    parser.add_argument("--probes", type=Path, help="a --head-kl profile of the same model and grid, its policies "
+                        "among --policies")
     parser.add_argument("--out", type=Path, default=Path("outputs/benchmarks/head_fisher_check.json"))
     args = parser.parse_args()
     samples = spread_over_tasks(load_samples(args.data), args.max_samples)
@@ -121,7 +129,7 @@ def main() -> None:
     if args.probes:
         probes = Profile.load(args.probes)
         for dtype, result in results.items():
-            agreement[dtype] = rank_agreement(result["costs"], probes)
+            agreement[dtype] = rank_agreement(result["costs"], probes, list(config.policies))
             found = agreement[dtype]
             print(f"{dtype} estimate vs the probes' KL: Spearman per sample "
                   f"{', '.join(f'{r:.3f}' for r in found['per_sample'].values()) or 'none shared'}; mean table "

@@ -8,7 +8,7 @@ import pytest
 
 import polykv_search as pk
 from polykv_search.errors import ConfigError
-from polykv_search.policies import DEFAULT_POLICIES
+from polykv_search.policies import DEFAULT_POLICIES, PER_HEAD_POLICIES
 from tests.conftest import sample_rows, write_jsonl
 
 GRID = (8, 16, 32)
@@ -94,6 +94,18 @@ def test_run_writes_everything_under_one_folder(tiny_llama, files, capsys, monke
                       **crossfit)
     with pytest.raises(ConfigError, match="pass both, or neither"):
         pk.guard_plan(tiny_llama, tmp / "run" / "plan_optimized.json", calib, profile=result.calibration.path)
+
+
+def test_run_by_default_plans_per_kv_head_among_the_recipe_candidates(tiny_llama, files):
+    calib, held_out, tmp = files
+    result = pk.run(tiny_llama, budgets=16, calib=calib, eval_data=held_out, grid=GRID, compare=["streaming"],
+                    allocators=[], out_dir=tmp / "default")
+    profile = result.calibration.profile
+    assert profile.policies == list(PER_HEAD_POLICIES) and "head_fisher" in profile.cost_kinds
+    [optimized] = pk.load_plan(tmp / "default" / "plan_optimized.json").plans
+    heads = [head for layer in optimized.layers for head in layer.heads or ()]
+    assert len(heads) == tiny_llama.info.num_layers * tiny_llama.info.num_kv_heads  # a policy and budget per KV head
+    assert {head.policy for head in heads} <= set(PER_HEAD_POLICIES)
 
 
 def test_bad_options_are_refused_before_any_work(tiny_llama, files):

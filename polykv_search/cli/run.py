@@ -60,8 +60,8 @@ def run(
                     ] = "head_fisher",
     weighting: WeightingOpt = "mean",
     policies: Annotated[str | None, typer.Option(help="Candidate policies of the plan (default: "
-                                                 "expected_attention_recent,h2o_recent,streaming per KV head, all "
-                                                 "registered per layer).")] = None,
+                                                 "expected_attention_recent,h2o_recent,streaming,tova_recent,snapkv,"
+                                                 "keydiff_recent per KV head, all registered per layer).")] = None,
     floor: FloorOpt = 1,
     cap: CapOpt = None,
     max_policies: MaxPoliciesOpt = None,
