@@ -36,8 +36,8 @@ def main() -> None:
     parser.add_argument("--budgets", default="64,128,256")
     parser.add_argument("--cost", default="head_fisher")
     parser.add_argument("--policy-sets", nargs="+", default=["all"],
-                        help="candidate policies of the out-of-fold plans, one comma list per variant; all: the "
-                             "profile's")
+                        help="candidate policies of the out-of-fold plans, one comma list per variant (after the "
+                             "profiles); all: the profile's")
     parser.add_argument("--data", default=api.CALIBRATION_DATA)
     parser.add_argument("--compare", default=COMPARE)
     parser.add_argument("--folds", type=int, default=DEFAULT_FOLDS)
@@ -46,28 +46,37 @@ def main() -> None:
     profiles = [Profile.load(path) for path in args.profiles]
     first = profiles[0]
     budgets = [float(b) for b in args.budgets.split(",")]
-    lm = api.resolve_model(first.model.model_id, dtype=args.dtype)
     samples, _ = api.resolve_samples(args.data, max_samples=first.num_samples)
     for path, profile in zip(args.profiles, profiles):
+        if profile.model.model_id != first.model.model_id:
+            raise SystemExit(f"{path}: a profile of {profile.model.model_id}, not of {first.model.model_id}")
         if [s.id for s in samples] != [s["id"] for s in profile.header["samples"]]:
             raise SystemExit(f"{path}: the profile's samples are not the first {len(samples)} of {args.data}")
+        for chosen in args.policy_sets:
+            missing = [] if chosen == "all" else sorted(set(chosen.split(",")) - set(profile.policies))
+            if missing:
+                raise SystemExit(f"{path}: no costs for {', '.join(missing)} (its policies: "
+                                 f"{', '.join(profile.policies)})")
     whole = optimize_profile(first, budgets, config=OptimizeConfig(cost=args.cost).validated())
     variants = []  # (column name, sample id -> fold, fold ladders)
-    for path, profile in zip(args.profiles, profiles):
-        for chosen in args.policy_sets:
+    for k, (path, profile) in enumerate(zip(args.profiles, profiles)):
+        for j, chosen in enumerate(args.policy_sets):
             config = OptimizeConfig(cost=args.cost, policies=None if chosen == "all" else
                                     tuple(chosen.split(","))).validated()
-            name = "out-of-fold" + (f" {Path(path).parent.name}" if len(profiles) > 1 else "") + \
-                (f" {len(config.policies)}p" if config.policies else "")
+            count = len(config.policies or profile.policies)
+            name = "out-of-fold" + (f" {k + 1}:{Path(path).parent.name}" if len(profiles) > 1 else "") + \
+                (f" set {j + 1} ({count}p)" if len(args.policy_sets) > 1 else "")
             variants.append((name, *fold_plans(profile, budgets, config=config, folds=args.folds)))
+    lm = api.resolve_model(first.model.model_id, dtype=args.dtype)
     compare = args.compare.split(",")
     uniform = api.uniform_ladders(lm, compare, budgets)
     files = [whole, *(f for _, _, fold_files in variants for f in fold_files)] + [f for _, f in uniform]
     scorers = {name: scorer for f in files for rung in f.plans for name, scorer in rung.scorers.items()}
     objective = EndToEndObjective(lm, samples, policies=list(scorers.values()), metric="task")
-    names = ["in-sample plan", *(name for name, _, _ in variants), *compare]
+    names = ["in-sample (all of the first)", *(name for name, _, _ in variants), *compare]
+    width = max(len(n) for n in names)
     print(f"{len(objective.states)} calibration samples, {args.folds} folds; mean task loss over tasks (lower is better)")
-    print("budget " + " ".join(f"{n[-18:]:>18}" for n in names))
+    print("budget " + " ".join(f"{n:>{width}}" for n in names))
     for budget in budgets:
         def for_sample(sample, budget=budget):
             return [whole.plan_for(budget),
@@ -75,7 +84,7 @@ def main() -> None:
                     *(f.plan_for(budget) for _, f in uniform)]
 
         values = objective.measure_each(for_sample, len(names))
-        print(f"{budget:>6g} " + " ".join(f"{v['task']:>18.3f}" for v in values), flush=True)
+        print(f"{budget:>6g} " + " ".join(f"{v['task']:>{width}.3f}" for v in values), flush=True)
 
 
 if __name__ == "__main__":

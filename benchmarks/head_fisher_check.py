@@ -66,12 +66,19 @@ def measure(model: str, dtype: str, samples, config: CalibrationConfig) -> dict:
     return {"rows": rows, "costs": costs}
 
 
-def rank_agreement(estimates: dict[str, torch.Tensor], probes: Profile, policies: list[str]) -> dict:
-    """Spearman of the estimate with the probes' KL per sample and for the mean over the shared samples, over the
-    cells of the policies both have (the estimate's `policies`; the same budget grid)."""
-    missing = [p for p in probes.policies if p not in policies]
+def check_probes(probes: Profile, config: CalibrationConfig) -> None:
+    """Exit with a clear line, before anything is timed, when the probes' cells are not among the estimate's."""
+    missing = [p for p in probes.policies if p not in config.policies]
     if missing:
         raise SystemExit(f"--probes has policies the estimate lacks ({', '.join(missing)}); add them to --policies")
+    if list(probes.budgets) != list(config.budgets):
+        raise SystemExit(f"--probes was calibrated on the grid {probes.budgets}, the estimate on {list(config.budgets)}; "
+                         "pass --budgets " + ",".join(map(str, probes.budgets)))
+
+
+def rank_agreement(estimates: dict[str, torch.Tensor], probes: Profile, policies: list[str]) -> dict:
+    """Spearman of the estimate with the probes' KL per sample and for the mean over the shared samples, over the
+    cells of the policies both have (the estimate's `policies`; the same budget grid, check_probes)."""
     columns = torch.tensor([policies.index(p) for p in probes.policies])
     estimates = {sid: est.index_select(2, columns) for sid, est in estimates.items()}  # (L, H_kv, P, G)
     ids = [s["id"] for s in probes.header["samples"]]
@@ -106,6 +113,10 @@ def main() -> None:
     config = CalibrationConfig(policies=tuple(args.policies.split(",")),
                                budgets=tuple(int(b) for b in args.budgets.split(",")), head_fisher=True,
                                draws=args.draws, probe_above=args.probe_above)
+    config = config.validated()  # the policies in the profile's order, the grid sorted
+    probes = Profile.load(args.probes) if args.probes else None
+    if probes is not None:
+        check_probes(probes, config)
     results = {dtype: measure(args.model, dtype, samples, config) for dtype in ("float32", "bfloat16")}
     summary = {}
     for dtype, result in results.items():
@@ -126,8 +137,7 @@ def main() -> None:
         dtype_rho.append(float(spearmanr(a[sid][keep].numpy(), b[sid][keep].numpy()).statistic))
     print(f"bfloat16 vs float32 estimates: Spearman {', '.join(f'{r:.3f}' for r in dtype_rho)} (per sample)")
     agreement = {}
-    if args.probes:
-        probes = Profile.load(args.probes)
+    if probes is not None:
         for dtype, result in results.items():
             agreement[dtype] = rank_agreement(result["costs"], probes, list(config.policies))
             found = agreement[dtype]
