@@ -74,9 +74,8 @@ POLICIES: dict[str, PolicySpec] = {
 DEFAULT_POLICIES: tuple[str, ...] = tuple(POLICIES)
 # The per-head recipe's candidates (`run`'s default): sinks and recency alone, and five scorers that each keep a
 # head's newest tokens beside their choice (future queries, the prefill's attention, the last queries' attention
-# with and without accumulation, key novelty). Chosen on the calibration samples: with these six the cross-fitted
-# task loss of SmolLM2's plans was 0.761 / 0.688 / 0.601 / 0.466 at 64-512 against 0.834 / 0.688 / 0.552 / 0.546
-# with the first three alone (docs/per-head.md, "six candidate policies per head").
+# with and without accumulation, key novelty). Chosen on SmolLM2's calibration samples by the cross-fitted task loss
+# of the plans, against the first three alone (the figures: docs/per-head.md, "six candidate policies per head").
 PER_HEAD_POLICIES: tuple[str, ...] = ("expected_attention_recent", "h2o_recent", "streaming", "tova_recent",
                                       "snapkv", "keydiff_recent")
 
