@@ -29,9 +29,10 @@ from scipy.stats import spearmanr
 from polykv_search.calibration import CalibrationConfig, Profile, calibrate_model
 from polykv_search.data import build_prompt, load_samples, spread_over_tasks
 from polykv_search.models import load_model
-from polykv_search.policies import PER_HEAD_POLICIES
+from polykv_search.policies import PER_HEAD_POLICY_SETS
 
-POLICIES = ",".join(PER_HEAD_POLICIES)  # the per-head recipe's candidates, as `run` calibrates them
+# every candidate of the per-head recipe's policy sets, as `run` calibrates them
+POLICIES = ",".join(dict.fromkeys(p for chosen in PER_HEAD_POLICY_SETS for p in chosen))
 BUDGETS = "16,64,256,1024,2048"
 
 

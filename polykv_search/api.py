@@ -41,7 +41,7 @@ from polykv_search.optimization.proxy import ProxyReport
 from polykv_search.optimization.proxy import check_proxy as proxy_check
 from polykv_search.optimization.run import OptimizeConfig, check_budgets, optimize_profile
 from polykv_search.plan import Plan, PlanFile, load_plan, uniform_plan
-from polykv_search.policies import DEFAULT_POLICIES, PER_HEAD_POLICIES, check_policy_names
+from polykv_search.policies import DEFAULT_POLICIES, PER_HEAD_POLICIES, PER_HEAD_POLICY_SETS, check_policy_names
 
 logger = logging.getLogger(__name__)
 
@@ -207,9 +207,10 @@ def evaluate(model: ModelSpec = DEFAULT_MODEL, data: DataSpec = EVALUATION_DATA,
 
 def run(model: ModelSpec = DEFAULT_MODEL, *, budgets: float | Sequence[float] = 128,
         calib: DataSpec = CALIBRATION_DATA, eval_data: DataSpec = EVALUATION_DATA,
-        policies: Sequence[str] | None = None, grid: Sequence[int] | None = None,
-        compare: Sequence[str] | None = None, allocators: Sequence[str] = ALLOCATORS,
-        config: OptimizeConfig = OptimizeConfig(cost=HEAD_FISHER), max_calib_samples: int | None = None,
+        policies: Sequence[str] | None = None, policy_sets: Sequence[Sequence[str]] | None = None,
+        grid: Sequence[int] | None = None, compare: Sequence[str] | None = None,
+        allocators: Sequence[str] = ALLOCATORS, config: OptimizeConfig = OptimizeConfig(cost=HEAD_FISHER),
+        max_calib_samples: int | None = None,
         max_eval_samples: int | None = None, out_dir: str | Path | None = None, fresh: bool = False,
         guard: bool = True, device: str = "cpu", dtype: str = "auto",
         progress: Progress | None = None) -> RunResult:
@@ -219,7 +220,10 @@ def run(model: ModelSpec = DEFAULT_MODEL, *, budgets: float | Sequence[float] = 
     interrupted run resumes where it stopped (`fresh`: start over, discarding the folder's checkpoints).
 
     `config.cost` decides the calibrate mode. The default, head_fisher, plans a policy and budget per KV head from
-    `calibrate --head-fisher` (candidates `policies`, default PER_HEAD_POLICIES, on the grid HEAD_BUDGETS);
+    `calibrate --head-fisher` (on the grid HEAD_BUDGETS), once per candidate set of `policy_sets` (default
+    PER_HEAD_POLICY_SETS: six policies that keep a head's newest tokens, and those six with five scorers alone),
+    and the guard keeps per budget the set whose plan measures best; calibrate measures `policies` (default: every
+    policy of the sets);
     head_kl does the same from the probes (slower); layer_kl / layer_nll calibrate with `layer_kl`, around_kl
     around the budgets themselves, mass_lost and out_err need no extra mode (per-layer candidates default to
     every registered policy). The end-to-end solvers (select, optuna) measure on every sample of `calib`.
@@ -228,22 +232,50 @@ def run(model: ModelSpec = DEFAULT_MODEL, *, budgets: float | Sequence[float] = 
     rung's notes say so (the optimized ladder is kept as plan_optimized.json); each sample is answered by the plan
     optimized without its half of the samples (`guard_plan`'s cross-fitting; the end-to-end solvers, which
     measure on every sample, and a single calibration sample are guarded in-sample). `compare` (default: every
-    registered policy) is also the uniform policies the evaluation scores."""
+    registered policy) is also the uniform policies the evaluation scores. Without the guard the plan is the first
+    set's."""
     config = config.validated()
     budgets = check_budgets(budgets)
+    policies, policy_sets = candidate_sets(config, policies, policy_sets)
     resolve_samples(eval_data, max_samples=max_eval_samples)  # a bad held-out set is refused before any work
     allocators = check_allocators(allocators)
     out = Path(out_dir) if out_dir is not None else default_out_dir(model)
     with folder_lock(out):  # a second run on the folder is refused before the model loads
-        return _run_locked(model, budgets=budgets, calib=calib, eval_data=eval_data, policies=policies, grid=grid,
+        return _run_locked(model, budgets=budgets, calib=calib, eval_data=eval_data, policies=policies,
+                           policy_sets=policy_sets, grid=grid,
                            compare=check_policy_names(list(compare)) if compare else list(DEFAULT_POLICIES),
                            allocators=allocators, config=config, max_calib_samples=max_calib_samples,
                            max_eval_samples=max_eval_samples, out=out, fresh=fresh, guard=guard, device=device,
                            dtype=dtype, progress=progress)
 
 
+def candidate_sets(config: OptimizeConfig, policies: Sequence[str] | None,
+                   policy_sets: Sequence[Sequence[str]] | None) -> tuple[list[str] | None, list[list[str]]]:
+    """(the policies `run` calibrates, None for the mode's default; the candidate sets its guard chooses between,
+    empty for one plan). Per-head costs default to PER_HEAD_POLICY_SETS when neither is given; every set must be
+    among the calibrated policies; ConfigError otherwise."""
+    if policy_sets is None:
+        policy_sets = PER_HEAD_POLICY_SETS if config.cost in HEAD_COST_KINDS and policies is None else ()
+    sets = [check_policy_names(list(chosen)) for chosen in policy_sets]
+    if not sets:
+        return (check_policy_names(list(policies)) if policies else None), []
+    if config.policies is not None:
+        raise ConfigError("give the plan's candidate policies either as policy sets or as the optimize config's "
+                          "policies, not both")
+    if config.end_to_end:
+        raise ConfigError(f"--solver {config.solver} measures its plans end to end; policy sets are for the "
+                          "solvers that optimize from the profile (dp, ilp)")
+    calibrated = check_policy_names(list(policies)) if policies else list(dict.fromkeys(p for s in sets for p in s))
+    for chosen in sets:
+        missing = [p for p in chosen if p not in calibrated]
+        if missing:
+            raise ConfigError(f"policy set {','.join(chosen)} names {', '.join(missing)}, which --policies does not "
+                              f"calibrate ({', '.join(calibrated)}); add them to --policies")
+    return calibrated, sets
+
+
 def _run_locked(model: ModelSpec, *, budgets: list[float], calib: DataSpec, eval_data: DataSpec,
-                policies: Sequence[str] | None, grid: Sequence[int] | None, compare: list[str],
+                policies: Sequence[str] | None, policy_sets: list[list[str]], grid: Sequence[int] | None, compare: list[str],
                 allocators: list[str], config: OptimizeConfig, max_calib_samples: int | None,
                 max_eval_samples: int | None, out: Path, fresh: bool, guard: bool, device: str, dtype: str,
                 progress: Progress | None) -> RunResult:
@@ -265,6 +297,8 @@ def _run_locked(model: ModelSpec, *, budgets: list[float], calib: DataSpec, eval
     calibration = calibrate(lm, calib, config=calibration_config, out_dir=out, max_samples=max_calib_samples,
                             resume=not fresh, progress=progress)
     signal_heatmap(calibration.profile, out / "signals.png")
+    if policy_sets:  # the plan of the first set; the guard weighs the others' against it per budget
+        config = replace(config, policies=tuple(policy_sets[0]))
     plan_file = optimize(calibration.path, budgets=budgets, config=config, model=lm, data=calib, progress=progress)
     choices, guard_samples = [], 0
     if guard:
@@ -272,13 +306,17 @@ def _run_locked(model: ModelSpec, *, budgets: list[float], calib: DataSpec, eval
         samples, _ = resolve_samples(calib, max_samples=max_calib_samples)
         if fresh:
             (out / "guard.json").unlink(missing_ok=True)
-        crossfit = {"profile": calibration.profile, "config": config}
         obstacle = crossfit_obstacle(calibration.profile, config)
         if obstacle:  # e.g. one calibration sample, or a solver that measures on every sample
-            crossfit = {}
             logger.info("guard: the plan is measured on the calibration samples it was made from (%s)", obstacle)
+        from_profile = ({"profile": calibration.profile, "config": config, "policy_sets": policy_sets[1:]}
+                        if not obstacle or policy_sets else {})
         plan_file, choices, guard_samples = guard_plan(lm, plan_file, samples, policies=compare, progress=progress,
-                                                       cache=out / "guard.json", **crossfit)
+                                                       cache=out / "guard.json", crossfit=not obstacle,
+                                                       **from_profile)
+    elif len(policy_sets) > 1:
+        logger.info("the guard is off: the plan's candidates are the first policy set's (%s)",
+                    ", ".join(policy_sets[0]))
     plan_path = plan_file.save(out / "plan.json")
     allocation_png(plan_file, out / "plan.png")
     report = evaluate(lm, eval_data, plans={"plan": plan_file}, budgets=budgets, policies=compare,
@@ -290,47 +328,67 @@ def _run_locked(model: ModelSpec, *, budgets: list[float], calib: DataSpec, eval
 
 def guard_plan(model: ModelSpec, plan_file: PlanFile | str | Path, samples: DataSpec, *,
                policies: Sequence[str] = DEFAULT_POLICIES, profile: Profile | str | Path | None = None,
-               config: OptimizeConfig | None = None, folds: int = DEFAULT_FOLDS, cache: str | Path | None = None,
+               config: OptimizeConfig | None = None, policy_sets: Sequence[Sequence[str]] = (),
+               crossfit: bool = True, folds: int = DEFAULT_FOLDS, cache: str | Path | None = None,
                device: str = "cpu", dtype: str = "auto",
                progress: Progress | None = None) -> tuple[PlanFile, list[Choice], int]:
     """Per budget, the plan's rung where its task score on `samples` (calibration data, never the evaluation
     set) is at least every uniform policy's in `policies`, else the best of those policies (ties by the share
     of the output lost). Returns the guarded plan file, what was measured per budget, and the samples scored.
 
-    With the `profile` and `config` the plan was optimized from, the guard cross-fits (`run` does): each sample
-    is answered by the plan optimized without its fold of the samples (`folds`, tasks spread over them;
-    optimization/crossfit.py), so a plan that only fits its own calibration samples is not kept. Without them,
-    the plan is measured on samples it may have been made from. `cache`: a JSON file keeping the measurements,
-    reused when the model, plans, samples and policies are the same (an interrupted `run` does not measure again)."""
+    With the `profile` and `config` the plan was optimized from, the guard cross-fits (`run` does; `crossfit`
+    False measures in-sample): each sample is answered by the plan optimized without its fold of the samples
+    (`folds`, tasks spread over them; optimization/crossfit.py), so a plan that only fits its own calibration
+    samples is not kept. Without them, the plan is measured on samples it may have been made from. `policy_sets`
+    (with `profile` and `config`): also the ladders optimized from the profile with the candidates restricted to
+    each set, measured the same way; per budget the best optimized rung stands for the plan (`run`'s per-head
+    default: the plan of six policies, then that of eleven). `cache`: a JSON file keeping the measurements, reused
+    when the model, plans, samples and policies are the same (an interrupted `run` does not measure again)."""
     plan_file = load_plan(plan_file) if isinstance(plan_file, (str, Path)) else plan_file
     policies = check_policy_names(list(policies))
     if (profile is None) != (config is None):
         raise ConfigError("the guard cross-fits from the profile and the optimize config the plan was made with: "
                           "pass both, or neither to measure the plan as it is")
+    if policy_sets and profile is None:
+        raise ConfigError("the guard optimizes the plans of other policy sets from the profile: pass the profile "
+                          "and the optimize config with policy_sets")
     lm = resolve_model(model, device=device, dtype=dtype)
     plan_file.check_model(lm.info)
-    fold_of: dict[str, int] = {}
-    fold_files: list[PlanFile] = []
+    alternatives: list[tuple[str, PlanFile, OptimizeConfig | None]] = []
     if profile is not None and config is not None:
         profile = Profile.load(profile) if isinstance(profile, (str, Path)) else profile
         profile.check_model(lm.info)
-        fold_of, fold_files = fold_plans(profile, plan_file.budgets, config=config.validated(), folds=folds)
+        config = config.validated()
+        for name, chosen in set_names(policy_sets):
+            alt_config = replace(config, policies=tuple(chosen)).validated()
+            alternatives.append((name, optimize_profile(profile, plan_file.budgets, config=alt_config), alt_config))
+    fold_of: dict[str, int] = {}
+    fold_files: list[list[PlanFile]] = []  # per optimized ladder (the plan, then the alternatives): one per fold
+    if crossfit and profile is not None and config is not None:
+        for ladder_config in [config, *(c for _, _, c in alternatives)]:
+            fold_of, files = fold_plans(profile, plan_file.budgets, config=ladder_config, folds=folds)
+            fold_files.append(files)
     where = (f"on calibration samples, each answered by the plan optimized without its fold ({folds} folds)"
              if fold_files else "on calibration samples")
     uniform = uniform_ladders(lm, policies, plan_file.budgets)
+    others = [(name, f) for name, f, _ in alternatives]
     loaded, _ = resolve_samples(samples)
     key = fingerprint_digest({"model": lm.info.model_id, "revision": lm.info.revision,
                               "dtype": str(getattr(lm.model, "dtype", "")),
                               "device": str(lm.device), "plan": plan_file.to_dict(),
+                              "alternatives": [[name, f.to_dict()["plans"]] for name, f in others],
                               "folds": [[fold_of.get(s.id) for s in loaded],  # what each sample answers with
-                                        [[rung["layers"] for rung in f.to_dict()["plans"]] for f in fold_files]],
-                              "samples": samples_digest(loaded), "policies": policies, "guard": 2})
-    stored = read_guard_cache(cache, key, budgets=len(plan_file.budgets), candidates=1 + len(policies))
+                                        [[[rung["layers"] for rung in f.to_dict()["plans"]] for f in files]
+                                         for files in fold_files]],
+                              "samples": samples_digest(loaded), "policies": policies, "guard": 3})
+    candidates = 1 + len(others) + len(policies)
+    stored = read_guard_cache(cache, key, budgets=len(plan_file.budgets), candidates=candidates)
     if stored is not None:
         replay = iter(stored["values"])
-        plans, choices = guard_rungs(plan_file, uniform, lambda _: next(replay), where=where)
+        plans, choices = guard_rungs(plan_file, uniform, lambda _: next(replay), where=where, alternatives=others)
         return replace(plan_file, plans=tuple(plans), schema_version=""), choices, stored["samples"]
-    objective, measured = _measured_on(lm, loaded, [plan_file, *fold_files] + [f for _, f in uniform],
+    ladders = [plan_file, *(f for _, f in others), *(f for files in fold_files for f in files)]
+    objective, measured = _measured_on(lm, loaded, ladders + [f for _, f in uniform],
                                        metric="task", stage="guard", budgets=len(plan_file.budgets),
                                        progress=progress)
     recorded: list[list[dict[str, float]]] = []
@@ -340,15 +398,26 @@ def guard_plan(model: ModelSpec, plan_file: PlanFile | str | Path, samples: Data
 
         def for_sample(sample: Sample) -> list[Plan]:
             fold = fold_of.get(sample.id)  # a sample the profile does not hold never shaped the plan
-            return [plans[0] if fold is None else fold_files[fold].plan_for(budget), *plans[1:]]
+            if fold is None or not fold_files:
+                return plans
+            return [files[fold].plan_for(budget) for files in fold_files] + plans[len(fold_files):]
 
         recorded.append(measured(plans, for_sample))
         return recorded[-1]
 
-    plans, choices = guard_rungs(plan_file, uniform, measure, where=where)
+    plans, choices = guard_rungs(plan_file, uniform, measure, where=where, alternatives=others)
     if cache is not None:
         write_json_atomic(cache, {"run": key, "samples": len(objective.states), "values": recorded})
     return replace(plan_file, plans=tuple(plans), schema_version=""), choices, len(objective.states)
+
+
+def set_names(policy_sets: Sequence[Sequence[str]]) -> list[tuple[str, list[str]]]:
+    """(the guard's name for the plan of each policy set, the set): "plan (N policies)", the set's place added where
+    two sets have the same size."""
+    sets = [check_policy_names(list(chosen)) for chosen in policy_sets]
+    sizes = [len(chosen) for chosen in sets]
+    return [(f"plan ({n} policies)" if sizes.count(n) == 1 else f"plan (set {k + 2}, {n} policies)", chosen)
+            for k, (n, chosen) in enumerate(zip(sizes, sets))]
 
 
 def uniform_ladders(lm: LoadedModel, policies: Sequence[str],

@@ -8,7 +8,7 @@ import pytest
 
 import polykv_search as pk
 from polykv_search.errors import ConfigError
-from polykv_search.policies import DEFAULT_POLICIES, PER_HEAD_POLICIES
+from polykv_search.policies import DEFAULT_POLICIES, PER_HEAD_POLICIES, PER_HEAD_POLICY_SETS
 from tests.conftest import sample_rows, write_jsonl
 
 GRID = (8, 16, 32)
@@ -101,11 +101,65 @@ def test_run_by_default_plans_per_kv_head_among_the_recipe_candidates(tiny_llama
     result = pk.run(tiny_llama, budgets=16, calib=calib, eval_data=held_out, grid=GRID, compare=["streaming"],
                     allocators=[], out_dir=tmp / "default")
     profile = result.calibration.profile
-    assert profile.policies == list(PER_HEAD_POLICIES) and "head_fisher" in profile.cost_kinds
-    [optimized] = pk.load_plan(tmp / "default" / "plan_optimized.json").plans
+    six, eleven = PER_HEAD_POLICY_SETS
+    assert six == PER_HEAD_POLICIES and set(six) < set(eleven)
+    assert profile.policies == list(eleven) and "head_fisher" in profile.cost_kinds  # every set's policies
+    [optimized] = pk.load_plan(tmp / "default" / "plan_optimized.json").plans  # the first set's plan
     heads = [head for layer in optimized.layers for head in layer.heads or ()]
     assert len(heads) == tiny_llama.info.num_layers * tiny_llama.info.num_kv_heads  # a policy and budget per KV head
-    assert {head.policy for head in heads} <= set(PER_HEAD_POLICIES)
+    assert {head.policy for head in heads} <= set(six)
+    [choice] = result.guard  # the plan of each set against the uniform policy, per budget
+    assert set(choice.measured) == {"plan", "plan (11 policies)", "streaming"}
+    [written] = result.plan_file.plans
+    if choice.chosen != "streaming":
+        assert f"kept {choice.chosen}" in written.search.notes
+        used = {head.policy for layer in written.layers for head in layer.heads or ()}
+        assert used <= set(six if choice.chosen == "plan" else eleven)
+
+
+def test_the_guard_weighs_each_policy_sets_plan_made_without_each_sample(tiny_llama, files, monkeypatch):
+    from polykv_search.engine.objective import EndToEndObjective
+    from polykv_search.optimization.crossfit import fold_plans
+
+    calib, _, tmp = files
+    run = pk.calibrate(tiny_llama, calib, config=pk.CalibrationConfig(budgets=GRID, window=16,
+                                                                     policies=("snapkv", "streaming", "knorm")),
+                       out_dir=tmp / "sets")
+    config = pk.OptimizeConfig(cost="out_err", policies=("snapkv", "streaming"))
+    plan_file = pk.optimize(run.profile, budgets=[8, 16], config=config)
+    wide = pk.OptimizeConfig(cost="out_err", policies=("snapkv", "streaming", "knorm"))
+    fold_of, wide_folds = fold_plans(run.profile, [8, 16], config=wide)
+    answered = []
+    original = EndToEndObjective._sample_metrics
+
+    def spy(self, state, plans):
+        answered.append((state.sample.id, plans))
+        return original(self, state, plans)
+
+    monkeypatch.setattr(EndToEndObjective, "_sample_metrics", spy)
+    guarded, choices, _ = pk.guard_plan(tiny_llama, plan_file, calib, policies=["streaming"], profile=run.profile,
+                                        config=config, policy_sets=[["snapkv", "streaming", "knorm"]])
+    assert [set(c.measured) for c in choices] == [{"plan", "plan (3 policies)", "streaming"}] * 2
+    assert len(answered) == 4  # 2 samples x 2 budgets, each answered by the plan, the alternative and the policy
+    for sample_id, (_, alternative, _) in answered:
+        assert alternative.layers == wide_folds[fold_of[sample_id]].plan_for(alternative.average_budget).layers
+    whole = pk.optimize(run.profile, budgets=[8, 16], config=wide)
+    for choice, rung in zip(choices, guarded.plans):
+        if choice.chosen == "plan (3 policies)":
+            assert rung.layers == whole.plan_for(choice.budget).layers
+    with pytest.raises(ConfigError, match="pass the profile"):
+        pk.guard_plan(tiny_llama, plan_file, calib, policy_sets=[["knorm"]])
+
+
+def test_run_refuses_a_policy_set_it_does_not_calibrate(tiny_llama, files):
+    calib, held_out, tmp = files
+    with pytest.raises(ConfigError, match="policy set snapkv,knorm names knorm, which --policies does not"):
+        pk.run(tiny_llama, budgets=16, calib=calib, eval_data=held_out, policies=["snapkv", "streaming"],
+               policy_sets=[["snapkv"], ["snapkv", "knorm"]], out_dir=tmp / "never3")
+    with pytest.raises(ConfigError, match="policy sets are for the solvers"):
+        pk.run(tiny_llama, budgets=16, calib=calib, eval_data=held_out, policy_sets=[["snapkv"], ["knorm"]],
+               config=pk.OptimizeConfig(solver="select"), out_dir=tmp / "never3")
+    assert not (tmp / "never3").exists()
 
 
 def test_bad_options_are_refused_before_any_work(tiny_llama, files):

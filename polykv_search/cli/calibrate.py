@@ -69,7 +69,7 @@ def calibrate(
                                                "whose estimate is above this mean KL per answer token, where "
                                                "the second order under-counts; inf probes none.")] = 0.003,
     probe_share: Annotated[float, typer.Option(help="--head-fisher: probe at most this share of a sample's cells, "
-                                               "the largest estimates first (bounds the probes' time).")] = 0.06,
+                                               "the largest estimates first (bounds the probes' time).")] = 0.033,
     around: Annotated[str | None, typer.Option(help="Slower: per layer, policy and budget, the KL with every other "
                                                "layer at a uniform background of each of these average budgets "
                                                "(e.g. 64,128,256,512; one background per budget, a prefill per "

@@ -19,6 +19,7 @@ import typer
 
 from polykv_search.cli import app
 from polykv_search.cli.errors import err_console
+from polykv_search.errors import ConfigError
 from polykv_search.cli.options import (
     DEFAULT_MODEL,
     CapOpt,
@@ -59,9 +60,13 @@ def run(
                                       "(calibrates with --around at the --budget values: slower still).")
                     ] = "head_fisher",
     weighting: WeightingOpt = "mean",
-    policies: Annotated[str | None, typer.Option(help="Candidate policies of the plan (default: "
-                                                 "expected_attention_recent,h2o_recent,streaming,tova_recent,snapkv,"
-                                                 "keydiff_recent per KV head, all registered per layer).")] = None,
+    policies: Annotated[str | None, typer.Option(help="Policies calibrated, the plan's candidates (default: the "
+                                                 "policy sets' per KV head, all registered per layer).")] = None,
+    policy_set: Annotated[list[str] | None, typer.Option(
+        "--policy-set", help="Candidate policies of one plan, a comma list; repeatable: the guard keeps per budget "
+        "the set whose plan measures best ('all': every --policies). Default per KV head: "
+        "expected_attention_recent,h2o_recent,streaming,tova_recent,snapkv,keydiff_recent, then those six and "
+        "tova,knorm,expected_attention,keydiff,h2o.")] = None,
     floor: FloorOpt = 1,
     cap: CapOpt = None,
     max_policies: MaxPoliciesOpt = None,
@@ -104,6 +109,7 @@ def run(
     with progress_bars() as progress:
         result = pk.run(model, budgets=parse_budget_list(budget), calib=calib, eval_data=eval_data,
                         policies=parse_str_list(policies) if policies else None,
+                        policy_sets=parse_policy_sets(policy_set, policies),
                         grid=parse_int_list(grid, option="--grid") if grid else None,
                         compare=parse_str_list(compare) if compare else None, config=config,
                         allocators=parse_allocators(allocators),
@@ -120,10 +126,28 @@ def run(
         candidates = list(result.guard[0].measured)
         err_console.print(choice_table(candidates, result.guard, what="task loss (1 - score)",
                                        samples=result.guard_samples))
-        typer.echo("guard: " + ", ".join(f"{c.budget:g} -> {'optimized plan' if c.chosen == 'plan' else c.chosen}"
-                                         for c in result.guard))
+        typer.echo("guard: " + ", ".join(f"{c.budget:g} -> {kept_name(c.chosen)}" for c in result.guard))
     err_console.print(plan_table(result.plan_file))
     err_console.print(report.markdown(), markup=False, highlight=False)
     for line in recovery_lines(report, "plan"):
         typer.echo(line)
     typer.echo(f"report: {report.files['markdown']}")
+
+
+def kept_name(chosen: str) -> str:
+    """What the guard kept at a budget, in words: an optimized plan ("plan", "plan (11 policies)") or a policy."""
+    return f"optimized {chosen}" if chosen.startswith("plan") else chosen
+
+
+def parse_policy_sets(values: list[str] | None, policies: str | None) -> list[list[str]] | None:
+    """--policy-set values as lists of names ('all': every --policies); None when none is given."""
+    if not values:
+        return None
+    sets = []
+    for value in values:
+        if value.strip() == "all":
+            if not policies:
+                raise ConfigError("--policy-set all means every --policies: give --policies too")
+            value = policies
+        sets.append(parse_str_list(value))
+    return sets

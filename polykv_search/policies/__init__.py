@@ -8,6 +8,7 @@ from polykv_search.policies.catalog import (
     DEFAULT_POLICIES,
     N_SINK_RECENT,
     PER_HEAD_POLICIES,
+    PER_HEAD_POLICY_SETS,
     POLICIES,
     PolicySpec,
     check_policy_names,
@@ -16,5 +17,5 @@ from polykv_search.policies.catalog import (
     scorer_key,
 )
 
-__all__ = ["DEFAULT_POLICIES", "N_SINK_RECENT", "PER_HEAD_POLICIES", "POLICIES", "PolicySpec", "check_policy_names",
-           "params_problems", "policy_params", "scorer_key"]
+__all__ = ["DEFAULT_POLICIES", "N_SINK_RECENT", "PER_HEAD_POLICIES", "PER_HEAD_POLICY_SETS", "POLICIES", "PolicySpec",
+           "check_policy_names", "params_problems", "policy_params", "scorer_key"]

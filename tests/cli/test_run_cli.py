@@ -50,3 +50,33 @@ def test_run_with_around_kl_calibrates_around_its_budgets(monkeypatch, capsys, t
     profile = Profile.load(out["profile"])
     assert profile.around_budgets == [8, 16] and "layer_kl" not in profile.cost_kinds
     assert [p.average_budget for p in PlanFile.load(out["plan"]).plans] == [8, 16]
+
+
+def test_run_weighs_the_plans_of_its_policy_sets(monkeypatch, capsys, tiny_dir, tmp_path):
+    calib = write_jsonl(tmp_path / "c.jsonl", sample_rows(2, words=200))
+    held_out = write_jsonl(tmp_path / "e.jsonl", sample_rows(1, words=200))
+    argv = ["polykv-search", "run", "--model", str(tiny_dir), "--budget", "16", "--calib", str(calib), "--eval",
+            str(held_out), "--out", str(tmp_path / "o"), "--cost", "out_err", "--policies", "snapkv,streaming,knorm",
+            "--policy-set", "snapkv,streaming", "--policy-set", "all", "--grid", "8,16,32", "--compare", "streaming",
+            "--allocators", "none"]
+    monkeypatch.setattr(sys, "argv", argv)
+    main()
+    printed = capsys.readouterr()
+    [line] = [ln for ln in printed.out.splitlines() if ln.startswith("guard: ")]
+    assert line in ("guard: 16 -> optimized plan", "guard: 16 -> optimized plan (3 policies)", "guard: 16 -> streaming")
+    assert "plan (3 policies)" in printed.err  # the guard's table has a row for each set's plan
+    optimized = PlanFile.load(tmp_path / "o" / "plan_optimized.json").plans[0]
+    assert {entry.policy for entry in optimized.layers} <= {"snapkv", "streaming"}  # the first set's plan
+
+
+def test_run_refuses_policy_set_all_without_policies(monkeypatch, capsys, tiny_dir, tmp_path):
+    monkeypatch.setattr(sys, "argv", ["polykv-search", "run", "--model", str(tiny_dir), "--policy-set", "snapkv",
+                                      "--policy-set", "all", "--out", str(tmp_path / "o")])
+    try:
+        main()
+    except SystemExit as exc:
+        assert exc.code == 2
+    else:
+        raise AssertionError("run accepted --policy-set all without --policies")
+    assert "--policy-set all means every --policies" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()

@@ -81,3 +81,31 @@ def test_the_guard_keeps_the_plan_unless_a_uniform_policy_scores_better():
     assert plans[1].search.solver == "manual"  # the uniform candidate's own provenance, with the guard's note
     with pytest.raises(ConfigError, match="at least one uniform policy"):
         guard_rungs(plan, [], measure)
+
+
+def test_the_guard_takes_the_best_optimized_ladder_per_budget_then_holds_it_to_the_uniform_policies():
+    info = tiny_loaded("llama").info
+    plan, wide = ladder(info, "snapkv", [16, 32, 64]), ladder(info, "tova", [16, 32, 64])
+    uniform = [("streaming", ladder(info, "streaming", [16, 32, 64]))]
+    # 16: the plan wins over its alternative and the uniform policy; 32: the alternative ties the plan on the task
+    # and loses less of the output; 64: the uniform policy beats both optimized rungs
+    task = {16: {"snapkv": 0.3, "tova": 0.5, "streaming": 0.6}, 32: {"snapkv": 0.4, "tova": 0.4, "streaming": 0.6},
+            64: {"snapkv": 0.5, "tova": 0.4, "streaming": 0.3}}
+    lost = {"snapkv": 0.2, "tova": 0.1, "streaming": 0.3}
+    seen = []
+
+    def measure(candidates):
+        seen.append([next(x for x in p.policies if x) for p in candidates])
+        return [{"task": task[p.average_budget][next(x for x in p.policies if x)],
+                 "lost": lost[next(x for x in p.policies if x)]} for p in candidates]
+
+    plans, choices = guard_rungs(plan, uniform, measure, alternatives=[("plan (wide)", wide)])
+    assert seen[0] == ["snapkv", "tova", "streaming"]  # the plan, the alternatives, the uniform policies
+    assert [c.chosen for c in choices] == ["plan", "plan (wide)", "streaming"]
+    assert choices[1].measured == {"plan": 0.4, "plan (wide)": 0.4, "streaming": 0.6}
+    assert set(plans[1].policies) - {None} == {"tova"} and "kept plan (wide)" in plans[1].search.notes
+    assert "the optimized plans measured worse than uniform streaming" in plans[2].search.notes
+    with pytest.raises(ConfigError, match="distinct names"):
+        guard_rungs(plan, uniform, measure, alternatives=[("streaming", wide)])
+    with pytest.raises(ConfigError, match="the same budgets"):
+        guard_rungs(plan, uniform, measure, alternatives=[("plan (wide)", ladder(info, "tova", [16]))])
