@@ -9,10 +9,10 @@ and how plans made other ways compare out of fold.
 
 Takes one or more profiles (from `run` or `calibrate`; their samples must be the first N of --data, as `run` takes
 them) and, at each budget, measures by task loss (1 - the task's score of the greedy answer; lower is better) on the
-calibration samples: the plan optimized on every sample of the first profile (in-sample, what an uncross-fitted
-guard measures), for every profile and every --policy-sets entry the plans optimized without each sample's fold (out
-of fold, what `run`'s guard measures), and the uniform policies, all in one pass over the same samples. Every number
-comes from calibration data. bfloat16 answers shift with the batch they are decoded in
+calibration samples: the plan optimized on every sample of the first profile with the first --policy-sets entry
+(in-sample, what an uncross-fitted guard measures), for every profile and every --policy-sets entry the plans
+optimized without each sample's fold (out of fold, what `run`'s guard measures), and the uniform policies, all in
+one pass over the same samples. Every number comes from calibration data. bfloat16 answers shift with the batch they are decoded in
 (benchmarks/eval_batching.py), so differences of a few hundredths are within noise.
 """
 
@@ -57,7 +57,9 @@ def main() -> None:
             if missing:
                 raise SystemExit(f"{path}: no costs for {', '.join(missing)} (its policies: "
                                  f"{', '.join(profile.policies)})")
-    whole = optimize_profile(first, budgets, config=OptimizeConfig(cost=args.cost).validated())
+    first_set = args.policy_sets[0]
+    whole = optimize_profile(first, budgets, config=OptimizeConfig(  # as `run` writes it: the first set's plan
+        cost=args.cost, policies=None if first_set == "all" else tuple(first_set.split(","))).validated())
     variants = []  # (column name, sample id -> fold, fold ladders)
     for k, (path, profile) in enumerate(zip(args.profiles, profiles)):
         for j, chosen in enumerate(args.policy_sets):
@@ -73,7 +75,7 @@ def main() -> None:
     files = [whole, *(f for _, _, fold_files in variants for f in fold_files)] + [f for _, f in uniform]
     scorers = {name: scorer for f in files for rung in f.plans for name, scorer in rung.scorers.items()}
     objective = EndToEndObjective(lm, samples, policies=list(scorers.values()), metric="task")
-    names = ["in-sample (all of the first)", *(name for name, _, _ in variants), *compare]
+    names = ["in-sample (first profile, first set)", *(name for name, _, _ in variants), *compare]
     width = max(len(n) for n in names)
     print(f"{len(objective.states)} calibration samples, {args.folds} folds; mean task loss over tasks (lower is better)")
     print("budget " + " ".join(f"{n:>{width}}" for n in names))

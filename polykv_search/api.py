@@ -220,10 +220,10 @@ def run(model: ModelSpec = DEFAULT_MODEL, *, budgets: float | Sequence[float] = 
     interrupted run resumes where it stopped (`fresh`: start over, discarding the folder's checkpoints).
 
     `config.cost` decides the calibrate mode. The default, head_fisher, plans a policy and budget per KV head from
-    `calibrate --head-fisher` (on the grid HEAD_BUDGETS), once per candidate set of `policy_sets` (default
-    PER_HEAD_POLICY_SETS: six policies that keep a head's newest tokens, and those six with five scorers alone),
-    and the guard keeps per budget the set whose plan measures best; calibrate measures `policies` (default: every
-    policy of the sets);
+    one `calibrate --head-fisher` (on the grid HEAD_BUDGETS) of every policy of `policy_sets`, then a plan per
+    set (default PER_HEAD_POLICY_SETS: six policies that keep a head's newest tokens, and those six with five
+    scorers alone; `policies` or `config.policies` alone: that one set), and the guard keeps per budget the set
+    whose plan measures best (plan_optimized.json holds the first set's ladder);
     head_kl does the same from the probes (slower); layer_kl / layer_nll calibrate with `layer_kl`, around_kl
     around the budgets themselves, mass_lost and out_err need no extra mode (per-layer candidates default to
     every registered policy). The end-to-end solvers (select, optuna) measure on every sample of `calib`.
@@ -236,7 +236,7 @@ def run(model: ModelSpec = DEFAULT_MODEL, *, budgets: float | Sequence[float] = 
     set's."""
     config = config.validated()
     budgets = check_budgets(budgets)
-    policies, policy_sets = candidate_sets(config, policies, policy_sets)
+    policies, policy_sets = candidate_sets(config, policies, policy_sets, guard=guard)
     resolve_samples(eval_data, max_samples=max_eval_samples)  # a bad held-out set is refused before any work
     allocators = check_allocators(allocators)
     out = Path(out_dir) if out_dir is not None else default_out_dir(model)
@@ -250,12 +250,18 @@ def run(model: ModelSpec = DEFAULT_MODEL, *, budgets: float | Sequence[float] = 
 
 
 def candidate_sets(config: OptimizeConfig, policies: Sequence[str] | None,
-                   policy_sets: Sequence[Sequence[str]] | None) -> tuple[list[str] | None, list[list[str]]]:
+                   policy_sets: Sequence[Sequence[str]] | None, *, guard: bool = True
+                   ) -> tuple[list[str] | None, list[list[str]]]:
     """(the policies `run` calibrates, None for the mode's default; the candidate sets its guard chooses between,
-    empty for one plan). Per-head costs default to PER_HEAD_POLICY_SETS when neither is given; every set must be
-    among the calibrated policies; ConfigError otherwise."""
+    empty for one plan). `--cost head_fisher` defaults to PER_HEAD_POLICY_SETS when no candidates are given at all
+    (with the guard off, to the first set alone). Every set must be among the calibrated policies and name every
+    policy `--only` restricts; ConfigError otherwise."""
     if policy_sets is None:
-        policy_sets = PER_HEAD_POLICY_SETS if config.cost in HEAD_COST_KINDS and policies is None else ()
+        defaults = config.cost == HEAD_FISHER and policies is None and config.policies is None
+        policy_sets = (PER_HEAD_POLICY_SETS if guard else PER_HEAD_POLICY_SETS[:1]) if defaults else ()
+    elif len(policy_sets) > 1 and not guard:
+        raise ConfigError("several policy sets need the guard to choose between their plans; give one set, or drop "
+                          "--no-guard")
     sets = [check_policy_names(list(chosen)) for chosen in policy_sets]
     if not sets:
         return (check_policy_names(list(policies)) if policies else None), []
@@ -265,12 +271,20 @@ def candidate_sets(config: OptimizeConfig, policies: Sequence[str] | None,
     if config.end_to_end:
         raise ConfigError(f"--solver {config.solver} measures its plans end to end; policy sets are for the "
                           "solvers that optimize from the profile (dp, ilp)")
+    seen = [frozenset(chosen) for chosen in sets]
+    if len(set(seen)) != len(seen):
+        raise ConfigError(f"policy sets {' and '.join(','.join(c) for c in sets if seen.count(frozenset(c)) > 1)} "
+                          "are the same set; give each once")
     calibrated = check_policy_names(list(policies)) if policies else list(dict.fromkeys(p for s in sets for p in s))
     for chosen in sets:
         missing = [p for p in chosen if p not in calibrated]
         if missing:
             raise ConfigError(f"policy set {','.join(chosen)} names {', '.join(missing)}, which --policies does not "
                               f"calibrate ({', '.join(calibrated)}); add them to --policies")
+        restricted = [p for p in config.allowed or {} if p not in chosen]
+        if restricted:
+            raise ConfigError(f"--only restricts {', '.join(restricted)}, which policy set {','.join(chosen)} does "
+                              "not hold; add it to every set or drop that --only")
     return calibrated, sets
 
 
@@ -308,15 +322,14 @@ def _run_locked(model: ModelSpec, *, budgets: list[float], calib: DataSpec, eval
             (out / "guard.json").unlink(missing_ok=True)
         obstacle = crossfit_obstacle(calibration.profile, config)
         if obstacle:  # e.g. one calibration sample, or a solver that measures on every sample
-            logger.info("guard: the plan is measured on the calibration samples it was made from (%s)", obstacle)
+            logger.info("guard: the %s measured on the calibration samples %s made from (%s)",
+                        "plans are" if len(policy_sets) > 1 else "plan is",
+                        "they were" if len(policy_sets) > 1 else "it was", obstacle)
         from_profile = ({"profile": calibration.profile, "config": config, "policy_sets": policy_sets[1:]}
                         if not obstacle or policy_sets else {})
         plan_file, choices, guard_samples = guard_plan(lm, plan_file, samples, policies=compare, progress=progress,
                                                        cache=out / "guard.json", crossfit=not obstacle,
                                                        **from_profile)
-    elif len(policy_sets) > 1:
-        logger.info("the guard is off: the plan's candidates are the first policy set's (%s)",
-                    ", ".join(policy_sets[0]))
     plan_path = plan_file.save(out / "plan.json")
     allocation_png(plan_file, out / "plan.png")
     report = evaluate(lm, eval_data, plans={"plan": plan_file}, budgets=budgets, policies=compare,
@@ -352,6 +365,9 @@ def guard_plan(model: ModelSpec, plan_file: PlanFile | str | Path, samples: Data
     if policy_sets and profile is None:
         raise ConfigError("the guard optimizes the plans of other policy sets from the profile: pass the profile "
                           "and the optimize config with policy_sets")
+    if policy_sets and config is not None and config.end_to_end:
+        raise ConfigError(f"--solver {config.solver} measures its plans end to end; policy sets are for the "
+                          "solvers that optimize from the profile (dp, ilp)")
     lm = resolve_model(model, device=device, dtype=dtype)
     plan_file.check_model(lm.info)
     alternatives: list[tuple[str, PlanFile, OptimizeConfig | None]] = []
@@ -359,9 +375,11 @@ def guard_plan(model: ModelSpec, plan_file: PlanFile | str | Path, samples: Data
         profile = Profile.load(profile) if isinstance(profile, (str, Path)) else profile
         profile.check_model(lm.info)
         config = config.validated()
+        signature = plan_file.plans[0].search.profile_signature if plan_file.plans else None  # the same profile
         for name, chosen in set_names(policy_sets):
             alt_config = replace(config, policies=tuple(chosen)).validated()
-            alternatives.append((name, optimize_profile(profile, plan_file.budgets, config=alt_config), alt_config))
+            alternatives.append((name, optimize_profile(profile, plan_file.budgets, config=alt_config,
+                                                        profile_signature=signature), alt_config))
     fold_of: dict[str, int] = {}
     fold_files: list[list[PlanFile]] = []  # per optimized ladder (the plan, then the alternatives): one per fold
     if crossfit and profile is not None and config is not None:
@@ -373,13 +391,14 @@ def guard_plan(model: ModelSpec, plan_file: PlanFile | str | Path, samples: Data
     uniform = uniform_ladders(lm, policies, plan_file.budgets)
     others = [(name, f) for name, f, _ in alternatives]
     loaded, _ = resolve_samples(samples)
+    def rungs(ladder: PlanFile) -> list:  # what is answered with, not how long its solve took
+        return [[rung["constraint"]["average_budget"], rung["layers"]] for rung in ladder.to_dict()["plans"]]
+
     key = fingerprint_digest({"model": lm.info.model_id, "revision": lm.info.revision,
-                              "dtype": str(getattr(lm.model, "dtype", "")),
-                              "device": str(lm.device), "plan": plan_file.to_dict(),
-                              "alternatives": [[name, f.to_dict()["plans"]] for name, f in others],
+                              "dtype": str(getattr(lm.model, "dtype", "")), "device": str(lm.device),
+                              "plan": rungs(plan_file), "alternatives": [[name, rungs(f)] for name, f in others],
                               "folds": [[fold_of.get(s.id) for s in loaded],  # what each sample answers with
-                                        [[[rung["layers"] for rung in f.to_dict()["plans"]] for f in files]
-                                         for files in fold_files]],
+                                        [[rungs(f) for f in files] for files in fold_files]],
                               "samples": samples_digest(loaded), "policies": policies, "guard": 3})
     candidates = 1 + len(others) + len(policies)
     stored = read_guard_cache(cache, key, budgets=len(plan_file.budgets), candidates=candidates)
@@ -412,11 +431,14 @@ def guard_plan(model: ModelSpec, plan_file: PlanFile | str | Path, samples: Data
 
 
 def set_names(policy_sets: Sequence[Sequence[str]]) -> list[tuple[str, list[str]]]:
-    """(the guard's name for the plan of each policy set, the set): "plan (N policies)", the set's place added where
-    two sets have the same size."""
+    """(the guard's name for the plan of each further policy set, the set): "plan (N policies)", with the set's
+    place (the first set, the plan's own, is 1) where two of them have the same size."""
     sets = [check_policy_names(list(chosen)) for chosen in policy_sets]
     sizes = [len(chosen) for chosen in sets]
-    return [(f"plan ({n} policies)" if sizes.count(n) == 1 else f"plan (set {k + 2}, {n} policies)", chosen)
+    def count(n: int) -> str:
+        return f"{n} {'policy' if n == 1 else 'policies'}"
+
+    return [(f"plan ({count(n)})" if sizes.count(n) == 1 else f"plan (set {k + 2}, {count(n)})", chosen)
             for k, (n, chosen) in enumerate(zip(sizes, sets))]
 
 

@@ -7,6 +7,7 @@ import logging
 import pytest
 
 import polykv_search as pk
+from polykv_search.api import candidate_sets, set_names
 from polykv_search.errors import ConfigError
 from polykv_search.policies import DEFAULT_POLICIES, PER_HEAD_POLICIES, PER_HEAD_POLICY_SETS
 from tests.conftest import sample_rows, write_jsonl
@@ -111,10 +112,11 @@ def test_run_by_default_plans_per_kv_head_among_the_recipe_candidates(tiny_llama
     [choice] = result.guard  # the plan of each set against the uniform policy, per budget
     assert set(choice.measured) == {"plan", "plan (11 policies)", "streaming"}
     [written] = result.plan_file.plans
-    if choice.chosen != "streaming":
-        assert f"kept {choice.chosen}" in written.search.notes
-        used = {head.policy for layer in written.layers for head in layer.heads or ()}
-        assert used <= set(six if choice.chosen == "plan" else eleven)
+    ladders = {"plan": optimized, "streaming": pk.uniform_plan(tiny_llama.info, policy="streaming", budget=16),
+               "plan (11 policies)": pk.optimize(profile, budgets=16, config=pk.OptimizeConfig(
+                   cost="head_fisher", policies=eleven)).plans[0]}
+    assert written.layers == ladders[choice.chosen].layers  # the rung the guard names is the one written
+    assert written.search.profile_signature == optimized.search.profile_signature  # from the one profile
 
 
 def test_the_guard_weighs_each_policy_sets_plan_made_without_each_sample(tiny_llama, files, monkeypatch):
@@ -125,10 +127,12 @@ def test_the_guard_weighs_each_policy_sets_plan_made_without_each_sample(tiny_ll
     run = pk.calibrate(tiny_llama, calib, config=pk.CalibrationConfig(budgets=GRID, window=16,
                                                                      policies=("snapkv", "streaming", "knorm")),
                        out_dir=tmp / "sets")
-    config = pk.OptimizeConfig(cost="out_err", policies=("snapkv", "streaming"))
+    config = pk.OptimizeConfig(cost="out_err", policies=("streaming",))
     plan_file = pk.optimize(run.profile, budgets=[8, 16], config=config)
     wide = pk.OptimizeConfig(cost="out_err", policies=("snapkv", "streaming", "knorm"))
-    fold_of, wide_folds = fold_plans(run.profile, [8, 16], config=wide)
+    fold_of, narrow_folds = fold_plans(run.profile, [8, 16], config=config)
+    _, wide_folds = fold_plans(run.profile, [8, 16], config=wide)
+    assert any(n.plan_for(b).layers != w.plan_for(b).layers for n, w in zip(narrow_folds, wide_folds) for b in (8, 16))
     answered = []
     original = EndToEndObjective._sample_metrics
 
@@ -141,14 +145,54 @@ def test_the_guard_weighs_each_policy_sets_plan_made_without_each_sample(tiny_ll
                                         config=config, policy_sets=[["snapkv", "streaming", "knorm"]])
     assert [set(c.measured) for c in choices] == [{"plan", "plan (3 policies)", "streaming"}] * 2
     assert len(answered) == 4  # 2 samples x 2 budgets, each answered by the plan, the alternative and the policy
-    for sample_id, (_, alternative, _) in answered:
+    for sample_id, (plan, alternative, _) in answered:  # each slot the fold plan of its own set
+        assert plan.layers == narrow_folds[fold_of[sample_id]].plan_for(plan.average_budget).layers
         assert alternative.layers == wide_folds[fold_of[sample_id]].plan_for(alternative.average_budget).layers
-    whole = pk.optimize(run.profile, budgets=[8, 16], config=wide)
-    for choice, rung in zip(choices, guarded.plans):
-        if choice.chosen == "plan (3 policies)":
-            assert rung.layers == whole.plan_for(choice.budget).layers
+    whole = {"plan": plan_file, "plan (3 policies)": pk.optimize(run.profile, budgets=[8, 16], config=wide),
+             "streaming": pk.PlanFile.build(tiny_llama.info, [pk.uniform_plan(tiny_llama.info, policy="streaming",
+                                                                             budget=b) for b in (8, 16)])}
+    for choice, rung in zip(choices, guarded.plans):  # the rung written is the whole-sample one of the winner
+        assert rung.layers == whole[choice.chosen].plan_for(choice.budget).layers
+    assert all(r.search.profile_signature == plan_file.plans[0].search.profile_signature for r in guarded.plans
+               if "kept" in r.search.notes)
+
+    # measured once: the same plans, sets and samples are read back from the cache, however long the solves took
+    cache = tmp / "sets" / "guard.json"
+    first = pk.guard_plan(tiny_llama, plan_file, calib, policies=["streaming"], profile=run.profile, config=config,
+                          policy_sets=[["snapkv", "streaming", "knorm"]], cache=cache)
+
+    def measured_again(*args, **kwargs):
+        raise AssertionError("the guard measured again")
+
+    monkeypatch.setattr("polykv_search.api.EndToEndObjective", measured_again)
+    again = pk.guard_plan(tiny_llama, pk.optimize(run.profile, budgets=[8, 16], config=config), calib,
+                          policies=["streaming"], profile=run.profile, config=config,
+                          policy_sets=[["snapkv", "streaming", "knorm"]], cache=cache)
+    assert again[1] == first[1]
+    with pytest.raises(AssertionError, match="measured again"):  # another set is another measurement
+        pk.guard_plan(tiny_llama, plan_file, calib, policies=["streaming"], profile=run.profile, config=config,
+                      policy_sets=[["snapkv", "streaming"]], cache=cache)
     with pytest.raises(ConfigError, match="pass the profile"):
         pk.guard_plan(tiny_llama, plan_file, calib, policy_sets=[["knorm"]])
+    with pytest.raises(ConfigError, match="policy sets are for the solvers"):
+        pk.guard_plan(tiny_llama, plan_file, calib, profile=run.profile, policy_sets=[["knorm"]],
+                      config=pk.OptimizeConfig(solver="select", cost="out_err"))
+
+
+def test_policy_sets_are_named_by_size_and_place(tiny_llama):
+    assert [name for name, _ in set_names([["snapkv", "knorm"], ["streaming"], ["tova", "h2o"]])] == [
+        "plan (set 2, 2 policies)", "plan (1 policy)", "plan (set 4, 2 policies)"]
+
+
+def test_run_with_one_calibration_sample_guards_every_sets_plan_in_sample(tiny_llama, files):
+    calib, held_out, tmp = files
+    result = pk.run(tiny_llama, budgets=16, calib=calib, eval_data=held_out, policies=["snapkv", "streaming"],
+                    policy_sets=[["streaming"], ["snapkv", "streaming"]], grid=GRID, compare=["streaming"],
+                    config=pk.OptimizeConfig(cost="out_err"), max_calib_samples=1, max_eval_samples=1,
+                    allocators=[], out_dir=tmp / "one_sets")
+    [choice] = result.guard
+    assert set(choice.measured) == {"plan", "plan (2 policies)", "streaming"} and result.guard_samples == 1
+    assert "on calibration samples (" in result.plan_file.plans[0].search.notes  # in-sample: no folds
 
 
 def test_run_refuses_a_policy_set_it_does_not_calibrate(tiny_llama, files):
@@ -159,7 +203,27 @@ def test_run_refuses_a_policy_set_it_does_not_calibrate(tiny_llama, files):
     with pytest.raises(ConfigError, match="policy sets are for the solvers"):
         pk.run(tiny_llama, budgets=16, calib=calib, eval_data=held_out, policy_sets=[["snapkv"], ["knorm"]],
                config=pk.OptimizeConfig(solver="select"), out_dir=tmp / "never3")
+    with pytest.raises(ConfigError, match="several policy sets need the guard"):
+        pk.run(tiny_llama, budgets=16, calib=calib, eval_data=held_out, policy_sets=[["snapkv"], ["knorm"]],
+               guard=False, out_dir=tmp / "never3")
+    with pytest.raises(ConfigError, match="are the same set"):
+        pk.run(tiny_llama, budgets=16, calib=calib, eval_data=held_out,
+               policy_sets=[["snapkv", "knorm"], ["knorm", "snapkv"]], out_dir=tmp / "never3")
+    with pytest.raises(ConfigError, match="--only restricts knorm, which policy set snapkv does not hold"):
+        pk.run(tiny_llama, budgets=16, calib=calib, eval_data=held_out, policy_sets=[["snapkv"], ["snapkv", "knorm"]],
+               config=pk.OptimizeConfig(cost="head_fisher", allowed={"knorm": [0]}), out_dir=tmp / "never3")
     assert not (tmp / "never3").exists()
+
+
+def test_the_default_sets_yield_to_candidates_given_otherwise():
+    head = pk.OptimizeConfig(cost="head_fisher")
+    assert candidate_sets(head, None, None) == (
+        [p for p in dict.fromkeys(p for s in PER_HEAD_POLICY_SETS for p in s)], [list(s) for s in PER_HEAD_POLICY_SETS])
+    assert candidate_sets(head, None, None, guard=False) == (list(PER_HEAD_POLICIES), [list(PER_HEAD_POLICIES)])
+    assert candidate_sets(head, ["snapkv", "knorm"], None) == (["snapkv", "knorm"], [])  # --policies alone
+    mine = pk.OptimizeConfig(cost="head_fisher", policies=("snapkv",))
+    assert candidate_sets(mine, None, None) == (None, [])  # the config's own candidates
+    assert candidate_sets(pk.OptimizeConfig(cost="head_kl"), None, None) == (None, [])  # probes: no sets
 
 
 def test_bad_options_are_refused_before_any_work(tiny_llama, files):

@@ -10,15 +10,16 @@ every answer position, the gradient g of sum_t log p_t(y_t) with respect to the 
 E[(g . do)^2] = sum_t dz_t' F_t dz_t (the draws are independent and their scores have mean zero), so one
 teacher-forced pass on the full cache and `draws` backward passes give an unbiased estimate of every cell
 (layer, KV head, policy, budget) at once: draws x (one suffix forward + backward) per sample, where the probes cost
-one suffix forward per cell (about 1,350 on SmolLM2).
+one suffix forward per cell (4,950 on SmolLM2 with `run`'s eleven candidate policies).
 
 The estimate ranks the cells as the probes do, but it under-counts the few cells where compressing a head moves the
 output most (on SmolLM2 the probes' KL is about 1.3x the estimate above 0.03 and 2.5x above 0.3, against 1.0 below
 0.03), and those cells decide which heads a low-budget plan keeps whole. So calibrate then probes exactly the cells
 whose estimate is above `probe_above` (0.003 by default), the largest first and at most `probe_share` of the
 sample's cells (3.3%: 163 of SmolLM2's 4,950 with `run`'s eleven candidate policies), and keeps the estimate
-elsewhere (`corrected`); the profile records which cells were measured. `benchmarks/head_fisher_check.py` measures how well the estimate ranks and what each
-costs against the probes; `benchmarks/fisher_probe_share.py` how the rule was chosen.
+elsewhere (`corrected`); the profile records which cells were measured. `benchmarks/head_fisher_check.py` measures
+how well the estimate ranks and what each costs against the probes; `benchmarks/fisher_probe_share.py` how the
+threshold was chosen, and docs/per-head.md ("a candidate set per budget") the share.
 """
 
 from __future__ import annotations

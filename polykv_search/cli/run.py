@@ -19,7 +19,6 @@ import typer
 
 from polykv_search.cli import app
 from polykv_search.cli.errors import err_console
-from polykv_search.errors import ConfigError
 from polykv_search.cli.options import (
     DEFAULT_MODEL,
     CapOpt,
@@ -44,6 +43,7 @@ from polykv_search.cli.options import (
     parse_tied,
 )
 from polykv_search.cli.render import choice_table, plan_table, progress_bars, recovery_lines
+from polykv_search.errors import ConfigError
 
 
 @app.command()
@@ -60,13 +60,15 @@ def run(
                                       "(calibrates with --around at the --budget values: slower still).")
                     ] = "head_fisher",
     weighting: WeightingOpt = "mean",
-    policies: Annotated[str | None, typer.Option(help="Policies calibrated, the plan's candidates (default: the "
-                                                 "policy sets' per KV head, all registered per layer).")] = None,
+    policies: Annotated[str | None, typer.Option(help="Policies calibrated; without --policy-set, the plan's "
+                                                 "candidates, one set (default: every policy of the default sets "
+                                                 "with --cost head_fisher, all registered per layer).")] = None,
     policy_set: Annotated[list[str] | None, typer.Option(
-        "--policy-set", help="Candidate policies of one plan, a comma list; repeatable: the guard keeps per budget "
-        "the set whose plan measures best ('all': every --policies). Default per KV head: "
+        "--policy-set", help="Candidate policies of one plan, a comma list ('all': every --policies); repeatable: "
+        "a plan per set, and the guard keeps per budget the one that measures best on the calibration samples, if "
+        "it also beats every uniform policy there. Default with --cost head_fisher and no --policies: "
         "expected_attention_recent,h2o_recent,streaming,tova_recent,snapkv,keydiff_recent, then those six and "
-        "tova,knorm,expected_attention,keydiff,h2o.")] = None,
+        "tova,knorm,expected_attention,keydiff,h2o (with --no-guard, the first alone).")] = None,
     floor: FloorOpt = 1,
     cap: CapOpt = None,
     max_policies: MaxPoliciesOpt = None,
@@ -90,11 +92,11 @@ def run(
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Folder (default: outputs/<model>)")] = None,
     fresh: Annotated[bool, typer.Option("--fresh", help="Start over: discard the folder's checkpoints instead of "
                                         "resuming from them.")] = False,
-    guard: Annotated[bool, typer.Option("--guard/--no-guard", help="Keep a budget's optimized plan only where it "
-                                        "scores at least as well as every uniform policy on the calibration "
-                                        "samples, each answered by the plan optimized without its half of them "
-                                        "(else write that policy; the optimized ladder stays in "
-                                        "plan_optimized.json).")] = True,
+    guard: Annotated[bool, typer.Option("--guard/--no-guard", help="Keep a budget's optimized plan (the best of "
+                                        "the policy sets' plans) only where it scores at least as well as every "
+                                        "uniform policy on the calibration samples, each answered by the plan "
+                                        "optimized without its half of them (else write that policy; the first "
+                                        "set's optimized ladder stays in plan_optimized.json).")] = True,
     device: DeviceOpt = "cpu",
     dtype: DtypeOpt = "auto",
     as_json: JsonOpt = False,
@@ -135,8 +137,9 @@ def run(
 
 
 def kept_name(chosen: str) -> str:
-    """What the guard kept at a budget, in words: an optimized plan ("plan", "plan (11 policies)") or a policy."""
-    return f"optimized {chosen}" if chosen.startswith("plan") else chosen
+    """What the guard kept at a budget, in words: an optimized plan ("plan", "plan (11 policies)") or a policy
+    (policy names have no spaces)."""
+    return f"optimized {chosen}" if chosen == "plan" or chosen.startswith("plan (") else chosen
 
 
 def parse_policy_sets(values: list[str] | None, policies: str | None) -> list[list[str]] | None:
@@ -145,6 +148,9 @@ def parse_policy_sets(values: list[str] | None, policies: str | None) -> list[li
         return None
     sets = []
     for value in values:
+        if "all" in parse_str_list(value) and value.strip() != "all":
+            raise ConfigError(f"--policy-set {value!r}: 'all' stands alone (every --policies); list the policies "
+                              "instead")
         if value.strip() == "all":
             if not policies:
                 raise ConfigError("--policy-set all means every --policies: give --policies too")

@@ -72,8 +72,8 @@ POLICIES: dict[str, PolicySpec] = {
         base="expected_attention", description="4 sinks, then newest tokens and ExpectedAttention's choice in turn"),
 }
 DEFAULT_POLICIES: tuple[str, ...] = tuple(POLICIES)
-# The per-head recipe's candidates (`run`'s default): sinks and recency alone, and five scorers that each keep a
-# head's newest tokens beside their choice (future queries, the prefill's attention, the last queries' attention
+# The per-head recipe's first candidate set (`run`'s plan at every budget with the guard off): sinks and recency
+# alone, and five scorers that each keep a head's newest tokens beside their choice (future queries, the prefill's attention, the last queries' attention
 # with and without accumulation, key novelty). Chosen on SmolLM2's calibration samples by the cross-fitted task loss
 # of the plans, against the first three alone (the figures: docs/per-head.md, "six candidate policies per head").
 PER_HEAD_POLICIES: tuple[str, ...] = ("expected_attention_recent", "h2o_recent", "streaming", "tova_recent",
