@@ -67,7 +67,8 @@ def fold_plans(profile: Profile, budgets: Sequence[float], *, config: OptimizeCo
     with _solver_logs_quiet():  # the fold solves are the guard's detail; the plan's own solves are logged
         files = [optimize_profile(profile.subset([i for i, f in enumerate(fold) if f != k]), budgets, config=config)
                  for k in range(folds)]
-    logger.info("guard: %d fold plans optimized, each without its fold's calibration samples", folds)
+    logger.info("guard: %d fold plans optimized%s, each without its fold's calibration samples", folds,
+                f" ({len(config.policies)} candidate policies)" if config.policies else "")
     return {s["id"]: f for s, f in zip(samples, fold)}, files
 
 
