@@ -28,7 +28,7 @@ setup: $(VENV)/.installed
 DEMO_COMPARE := streaming,snapkv,h2o_recent,tova_recent,expected_attention_recent
 demo: setup
 	$(VENV)/bin/polykv-search run --model smollm2-135m --budget 128,512 --dtype bfloat16 --max-calib-samples 18 \
-	    --max-eval-samples 24 --compare $(DEMO_COMPARE) --allocators none
+	    --max-eval-samples 18 --compare $(DEMO_COMPARE) --allocators none
 
 test: setup
 	$(PY) -m pytest -q
