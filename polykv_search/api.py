@@ -268,9 +268,7 @@ def candidate_sets(config: OptimizeConfig, policies: Sequence[str] | None,
     if config.policies is not None:
         raise ConfigError("give the plan's candidate policies either as policy sets or as the optimize config's "
                           "policies, not both")
-    if config.end_to_end:
-        raise ConfigError(f"--solver {config.solver} measures its plans end to end; policy sets are for the "
-                          "solvers that optimize from the profile (dp, ilp)")
+    refuse_sets_end_to_end(config)
     seen = [frozenset(chosen) for chosen in sets]
     if len(set(seen)) != len(seen):
         raise ConfigError(f"policy sets {' and '.join(','.join(c) for c in sets if seen.count(frozenset(c)) > 1)} "
@@ -288,8 +286,16 @@ def candidate_sets(config: OptimizeConfig, policies: Sequence[str] | None,
     return calibrated, sets
 
 
+def refuse_sets_end_to_end(config: OptimizeConfig) -> None:
+    """ConfigError when `config`'s solver measures plans end to end: policy sets are plans solved from the profile."""
+    if config.end_to_end:
+        raise ConfigError(f"--solver {config.solver} measures its plans end to end; policy sets are for the "
+                          "solvers that optimize from the profile (dp, ilp)")
+
+
 def _run_locked(model: ModelSpec, *, budgets: list[float], calib: DataSpec, eval_data: DataSpec,
-                policies: Sequence[str] | None, policy_sets: list[list[str]], grid: Sequence[int] | None, compare: list[str],
+                policies: Sequence[str] | None, policy_sets: list[list[str]], grid: Sequence[int] | None,
+                compare: list[str],
                 allocators: list[str], config: OptimizeConfig, max_calib_samples: int | None,
                 max_eval_samples: int | None, out: Path, fresh: bool, guard: bool, device: str, dtype: str,
                 progress: Progress | None) -> RunResult:
@@ -365,9 +371,8 @@ def guard_plan(model: ModelSpec, plan_file: PlanFile | str | Path, samples: Data
     if policy_sets and profile is None:
         raise ConfigError("the guard optimizes the plans of other policy sets from the profile: pass the profile "
                           "and the optimize config with policy_sets")
-    if policy_sets and config is not None and config.end_to_end:
-        raise ConfigError(f"--solver {config.solver} measures its plans end to end; policy sets are for the "
-                          "solvers that optimize from the profile (dp, ilp)")
+    if policy_sets and config is not None:
+        refuse_sets_end_to_end(config)
     lm = resolve_model(model, device=device, dtype=dtype)
     plan_file.check_model(lm.info)
     alternatives: list[tuple[str, PlanFile, OptimizeConfig | None]] = []
@@ -391,6 +396,7 @@ def guard_plan(model: ModelSpec, plan_file: PlanFile | str | Path, samples: Data
     uniform = uniform_ladders(lm, policies, plan_file.budgets)
     others = [(name, f) for name, f, _ in alternatives]
     loaded, _ = resolve_samples(samples)
+
     def rungs(ladder: PlanFile) -> list:  # what is answered with, not how long its solve took
         return [[rung["constraint"]["average_budget"], rung["layers"]] for rung in ladder.to_dict()["plans"]]
 
@@ -435,6 +441,7 @@ def set_names(policy_sets: Sequence[Sequence[str]]) -> list[tuple[str, list[str]
     place (the first set, the plan's own, is 1) where two of them have the same size."""
     sets = [check_policy_names(list(chosen)) for chosen in policy_sets]
     sizes = [len(chosen) for chosen in sets]
+
     def count(n: int) -> str:
         return f"{n} {'policy' if n == 1 else 'policies'}"
 
