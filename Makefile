@@ -22,7 +22,7 @@ $(VENV)/.installed: pyproject.toml
 setup: $(VENV)/.installed
 
 # The default recipe (a policy and budget per KV head) on a ladder of a low and a high budget, sized for two CPU
-# cores: 18 calibration samples (3 a task), 24 held-out ones (4 a task), five uniform policies to beat; the known
+# cores: 18 calibration samples (3 a task), 18 held-out ones (3 a task), five uniform policies to beat; the known
 # allocators (PyramidKV, CAKE, Ada-KV) are left to the full command of the README, whose evaluation they lengthen
 # by half. bfloat16: about 1.5x faster prefills than float32 on CPUs with AVX512-BF16 (docs/measurements.md)
 DEMO_COMPARE := streaming,snapkv,h2o_recent,tova_recent,expected_attention_recent
