@@ -6,12 +6,14 @@ and how plans made other ways compare out of fold.
     python benchmarks/guard_crossfit.py outputs/study/pol6/profile.safetensors --budgets 64,128,256,512 \
         --policy-sets expected_attention_recent,h2o_recent,streaming all       # candidates restricted, or not
     python benchmarks/guard_crossfit.py PROFILE_A PROFILE_B                     # two calibrations of the same samples
+    python benchmarks/guard_crossfit.py PROFILE --budgets 64,128 --policy-sets <the six> --floors 1 64   # floors
 
 Takes one or more profiles (from `run` or `calibrate`; their samples must be the first N of --data, as `run` takes
 them) and, at each budget, measures by task loss (1 - the task's score of the greedy answer; lower is better) on the
 calibration samples: the plan optimized on every sample of the first profile with the first --policy-sets entry
-(in-sample, what an uncross-fitted guard measures), for every profile and every --policy-sets entry the plans
-optimized without each sample's fold (out of fold, what `run`'s guard measures), and the uniform policies, all in
+(in-sample, what an uncross-fitted guard measures), for every profile, every --policy-sets entry and every --floors
+value the plans optimized without each sample's fold (out of fold, what `run`'s guard measures), and the uniform
+policies, all in
 one pass over the same samples. Every number comes from calibration data. bfloat16 answers shift with the batch they are decoded in
 (benchmarks/eval_batching.py), so differences of a few hundredths are within noise.
 """
@@ -38,6 +40,9 @@ def main() -> None:
     parser.add_argument("--policy-sets", nargs="+", default=["all"],
                         help="candidate policies of the out-of-fold plans, one comma list per variant (after the "
                              "profiles); all: the profile's")
+    parser.add_argument("--floors", nargs="+", type=int, default=[1],
+                        help="least tokens a KV head keeps in the out-of-fold plans (optimize --floor), one variant "
+                             "per value")
     parser.add_argument("--data", default=api.CALIBRATION_DATA)
     parser.add_argument("--compare", default=COMPARE)
     parser.add_argument("--folds", type=int, default=DEFAULT_FOLDS)
@@ -63,12 +68,14 @@ def main() -> None:
     variants = []  # (column name, sample id -> fold, fold ladders)
     for k, (path, profile) in enumerate(zip(args.profiles, profiles)):
         for j, chosen in enumerate(args.policy_sets):
-            config = OptimizeConfig(cost=args.cost, policies=None if chosen == "all" else
-                                    tuple(chosen.split(","))).validated()
-            count = len(config.policies or profile.policies)
-            name = "out-of-fold" + (f" {k + 1}:{Path(path).parent.name}" if len(profiles) > 1 else "") + \
-                (f" set {j + 1} ({count}p)" if len(args.policy_sets) > 1 else "")
-            variants.append((name, *fold_plans(profile, budgets, config=config, folds=args.folds)))
+            for floor in args.floors:
+                config = OptimizeConfig(cost=args.cost, floor=floor, policies=None if chosen == "all" else
+                                        tuple(chosen.split(","))).validated()
+                count = len(config.policies or profile.policies)
+                name = "out-of-fold" + (f" {k + 1}:{Path(path).parent.name}" if len(profiles) > 1 else "") + \
+                    (f" set {j + 1} ({count}p)" if len(args.policy_sets) > 1 else "") + \
+                    (f" floor {floor}" if len(args.floors) > 1 else "")
+                variants.append((name, *fold_plans(profile, budgets, config=config, folds=args.folds)))
     lm = api.resolve_model(first.model.model_id, dtype=args.dtype)
     compare = args.compare.split(",")
     uniform = api.uniform_ladders(lm, compare, budgets)
