@@ -13,9 +13,8 @@ them) and, at each budget, measures by task loss (1 - the task's score of the gr
 calibration samples: the plan optimized on every sample of the first profile with the first --policy-sets entry
 (in-sample, what an uncross-fitted guard measures), for every profile, every --policy-sets entry and every --floors
 value the plans optimized without each sample's fold (out of fold, what `run`'s guard measures), and the uniform
-policies, all in
-one pass over the same samples. Every number comes from calibration data. bfloat16 answers shift with the batch they are decoded in
-(benchmarks/eval_batching.py), so differences of a few hundredths are within noise.
+policies, all in one pass over the same samples. Every number comes from calibration data. bfloat16 answers shift
+with the batch they are decoded in (benchmarks/eval_batching.py), so differences of a few hundredths are within noise.
 """
 
 from __future__ import annotations

@@ -11,9 +11,9 @@ heads at once. This measures the costs at the plan itself instead, and refines t
    grid level up and one down (its policy kept), each row's exact teacher-forced KL to the full cache (the shared
    engine, rows starting at the head's layer from the plan's own hidden states). The cost of a move is the mean
    change of the share of the output distribution lost, 1 - exp(-KL), against the plan's own.
-3. A DP over heads picks the moves with the largest predicted gain: at most one per head, at most K in all (a trust
-   region, as `optimize --max-changes` for per-layer plans), net tokens at most 0 (within 3,200 tokens of the
-   plan's along the way).
+3. The exact DP of `optimize --max-changes` (per-layer plans; `trust_region` in optimization/refine.py), over heads,
+   picks the moves with the largest predicted gain: at most one per head, at most K in all, net tokens at most 0
+   (tokens left over stay unused).
 4. One pass answers each sample greedily with the plan made without it, refined (each K) or not, and with the
    uniform policies: task loss (1 - the task's score; lower is better) and KL, mean over tasks.
 
@@ -32,15 +32,14 @@ from pathlib import Path
 
 from polykv_search import api
 from polykv_search.calibration import Profile
-from polykv_search.engine import EndToEndObjective, PrefillEngine
+from polykv_search.engine import EndToEndObjective
 from polykv_search.optimization.crossfit import DEFAULT_FOLDS, fold_plans
+from polykv_search.optimization.refine import trust_region
 from polykv_search.optimization.run import OptimizeConfig
 from polykv_search.plan import HeadPlan, Plan, SearchInfo
 from polykv_search.policies import PER_HEAD_POLICY_SETS
 
 COMPARE = "streaming,snapkv,h2o_recent,tova_recent,expected_attention_recent"
-UNIT = 16  # the grid levels 16, 64, 256, 1024, 2048 and the DP's interpolated budgets are multiples of it
-REACH = 200  # the DP's net change stays within this many units (3,200 tokens) along the way
 
 
 def one_level_moves(plan: Plan, grid: list[int]) -> list[tuple[int, int, HeadPlan, int]]:
@@ -68,26 +67,12 @@ def with_moves(plan: Plan, moves, info, note: str = "") -> Plan:
 
 def best_moves(moves, gains: list[float], most: int) -> tuple[list, float]:
     """The moves minimizing the summed predicted change: at most one per head, at most `most`, net tokens <= 0."""
-    per_head = defaultdict(list)
-    for i, (layer, h, _, tokens) in enumerate(moves):
-        per_head[(layer, h)].append((tokens // UNIT, gains[i], i))
-    states = {(0, 0): (0.0, ())}  # (moves used, net units) -> (predicted change, chosen move indices)
-    for options in per_head.values():
-        grown = dict(states)
-        for (used, net), (cost, picked) in states.items():
-            if used >= most:
-                continue
-            for units, change, i in options:
-                if change >= 0 and units >= 0:
-                    continue  # costs tokens and gains nothing
-                key = (used + 1, net + units)
-                if abs(key[1]) > REACH:
-                    continue
-                if key not in grown or cost + change < grown[key][0]:
-                    grown[key] = (cost + change, picked + (i,))
-        states = grown
-    cost, picked = min((v for (_, net), v in states.items() if net <= 0), key=lambda v: v[0])
-    return [moves[i] for i in picked], cost
+    heads: dict[tuple[int, int], list[int]] = {}  # (layer, KV head) -> its moves' indices
+    for i, (layer, h, _, _) in enumerate(moves):
+        heads.setdefault((layer, h), []).append(i)
+    members = list(heads.values())
+    cost, taken = trust_region([[(gains[i], moves[i][3]) for i in chosen] for chosen in members], most)
+    return [moves[members[unit][option]] for unit, option in taken], cost
 
 
 def main() -> None:
@@ -113,11 +98,16 @@ def main() -> None:
     lm = api.resolve_model(profile.model.model_id, dtype=args.dtype)
     plans = {(k, b): ladder.plan_for(b) for k, ladder in enumerate(ladders) for b in budgets}
     moves = {key: one_level_moves(plan, profile.budgets) for key, plan in plans.items()}
-    engine = PrefillEngine.for_plans(lm, plans.values())
+    compare = args.compare.split(",")
+    uniform = api.uniform_ladders(lm, compare, budgets)
+    every = [*plans.values(), *(f.plan_for(b) for _, f in uniform for b in budgets)]  # refined plans: the same scorers
+    scorers = {name: scorer for plan in every for name, scorer in plan.scorers.items()}
+    objective = EndToEndObjective(lm, samples, policies=list(scorers.values()), metric="task")  # one prefill a sample
+    engine = objective.engine
     sums: dict[tuple[int, float], list[float]] = {}
     counts: dict[tuple[int, float], int] = defaultdict(int)
-    for sample in samples:
-        state = engine.prefill(sample)
+    for state in objective.states:
+        sample = state.sample
         for (k, b), plan in plans.items():
             if fold_of[sample.id] == k:
                 continue  # fold k is answered by plan k, which was optimized on the other folds' samples
@@ -137,11 +127,6 @@ def main() -> None:
             predicted[f"fold {k} at {b:g}, K={most}"] = {"moves": len(chosen), "predicted_lost_change": cost}
             print(f"fold plan {k} at {b:g}, K={most}: {len(chosen)} moves, predicted change of the share lost "
                   f"{cost:+.4f}", flush=True)
-    compare = args.compare.split(",")
-    uniform = api.uniform_ladders(lm, compare, budgets)
-    every = [*plans.values(), *refined.values(), *(f.plan_for(b) for _, f in uniform for b in budgets)]
-    scorers = {name: scorer for plan in every for name, scorer in plan.scorers.items()}
-    objective = EndToEndObjective(lm, samples, policies=list(scorers.values()), metric="task")
     names = ["fold plan", *(f"refined K={k}" for k in trusts), *compare]
     width = max(len(n) for n in names)
     print(f"{len(objective.states)} calibration samples, {len(ladders)} folds; mean over tasks (lower is better)")

@@ -81,17 +81,38 @@ def refine(profile: Profile, *, average_budget: float, max_changes: int,
                 if math.isfinite(cost) and not same:
                     cells.append((float(cost), level - int(base_budgets[layer]), name, level))
         options.append(cells)
-    unit = reduce(math.gcd, [abs(d) for cells in options for _, d, _, _ in cells] + [0]) or 1
-    k_max = min(max_changes, len(layers))
-    reach = sum(sorted((max((abs(d) for _, d, _, _ in cells), default=0) for cells in options), reverse=True)
+    value, taken = trust_region([[(cost, delta) for cost, delta, _, _ in cells] for cells in options], max_changes)
+    out = list(base.layers)
+    changed = []
+    for position, index in taken:
+        layer = layers[position]
+        _, _, name, level = options[position][index]
+        out[layer] = LayerPlan.of(layer, name, level)
+        changed.append(layer)
+    left = sum(int(base_budgets[i]) for i in layers) - sum(int(out[i].budget) for i in layers)
+    if left > 0:  # the plan's total exactly: the rest to the changed layer keeping the most
+        widest = max(changed, key=lambda i: out[i].budget)
+        out[widest] = LayerPlan.of(widest, out[widest].policy, out[widest].budget + left)
+    return Refinement(layers=tuple(out), predicted=value, changed=sorted(changed), plan=str(entry["name"]))
+
+
+def trust_region(options: Sequence[Sequence[tuple[float, int]]],
+                 max_changes: int) -> tuple[float, list[tuple[int, int]]]:
+    """The cheapest change of a plan made of units (layers, or KV heads): each unit keeps its entry or takes one of
+    its `options`, (predicted cost, token change); at most `max_changes` units change and the net token change is at
+    most 0. Returns (the summed cost, [(unit, option index)] of the units changed). Exact: a DP over the units whose
+    state is (changes so far, tokens relative to the plan, in units of the changes' gcd)."""
+    unit = reduce(math.gcd, [abs(d) for cells in options for _, d in cells] + [0]) or 1
+    k_max = min(max_changes, len(options))
+    reach = sum(sorted((max((abs(d) for _, d in cells), default=0) for cells in options), reverse=True)
                 [:k_max]) // unit
     width = 2 * reach + 1  # states: tokens used relative to the plan, -reach .. +reach units
     best = np.full((k_max + 1, width), np.inf)
     best[0, reach] = 0.0
-    picks = []  # per layer: (K+1, width) option index taken to reach that state, -1 = unchanged
+    picks = []  # per unit: (K+1, width) option index taken to reach that state, -1 = unchanged
     for cells in options:
         new, pick = best.copy(), np.full((k_max + 1, width), -1, dtype=np.int64)
-        for index, (cost, delta, _, _) in enumerate(cells):
+        for index, (cost, delta) in enumerate(cells):
             shift = delta // unit
             lo, hi = max(0, -shift), min(width, width - shift)  # source states whose target stays in range
             if lo >= hi:
@@ -106,18 +127,11 @@ def refine(profile: Profile, *, average_budget: float, max_changes: int,
     within = best[:, :reach + 1]  # at most the plan's total
     k, state = np.unravel_index(np.argmin(within), within.shape)
     value = float(within[k, state])
-    out = list(base.layers)
-    changed = []
-    for layer, cells, pick in zip(reversed(layers), reversed(options), reversed(picks)):
-        index = int(pick[k, state])
+    taken = []
+    for position in reversed(range(len(options))):
+        index = int(picks[position][k, state])
         if index < 0:
             continue
-        _, delta, name, level = cells[index]
-        out[layer] = LayerPlan.of(layer, name, level)
-        changed.append(layer)
-        k, state = k - 1, state - delta // unit
-    left = sum(int(base_budgets[i]) for i in layers) - sum(int(out[i].budget) for i in layers)
-    if left > 0:  # the plan's total exactly: the rest to the changed layer keeping the most
-        widest = max(changed, key=lambda i: out[i].budget)
-        out[widest] = LayerPlan.of(widest, out[widest].policy, out[widest].budget + left)
-    return Refinement(layers=tuple(out), predicted=value, changed=sorted(changed), plan=str(entry["name"]))
+        taken.append((position, index))
+        k, state = k - 1, state - options[position][index][1] // unit
+    return value, taken[::-1]
