@@ -6,9 +6,10 @@
     python benchmarks/long_context_gpu.py --dry-run                             # samples and the command, no GPU
 
 Samples are the generator's long split (`--only-long`), measured in the evaluated model's tokens and written to
-<out>/data/long.jsonl (kept when its manifest entry matches the request: "take" rather than generate). The plan is
-calibrated on calibration_data/calib.jsonl as the CPU table's plan was (docs/long-context.md), and compared with
-the same uniform policies at the same budgets. SmolLM2 reads 8,192 tokens: for 8k-32k the default model is the
+<out>/data/long.jsonl, with the long calibration split the generator makes from the text long.jsonl leaves,
+<out>/data/calib_long.jsonl, at the same lengths (kept when their manifest entries match the request: "take" rather
+than generate). The plan is calibrated on calibration_data/calib.jsonl and that long split, a rung per length as the
+default `run` makes it (docs/long-context.md), and compared with the same uniform policies at the same budgets. SmolLM2 reads 8,192 tokens: for 8k-32k the default model is the
 embedded Gemma-3-270M (32,768), or any local model folder with a long enough context.
 """
 
@@ -22,7 +23,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from polykv_search.data.generate import LONG_FILE, generate_long, parse_token_range
+from polykv_search.data.generate import CALIB_LONG_FILE, LONG_FILE, generate_long, parse_token_range
 from polykv_search.errors import PolykvError
 from polykv_search.models import model_slug
 
@@ -50,7 +51,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def run_command(args: argparse.Namespace, data: Path) -> list[str]:
     """The `polykv-search run` command line of the comparison."""
     return [sys.executable, "-m", "polykv_search", "run", "--model", args.model, "--budget", args.budgets,
-            "--calib", args.calib, "--eval", str(data), "--compare", args.policies, "--device", args.device,
+            "--calib", args.calib, "--calib", str(data.parent / CALIB_LONG_FILE), "--eval", str(data),
+            "--compare", args.policies, "--device", args.device,
             "--dtype", args.dtype, "--out", str(args.out / model_slug(args.model))]
 
 
@@ -60,11 +62,12 @@ def long_samples(args: argparse.Namespace) -> Path:
     folder = args.out / "data"
     tokens = parse_token_range(args.long_tokens)
     manifest = folder / "manifest.json"
-    if (folder / LONG_FILE).exists() and manifest.exists():
-        entry = json.loads(manifest.read_text()).get("splits", {}).get("long", {})
+    if (folder / LONG_FILE).exists() and (folder / CALIB_LONG_FILE).exists() and manifest.exists():
+        splits = json.loads(manifest.read_text()).get("splits", {})
+        entry = splits.get("long", {})
         if (entry.get("token_range") == list(tokens) and entry.get("seed") == args.seed
                 and entry.get("tokenizer", {}).get("model") == args.model
-                and set(entry.get("per_task", {}).values()) == {args.per_task}):
+                and set(entry.get("per_task", {}).values()) == {args.per_task} and "calib_long" in splits):
             return folder / LONG_FILE
     return generate_long(folder, seed=args.seed, per_family=args.per_task, tokens=tokens, tokenizer=args.model)
 

@@ -36,6 +36,8 @@ _EXPORTS = {
     "PlanPress": "polykv_search.runtime", "apply_plan": "polykv_search.runtime",
     "polykv_attention": "polykv_search.runtime",
     "PolykvError": "polykv_search.errors",
+    "ContextRange": "polykv_search.plan", "by_length": "polykv_search.optimization.lengths",
+    "length_ranges": "polykv_search.optimization.lengths", "LengthRun": "polykv_search.api",
 }
 __all__ = ["__version__", *_EXPORTS]
 
@@ -63,5 +65,7 @@ if TYPE_CHECKING:
     from polykv_search.evaluation import Recovery, Report
     from polykv_search.models import LoadedModel, ModelInfo, load_model
     from polykv_search.optimization.run import OptimizeConfig
-    from polykv_search.plan import HeadPlan, LayerPlan, Plan, PlanFile, load_plan, uniform_plan
+    from polykv_search.api import LengthRun
+    from polykv_search.optimization.lengths import by_length, length_ranges
+    from polykv_search.plan import ContextRange, HeadPlan, LayerPlan, Plan, PlanFile, load_plan, uniform_plan
     from polykv_search.runtime import PlanPress, apply_plan, polykv_attention

@@ -40,12 +40,16 @@ from polykv_search.optimization.figures import allocation_png
 from polykv_search.optimization.proxy import ProxyReport
 from polykv_search.optimization.proxy import check_proxy as proxy_check
 from polykv_search.optimization.run import OptimizeConfig, check_budgets, optimize_profile
+from polykv_search.optimization.lengths import by_length, calibrated_lengths, length_ranges, with_context
 from polykv_search.plan import Plan, PlanFile, load_plan, uniform_plan
+from polykv_search.plan.plan import ContextRange
 from polykv_search.policies import DEFAULT_POLICIES, PER_HEAD_POLICIES, PER_HEAD_POLICY_SETS, check_policy_names
 
 logger = logging.getLogger(__name__)
 
 CALIBRATION_DATA = "calibration_data/calib.jsonl"
+LONG_CALIBRATION_DATA = "calibration_data/calib_long.jsonl"  # 6k-8k tokens: `run`'s second length bucket
+CALIBRATION_SPLITS = (CALIBRATION_DATA, LONG_CALIBRATION_DATA)
 EVALUATION_DATA = "calibration_data/eval.jsonl"
 
 ModelSpec = str | Path | LoadedModel
@@ -63,6 +67,18 @@ class RunResult:
     plan_path: Path
     report: Report  # report.files: where its json, markdown and png are
     guard: list[Choice] = field(default_factory=list)  # per budget, what the guard measured and kept (none: off)
+    guard_samples: int = 0
+    # per calibration split (a range of prompt lengths, shortest first): its calibration, and what its guard kept
+    by_length: list[LengthRun] = field(default_factory=list)
+
+
+@dataclass
+class LengthRun:
+    """One calibration split of `run`: the prompt lengths its rungs serve, its calibration, and its guard."""
+
+    context: ContextRange
+    calibration: CalibrationRun
+    guard: list[Choice] = field(default_factory=list)
     guard_samples: int = 0
 
 
@@ -156,8 +172,10 @@ def optimize(profile: Profile | str | Path, *, budgets: float | Sequence[float],
             progress("optimize", 0, len(samples), f"prefilling {len(samples)} calibration samples")
         objective = EndToEndObjective(lm, samples, policies=profile.policies, metric=config.metric)
     message = (lambda text: progress("optimize", 0, 0, text)) if progress else None
-    return optimize_profile(profile, budgets, config=config, objective=objective, profile_signature=signature,
-                            progress=message)
+    ladder = optimize_profile(profile, budgets, config=config, objective=objective, profile_signature=signature,
+                              progress=message)
+    lengths = calibrated_lengths(profile)  # recorded so the runtime can say when prompts are far longer
+    return with_context(ladder, ContextRange(calibrated=lengths)) if lengths else ladder
 
 
 def evaluate(model: ModelSpec = DEFAULT_MODEL, data: DataSpec = EVALUATION_DATA, *,
@@ -206,7 +224,8 @@ def evaluate(model: ModelSpec = DEFAULT_MODEL, data: DataSpec = EVALUATION_DATA,
 
 
 def run(model: ModelSpec = DEFAULT_MODEL, *, budgets: float | Sequence[float] = 128,
-        calib: DataSpec = CALIBRATION_DATA, eval_data: DataSpec = EVALUATION_DATA,
+        calib: DataSpec | None = None, calib_splits: Sequence[DataSpec] | None = None,
+        eval_data: DataSpec = EVALUATION_DATA, strict_lengths: bool = False,
         policies: Sequence[str] | None = None, policy_sets: Sequence[Sequence[str]] | None = None,
         grid: Sequence[int] | None = None, compare: Sequence[str] | None = None,
         allocators: Sequence[str] = ALLOCATORS, config: OptimizeConfig = OptimizeConfig(cost=HEAD_FISHER),
@@ -233,15 +252,32 @@ def run(model: ModelSpec = DEFAULT_MODEL, *, budgets: float | Sequence[float] = 
     optimized without its half of the samples (`guard_plan`'s cross-fitting; the end-to-end solvers, which
     measure on every sample, and a single calibration sample are guarded in-sample). `compare` (default: every
     registered policy) is also the uniform policies the evaluation scores. Without the guard the plan is the first
-    set's."""
+    set's.
+
+    Prompt lengths: `calib_splits` (default CALIBRATION_SPLITS: calib.jsonl, 1.1k-3.9k tokens, and calib_long.jsonl,
+    6k-8k; `calib`: one split alone) are calibrated, optimized and guarded each on its own, and the plan holds, per
+    budget, one rung per split serving the prompt lengths around it (optimization/lengths.py; the runtime picks by
+    the prompt's length). The first split's files go to `out_dir`, the others' to `out_dir/calib-<name>/`. A split
+    whose contexts the model cannot read whole is left out, saying so. `strict_lengths`: the plan refuses prompts
+    far longer than its longest split instead of serving them with its last rung."""
     config = config.validated()
     budgets = check_budgets(budgets)
     policies, policy_sets = candidate_sets(config, policies, policy_sets, guard=guard)
     resolve_samples(eval_data, max_samples=max_eval_samples)  # a bad held-out set is refused before any work
     allocators = check_allocators(allocators)
+    if calib is not None and calib_splits is not None:
+        raise ConfigError("give the calibration data as calib (one split) or calib_splits (one per range of prompt "
+                          "lengths), not both")
+    defaults = calib is None and calib_splits is None
+    splits = [calib] if calib is not None else list(calib_splits if calib_splits is not None else CALIBRATION_SPLITS)
+    if not splits:
+        raise ConfigError("calib_splits is empty; give at least one calibration split")
+    for split in splits:  # a missing or empty split is refused before any work
+        resolve_samples(split, max_samples=max_calib_samples)
     out = Path(out_dir) if out_dir is not None else default_out_dir(model)
     with folder_lock(out):  # a second run on the folder is refused before the model loads
-        return _run_locked(model, budgets=budgets, calib=calib, eval_data=eval_data, policies=policies,
+        return _run_locked(model, budgets=budgets, splits=splits, default_splits=defaults,
+                           strict_lengths=strict_lengths, eval_data=eval_data, policies=policies,
                            policy_sets=policy_sets, grid=grid,
                            compare=check_policy_names(list(compare)) if compare else list(DEFAULT_POLICIES),
                            allocators=allocators, config=config, max_calib_samples=max_calib_samples,
@@ -293,9 +329,9 @@ def refuse_sets_end_to_end(config: OptimizeConfig) -> None:
                           "solvers that optimize from the profile (dp, ilp)")
 
 
-def _run_locked(model: ModelSpec, *, budgets: list[float], calib: DataSpec, eval_data: DataSpec,
-                policies: Sequence[str] | None, policy_sets: list[list[str]], grid: Sequence[int] | None,
-                compare: list[str],
+def _run_locked(model: ModelSpec, *, budgets: list[float], splits: list[DataSpec], default_splits: bool,
+                strict_lengths: bool, eval_data: DataSpec, policies: Sequence[str] | None,
+                policy_sets: list[list[str]], grid: Sequence[int] | None, compare: list[str],
                 allocators: list[str], config: OptimizeConfig, max_calib_samples: int | None,
                 max_eval_samples: int | None, out: Path, fresh: bool, guard: bool, device: str, dtype: str,
                 progress: Progress | None) -> RunResult:
@@ -314,35 +350,62 @@ def _run_locked(model: ModelSpec, *, budgets: list[float], calib: DataSpec, eval
                                            layer_kl=config.cost in OPTIONAL_COST_KINDS,
                                            head_kl=config.cost == HEAD_KL, head_fisher=config.cost == HEAD_FISHER,
                                            around=around)
-    calibration = calibrate(lm, calib, config=calibration_config, out_dir=out, max_samples=max_calib_samples,
-                            resume=not fresh, progress=progress)
-    signal_heatmap(calibration.profile, out / "signals.png")
+    if default_splits and lm.info.max_context and lm.info.max_context < 8192:
+        logger.info("calibrating on %s only: %s reads %d tokens, fewer than %s needs", CALIBRATION_DATA,
+                    lm.info.model_id, lm.info.max_context, LONG_CALIBRATION_DATA)
+        splits = splits[:1]
+    folders = [out] + [out / f"calib-{_split_name(split, k)}" for k, split in enumerate(splits) if k > 0]
+    calibrations = [calibrate(lm, split, config=calibration_config, out_dir=folder, max_samples=max_calib_samples,
+                              resume=not fresh, progress=progress) for split, folder in zip(splits, folders)]
+    signal_heatmap(calibrations[0].profile, out / "signals.png")
+    lengths = [calibrated_lengths(c.profile) for c in calibrations]
+    if len(splits) > 1:
+        order = sorted(range(len(splits)), key=lambda k: lengths[k] or (0, 0))
+        splits, folders, calibrations, lengths = ([xs[k] for k in order] for xs in (splits, folders, calibrations,
+                                                                                      lengths))
+        ranges = length_ranges([made or (0, 0) for made in lengths], strict=strict_lengths)
+    else:
+        ranges = length_ranges([lengths[0]], strict=strict_lengths) if lengths[0] else [ContextRange()]
     if policy_sets:  # the plan of the first set; the guard weighs the others' against it per budget
         config = replace(config, policies=tuple(policy_sets[0]))
-    plan_file = optimize(calibration.path, budgets=budgets, config=config, model=lm, data=calib, progress=progress)
-    choices, guard_samples = [], 0
+    ladders = [optimize(c.path, budgets=budgets, config=config, model=lm, data=split, progress=progress)
+               for c, split in zip(calibrations, splits)]
+    plan_file = by_length(ladders, ranges)
+    parts = [LengthRun(context=context, calibration=c) for context, c in zip(ranges, calibrations)]
     if guard:
         plan_file.save(out / "plan_optimized.json")
-        samples, _ = resolve_samples(calib, max_samples=max_calib_samples)
-        if fresh:
-            (out / "guard.json").unlink(missing_ok=True)
-        obstacle = crossfit_obstacle(calibration.profile, config)
-        if obstacle:  # e.g. one calibration sample, or a solver that measures on every sample
-            logger.info("guard: the %s measured on the calibration samples %s made from (%s)",
-                        "plans are" if len(policy_sets) > 1 else "plan is",
-                        "they were" if len(policy_sets) > 1 else "it was", obstacle)
-        from_profile = ({"profile": calibration.profile, "config": config, "policy_sets": policy_sets[1:]}
-                        if not obstacle or policy_sets else {})
-        plan_file, choices, guard_samples = guard_plan(lm, plan_file, samples, policies=compare, progress=progress,
-                                                       cache=out / "guard.json", crossfit=not obstacle,
-                                                       **from_profile)
+        guarded = []
+        for part, ladder, split, folder in zip(parts, ladders, splits, folders):
+            samples, _ = resolve_samples(split, max_samples=max_calib_samples)
+            if fresh:
+                (folder / "guard.json").unlink(missing_ok=True)
+            profile = part.calibration.profile
+            obstacle = crossfit_obstacle(profile, config)
+            if obstacle:  # e.g. one calibration sample, or a solver that measures on every sample
+                logger.info("guard: the %s measured on the calibration samples %s made from (%s)",
+                            "plans are" if len(policy_sets) > 1 else "plan is",
+                            "they were" if len(policy_sets) > 1 else "it was", obstacle)
+            if len(parts) > 1:
+                logger.info("guard: prompts of %s", part.context.describe())
+            from_profile = ({"profile": profile, "config": config, "policy_sets": policy_sets[1:]}
+                            if not obstacle or policy_sets else {})
+            kept, part.guard, part.guard_samples = guard_plan(lm, ladder, samples, policies=compare,
+                                                              progress=progress, cache=folder / "guard.json",
+                                                              crossfit=not obstacle, **from_profile)
+            guarded.append(kept)
+        plan_file = by_length(guarded, ranges)
     plan_path = plan_file.save(out / "plan.json")
     allocation_png(plan_file, out / "plan.png")
     report = evaluate(lm, eval_data, plans={"plan": plan_file}, budgets=budgets, policies=compare,
-                      allocators=allocators, profile=calibration.profile, out_dir=out / "eval",
+                      allocators=allocators, profile=calibrations[0].profile, out_dir=out / "eval",
                       max_samples=max_eval_samples, resume=not fresh, progress=progress)
-    return RunResult(out_dir=out, calibration=calibration, plan_file=plan_file, plan_path=plan_path, report=report,
-                     guard=choices, guard_samples=guard_samples)
+    return RunResult(out_dir=out, calibration=calibrations[0], plan_file=plan_file, plan_path=plan_path,
+                     report=report, guard=parts[0].guard, guard_samples=parts[0].guard_samples, by_length=parts)
+
+
+def _split_name(split: DataSpec, index: int) -> str:
+    """A folder name for calibration split `index`: its file's stem, else its place."""
+    return Path(split).stem if isinstance(split, (str, Path)) else f"split{index + 1}"
 
 
 def guard_plan(model: ModelSpec, plan_file: PlanFile | str | Path, samples: DataSpec, *,

@@ -52,7 +52,10 @@ def plan_table(plan_file: PlanFile, *, title: str = "") -> Table:
     table.add_column("layer", justify="right")
     table.add_column("type")
     for plan in plan_file.plans:
-        table.add_column(f"B={plan.average_budget:g}", justify="right")
+        lengths = f"\n{plan.context.min_tokens}" + ("+" if plan.context.max_tokens is None else
+                                                    f"-{plan.context.max_tokens}") + " tok" \
+            if plan_file.by_length and plan.context is not None else ""
+        table.add_column(f"B={plan.average_budget:g}{lengths}", justify="right")
     for i, kind in enumerate(plan_file.model.layer_types):
         cells = []
         for plan in plan_file.plans:

@@ -85,7 +85,14 @@ def run(
                                             "adakv, or none.")] = "pyramidkv,cake,adakv",
     max_calib_samples: Annotated[int | None, typer.Option(help="Calibrate on N samples, taken in turn from each "
                                                           "task (default: all).")] = None,
-    calib: Annotated[Path, typer.Option(help="Calibration split.")] = Path("calibration_data/calib.jsonl"),
+    calib: Annotated[list[Path] | None, typer.Option(help="Calibration split; repeat for splits of other prompt "
+                                                     "lengths: each is calibrated, optimized and guarded on its own "
+                                                     "and the plan gets a rung per split, picked by the prompt's "
+                                                     "length (default: calibration_data/calib.jsonl and "
+                                                     "calib_long.jsonl).")] = None,
+    strict_lengths: Annotated[bool, typer.Option("--strict-lengths", help="The plan refuses prompts far longer "
+                                                 "than its longest calibration split instead of serving them with "
+                                                 "its last rung.")] = False,
     eval_data: Annotated[Path, typer.Option("--eval", help="Held-out split.")] = Path("calibration_data/eval.jsonl"),
     max_eval_samples: Annotated[int | None, typer.Option(help="Evaluate on N samples, taken in turn from each "
                                                          "task.")] = None,
@@ -109,7 +116,8 @@ def run(
                                max_policies=max_policies, tied=parse_tied(tie), allowed=parse_allowed(only),
                                n_trials=n_trials, storage=storage).validated()
     with progress_bars() as progress:
-        result = pk.run(model, budgets=parse_budget_list(budget), calib=calib, eval_data=eval_data,
+        result = pk.run(model, budgets=parse_budget_list(budget), eval_data=eval_data,
+                        calib_splits=[str(path) for path in calib] if calib else None, strict_lengths=strict_lengths,
                         policies=parse_str_list(policies) if policies else None,
                         policy_sets=parse_policy_sets(policy_set, policies),
                         grid=parse_int_list(grid, option="--grid") if grid else None,
@@ -121,14 +129,19 @@ def run(
     if as_json:
         typer.echo(json.dumps({"profile": str(result.calibration.path), "plan": str(result.plan_path),
                                "report": str(report.files["json"]), "guard": [c.__dict__ for c in result.guard],
+                               "guard_by_length": [{"context": p.context.to_dict(),
+                                                    "guard": [c.__dict__ for c in p.guard]} for p in result.by_length],
                                "recovery": [r.__dict__ for r in report.recovery]}))
         return
     err_console.print(f"profile: {result.calibration.path} ({result.calibration.seconds:.0f} s)")
-    if result.guard:
-        candidates = list(result.guard[0].measured)
-        err_console.print(choice_table(candidates, result.guard, what="task loss (1 - score)",
-                                       samples=result.guard_samples))
-        typer.echo("guard: " + ", ".join(f"{c.budget:g} -> {kept_name(c.chosen)}" for c in result.guard))
+    for part in result.by_length:
+        if not part.guard:
+            continue
+        lengths = f" (prompts of {part.context.describe()})" if len(result.by_length) > 1 else ""
+        candidates = list(part.guard[0].measured)
+        err_console.print(choice_table(candidates, part.guard, what=f"task loss (1 - score){lengths}",
+                                       samples=part.guard_samples))
+        typer.echo(f"guard{lengths}: " + ", ".join(f"{c.budget:g} -> {kept_name(c.chosen)}" for c in part.guard))
     err_console.print(plan_table(result.plan_file))
     err_console.print(report.markdown(), markup=False, highlight=False)
     for line in recovery_lines(report, "plan"):

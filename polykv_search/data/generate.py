@@ -1,9 +1,10 @@
 """Generate the calibration and evaluation task files from text every CPython install carries.
 
 Usage: python -m polykv_search.data.generate --seed 0 --out calibration_data
-Writes calib.jsonl, eval.jsonl, eval_alt.jsonl, long.jsonl (LongBench row schema) and manifest.json.
+Writes calib.jsonl, eval.jsonl, eval_alt.jsonl, long.jsonl, calib_long.jsonl (LongBench row schema) and
+manifest.json.
     python -m polykv_search.data.generate --only-long --long-tokens 8000,32000 --tokenizer gemma3-270m --out DIR
-writes only a long split, measured in another model's tokens (and its manifest entry).
+writes only the long splits (long.jsonl and calib_long.jsonl), measured in another model's tokens.
 """
 
 from __future__ import annotations
@@ -21,9 +22,9 @@ from pathlib import Path
 from typing import Any
 
 from polykv_search.data.sample import Sample
-from polykv_search.data.sources import LONG, Split, documents_for
+from polykv_search.data.sources import CALIB_LONG, LONG, Split, documents_for
 from polykv_search.data.tasks import CHARS_PER_TOKEN, FAMILIES, Builder, SplitPool, make_pool
-from polykv_search.errors import ConfigError, PolykvError
+from polykv_search.errors import ConfigError, DataError, PolykvError
 from polykv_search.io import write_atomic, write_json_atomic
 
 logger = logging.getLogger(__name__)
@@ -38,24 +39,31 @@ LONG_FILE = "long.jsonl"
 LONG_PER_FAMILY = 2
 LONG_TOKENS = (6000, 8000)
 LONG_TOKENIZER = "smollm2-135m"
+# The long calibration split (issue #37: plans made and guarded at the lengths they serve): 2 samples a family from
+# the test-suite text that long.jsonl does not use, at the same lengths.
+CALIB_LONG_FILE = "calib_long.jsonl"
+CALIB_LONG_PER_FAMILY = 2
 LONG_SOURCES = ("CPython standard library test suites (test/, */tests/, idlelib/idle_test/): source files, "
                 "docstrings and comments (PSF License)")
 # A measured long context is within this share of its target: a few rebuilds with the character target rescaled
 # by the measured ratio get there (characters per token vary 3.0-4.6 between samples).
 FIT_TOLERANCE = 0.03
 _FIT_ROUNDS = 6
+CALIB_LONG_SOURCES = ("CPython standard library test suites: the source files, docstrings and comments that "
+                      "long.jsonl does not use (PSF License)")
 _FIT_KWARGS: dict[str, dict[str, float]] = {"code_completion": {"slack": 0.02}}  # the code prefix ends near target
 TokenCounter = Callable[[str], int]
 
 
 def generate_split(split: Split, *, seed: int, per_family: int, min_tokens: int = 1100,
                    max_tokens: int = 3500, families: Sequence[str] | None = None,
-                   count_tokens: TokenCounter | None = None) -> list[Sample]:
+                   count_tokens: TokenCounter | None = None, pool: SplitPool | None = None) -> list[Sample]:
     """Build `per_family` samples of every family for `split`, deterministically for (`seed`, `split`).
 
     Target context sizes are spread evenly over [min_tokens, max_tokens] and shuffled, so every family covers
     the whole length range. They are SmolLM2 tokens estimated from characters, or, with `count_tokens`, tokens
-    measured by it: each context is then within FIT_TOLERANCE of its target.
+    measured by it: each context is then within FIT_TOLERANCE of its target. `pool`: the text to take (default:
+    the split's own documents, shuffled); it is consumed as samples are built.
     """
     if not 0 < min_tokens <= max_tokens:
         raise ConfigError(f"token range {min_tokens}..{max_tokens} is empty; give 0 < --min-tokens <= --max-tokens")
@@ -63,7 +71,8 @@ def generate_split(split: Split, *, seed: int, per_family: int, min_tokens: int 
     unknown = [name for name in names if name not in FAMILIES]
     if unknown:
         raise ConfigError(f"unknown task family {unknown[0]!r}; choose from {', '.join(FAMILIES)}")
-    pool = make_pool(split, documents_for(split), random.Random(f"polykv-search:{seed}:{split}:pool"))
+    if pool is None:
+        pool = make_pool(split, documents_for(split), random.Random(f"polykv-search:{seed}:{split}:pool"))
     samples: list[Sample] = []
     for name in names:
         builder, kind = FAMILIES[name]
@@ -133,17 +142,20 @@ def generate(out: str | Path, *, seed: int = 0, per_family: dict[Split, int] | N
         written[split] = path
         manifest["splits"][split] = _split_entry(split, path, samples)  # type: ignore[index]
         logger.info("wrote %s: %d samples", path, len(samples))
-    kept = _read_manifest(out).get("splits", {}).get(LONG)
-    if kept is not None:
-        manifest["splits"][LONG] = kept  # type: ignore[index]
+    for split in (LONG, CALIB_LONG):  # written by generate_long, kept as they are
+        kept = _read_manifest(out).get("splits", {}).get(split)
+        if kept is not None:
+            manifest["splits"][split] = kept  # type: ignore[index]
     write_json_atomic(out / "manifest.json", manifest)
     return written
 
 
 def generate_long(out: str | Path, *, seed: int = 0, per_family: int = LONG_PER_FAMILY,
-                  tokens: tuple[int, int] = LONG_TOKENS, tokenizer: str = LONG_TOKENIZER) -> Path:
-    """Write the long split (`long.jsonl`) under `out` and its entry in the manifest (other entries are kept):
-    contexts of `tokens` = (min, max) tokens of model `tokenizer`, measured, from the test-suite source."""
+                  tokens: tuple[int, int] = LONG_TOKENS, tokenizer: str = LONG_TOKENIZER,
+                  calib_per_family: int = CALIB_LONG_PER_FAMILY) -> Path:
+    """Write the long split (`long.jsonl`) under `out` and, from the test-suite text it leaves unused, the long
+    calibration split (`calib_long.jsonl`, `calib_per_family` samples a family; 0: none), with their manifest
+    entries (other entries are kept): contexts of `tokens` = (min, max) tokens of model `tokenizer`, measured."""
     # imported here: measuring needs transformers (and torch), which the other splits do not
     from polykv_search.models import load_tokenizer
 
@@ -155,18 +167,40 @@ def generate_long(out: str | Path, *, seed: int = 0, per_family: int = LONG_PER_
     def count(text: str) -> int:
         return len(loaded.tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
 
+    pool = make_pool(LONG, documents_for(LONG), random.Random(f"polykv-search:{seed}:{LONG}:pool"))
     samples = generate_split(LONG, seed=seed, per_family=per_family, min_tokens=tokens[0], max_tokens=tokens[1],
-                             count_tokens=count)
-    path = write_jsonl(Path(out) / LONG_FILE, samples)
-    entry = {**_split_entry(LONG, path, samples), "seed": seed, "python": platform.python_version(),
-             "token_range": list(tokens), "tokenizer": {"model": loaded.model_id, "revision": loaded.revision},
-             "sources": LONG_SOURCES}
+                             count_tokens=count, pool=pool)
+    written = [(LONG, write_jsonl(Path(out) / LONG_FILE, samples), samples)]
+    if calib_per_family > 0:
+        rest = calib_long_pool(pool, samples)
+        calib = generate_split(CALIB_LONG, seed=seed, per_family=calib_per_family, min_tokens=tokens[0],
+                               max_tokens=tokens[1], count_tokens=count, pool=rest)
+        written.append((CALIB_LONG, write_jsonl(Path(out) / CALIB_LONG_FILE, calib), calib))
     manifest = _read_manifest(Path(out)) or {"generator": "polykv_search.data.generate",
                                              "generator_version": GENERATOR_VERSION}
-    manifest.setdefault("splits", {})[LONG] = entry
+    for split, path, split_samples in written:
+        manifest.setdefault("splits", {})[split] = {
+            **_split_entry(split, path, split_samples), "seed": seed, "python": platform.python_version(),
+            "token_range": list(tokens), "tokenizer": {"model": loaded.model_id, "revision": loaded.revision},
+            "sources": LONG_SOURCES if split == LONG else CALIB_LONG_SOURCES}
+        logger.info("wrote %s: %d samples of %d-%d %s tokens", path, len(split_samples), *tokens, loaded.model_id)
     write_json_atomic(Path(out) / "manifest.json", manifest)
-    logger.info("wrote %s: %d samples of %d-%d %s tokens", path, len(samples), *tokens, loaded.model_id)
-    return path
+    return written[0][1]
+
+
+def calib_long_pool(pool: SplitPool, long_samples: Sequence[Sample]) -> SplitPool:
+    """The long split's pool after `long_samples` were built from it, as the long calibration split's: only the
+    prose paragraphs, code files and classification lines those samples did not use (the prose may repeat
+    between calibration samples, never reach long.jsonl's)."""
+    if pool.cursor >= len(pool.paragraphs):
+        raise DataError("the long split used all of the test suite's prose; no text is left for calib_long.jsonl: "
+                        "lower --long-per-task or --long-tokens")
+    used_text = "\n".join(f"{s.context}\n{s.question}" for s in long_samples)
+    used_lines = {line.strip() for line in used_text.splitlines()}
+    lines = {label: [x for x in kept if x not in used_lines and f"Code: {x}" not in used_lines]
+             for label, kept in pool.lines_by_label.items()}
+    return SplitPool(split=CALIB_LONG, paragraphs=pool.paragraphs[pool.cursor:], code_docs=pool.code_docs,
+                     lines_by_label=lines, used_files=set(pool.used_files))
 
 
 def _split_entry(split: Split, path: Path, samples: Sequence[Sample]) -> dict[str, object]:
@@ -213,7 +247,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="MIN,MAX context tokens of the long split, measured with --tokenizer")
     parser.add_argument("--tokenizer", default=LONG_TOKENIZER,
                         help="model whose tokenizer measures the long split (alias, .gguf, folder or hub id)")
-    parser.add_argument("--only-long", action="store_true", help=f"write only {LONG_FILE} (and its manifest entry)")
+    parser.add_argument("--calib-long-per-task", type=int, default=CALIB_LONG_PER_FAMILY,
+                        help=f"samples per task family in {CALIB_LONG_FILE}, from the text {LONG_FILE} leaves (0: none)")
+    parser.add_argument("--only-long", action="store_true",
+                        help=f"write only {LONG_FILE} and {CALIB_LONG_FILE} (and their manifest entries)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
@@ -225,7 +262,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                      per_family={split: getattr(args, f"n_{split}") for split in DEFAULT_PER_FAMILY})
         if args.long_per_task > 0:
             generate_long(args.out, seed=args.seed, per_family=args.long_per_task, tokens=long_tokens,
-                          tokenizer=args.tokenizer)
+                          tokenizer=args.tokenizer, calib_per_family=args.calib_long_per_task)
     except PolykvError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -21,9 +21,11 @@ from pydoc_data.topics import topics
 
 from polykv_search.errors import DataError
 
-Split = Literal["calib", "eval", "eval_alt", "long"]
+Split = Literal["calib", "eval", "eval_alt", "long", "calib_long"]
 SPLITS: tuple[Split, ...] = ("calib", "eval", "eval_alt")  # the splits that share the hashed partition
 LONG: Split = "long"  # 6k-8k-token contexts from the test suite (a source of its own)
+# Long calibration contexts: the test-suite text that `long` did not use (generate.generate_calib_long)
+CALIB_LONG: Split = "calib_long"
 
 # Partition B (eval_alt) takes 40% of the documents; partition A is shared 1:2 between calib and eval.
 _B_SHARE = 0.40
@@ -238,7 +240,7 @@ def long_documents() -> tuple[Document, ...]:
 
 def documents_for(split: Split) -> list[Document]:
     """The documents of one split, in id order (file:... before topic:...), prose de-duplicated."""
-    if split == LONG:
+    if split in (LONG, CALIB_LONG):
         if not long_documents():
             raise DataError(f"no test suite under {stdlib_root()}: the long split reads CPython's own tests; "
                             "install them (Debian: the libpython3.X-testsuite package) or use a python.org build")

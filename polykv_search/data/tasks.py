@@ -38,14 +38,21 @@ _LONG_ADJECTIVES = ("azure", "breezy", "cosmic", "dapper", "frosty", "glossy", "
                     "mossy", "quirky", "rosy", "snowy", "sunny", "thorny")
 _LONG_NOUNS = ("acorn", "bucket", "comet", "dolphin", "ember", "fiddle", "gazebo", "hornet", "iceberg", "jigsaw",
                "koala", "lobster", "mango", "nebula", "pebble", "robin")
+# Key words of the long calibration split only (in none of the lists above).
+_CALIB_LONG_ADJECTIVES = ("bumpy", "chalky", "dainty", "fluffy", "gloomy", "hearty", "inky", "jumpy", "leafy",
+                          "murky", "nutty", "peppy", "rugged", "silky", "spiky", "woolly")
+_CALIB_LONG_NOUNS = ("anvil", "barrel", "cactus", "dagger", "easel", "funnel", "geyser", "hatchet", "inkwell",
+                     "kayak", "ladle", "mitten", "napkin", "oyster", "parrot", "quiver")
 # First digit of every number and first letter of every variable name, per split: no needle is shared. The long
 # split has no digit or letter left; its numbers are longer instead (7 digits, RULER's needle length, against 5-6
 # elsewhere) and so are its variable names (6 letters against 5), so none of its needles equals another split's.
-_DIGITS: dict[Split, str] = {"calib": "123", "eval": "456", "eval_alt": "789", "long": "123456789"}
+# The long calibration split's numbers have 8 digits and its names 7 letters, so none equals another split's.
+_DIGITS: dict[Split, str] = {"calib": "123", "eval": "456", "eval_alt": "789", "long": "123456789",
+                             "calib_long": "123456789"}
 _LETTERS: dict[Split, str] = {"calib": "ABCDEFGH", "eval": "IJKLMNOPQ", "eval_alt": "RSTUVWXYZ",
-                              "long": "ABCDEFGHIJKLMNOPQRSTUVWXYZ"}
-_NUMBER_DIGITS: dict[Split, int] = {"long": 7}  # else the family's own
-_NAME_LETTERS: dict[Split, int] = {"long": 6}  # else 5 (RULER's)
+                              "long": "ABCDEFGHIJKLMNOPQRSTUVWXYZ", "calib_long": "ABCDEFGHIJKLMNOPQRSTUVWXYZ"}
+_NUMBER_DIGITS: dict[Split, int] = {"long": 7, "calib_long": 8}  # else the family's own
+_NAME_LETTERS: dict[Split, int] = {"long": 6, "calib_long": 7}  # else 5 (RULER's)
 _UPPER = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 
 # Statement kinds for few-shot classification: a regex on the stripped source line, and its label.
@@ -131,6 +138,8 @@ def _variable(rng: random.Random, split: Split) -> str:
 def _keys(rng: random.Random, split: Split, count: int) -> list[str]:
     if split == "long":
         adjectives, nouns = list(_LONG_ADJECTIVES), list(_LONG_NOUNS)
+    elif split == "calib_long":
+        adjectives, nouns = list(_CALIB_LONG_ADJECTIVES), list(_CALIB_LONG_NOUNS)
     else:
         part = {"calib": 0, "eval": 1, "eval_alt": 2}[split]
         adjectives = [w for i, w in enumerate(_ADJECTIVES) if i % 3 == part]

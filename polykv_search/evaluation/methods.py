@@ -13,6 +13,7 @@ from polykv_search.errors import ConfigError
 from polykv_search.models.info import ModelInfo
 from polykv_search.optimization.allocators import adakv_plan, cake_plan, pyramidkv_plan
 from polykv_search.plan import Plan, PlanFile, uniform_plan
+from polykv_search.plan.plan import rung_for_length
 
 FAMILIES = ("full", "uniform", "allocator", "plan")
 logger = logging.getLogger(__name__)
@@ -38,6 +39,12 @@ class Method:
     allocate: Callable[[PrefillState], Plan] | None = None
     budget: float | None = None  # the average budget of an `allocate` method
     policy: str | None = None  # the ranking an `allocate` method needs scored
+    rungs: tuple[Plan, ...] = ()  # a plan's rungs at one budget, one per range of prompt lengths (schema 2.1)
+
+    @property
+    def plans(self) -> list[Plan]:
+        """Every plan this method may run: its plan, or its rungs."""
+        return list(self.rungs) or ([self.plan] if self.plan is not None else [])
 
     def plan_for(self, state: PrefillState) -> Plan | None:
         """The plan this method runs on one prefilled sample."""
@@ -77,9 +84,19 @@ def build_methods(info: ModelInfo, *, budgets: Sequence[float], uniform_policies
             else:  # Ada-KV keeps a whole number of tokens per layer and head
                 logger.info("Ada-KV is left out at the fractional budget %s", budget)
     for name, plan_file in plans:
-        for plan in plan_file.plans:
-            out.append(Method(name, "plan", plan))
+        for budget in plan_file.budgets:
+            out.append(plan_method(name, plan_file.rungs_for(budget)))
     return out
+
+
+def plan_method(name: str, rungs: Sequence[Plan]) -> Method:
+    """A plan at one budget: its lone rung, or (one rung per range of prompt lengths) the rung each sample's
+    context length picks, as the runtime does."""
+    if len(rungs) == 1:
+        return Method(name, "plan", rungs[0])
+    chosen = tuple(rungs)
+    return Method(name, "plan", None, allocate=lambda state: rung_for_length(chosen, state.n_context),
+                  budget=chosen[0].average_budget, rungs=chosen)
 
 
 def adakv_method(info: ModelInfo, *, policy: str, budget: int) -> Method:

@@ -55,9 +55,28 @@ class Recovery:
     best_uniform_kl: float | None
 
 
+# Context-length buckets R is reported in when the samples span several (and no plan brings its own ranges).
+LENGTH_EDGES = (2048, 4096, 8192, 16384, 32768)
+
+
+@dataclass(frozen=True)
+class LengthBucket:
+    """Gap recovery on the samples whose context length is in [min_tokens, max_tokens] (None: no upper end)."""
+
+    min_tokens: int
+    max_tokens: int | None
+    samples: int
+    recovery: list[Recovery]
+
+    @property
+    def label(self) -> str:
+        return f"{self.min_tokens}+" if self.max_tokens is None else f"{self.min_tokens}-{self.max_tokens}"
+
+
 @dataclass
 class Report:
-    """What `evaluate` measured: per method and task, the gap recovery per budget, and every scored answer."""
+    """What `evaluate` measured: per method and task, the gap recovery per budget (overall and per context-length
+    bucket, where the samples span several), and every scored answer."""
 
     tasks: list[str]
     methods: dict[str, MethodScore]  # by Method.key
@@ -66,6 +85,7 @@ class Report:
     samples: int
     results: list[ScoredResult] = field(default_factory=list)
     files: dict[str, Path] = field(default_factory=dict)  # where `save` wrote it: json, markdown, png
+    by_length: list[LengthBucket] = field(default_factory=list)
 
     def recovery_of(self, method: str) -> list[Recovery]:
         """The rows of one method (a plan file's stem, "pyramidkv", "cake"), budget increasing."""
@@ -79,13 +99,16 @@ class Report:
     def to_dict(self) -> dict[str, Any]:
         return {"tasks": list(self.tasks), "methods": {k: asdict(v) for k, v in self.methods.items()},
                 "recovery": [asdict(r) for r in self.recovery], "budgets": list(self.budgets),
-                "samples": self.samples, "results": [asdict(r) for r in self.results]}
+                "samples": self.samples, "results": [asdict(r) for r in self.results],
+                "by_length": [asdict(b) for b in self.by_length]}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Report:
         return cls(tasks=list(data["tasks"]), methods={k: MethodScore(**v) for k, v in data["methods"].items()},
                    recovery=[Recovery(**r) for r in data["recovery"]], budgets=list(data["budgets"]),
-                   samples=int(data["samples"]), results=[ScoredResult(**r) for r in data.get("results", [])])
+                   samples=int(data["samples"]), results=[ScoredResult(**r) for r in data.get("results", [])],
+                   by_length=[LengthBucket(**{**b, "recovery": [Recovery(**r) for r in b["recovery"]]})
+                              for b in data.get("by_length", [])])
 
     def markdown(self) -> str:
         return markdown(self)
@@ -99,9 +122,33 @@ class Report:
         return self.files
 
 
-def summarize(results: Sequence[ScoredResult], methods: Sequence[Method], *, kv_slots: int | None = None) -> Report:
+def summarize(results: Sequence[ScoredResult], methods: Sequence[Method], *, kv_slots: int | None = None,
+              length_edges: Sequence[int] | None = None) -> Report:
     """Scores per method and task, and R per budget for every plan and allocator, from scored answers. `kv_slots`
-    (compressible layers x KV heads) turns each method's KV entries into tokens kept per layer and head."""
+    (compressible layers x KV heads) turns each method's KV entries into tokens kept per layer and head. Where the
+    samples' context lengths fall in several buckets, R per bucket too: the buckets are split at `length_edges`
+    (default: the plans' own ranges of prompt lengths, else LENGTH_EDGES)."""
+    report = _summary(results, methods, kv_slots=kv_slots)
+    edges = sorted(set(length_edges if length_edges is not None else _plan_edges(methods) or LENGTH_EDGES))
+    spans = list(zip([0] + [e + 1 for e in edges], [*edges, None]))
+    groups = [(low, high, [r for r in results if r.context_tokens >= low and (high is None or
+                                                                          r.context_tokens <= high)])
+              for low, high in spans]
+    groups = [g for g in groups if g[2]]
+    if len(groups) > 1:
+        report.by_length = [LengthBucket(min_tokens=low, max_tokens=high, samples=len({r.sample_id for r in rows}),
+                                         recovery=_summary(rows, methods, kv_slots=kv_slots).recovery)
+                            for low, high, rows in groups]
+    return report
+
+
+def _plan_edges(methods: Sequence[Method]) -> list[int]:
+    """The upper ends of the plans' ranges of prompt lengths (schema 2.1 rungs), where a plan has several."""
+    return [rung.context.max_tokens for m in methods for rung in m.rungs
+            if rung.context is not None and rung.context.max_tokens is not None]
+
+
+def _summary(results: Sequence[ScoredResult], methods: Sequence[Method], *, kv_slots: int | None) -> Report:
     by_method: dict[str, list[ScoredResult]] = defaultdict(list)
     for row in results:
         by_method[row.method].append(row)
@@ -202,6 +249,17 @@ def markdown(report: Report) -> str:
             interval = f"[{r.R_90[0]:+.2f}, {r.R_90[1]:+.2f}]" if r.R_90 else "-"
             lines.append(f"| {r.budget} | {r.method} | {_fmt(r.score)} | {r.best_uniform} | "
                          f"{_fmt(r.best_uniform_score)} | {_fmt(r.full_score)} | {_fmt(r.R, 2)} | {interval} |")
+    if report.by_length:
+        lines += ["", "R per context length (tokens compressed at prefill; each bucket its own full cache and best "
+                  "uniform policy):", "",
+                  "| context tokens | samples | budget | method | score | best uniform | its score | full | R | R 90% |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
+        for bucket in report.by_length:
+            for r in bucket.recovery:
+                interval = f"[{r.R_90[0]:+.2f}, {r.R_90[1]:+.2f}]" if r.R_90 else "-"
+                lines.append(f"| {bucket.label} | {bucket.samples} | {r.budget} | {r.method} | {_fmt(r.score)} | "
+                             f"{r.best_uniform} | {_fmt(r.best_uniform_score)} | {_fmt(r.full_score)} | "
+                             f"{_fmt(r.R, 2)} | {interval} |")
     return "\n".join(lines) + "\n"
 
 

@@ -64,7 +64,8 @@ def _score_locked(lm: LoadedModel, samples: Sequence[Sample], methods: Sequence[
     ckpt_dir = out_dir / "checkpoints"
     run_digest = prepare_checkpoints(ckpt_dir, _fingerprint(lm, samples, methods, with_kl, max_context_tokens),
                                      resume=resume)
-    engine = PrefillEngine.for_plans(lm, [m.plan for m in methods], policies=[m.policy for m in methods if m.policy],
+    engine = PrefillEngine.for_plans(lm, [p for m in methods for p in m.plans],
+                                     policies=[m.policy for m in methods if m.policy],
                                      max_context_tokens=max_context_tokens)
     results: list[ScoredResult] = []
     for index, sample in enumerate(samples):
@@ -129,6 +130,8 @@ def _fingerprint(lm: LoadedModel, samples: Sequence[Sample], methods: Sequence[M
                  max_context: int | None) -> dict:
     described = [{"name": m.name, "family": m.family, "budget": m.average_budget, "policy": m.policy,
                   "plan": None if m.plan is None else m.plan.to_dict()["layers"]} for m in methods]
+    described += [{"rungs": [[p.context.to_dict() if p.context else None, p.to_dict()["layers"]] for p in m.rungs]}
+                  for m in methods if m.rungs]  # absent for plans without rungs: their checkpoints stay valid
     method_sig = hashlib.sha256(json.dumps(described, sort_keys=True, default=str).encode()).hexdigest()
     return {"model": lm.info.model_id, "revision": lm.info.revision, "dtype": str(getattr(lm.model, "dtype", "")),
             "device": str(lm.device), "samples": samples_digest(samples), "methods": method_sig, "with_kl": with_kl,

@@ -30,15 +30,21 @@ def check_tokens(value: int | None, flag: str) -> int | None:
     return value
 
 
-def pick_plan(plan_file: PlanFile, budget: float | None) -> Plan:
-    """The rung at `budget`; without one, the file's only rung (a ladder must say which)."""
-    if budget is not None:
-        return plan_file.plan_for(budget)
-    if len(plan_file.plans) > 1:
-        budgets = ", ".join(f"{b:g}" for b in plan_file.budgets)
-        raise PlanError(f"the plan file holds {len(plan_file.plans)} budgets ({budgets}) and an engine takes one; "
-                        "pick it with --budget")
-    return plan_file.plans[0]
+def pick_plan(plan_file: PlanFile, budget: float | None, context: int | None = None) -> Plan:
+    """The rung at `budget` (and, where the file has one per range of prompt lengths, for prompts of `context`
+    tokens: an engine's config serves one range); without a budget, the file's only one (a ladder must say which)."""
+    if budget is None:
+        if len(plan_file.budgets) > 1:
+            budgets = ", ".join(f"{b:g}" for b in plan_file.budgets)
+            raise PlanError(f"the plan file holds {len(plan_file.budgets)} budgets ({budgets}) and an engine takes "
+                            "one; pick it with --budget")
+        budget = plan_file.budgets[0]
+    rungs = plan_file.rungs_for(budget)
+    if len(rungs) > 1 and context is None:
+        ranges = "; ".join(r.context.describe() if r.context else "every length" for r in rungs)
+        raise PlanError(f"the plan has a rung per range of prompt lengths at budget {budget:g} ({ranges}) and an "
+                        "engine's config takes one; pick it with --context (the prompt length it will serve)")
+    return plan_file.plan_for(budget, context_tokens=context if len(rungs) > 1 else None)
 
 
 def head_entries(layer: LayerPlan, num_kv_heads: int) -> list[HeadPlan]:

@@ -24,7 +24,8 @@ def export_plan(plan: str | Path | PlanFile, *, to: str = KVPRESS, out: str | Pa
     """Write one rung of `plan` (a plan file or its path) as target `to` reads it at `out`; returns `out`.
 
     `budget` picks the rung (needed when the file holds several, except for kvpress, which copies the ladder).
-    `context` (tokens): entries keeping at least this many tokens keep their whole context (a DuoAttention full
+    `context` (tokens): the prompt length the engine serves: it picks the rung where the file has one per range
+    of prompt lengths, and entries keeping at least this many tokens keep their whole context (a DuoAttention full
     head; TensorRT-LLM's window of such a layer). `sliding_window`: TensorRT-LLM's window of the model's
     sliding-window layers. ExportError names the layers and heads a target cannot express.
     """
@@ -33,10 +34,10 @@ def export_plan(plan: str | Path | PlanFile, *, to: str = KVPRESS, out: str | Pa
     plan_file = plan if isinstance(plan, PlanFile) else PlanFile.load(plan)
     out = Path(out)
     if to == KVPRESS:
-        if budget is not None:
-            return PlanFile(model=plan_file.model, plans=(plan_file.plan_for(budget),)).save(out)
+        if budget is not None:  # that budget's rungs, one per range of prompt lengths where the file has several
+            return PlanFile(model=plan_file.model, plans=tuple(plan_file.rungs_for(budget))).save(out)
         return write_atomic(out, source.read_bytes()) if source is not None else plan_file.save(out)
-    chosen = pick_plan(plan_file, budget)
+    chosen = pick_plan(plan_file, budget, context)
     if to == DUO_ATTENTION:
         pattern = duo_attention_pattern(chosen, model=plan_file.model, context=context)
         logger.info("duo-attention: sink %d, recent %d, %.0f%% streaming heads", pattern.sink_size,

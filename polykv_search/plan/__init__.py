@@ -8,6 +8,7 @@ Needs neither torch nor kvpress, so another engine's tooling can read and valida
 
 from polykv_search.plan.plan import (
     Constraint,
+    ContextRange,
     HeadPlan,
     LayerPlan,
     Plan,
@@ -28,7 +29,7 @@ from polykv_search.plan.validate import (
 )
 
 __all__ = [
-    "PLAN_SCHEMA", "SCHEMA_VERSION", "Constraint", "HeadPlan", "InvalidPlanError", "LayerPlan", "Plan", "PlanFile",
+    "PLAN_SCHEMA", "SCHEMA_VERSION", "Constraint", "ContextRange", "HeadPlan", "InvalidPlanError", "LayerPlan", "Plan", "PlanFile",
     "PlanModel", "Producer", "SearchInfo", "budget_total", "budgets_beyond_context", "check_matches_model",
     "exact_integer_budgets", "load_plan", "uniform_plan", "validate_plan_json",
 ]

@@ -19,7 +19,13 @@ from polykv_search import __version__
 from polykv_search.errors import PlanError
 from polykv_search.io import write_atomic
 from polykv_search.plan.rounding import budget_total
-from polykv_search.plan.schema import PER_LAYER_VERSION, SCHEMA_VERSION, UNIT_PER_HEAD, UNIT_PER_LAYER
+from polykv_search.plan.schema import (
+    LENGTH_VERSION,
+    PER_HEAD_VERSION,
+    PER_LAYER_VERSION,
+    UNIT_PER_HEAD,
+    UNIT_PER_LAYER,
+)
 from polykv_search.plan.validate import InvalidPlanError, check_matches_model, validate_plan_json
 from polykv_search.policies.catalog import policy_params, scorer_key
 
@@ -28,6 +34,8 @@ if TYPE_CHECKING:
 
 PRODUCER_NAME = "polykv-search"
 SLIDING = "sliding_attention"
+# A prompt this many times longer than the longest context a rung was made on is "far longer": the runtime says so.
+FAR_BEYOND_CALIBRATION = 1.25
 # The largest plan file read: a ladder of 16 rungs for 128 layers x 64 KV heads per head takes about 10 MiB.
 MAX_PLAN_BYTES = 16 * 2**20
 
@@ -172,12 +180,60 @@ class SearchInfo:
 
 
 @dataclass(frozen=True)
+class ContextRange:
+    """The prompt lengths a rung serves, in context tokens compressed at prefill (`min_tokens` to `max_tokens`, None:
+    any longer prompt), and the shortest and longest calibration contexts it was made and guarded on. `strict`: a
+    prompt outside [min_tokens, max_tokens] is refused instead of served by the nearest rung."""
+
+    min_tokens: int = 0
+    max_tokens: int | None = None
+    calibrated: tuple[int, int] | None = None
+    strict: bool = False
+
+    def __post_init__(self) -> None:
+        if self.calibrated is not None:
+            object.__setattr__(self, "calibrated", (int(self.calibrated[0]), int(self.calibrated[1])))
+
+    def holds(self, tokens: int) -> bool:
+        return self.min_tokens <= tokens and (self.max_tokens is None or tokens <= self.max_tokens)
+
+    def distance(self, tokens: int) -> int:
+        """How many tokens `tokens` lies outside the range (0 inside)."""
+        if tokens < self.min_tokens:
+            return self.min_tokens - tokens
+        return 0 if self.max_tokens is None or tokens <= self.max_tokens else tokens - self.max_tokens
+
+    def far_beyond(self, tokens: int) -> bool:
+        """Whether `tokens` is far longer than any context the rung was made on (FAR_BEYOND_CALIBRATION)."""
+        return self.calibrated is not None and tokens > self.calibrated[1] * FAR_BEYOND_CALIBRATION
+
+    def describe(self) -> str:
+        span = f"{self.min_tokens}+" if self.max_tokens is None else f"{self.min_tokens}-{self.max_tokens}"
+        made = f", made on {self.calibrated[0]}-{self.calibrated[1]}" if self.calibrated else ""
+        return f"{span} tokens{made}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"min_tokens": self.min_tokens, "max_tokens": self.max_tokens,
+                "calibrated": None if self.calibrated is None else list(self.calibrated), "strict": self.strict}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ContextRange:
+        made = data.get("calibrated")
+        return cls(min_tokens=int(data.get("min_tokens", 0)),
+                   max_tokens=None if data.get("max_tokens") is None else int(data["max_tokens"]),
+                   calibrated=None if made is None else (int(made[0]), int(made[1])),
+                   strict=bool(data.get("strict", False)))
+
+
+@dataclass(frozen=True)
 class Plan:
-    """A policy and budget for every layer at one average budget."""
+    """A policy and budget for every layer at one average budget (and, optionally, for one range of prompt
+    lengths: `context`; None serves every length)."""
 
     constraint: Constraint
     layers: tuple[LayerPlan, ...]
     search: SearchInfo
+    context: ContextRange | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "layers", tuple(self.layers))
@@ -261,12 +317,15 @@ class Plan:
                   "gap": s.gap, "profile_signature": s.profile_signature, "seed": s.seed, "seconds": s.seconds}
         if s.notes is not None:
             search["notes"] = s.notes
-        return {
+        out = {
             "constraint": {"unit": c.unit, "average_budget": c.average_budget, "total": c.total,
                            "total_realised": c.total_realised},
             "layers": [_layer_dict(layer) for layer in self.layers],
             "search": search,
         }
+        if self.context is not None:
+            out["context"] = self.context.to_dict()
+        return out
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Plan:
@@ -287,7 +346,8 @@ class Plan:
                             notes=s.get("notes"))
         constraint = Constraint(average_budget=c["average_budget"], total=int(c["total"]),
                                 total_realised=int(c["total_realised"]), unit=c["unit"])
-        return cls(constraint=constraint, layers=layers, search=search)
+        context = None if data.get("context") is None else ContextRange.from_dict(data["context"])
+        return cls(constraint=constraint, layers=layers, search=search, context=context)
 
 
 @dataclass(frozen=True)
@@ -302,7 +362,8 @@ class PlanFile:
     def __post_init__(self) -> None:
         object.__setattr__(self, "plans", tuple(self.plans))
         if not self.schema_version:
-            version = SCHEMA_VERSION if any(plan.per_head for plan in self.plans) else PER_LAYER_VERSION
+            version = LENGTH_VERSION if any(plan.context is not None for plan in self.plans) else \
+                PER_HEAD_VERSION if any(plan.per_head for plan in self.plans) else PER_LAYER_VERSION
             object.__setattr__(self, "schema_version", version)
 
     @classmethod
@@ -312,17 +373,27 @@ class PlanFile:
 
     @property
     def budgets(self) -> list[float]:
-        """The average budgets of the ladder, in file order."""
-        return [plan.average_budget for plan in self.plans]
+        """The average budgets of the ladder, in file order (each once: a budget may have a rung per length)."""
+        return list(dict.fromkeys(plan.average_budget for plan in self.plans))
 
-    def plan_for(self, average_budget: float) -> Plan:
-        """The plan made for `average_budget` tokens per layer; PlanError names the budgets the file has."""
-        for plan in self.plans:
-            if plan.average_budget == average_budget:
-                return plan
-        raise PlanError(f"the plan file has no plan for average budget {average_budget}; its budgets: "
-                        f"{', '.join(map(_fmt, self.budgets))}; use one of them or re-run optimize with "
-                        f"--budget {_fmt(average_budget)}")
+    @property
+    def by_length(self) -> bool:
+        """Whether some budget has rungs for several ranges of prompt lengths (the runtime picks by length)."""
+        return len(self.plans) > len(self.budgets)
+
+    def rungs_for(self, average_budget: float) -> list[Plan]:
+        """Every rung made for `average_budget` (one per range of prompt lengths), shortest range first."""
+        rungs = [plan for plan in self.plans if plan.average_budget == average_budget]
+        if not rungs:
+            raise PlanError(f"the plan file has no plan for average budget {average_budget}; its budgets: "
+                            f"{', '.join(map(_fmt, self.budgets))}; use one of them or re-run optimize with "
+                            f"--budget {_fmt(average_budget)}")
+        return sorted(rungs, key=lambda p: p.context.min_tokens if p.context else 0)
+
+    def plan_for(self, average_budget: float, context_tokens: int | None = None) -> Plan:
+        """The plan made for `average_budget` tokens per layer (and, where the file has a rung per range of prompt
+        lengths, for a prompt of `context_tokens`); PlanError names the budgets or lengths the file has."""
+        return rung_for_length(self.rungs_for(average_budget), context_tokens)
 
     # -- JSON ----------------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -409,6 +480,29 @@ class PlanFile:
         if problems:
             raise InvalidPlanError(source=str(path), problems=problems)
         return write_atomic(path, text)
+
+
+def rung_for_length(rungs: Sequence[Plan], context_tokens: int | None) -> Plan:
+    """The rung of `rungs` (one budget's, one per range of prompt lengths) that serves a prompt of `context_tokens`:
+    the one whose range holds it, else the nearest (PlanError where that rung is strict). Without a length, a lone
+    rung; PlanError when there are several to choose from."""
+    if context_tokens is None:
+        if len(rungs) > 1:
+            raise PlanError(f"the plan has {len(rungs)} rungs at average budget {_fmt(rungs[0].average_budget)}, one "
+                            f"per range of prompt lengths ({'; '.join(_range(p) for p in rungs)}); give the prompt's "
+                            "context length (--context-tokens) to pick one")
+        return rungs[0]
+    chosen = min(rungs, key=lambda p: p.context.distance(context_tokens) if p.context else 0)
+    if chosen.context is not None and chosen.context.strict and not chosen.context.holds(context_tokens):
+        raise PlanError(f"a prompt of {context_tokens} context tokens is outside the lengths this plan serves at "
+                        f"average budget {_fmt(chosen.average_budget)} ({'; '.join(_range(p) for p in rungs)}) and "
+                        "the plan is strict about them; shorten the prompt or re-run with calibration data of "
+                        "that length")
+    return chosen
+
+
+def _range(plan: Plan) -> str:
+    return "every length" if plan.context is None else plan.context.describe()
 
 
 def _tokens(layer: LayerPlan, heads: int) -> int:

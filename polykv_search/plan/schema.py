@@ -1,9 +1,10 @@
 """The plan file's JSON Schema (Draft 2020-12), shipped as package data in polykv_search/schemas/plan-v2.json.
 
 Version 2 adds per-KV-head entries (a layer's `heads`) and the "tokens per KV head" unit; every 1.x plan is a
-valid 2.x plan with the same meaning. A file is written with the lowest version that can hold it (1.0.0 unless a
-layer has heads), so readers that know only version 1 keep reading per-layer plans, and refuse per-head ones by
-their version rule.
+valid 2.x plan with the same meaning. 2.1 adds a rung's optional `context` (the prompt lengths it serves, the
+lengths it was made on): a budget may then have one rung per range of prompt lengths, and the runtime picks by
+the prompt's length. A file is written with the lowest version that can hold it (1.0.0 unless a layer has heads,
+2.0.0 unless a rung has a context), so older readers keep reading what they can.
 """
 
 from __future__ import annotations
@@ -12,7 +13,9 @@ import json
 from importlib import resources
 from typing import Any
 
-SCHEMA_VERSION = "2.0.0"  # the newest version this package writes (per-head plans)
+SCHEMA_VERSION = "2.1.0"  # the newest version this package writes (rungs per range of prompt lengths)
+LENGTH_VERSION = "2.1.0"  # written for plans with a rung's `context` (the prompt lengths it serves)
+PER_HEAD_VERSION = "2.0.0"  # written for per-head plans without lengths: readable by 2.0 readers too
 PER_LAYER_VERSION = "1.0.0"  # written for plans that are per layer only: readable by 1.x readers too
 READABLE_MAJORS = (1, 2)
 UNIT_PER_LAYER = "tokens per layer"

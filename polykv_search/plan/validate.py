@@ -141,20 +141,50 @@ def _semantic_problems(obj: dict[str, Any], *, model: ModelInfo | None, major: i
     plans = obj.get("plans")
     if not isinstance(plans, list):
         return problems
-    seen: dict[float, int] = {}
+    seen: dict[float, list[tuple[int, tuple[int, float] | None]]] = {}
     for i, plan in enumerate(plans):
         if not isinstance(plan, dict):
             continue
         problems += _plan_problems(plan, where=f"$.plans[{i}]", types=types, model_name=name, heads=heads,
                                    major=major)
+        span, context_problems = _context_span(plan.get("context"), where=f"$.plans[{i}].context",
+                                               version=obj.get("schema_version"))
+        problems += context_problems
         average = _as_positive_number(plan.get("constraint", {}).get("average_budget")
                                       if isinstance(plan.get("constraint"), dict) else None)
         if average is not None:
-            if average in seen:
-                problems.append(f"$.plans[{i}].constraint.average_budget {average} repeats $.plans[{seen[average]}]; "
-                                "a ladder holds one plan per average budget: drop one")
-            seen.setdefault(average, i)
+            for j, other in seen.get(average, []):
+                if span is None or other is None:
+                    problems.append(f"$.plans[{i}].constraint.average_budget {average} repeats $.plans[{j}]; a "
+                                    "ladder holds one plan per average budget (or one per range of prompt lengths, "
+                                    "each with its `context`): drop one")
+                elif span[0] <= other[1] and other[0] <= span[1]:
+                    problems.append(f"$.plans[{i}].context overlaps $.plans[{j}].context at average budget "
+                                    f"{average}; the rungs of one budget serve disjoint prompt lengths")
+            seen.setdefault(average, []).append((i, span))
     return problems
+
+
+def _context_span(context: Any, *, where: str, version: Any) -> tuple[tuple[int, float] | None, list[str]]:
+    """((min, max) prompt lengths of a rung's `context`, inf for no maximum; None without one), its problems."""
+    if context is None:
+        return None, []
+    if not isinstance(context, dict):
+        return None, []  # the schema says what is wrong
+    parts = str(version).split(".")
+    if len(parts) == 3 and all(p.isdigit() for p in parts) and (int(parts[0]), int(parts[1])) < (2, 1):
+        return None, [f"{where}: a rung's prompt lengths need schema_version 2.1 or later; write the file as 2.1.0"]
+    low, high = _as_int(context.get("min_tokens")), context.get("max_tokens")
+    high = float("inf") if high is None else _as_int(high)
+    if low is None or high is None:
+        return None, []
+    problems = []
+    if high < low:
+        problems.append(f"{where}: max_tokens {high} is below min_tokens {low}; give min_tokens <= max_tokens")
+    made = context.get("calibrated")
+    if isinstance(made, list) and len(made) == 2 and all(isinstance(x, int) for x in made) and made[1] < made[0]:
+        problems.append(f"{where}.calibrated: {made[0]} > {made[1]}; give [shortest, longest]")
+    return (low, high), problems
 
 
 def _model_mismatches(block: dict[str, Any], model: ModelInfo) -> list[str]:

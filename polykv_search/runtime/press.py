@@ -19,6 +19,7 @@ read) is removed when its context exits; `apply_plan` restores the attention too
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -38,48 +39,68 @@ from polykv_search.models.anatomy import (
     saved_rotaries,
 )
 from polykv_search.models.info import model_info
-from polykv_search.plan import Plan, load_plan
+from polykv_search.plan import Plan, PlanFile, load_plan
+from polykv_search.plan.plan import rung_for_length
 from polykv_search.policies import POLICIES
 from polykv_search.policies.presses import make_press, rank_scores
 from polykv_search.policies.scoring import policy_scores
 from polykv_search.runtime.attention import polykv_attention, use_polykv_attention
 from polykv_search.runtime.ragged import RaggedLayer
 
+logger = logging.getLogger(__name__)
+
 
 @dataclass
 class PlanPress(BasePress):
-    """Compress each layer's cache after its prefill as `plan` says (one budget of a plan file)."""
+    """Compress each layer's cache after its prefill as `plan` says (one budget of a plan file). `rungs`: that
+    budget's rungs, one per range of prompt lengths (schema 2.1); each prefill is then compressed by the rung whose
+    range holds its length (the nearest otherwise; a strict rung refuses prompts outside its range)."""
 
     plan: Plan
     # the last prefill's kept positions: (B, H_kv, b) for a per-layer entry, one (b_h,) tensor per KV head otherwise
     kept_indices: dict[int, torch.Tensor | list[torch.Tensor]] = field(default_factory=dict, repr=False)
+    rungs: tuple[Plan, ...] = ()
 
     def __post_init__(self) -> None:
-        self._presses = {layer.index: make_press(layer.policy, **layer.params)
-                         for layer in self.plan.layers if layer.policy is not None and layer.budget is not None}
-        self._head_presses = {}  # scorer key -> (policy, press) of the per-head layers' rankings
-        for layer in self.plan.layers:
-            for head in layer.heads or ():
-                if head.policy is not None and head.scorer not in self._head_presses:
-                    self._head_presses[head.scorer] = (head.policy, make_press(head.policy, **head.params))
+        self.rungs = tuple(self.rungs) or (self.plan,)
+        self._variants = [_RungPresses.of(rung) for rung in self.rungs]
+        self._presses, self._head_presses = self._variants[0].presses, self._variants[0].head_presses
+        self._warned = False
 
     @classmethod
     def from_file(cls, path: str | Path, *, budget: float | None = None, model: Any = None) -> PlanPress:
         """Load a plan file (validated; checked against `model`'s geometry when given) and pick one budget
-        (default: the file's first)."""
+        (default: the file's first), with its rungs for every range of prompt lengths."""
         plan_file = load_plan(path)
         if model is not None:
             plan_file.check_model(model_info(model, model_id=plan_file.model.id,
                                              revision=plan_file.model.revision))
-        return cls(plan_file.plan_for(budget) if budget is not None else plan_file.plans[0])
+        rungs = plan_file.rungs_for(budget if budget is not None else plan_file.budgets[0])
+        return cls(rungs[0], rungs=tuple(rungs))
+
+    def _select(self, context_tokens: int) -> None:
+        """Make the rung serving a prefill of `context_tokens` the active one; say once when the prompt is far
+        longer than any the rung was made on."""
+        chosen = rung_for_length(self.rungs, context_tokens)
+        k = next(i for i, rung in enumerate(self.rungs) if rung is chosen)
+        self.plan = chosen
+        self._presses, self._head_presses = self._variants[k].presses, self._variants[k].head_presses
+        if chosen.context is not None and chosen.context.far_beyond(context_tokens) and not self._warned:
+            self._warned = True
+            logger.warning("a prompt of %d context tokens is far longer than any this plan was made on (%d-%d at "
+                           "average budget %g); its choices may not hold there: calibrate on prompts of this length",
+                           context_tokens, *chosen.context.calibrated, chosen.average_budget)
 
     def post_init_from_model(self, model: torch.nn.Module) -> None:
-        for press in [*self._presses.values(), *(press for _, press in self._head_presses.values())]:
-            press.post_init_from_model(model)
+        for variant in self._variants:
+            for press in [*variant.presses.values(), *(press for _, press in variant.head_presses.values())]:
+                press.post_init_from_model(model)
 
     def forward_hook(self, module: torch.nn.Module, input: list[torch.Tensor], kwargs: dict, output: list):
         """After a layer's prefill: kvpress's compression for a per-layer entry; for a layer with per-head
         entries, each KV head keeps its own top-k and the cache layer becomes a RaggedLayer holding exactly those."""
+        if is_prefilling(kwargs["cache_position"], kwargs["hidden_states"].shape[1]):
+            self._select(int(kwargs["cache_position"][-1]) + 1)  # the rung for this prompt's length
         layer = self.plan.layers[module.layer_idx]
         if layer.heads is None:
             return super().forward_hook(module, input, kwargs, output)
@@ -146,15 +167,39 @@ class PlanPress(BasePress):
             restore_rotaries(saved)
 
 
+@dataclass
+class _RungPresses:
+    """One rung's kvpress presses: per layer for per-layer entries, per scorer for per-head entries."""
+
+    presses: dict[int, BasePress]
+    head_presses: dict[str, tuple[str, BasePress]]  # scorer key -> (policy, press)
+
+    @classmethod
+    def of(cls, plan: Plan) -> _RungPresses:
+        presses = {layer.index: make_press(layer.policy, **layer.params)
+                   for layer in plan.layers if layer.policy is not None and layer.budget is not None}
+        head_presses = {}
+        for layer in plan.layers:
+            for head in layer.heads or ():
+                if head.policy is not None and head.scorer not in head_presses:
+                    head_presses[head.scorer] = (head.policy, make_press(head.policy, **head.params))
+        return cls(presses, head_presses)
+
+
 @contextmanager
-def apply_plan(model: torch.nn.Module, plan: Plan | PlanPress) -> Iterator[PlanPress]:
+def apply_plan(model: torch.nn.Module, plan: Plan | PlanPress | PlanFile, *,
+               budget: float | None = None) -> Iterator[PlanPress]:
     """Compress the cache after prefill as `plan` says, for the duration of the block; `model.generate` and manual
     decode loops (pass position_ids, as kvpress's pipeline does) work with the per-layer cache lengths. On exit
-    the model is as it was (attention implementation included).
+    the model is as it was (attention implementation included). A plan file: its rungs at `budget` (default: its
+    first), the prompt's length picking among them where it has one per range of prompt lengths.
 
-        with apply_plan(model, plan):
+        with apply_plan(model, plan_file, budget=256):
             out = model.generate(**inputs, max_new_tokens=32)
     """
+    if isinstance(plan, PlanFile):
+        rungs = plan.rungs_for(budget if budget is not None else plan.budgets[0])
+        plan = PlanPress(rungs[0], rungs=tuple(rungs))
     press = plan if isinstance(plan, PlanPress) else PlanPress(plan)
     with polykv_attention(model), press(model):
         yield press

@@ -26,11 +26,13 @@ def test_defaults_are_the_gpu_comparison():
     assert (args.device, args.model, args.long_tokens) == ("cuda", "gemma3-270m", "8000,32000")
     command = script.run_command(args, Path("outputs/long_gpu/data/long.jsonl"))
     assert command[1:4] == ["-m", "polykv_search", "run"]
-    options = dict(zip(command[4::2], command[5::2]))
-    assert options == {"--model": "gemma3-270m", "--budget": "128,256,512,1024",
-                       "--calib": "calibration_data/calib.jsonl", "--eval": "outputs/long_gpu/data/long.jsonl",
-                       "--compare": "streaming,snapkv,h2o_recent,tova_recent,expected_attention_recent",
-                       "--device": "cuda", "--dtype": "bfloat16", "--out": "outputs/long_gpu/gemma3-270m"}
+    options = list(zip(command[4::2], command[5::2]))
+    assert options == [("--model", "gemma3-270m"), ("--budget", "128,256,512,1024"),
+                       ("--calib", "calibration_data/calib.jsonl"),
+                       ("--calib", "outputs/long_gpu/data/calib_long.jsonl"),
+                       ("--eval", "outputs/long_gpu/data/long.jsonl"),
+                       ("--compare", "streaming,snapkv,h2o_recent,tova_recent,expected_attention_recent"),
+                       ("--device", "cuda"), ("--dtype", "bfloat16"), ("--out", "outputs/long_gpu/gemma3-270m")]
     with pytest.raises(SystemExit):
         script.parse_args(["--device", "cpu"])
 

@@ -18,6 +18,7 @@ import pytest
 
 from polykv_search.data import build_prompt, load_samples
 from polykv_search.data.generate import (
+    CALIB_LONG_FILE,
     LONG_FILE,
     LONG_TOKENS,
     SPLIT_FILES,
@@ -26,7 +27,7 @@ from polykv_search.data.generate import (
     main,
     parse_token_range,
 )
-from polykv_search.data.sources import LONG, SPLITS, all_documents, documents_for, long_documents
+from polykv_search.data.sources import CALIB_LONG, LONG, SPLITS, all_documents, documents_for, long_documents
 from polykv_search.data.tasks import FAMILIES
 from polykv_search.errors import ConfigError
 from tests.data.test_generate import _assert_disjoint
@@ -45,7 +46,8 @@ def smollm2_tokenizer():  # type: ignore[no-untyped-def]
 
 @pytest.fixture(scope="module")
 def committed():  # type: ignore[no-untyped-def]
-    return {split: load_samples(DATA / name) for split, name in {**SPLIT_FILES, LONG: LONG_FILE}.items()}
+    return {split: load_samples(DATA / name)
+            for split, name in {**SPLIT_FILES, LONG: LONG_FILE, CALIB_LONG: CALIB_LONG_FILE}.items()}
 
 
 @pytest.mark.skipif(importlib.util.find_spec("test") is None, reason="this Python has no test suite (`test`)")
@@ -71,15 +73,17 @@ def test_the_long_split_is_deterministic_and_is_the_committed_file(tmp_path, smo
         pytest.skip("this Python has no test suite (the `test` package), the long split's source")
     long_dir = tmp_path / "long"
     generate_long(long_dir)
-    assert (long_dir / LONG_FILE).read_bytes() == (DATA / LONG_FILE).read_bytes()
-    assert json.loads((long_dir / "manifest.json").read_text())["splits"][LONG] == entry
+    written = json.loads((long_dir / "manifest.json").read_text())["splits"]
+    for split, name in ((LONG, LONG_FILE), (CALIB_LONG, CALIB_LONG_FILE)):  # the calibration split from what is left
+        assert (long_dir / name).read_bytes() == (DATA / name).read_bytes()
+        assert written[split] == manifest["splits"][split]
 
 
 @needs_smollm2
 def test_every_committed_long_sample_is_6k_to_8k_smollm2_tokens(committed, smollm2_tokenizer):
     """Counted as `evaluate` counts a context (chat header, instruction and context: the compressed part), with
     the whole prompt inside SmolLM2's 8,192 tokens: nothing is cut."""
-    for sample in committed[LONG]:
+    for sample in committed[LONG] + committed[CALIB_LONG]:
         parts = build_prompt(sample, smollm2_tokenizer.tokenizer, max_context_tokens=smollm2_tokenizer.max_context)
         assert not parts.truncated, sample.id
         assert LONG_TOKENS[0] <= len(parts.context_ids) <= LONG_TOKENS[1], (sample.id, len(parts.context_ids))
@@ -97,10 +101,24 @@ def test_the_committed_long_split_covers_every_family_and_shares_nothing(committ
     assert all(re.fullmatch(r"\d{7}", n) for n in numbers) and all(re.fullmatch(r"[A-Z]{6}", n) for n in names)
 
 
+def test_the_long_calibration_split_shares_nothing_with_any_other_split(committed):
+    """calib_long.jsonl reads the test-suite text long.jsonl leaves: no passage, code file, classification line
+    or needle of long.jsonl (or of the hashed splits) is in it; its needles are longer still (8 digits, 7 letters)."""
+    calib = committed[CALIB_LONG]
+    assert Counter(s.task for s in calib) == dict.fromkeys(FAMILIES, 2)
+    assert all(s.id.startswith("calib_long-") for s in calib)
+    for split in (*SPLITS, LONG):
+        _assert_disjoint(calib, committed[split])
+        _assert_disjoint(committed[split], calib)
+    numbers = [a for s in calib if s.task.startswith("niah") for a in s.answers]
+    names = [a for s in calib if s.task == "variable_tracking" for a in s.answers]
+    assert all(re.fullmatch(r"\d{8}", n) for n in numbers) and all(re.fullmatch(r"[A-Z]{7}", n) for n in names)
+
+
 def test_the_manifest_records_the_long_split_beside_the_others(committed):
     manifest = json.loads((DATA / "manifest.json").read_text())
     entry = manifest["splits"][LONG]
-    assert list(manifest["splits"]) == [*SPLIT_FILES, LONG]
+    assert list(manifest["splits"]) == [*SPLIT_FILES, LONG, CALIB_LONG]
     assert entry["file"] == LONG_FILE and entry["samples"] == len(committed[LONG]) == 12
     assert entry["token_range"] == list(LONG_TOKENS) and entry["tokenizer"]["model"] == "smollm2-135m"
     assert entry["sha256"] == hashlib.sha256((DATA / LONG_FILE).read_bytes()).hexdigest()
