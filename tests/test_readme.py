@@ -22,6 +22,7 @@ def stand_ins(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     Path("calibration_data").mkdir()
     write_jsonl(Path("calibration_data/calib.jsonl"), sample_rows(2, words=150))
+    write_jsonl(Path("calibration_data/calib_long.jsonl"), sample_rows(2, words=400, seed=3))  # run's second split
     write_jsonl(Path("calibration_data/eval.jsonl"), sample_rows(2, words=150, seed=7))
     return tiny_loaded("llama")
 
