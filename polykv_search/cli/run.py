@@ -12,8 +12,9 @@ held-out eval split — with everything under outputs/<model>/ and the compariso
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
@@ -44,6 +45,9 @@ from polykv_search.cli.options import (
 )
 from polykv_search.cli.render import choice_table, plan_table, progress_bars, recovery_lines
 from polykv_search.errors import ConfigError
+
+if TYPE_CHECKING:  # the library loads torch (seconds); the command imports it when it runs
+    from polykv_search.optimization.guard import GuardRung
 
 
 @app.command()
@@ -120,7 +124,7 @@ def run(
     report = result.report
     if as_json:
         typer.echo(json.dumps({"profile": str(result.calibration.path), "plan": str(result.plan_path),
-                               "report": str(report.files["json"]), "guard": [c.__dict__ for c in result.guard],
+                               "report": str(report.files["json"]), "guard": [asdict(c) for c in result.guard],
                                "recovery": [r.__dict__ for r in report.recovery]}))
         return
     err_console.print(f"profile: {result.calibration.path} ({result.calibration.seconds:.0f} s)")
@@ -128,7 +132,7 @@ def run(
         candidates = list(result.guard[0].measured)
         err_console.print(choice_table(candidates, result.guard, what="task loss (1 - score)",
                                        samples=result.guard_samples))
-        typer.echo("guard: " + ", ".join(f"{c.budget:g} -> {kept_name(c.chosen)}" for c in result.guard))
+        typer.echo("guard: " + ", ".join(f"{c.budget:g} -> {kept_name(c)}" for c in result.guard))
     err_console.print(plan_table(result.plan_file))
     err_console.print(report.markdown(), markup=False, highlight=False)
     for line in recovery_lines(report, "plan"):
@@ -136,10 +140,9 @@ def run(
     typer.echo(f"report: {report.files['markdown']}")
 
 
-def kept_name(chosen: str) -> str:
-    """What the guard kept at a budget, in words: an optimized plan ("plan", "plan (11 policies)") or a policy
-    (policy names have no spaces)."""
-    return f"optimized {chosen}" if chosen == "plan" or chosen.startswith("plan (") else chosen
+def kept_name(rung: GuardRung) -> str:
+    """What the guard kept at a budget, in words: an optimized plan ("optimized plan (11 policies)") or a policy."""
+    return f"optimized {rung.chosen}" if rung.kept_plan else rung.chosen
 
 
 def parse_policy_sets(values: list[str] | None, policies: str | None) -> list[list[str]] | None:
