@@ -201,21 +201,13 @@ def run(model: ModelSpec = DEFAULT_MODEL, *, budgets: float | Sequence[float] = 
     by default; checked before any work). Everything goes under `out_dir` (default outputs/<model>/); an
     interrupted run resumes where it stopped (`fresh`: start over, discarding the folder's checkpoints).
 
-    `config.cost` decides the calibrate mode. The default, head_fisher, plans a policy and budget per KV head from
-    one `calibrate --head-fisher` (on the grid HEAD_BUDGETS) of every policy of `policy_sets`, then a plan per
-    set (default PER_HEAD_POLICY_SETS: six policies that keep a head's newest tokens, and those six with five
-    scorers alone; `policies` or `config.policies` alone: that one set), and the guard keeps per budget the set
-    whose plan measures best (plan_optimized.json holds the first set's ladder);
-    head_kl does the same from the probes (slower); layer_kl / layer_nll calibrate with `layer_kl`, around_kl
-    around the budgets themselves, mass_lost and out_err need no extra mode (per-layer candidates default to
-    every registered policy). The end-to-end solvers (select, optuna) measure on every sample of `calib`.
-    `guard` (the default): per budget, the optimized rung is kept only where its task score on the `calib`
-    samples is at least that of every uniform policy in `compare`, else the best of them takes its place and the
-    rung's notes say so (the optimized ladder is kept as plan_optimized.json); each sample is answered by the plan
-    optimized without its half of the samples (`guard_plan`'s cross-fitting; the end-to-end solvers, which
-    measure on every sample, and a single calibration sample are guarded in-sample). `compare` (default: every
-    registered policy) is also the uniform policies the evaluation scores. Without the guard the plan is the first
-    set's."""
+    `config.cost` decides the calibrate mode (calibration/modes.py). The default, head_fisher, plans a policy and
+    budget per KV head, one plan per policy set (`policy_sets`, default PER_HEAD_POLICY_SETS; `policies` or
+    `config.policies` alone: that one set; optimization/policy_sets.py). `guard` (the default): per budget, the best
+    set's rung is kept only where its cross-fitted task score on the `calib` samples is at least that of every
+    uniform policy in `compare`, else the best of them takes its place (optimization/guard.py; the first set's
+    ladder stays in plan_optimized.json). `compare` (default: every registered policy) is also the uniform
+    policies the evaluation scores."""
     config = config.validated()
     budgets = check_budgets(budgets)
     policies, policy_sets = candidate_sets(config, policies, policy_sets, guard=guard)
