@@ -44,6 +44,7 @@ from polykv_search.optimization.proxy import ProxyReport
 from polykv_search.optimization.proxy import check_proxy as proxy_check
 from polykv_search.optimization.run import OptimizeConfig, check_budgets, optimize_profile
 from polykv_search.plan import PlanFile, load_plan, uniform_ladders
+from polykv_search.plan.names import Metric
 from polykv_search.policies import DEFAULT_POLICIES, check_policy_names
 
 logger = logging.getLogger(__name__)
@@ -131,8 +132,7 @@ def optimize(profile: Profile | str | Path, *, budgets: float | Sequence[float],
     if config.end_to_end:
         lm = resolve_model(model if model is not None else profile.model.model_id, device=device, dtype=dtype)
         profile.check_model(lm.info)
-        sources = data if data is not None else [e["source"] for e in profile.header.get("data", [])] or \
-            CALIBRATION_DATA
+        sources = data if data is not None else profile.meta.data_sources or CALIBRATION_DATA
         samples, _ = resolve_samples(sources, max_samples=max_samples)
         if progress:
             progress("optimize", 0, len(samples), f"prefilling {len(samples)} calibration samples")
@@ -263,7 +263,7 @@ def _run_locked(model: ModelSpec, *, budgets: list[float], calib: DataSpec, eval
 
 
 def choose(model: ModelSpec, plans: Mapping[str, PlanFile | str | Path] | Sequence[str | Path], *,
-           data: DataSpec = CALIBRATION_DATA, metric: str = "lost", uniform: Sequence[str] = (),
+           data: DataSpec = CALIBRATION_DATA, metric: Metric = "lost", uniform: Sequence[str] = (),
            max_samples: int | None = None, device: str = "cpu", dtype: str = "auto",
            progress: Progress | None = None) -> ChooseResult:
     """Per budget, the candidate rung measuring best on calibration samples (never the evaluation data); `uniform`
@@ -294,7 +294,7 @@ def check_proxy(profile: Profile | str | Path, *, budget: float, cost: str = "ma
     profile = Profile.load(profile) if isinstance(profile, (str, Path)) else profile
     lm = resolve_model(model if model is not None else profile.model.model_id, device=device, dtype=dtype)
     profile.check_model(lm.info)
-    sources = data if data is not None else [e["source"] for e in profile.header.get("data", [])] or CALIBRATION_DATA
+    sources = data if data is not None else profile.meta.data_sources or CALIBRATION_DATA
     samples, _ = resolve_samples(sources, max_samples=max_samples)
     objective = EndToEndObjective(lm, samples, policies=profile.policies, metric="kl")
     return proxy_check(profile, objective.many, budget=budget, n_plans=n_plans, cost=cost, seed=seed)

@@ -136,12 +136,11 @@ def merge_profiles(
     into one on the union grid (no re-measuring)."""
     # imported here: the library loads torch (seconds), which --help does not need
     from polykv_search.calibration.merge import merge_profiles as merge
-    from polykv_search.calibration.shards import SHARD_KEY
 
     check_out_file(out, example="profile.safetensors")
     merged = merge(profiles, allow_partial=allow_partial)
     path = merged.save(out)
-    partial = merged.header.get(SHARD_KEY)
+    partial = merged.meta.shard
     shards = f"; shards {','.join(map(str, partial['indices']))} of {partial['count']}" if partial else ""
     typer.echo(f"profile: {path} ({merged.num_samples} samples{shards}; budgets "
                f"{','.join(map(str, merged.budgets))}; {', '.join(merged.cost_kinds)})")

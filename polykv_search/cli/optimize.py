@@ -33,6 +33,7 @@ from polykv_search.cli.options import (
     OnlyOpt,
     PoliciesOpt,
     ProfileOpt,
+    SolverOpt,
     StorageOpt,
     TieOpt,
     WeightingOpt,
@@ -47,6 +48,7 @@ from polykv_search.cli.options import (
 from polykv_search.cli.render import choice_table, plan_table, progress_bars
 from polykv_search.errors import ConfigError
 from polykv_search.models import same_model
+from polykv_search.plan.names import Metric
 
 BudgetOpt = Annotated[str, typer.Option("--budget", "-b", help="Average tokens per compressible layer; a comma "
                                         "list writes a ladder of plans.")]
@@ -74,10 +76,7 @@ def optimize(
     budget: BudgetOpt = "512",
     model: ModelOpt = DEFAULT_MODEL,
     profile: ProfileOpt = None,
-    solver: Annotated[str, typer.Option(help="dp (exact, default), ilp (cvxpy + HiGHS), select (exact plans "
-                                        "under several proxies and floors, uniform plans and allocators, the "
-                                        "best measured end to end wins) or optuna (end-to-end search seeded "
-                                        "with those candidates).")] = "dp",
+    solver: SolverOpt = "dp",
     metric: MetricOpt = "kl",
     cost: CostOpt = "mass_lost",
     weighting: WeightingOpt = "mean",
@@ -182,9 +181,9 @@ def choose_cmd(
     plan: Annotated[list[Path], typer.Option("--plan", "-p", help="Plan files to choose from.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="The chosen ladder (one plan per budget).")],
     model: ModelOpt = DEFAULT_MODEL,
-    metric: Annotated[str, typer.Option(help="End-to-end measure on calibration samples (lower is better): "
-                                        "lost (1 - exp(-KL) per sample), kl, nll, miss, or task (1 - the "
-                                        "task's score of the greedy answer; ties decided by lost).")] = "lost",
+    metric: Annotated[Metric, typer.Option(help="End-to-end measure on calibration samples (lower is better): "
+                                           "lost (1 - exp(-KL) per sample), kl, nll, miss, or task (1 - the "
+                                           "task's score of the greedy answer; ties decided by lost).")] = "lost",
     uniform: Annotated[str | None, typer.Option(help="Uniform policies that stand as candidates at every "
                                                 "budget, e.g. h2o_recent,streaming (the plan keeps the best "
                                                 "single policy where no plan measures better).")] = None,
@@ -197,10 +196,7 @@ def choose_cmd(
     """Per budget, keep the candidate rung that measures best on calibration samples (never the eval data)."""
     # imported here: the library loads torch, transformers and kvpress (about 4 s)
     import polykv_search as pk
-    from polykv_search.engine import METRICS
 
-    if metric not in METRICS:
-        raise ConfigError(f"--metric {metric!r} is not one of {', '.join(METRICS)}")
     check_out_file(out)
     uniform_policies = parse_str_list(uniform) if uniform is not None else []
     with progress_bars() as progress:

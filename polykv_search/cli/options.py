@@ -9,6 +9,7 @@ import typer
 
 from polykv_search.errors import ConfigError
 from polykv_search.models import DEFAULT_MODEL, model_slug
+from polykv_search.plan.names import CostKind, Metric, Solver, Weighting
 
 ModelOpt = Annotated[str, typer.Option("--model", "-m", help="Embedded alias (smollm2-135m, gemma3-270m), a .gguf "
                                        "file, a local model folder, or a hub id.")]
@@ -21,29 +22,25 @@ DataOpt = Annotated[list[str] | None, typer.Option("--data", "-d", help="JSON/JS
 ColumnMapOpt = Annotated[str | None, typer.Option(help="Rename columns to the canonical names (LongBench's or "
                                                   "kvpress's load as they are), e.g. 'query=input,passage=context'.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")]
-WeightingOpt = Annotated[str, typer.Option(help="How calibration samples combine: mean (plain mean of the costs) or "
-                                           "equal (each sample scaled by its own cost level first, so every "
-                                           "sample counts the same).")]
-
 ProfileOpt = Annotated[Path | None, typer.Option("--profile", help="Profile from calibrate "
                                                  "(default: outputs/<model>/profile.safetensors).")]
 OutOpt = Annotated[Path | None, typer.Option("--out", "-o", help="Output path (default under outputs/<model>/).")]
 
 # the optimizer's options, shared by `optimize` and `run`
-SolverOpt = Annotated[str, typer.Option(help="dp (exact, default), ilp (cvxpy + HiGHS), select (exact plans under "
-                                        "several costs and floors, uniform plans and allocators; the best measured "
-                                        "end to end on calibration samples wins) or optuna (end-to-end search "
-                                        "seeded with those candidates).")]
-CostOpt = Annotated[str, typer.Option(help="Profile cost to minimise: mass_lost, out_err, layer_kl / layer_nll "
-                                      "(profiles from `calibrate --layer-kl`), around_kl (from `calibrate "
-                                      "--around`, at its budgets) or head_kl (from `calibrate --head-kl`: a budget "
-                                      "per KV head, written as a schema-2 plan).")]
-MetricOpt = Annotated[str, typer.Option(help="select/optuna: end-to-end measure on calibration samples: kl, nll, "
-                                        "miss, lost (1 - exp(-KL) per sample) or task (1 - the task's score of the "
-                                        "greedy answer; decodes every candidate).")]
-WeightingOpt = Annotated[str, typer.Option(help="How calibration samples combine: mean (plain mean of the costs) or "
-                                           "equal (each sample scaled by its own cost level first, so every "
-                                           "sample counts the same).")]
+SolverOpt = Annotated[Solver, typer.Option(help="dp (exact, default), ilp (cvxpy + HiGHS), select (exact plans "
+                                           "under several costs and floors, uniform plans and allocators; the best "
+                                           "measured end to end on calibration samples wins) or optuna (end-to-end "
+                                           "search seeded with those candidates).")]
+CostOpt = Annotated[CostKind, typer.Option(help="Profile cost to minimise: mass_lost, out_err, layer_kl / layer_nll "
+                                           "(profiles from `calibrate --layer-kl`), around_kl (from `calibrate "
+                                           "--around`, at its budgets) or head_kl / head_fisher (from `calibrate "
+                                           "--head-kl` / `--head-fisher`: a budget per KV head, a schema-2 plan).")]
+MetricOpt = Annotated[Metric, typer.Option(help="select/optuna: end-to-end measure on calibration samples: kl, nll, "
+                                           "miss, lost (1 - exp(-KL) per sample) or task (1 - the task's score of "
+                                           "the greedy answer; decodes every candidate).")]
+WeightingOpt = Annotated[Weighting, typer.Option(help="How calibration samples combine: mean (plain mean of the "
+                                                 "costs) or equal (each sample scaled by its own cost level first, "
+                                                 "so every sample counts the same).")]
 PoliciesOpt = Annotated[str | None, typer.Option(help="Comma-separated policies (default: all).")]
 FloorOpt = Annotated[int, typer.Option(help="Fewest tokens a layer may keep.")]
 CapOpt = Annotated[int | None, typer.Option(help="Most tokens a layer may keep (default: the longest calibration "

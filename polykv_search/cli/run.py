@@ -45,6 +45,7 @@ from polykv_search.cli.options import (
 )
 from polykv_search.cli.render import choice_table, plan_table, progress_bars, recovery_lines
 from polykv_search.errors import ConfigError
+from polykv_search.plan.names import CostKind
 
 if TYPE_CHECKING:  # the library loads torch (seconds); the command imports it when it runs
     from polykv_search.optimization.guard import GuardRung
@@ -57,7 +58,7 @@ def run(
                                         "optimizes and evaluates a ladder.")] = "128",
     solver: SolverOpt = "dp",
     metric: MetricOpt = "kl",
-    cost: Annotated[str, typer.Option(help="Profile cost. head_fisher (default): calibrates with --head-fisher "
+    cost: Annotated[CostKind, typer.Option(help="Profile cost. head_fisher (default): calibrates with --head-fisher "
                                       "and plans a policy and budget per KV head; head_kl: the same from the "
                                       "probes of --head-kl (much slower); per layer: mass_lost, out_err, layer_kl "
                                       "or layer_nll (these two calibrate with --layer-kl: slower), around_kl "

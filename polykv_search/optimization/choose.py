@@ -14,8 +14,10 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
+from polykv_search.engine.objective import Measures
 from polykv_search.errors import ConfigError
 from polykv_search.plan import Plan, PlanFile
+from polykv_search.plan.names import Metric
 
 
 @dataclass
@@ -28,8 +30,8 @@ class Choice:
 
 
 def choose_rungs(plan_files: Sequence[tuple[str, PlanFile]],
-                 measure: Callable[[list[Plan]], list[dict[str, float]]], *, metric: str,
-                 tie_break: str | None = None) -> tuple[list[Plan], list[Choice]]:
+                 measure: Callable[[list[Plan]], list[Measures]], *, metric: Metric,
+                 tie_break: Metric | None = None) -> tuple[list[Plan], list[Choice]]:
     """For every budget held by any file, the rung with the lowest measured `metric` (then `tie_break`); the
     plan's search notes say what it was chosen over."""
     if len(plan_files) < 2:

@@ -20,6 +20,7 @@ from typing import NamedTuple
 from polykv_search.calibration.profile import Profile
 from polykv_search.checkpoints import fingerprint_digest, samples_digest
 from polykv_search.data import DataSpec, Sample, resolve_samples
+from polykv_search.engine.objective import Measures
 from polykv_search.engine.progress import Progress
 from polykv_search.errors import ConfigError
 from polykv_search.io import write_json_atomic
@@ -30,6 +31,7 @@ from polykv_search.optimization.measure import RungMeasure
 from polykv_search.optimization.policy_sets import refuse_sets_end_to_end, set_names
 from polykv_search.optimization.run import OptimizeConfig, optimize_profile
 from polykv_search.plan import Plan, PlanFile, load_plan, uniform_ladders
+from polykv_search.plan.names import Metric
 from polykv_search.policies import DEFAULT_POLICIES, check_policy_names
 
 logger = logging.getLogger(__name__)
@@ -43,8 +45,8 @@ class GuardRung(Choice):
     """One budget of the guard: `measured` holds every candidate's mean `metric` (a task loss, cross-fitted when
     `reason` says so), `second` its tie-break measure; `chosen` the winner, `reason` why."""
 
-    metric: str
-    tie_break: str
+    metric: Metric
+    tie_break: Metric
     second: dict[str, float]  # candidate -> the mean `tie_break` measure
     optimized: tuple[str, ...]  # the optimized candidates (the plan, then the other policy sets' plans)
     kept_plan: bool  # the winner is an optimized plan; False: the best uniform policy took its place
@@ -60,8 +62,8 @@ class GuardResult(NamedTuple):
 
 
 def guard_rungs(plan_file: PlanFile, uniform: Sequence[tuple[str, PlanFile]],
-                measure: Callable[[list[Plan]], list[dict[str, float]]], *, metric: str = "task",
-                tie_break: str = "lost", name: str = PLAN, where: str = "on calibration samples",
+                measure: Callable[[list[Plan]], list[Measures]], *, metric: Metric = "task",
+                tie_break: Metric = "lost", name: str = PLAN, where: str = "on calibration samples",
                 alternatives: Sequence[tuple[str, PlanFile]] = ()) -> tuple[list[Plan], list[GuardRung]]:
     """Per budget of `plan_file`: the best optimized rung, of the plan's and the `alternatives`' (other optimized
     ladders of the same budgets, e.g. with other candidate policies; lowest `metric`, then `tie_break`, then the
@@ -171,9 +173,9 @@ def guard_plan(model: ModelSpec, plan_file: PlanFile | str | Path, samples: Data
     ladders = [plan_file, *(f for _, f in others), *(f for files in fold_files for f in files)]
     measured = RungMeasure(lm, loaded, ladders + [f for _, f in uniform], metric="task", stage="guard",
                            budgets=len(plan_file.budgets), progress=progress)
-    recorded: list[list[dict[str, float]]] = []
+    recorded: list[list[Measures]] = []
 
-    def measure(plans: list[Plan]) -> list[dict[str, float]]:
+    def measure(plans: list[Plan]) -> list[Measures]:
         budget = plans[0].average_budget
 
         def for_sample(sample: Sample) -> list[Plan]:

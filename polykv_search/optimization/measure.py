@@ -6,10 +6,11 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 from polykv_search.data import Sample
-from polykv_search.engine import EndToEndObjective
+from polykv_search.engine import EndToEndObjective, Measures
 from polykv_search.engine.progress import Progress
 from polykv_search.models import LoadedModel
 from polykv_search.plan import Plan, PlanFile
+from polykv_search.plan.names import Metric
 
 
 class RungMeasure:
@@ -17,7 +18,7 @@ class RungMeasure:
     when built); called with one budget's rungs (and optionally `plans_for(sample)`, each sample's own candidates
     in their place), it returns each rung's metrics. `progress` hears of each prefill, then of each budget."""
 
-    def __init__(self, lm: LoadedModel, samples: Sequence[Sample], files: Sequence[PlanFile], *, metric: str,
+    def __init__(self, lm: LoadedModel, samples: Sequence[Sample], files: Sequence[PlanFile], *, metric: Metric,
                  stage: str, budgets: int, progress: Progress | None = None) -> None:
         scorers = {name: scorer for f in files for rung in f.plans for name, scorer in rung.scorers.items()}
         self.stage, self.steps, self.progress = stage, len(samples) + budgets, progress
@@ -33,7 +34,7 @@ class RungMeasure:
         return len(self.objective.states)
 
     def __call__(self, plans: list[Plan],
-                 plans_for: Callable[[Sample], list[Plan]] | None = None) -> list[dict[str, float]]:
+                 plans_for: Callable[[Sample], list[Plan]] | None = None) -> list[Measures]:
         values = self.objective.measure_each(plans_for or (lambda _: plans), len(plans))
         self.done += 1
         self._step(self.done, f"{plans[0].average_budget:g} tokens/layer measured")
