@@ -194,7 +194,8 @@ def run(model: ModelSpec = DEFAULT_MODEL, *, budgets: float | Sequence[float] = 
         allocators: Sequence[str] = ALLOCATORS, config: OptimizeConfig = OptimizeConfig(cost=HEAD_FISHER),
         max_calib_samples: int | None = None,
         max_eval_samples: int | None = None, out_dir: str | Path | None = None, fresh: bool = False,
-        guard: bool = True, device: str = "cpu", dtype: str = "auto",
+        guard: bool = True, column_map: Mapping[str, str] | None = None, max_context_tokens: int | None = None,
+        device: str = "cpu", dtype: str = "auto", trust_remote_code: bool = False, revision: str | None = None,
         progress: Progress | None = None) -> RunResult:
     """The whole job on one model: calibrate on `calib`, optimize a plan per budget, evaluate it on the held-out
     `eval_data` against the full cache, the uniform policies and the `allocators` (PyramidKV, CAKE and Ada-KV
@@ -207,40 +208,45 @@ def run(model: ModelSpec = DEFAULT_MODEL, *, budgets: float | Sequence[float] = 
     set's rung is kept only where its cross-fitted task score on the `calib` samples is at least that of every
     uniform policy in `compare`, else the best of them takes its place (optimization/guard.py; the first set's
     ladder stays in plan_optimized.json). `compare` (default: every registered policy) is also the uniform
-    policies the evaluation scores."""
+    policies the evaluation scores. The loading options (`column_map`, `max_context_tokens`, `trust_remote_code`,
+    `revision`) are calibrate's and evaluate's."""
     config = config.validated()
     budgets = check_budgets(budgets)
     policies, policy_sets = candidate_sets(config, policies, policy_sets, guard=guard)
-    resolve_samples(eval_data, max_samples=max_eval_samples)  # a bad held-out set is refused before any work
+    resolve_samples(eval_data, max_samples=max_eval_samples, column_map=column_map)  # refused before any work
     allocators = check_allocators(allocators)
     out = Path(out_dir) if out_dir is not None else default_out_dir(model)
     with folder_lock(out):  # a second run on the folder is refused before the model loads
-        return _run_locked(model, budgets=budgets, calib=calib, eval_data=eval_data, policies=policies,
+        lm = resolve_model(model, device=device, dtype=dtype, trust_remote_code=trust_remote_code,
+                           revision=revision)
+        return _run_locked(lm, budgets=budgets, calib=calib, eval_data=eval_data, policies=policies,
                            policy_sets=policy_sets, grid=grid,
                            compare=check_policy_names(list(compare)) if compare else list(DEFAULT_POLICIES),
                            allocators=allocators, config=config, max_calib_samples=max_calib_samples,
-                           max_eval_samples=max_eval_samples, out=out, fresh=fresh, guard=guard, device=device,
-                           dtype=dtype, progress=progress)
+                           max_eval_samples=max_eval_samples, out=out, fresh=fresh, guard=guard,
+                           column_map=column_map, max_context_tokens=max_context_tokens, progress=progress)
 
 
-def _run_locked(model: ModelSpec, *, budgets: list[float], calib: DataSpec, eval_data: DataSpec,
+def _run_locked(lm: LoadedModel, *, budgets: list[float], calib: DataSpec, eval_data: DataSpec,
                 policies: Sequence[str] | None, policy_sets: list[list[str]], grid: Sequence[int] | None,
-                compare: list[str],
-                allocators: list[str], config: OptimizeConfig, max_calib_samples: int | None,
-                max_eval_samples: int | None, out: Path, fresh: bool, guard: bool, device: str, dtype: str,
+                compare: list[str], allocators: list[str], config: OptimizeConfig, max_calib_samples: int | None,
+                max_eval_samples: int | None, out: Path, fresh: bool, guard: bool,
+                column_map: Mapping[str, str] | None, max_context_tokens: int | None,
                 progress: Progress | None) -> RunResult:
-    lm = resolve_model(model, device=device, dtype=dtype)
-    calibration_config = calibration_for_cost(config.cost, budgets=budgets, policies=policies, grid=grid)
+    calibration_config = calibration_for_cost(config.cost, budgets=budgets, policies=policies, grid=grid,
+                                              max_context_tokens=max_context_tokens)
     calibration = calibrate(lm, calib, config=calibration_config, out_dir=out, max_samples=max_calib_samples,
-                            resume=not fresh, progress=progress)
+                            column_map=column_map, resume=not fresh, progress=progress)
     signal_heatmap(calibration.profile, out / "signals.png")
     if policy_sets:  # the plan of the first set; the guard weighs the others' against it per budget
         config = replace(config, policies=tuple(policy_sets[0]))
-    plan_file = optimize(calibration.path, budgets=budgets, config=config, model=lm, data=calib, progress=progress)
+    every_sample = resolve_samples(calib, column_map=column_map)[0] if config.end_to_end else calib
+    plan_file = optimize(calibration.path, budgets=budgets, config=config, model=lm, data=every_sample,
+                         progress=progress)
     choices, guard_samples = [], 0
     if guard:
         plan_file.save(out / "plan_optimized.json")
-        samples, _ = resolve_samples(calib, max_samples=max_calib_samples)
+        samples, _ = resolve_samples(calib, max_samples=max_calib_samples, column_map=column_map)
         if fresh:
             (out / "guard.json").unlink(missing_ok=True)
         obstacle = crossfit_obstacle(calibration.profile, config)
@@ -252,12 +258,13 @@ def _run_locked(model: ModelSpec, *, budgets: list[float], calib: DataSpec, eval
                         if not obstacle or policy_sets else {})
         plan_file, choices, guard_samples = guard_plan(lm, plan_file, samples, policies=compare, progress=progress,
                                                        cache=out / "guard.json", crossfit=not obstacle,
-                                                       **from_profile)
+                                                       max_context_tokens=max_context_tokens, **from_profile)
     plan_path = plan_file.save(out / "plan.json")
     allocation_png(plan_file, out / "plan.png")
     report = evaluate(lm, eval_data, plans={"plan": plan_file}, budgets=budgets, policies=compare,
                       allocators=allocators, profile=calibration.profile, out_dir=out / "eval",
-                      max_samples=max_eval_samples, resume=not fresh, progress=progress)
+                      max_samples=max_eval_samples, max_context_tokens=max_context_tokens, column_map=column_map,
+                      resume=not fresh, progress=progress)
     return RunResult(out_dir=out, calibration=calibration, plan_file=plan_file, plan_path=plan_path, report=report,
                      guard=choices, guard_samples=guard_samples)
 

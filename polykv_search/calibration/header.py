@@ -66,7 +66,8 @@ class ProfileHeader:
                    samples=tuple(ProfileSample.from_dict(s) for s in samples) if isinstance(samples, list) else (),
                    format_version=int(header.get("format_version", 1)), created=header.get("created"),
                    options=dict(header.get("options") or {}), signals=tuple(header.get("signals") or ()),
-                   data=tuple(DataSource(str(e["source"]), str(e.get("sha256", "hub"))) for e in header.get("data") or ()),
+                   data=tuple(DataSource(str(e["source"]), str(e.get("sha256", "hub")))
+                              for e in header.get("data") or ()),
                    around=tuple(header.get("around") or ()), shard=header.get("shard"),
                    merged_from=tuple(header.get("merged_from") or ()))
 

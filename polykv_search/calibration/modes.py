@@ -22,7 +22,8 @@ PER_HEAD_MODES = ("head_kl", "head_fisher")
 
 
 def calibration_for_cost(cost: str, *, budgets: Sequence[float], policies: Sequence[str] | None = None,
-                         grid: Sequence[int] | None = None) -> CalibrationConfig:
+                         grid: Sequence[int] | None = None, max_context_tokens: int | None = None
+                         ) -> CalibrationConfig:
     """The calibration that measures `cost` for plans at `budgets`: its mode (COST_MODES), `policies` (default: the
     per-head set for a per-head cost, else every default policy) and `grid` (default: HEAD_BUDGETS per head, else
     calibrate's own)."""
@@ -40,4 +41,4 @@ def calibration_for_cost(cost: str, *, budgets: Sequence[float], policies: Seque
                              DEFAULT_POLICIES,
                              budgets=tuple(grid) if grid else HEAD_BUDGETS if per_head else CalibrationConfig().budgets,
                              layer_kl=mode == "layer_kl", head_kl=mode == "head_kl",
-                             head_fisher=mode == "head_fisher", around=around)
+                             head_fisher=mode == "head_fisher", around=around, max_context_tokens=max_context_tokens)

@@ -118,7 +118,8 @@ def guard_plan(model: ModelSpec, plan_file: PlanFile | str | Path, samples: Data
                policies: Sequence[str] = DEFAULT_POLICIES, profile: Profile | str | Path | None = None,
                config: OptimizeConfig | None = None, policy_sets: Sequence[Sequence[str]] = (),
                crossfit: bool = True, folds: int = DEFAULT_FOLDS, cache: str | Path | None = None,
-               device: str = "cpu", dtype: str = "auto", progress: Progress | None = None) -> GuardResult:
+               device: str = "cpu", dtype: str = "auto", max_context_tokens: int | None = None,
+               progress: Progress | None = None) -> GuardResult:
     """Per budget, the plan's rung where its task score on `samples` (calibration data, never the evaluation
     set) is at least every uniform policy's in `policies`, else the best of those policies (ties by the share
     of the output lost). Returns the guarded plan file, what was measured per budget, and the samples scored.
@@ -130,7 +131,8 @@ def guard_plan(model: ModelSpec, plan_file: PlanFile | str | Path, samples: Data
     (with `profile` and `config`): also the ladders optimized from the profile with the candidates restricted to
     each set, measured the same way; per budget the best optimized rung stands for the plan (`run`'s per-head
     default: the plan of six policies, then that of eleven). `cache`: a JSON file keeping the measurements, reused
-    when the model, plans, samples and policies are the same (an interrupted `run` does not measure again)."""
+    when the model, plans, samples and policies are the same (an interrupted `run` does not measure again).
+    `max_context_tokens`: prompts truncated (middle) to this many tokens, as calibrate and evaluate do."""
     plan_file = load_plan(plan_file) if isinstance(plan_file, (str, Path)) else plan_file
     policies = check_policy_names(list(policies))
     if (profile is None) != (config is None):
@@ -164,7 +166,7 @@ def guard_plan(model: ModelSpec, plan_file: PlanFile | str | Path, samples: Data
     uniform = uniform_ladders(lm.info, policies, plan_file.budgets)
     others = [(name, f) for name, f, _ in alternatives]
     loaded, _ = resolve_samples(samples)
-    key = _cache_key(lm, plan_file, others, loaded, fold_of, fold_files, policies)
+    key = _cache_key(lm, plan_file, others, loaded, fold_of, fold_files, policies, max_context_tokens)
     stored = read_guard_cache(cache, key, budgets=len(plan_file.budgets), candidates=1 + len(others) + len(policies))
     if stored is not None:
         replay = iter(stored["values"])
@@ -172,7 +174,7 @@ def guard_plan(model: ModelSpec, plan_file: PlanFile | str | Path, samples: Data
         return GuardResult(replace(plan_file, plans=tuple(plans), schema_version=""), rungs, stored["samples"])
     ladders = [plan_file, *(f for _, f in others), *(f for files in fold_files for f in files)]
     measured = RungMeasure(lm, loaded, ladders + [f for _, f in uniform], metric="task", stage="guard",
-                           budgets=len(plan_file.budgets), progress=progress)
+                           budgets=len(plan_file.budgets), progress=progress, max_context_tokens=max_context_tokens)
     recorded: list[list[Measures]] = []
 
     def measure(plans: list[Plan]) -> list[Measures]:
@@ -194,7 +196,8 @@ def guard_plan(model: ModelSpec, plan_file: PlanFile | str | Path, samples: Data
 
 
 def _cache_key(lm: LoadedModel, plan_file: PlanFile, others: Sequence[tuple[str, PlanFile]], samples: Sequence[Sample],
-               fold_of: dict[str, int], fold_files: Sequence[Sequence[PlanFile]], policies: Sequence[str]) -> str:
+               fold_of: dict[str, int], fold_files: Sequence[Sequence[PlanFile]], policies: Sequence[str],
+               max_context_tokens: int | None) -> str:
     """What the measurements depend on: the model, every rung answered with, each sample's fold, the policies."""
 
     def rungs(ladder: PlanFile) -> list:  # what is answered with, not how long its solve took
@@ -206,7 +209,8 @@ def _cache_key(lm: LoadedModel, plan_file: PlanFile, others: Sequence[tuple[str,
                                "folds": [[fold_of.get(s.id) for s in samples],  # what each sample answers with
                                          [[rungs(f) for f in files] for files in fold_files]],
                                "samples": samples_digest(samples), "policies": list(policies),
-                               "guard": GUARD_CACHE_VERSION})
+                               "guard": GUARD_CACHE_VERSION,
+                               **({"max_context": max_context_tokens} if max_context_tokens else {})})
 
 
 def read_guard_cache(path: str | Path | None, key: str, *, budgets: int, candidates: int) -> dict | None:

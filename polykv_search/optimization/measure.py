@@ -19,12 +19,13 @@ class RungMeasure:
     in their place), it returns each rung's metrics. `progress` hears of each prefill, then of each budget."""
 
     def __init__(self, lm: LoadedModel, samples: Sequence[Sample], files: Sequence[PlanFile], *, metric: Metric,
-                 stage: str, budgets: int, progress: Progress | None = None) -> None:
+                 stage: str, budgets: int, progress: Progress | None = None,
+                 max_context_tokens: int | None = None) -> None:
         scorers = {name: scorer for f in files for rung in f.plans for name, scorer in rung.scorers.items()}
         self.stage, self.steps, self.progress = stage, len(samples) + budgets, progress
         self._step(0, "prefilling the calibration samples")
         self.objective = EndToEndObjective(
-            lm, samples, policies=list(scorers.values()), metric=metric,
+            lm, samples, policies=list(scorers.values()), metric=metric, max_context_tokens=max_context_tokens,
             on_prefill=lambda done, _: self._step(done, "prefilling the calibration samples"))
         self.done = len(samples)
 

@@ -47,8 +47,8 @@ class OptimizeConfig:
     """How `optimize` chooses: the solver, the profile cost it minimises, and the constraints on every plan."""
 
     solver: Solver = "dp"  # dp, ilp, select or optuna
-    cost: CostKind = "mass_lost"  # the profile's cost kind (layer_kl / layer_nll / around_kl need their calibrate modes)
-    weighting: Weighting = "mean"  # how calibration samples combine: mean, or equal (each sample scaled to its own level)
+    cost: CostKind = "mass_lost"  # the profile's cost kind (layer_kl / layer_nll / around_kl: their calibrate modes)
+    weighting: Weighting = "mean"  # how samples combine: mean, or equal (each sample scaled to its own level)
     policies: tuple[str, ...] | None = None  # allowed policies (default: all in the profile)
     floor: int = 1  # fewest tokens a layer may keep
     cap: int | None = None  # most tokens a layer may keep (default and upper limit: the longest calibration context)

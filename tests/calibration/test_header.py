@@ -4,7 +4,8 @@ today's profiles and from older ones that lack fields."""
 from __future__ import annotations
 
 from polykv_search.calibration import ProfileHeader, ProfileSample
-from polykv_search.calibration.profile import ALL_COST_KINDS, AROUND_KL, COST_KINDS, HEAD_COST_KINDS, OPTIONAL_COST_KINDS
+from polykv_search.calibration.profile import (ALL_COST_KINDS, AROUND_KL, COST_KINDS, HEAD_COST_KINDS,
+                                               OPTIONAL_COST_KINDS)
 from tests.plan.factories import llama_like, make_profile
 
 
