@@ -43,7 +43,8 @@ from polykv_search.optimization.policy_sets import candidate_sets
 from polykv_search.optimization.proxy import ProxyReport
 from polykv_search.optimization.proxy import check_proxy as proxy_check
 from polykv_search.optimization.run import OptimizeConfig, check_budgets, optimize_profile
-from polykv_search.plan import PlanFile, load_plan, uniform_ladders
+from polykv_search.plan import PlanFile, uniform_ladders
+from polykv_search.plan.named import named_plan_files, only_budgets
 from polykv_search.plan.names import Metric
 from polykv_search.policies import DEFAULT_POLICIES, check_policy_names
 
@@ -156,10 +157,10 @@ def evaluate(model: ModelSpec = DEFAULT_MODEL, data: DataSpec = EVALUATION_DATA,
     answer by its task's metric; gap recovery R per budget. `plans`: name -> plan file (or paths, named by their
     stem). `budgets` default: the plans' budgets, else 64, 128, 256, 512; plan rungs at other budgets are left
     out. Writes the checkpoints and the report (json, md, png) under `out_dir` (default outputs/<model>/eval)."""
-    named = _named_plans(plans)
+    named = named_plan_files(plans)
     if budgets is not None:
         grid = check_budgets(budgets)
-        named = [(name, _only_budgets(name, plan_file, grid)) for name, plan_file in named]
+        named = [(name, only_budgets(name, plan_file, grid)) for name, plan_file in named]
     else:
         grid = sorted({p.average_budget for _, f in named for p in f.plans}) or [64, 128, 256, 512]
     uniform = check_policy_names(list(policies)) if policies else list(DEFAULT_POLICIES)
@@ -275,7 +276,7 @@ def choose(model: ModelSpec, plans: Mapping[str, PlanFile | str | Path] | Sequen
            progress: Progress | None = None) -> ChooseResult:
     """Per budget, the candidate rung measuring best on calibration samples (never the evaluation data); `uniform`
     policies stand as candidates at every budget. Returns the chosen ladder and what was measured per budget."""
-    named = _named_plans(plans)
+    named = named_plan_files(plans)
     uniform = check_policy_names(list(uniform)) if uniform else []
     if len(named) + len(uniform) < 2:
         raise ConfigError("give at least two candidates: --plan a.json --plan b.json, or --plan a.json "
@@ -306,21 +307,3 @@ def check_proxy(profile: Profile | str | Path, *, budget: float, cost: str = "ma
     objective = EndToEndObjective(lm, samples, policies=profile.policies, metric="kl")
     return proxy_check(profile, objective.many, budget=budget, n_plans=n_plans, cost=cost, seed=seed)
 
-
-def _named_plans(plans: Mapping[str, PlanFile | str | Path] | Sequence[str | Path]) -> list[tuple[str, PlanFile]]:
-    items = plans.items() if isinstance(plans, Mapping) else [(Path(p).stem, p) for p in plans]
-    named = [(str(name), plan if isinstance(plan, PlanFile) else load_plan(plan)) for name, plan in items]
-    names = [name for name, _ in named]
-    if len(set(names)) != len(names):
-        raise ConfigError(f"plan files need distinct names, got {', '.join(names)}; rename one of them")
-    return named
-
-
-def _only_budgets(name: str, plan_file: PlanFile, grid: list[float]) -> PlanFile:
-    """The plan file's rungs at the asked budgets: a rung with no baseline beside it would only cost time."""
-    kept = [p for p in plan_file.plans if p.average_budget in grid]
-    if not kept:
-        have = ", ".join(f"{p.average_budget:g}" for p in plan_file.plans)
-        raise ConfigError(f"plan {name} has budgets {have}, none of them in --budgets "
-                          f"{','.join(f'{b:g}' for b in grid)}; add one of its budgets or leave --budgets out")
-    return replace(plan_file, plans=tuple(kept))
