@@ -27,6 +27,7 @@ from polykv_search.calibration import Profile
 from polykv_search.engine import EndToEndObjective
 from polykv_search.optimization.crossfit import DEFAULT_FOLDS, fold_plans
 from polykv_search.optimization.run import OptimizeConfig, optimize_profile
+from polykv_search.plan import uniform_ladders
 
 COMPARE = "streaming,snapkv,h2o_recent,tova_recent,expected_attention_recent"
 
@@ -77,7 +78,7 @@ def main() -> None:
                 variants.append((name, *fold_plans(profile, budgets, config=config, folds=args.folds)))
     lm = api.resolve_model(first.model.model_id, dtype=args.dtype)
     compare = args.compare.split(",")
-    uniform = api.uniform_ladders(lm, compare, budgets)
+    uniform = uniform_ladders(lm.info, compare, budgets)
     files = [whole, *(f for _, _, fold_files in variants for f in fold_files)] + [f for _, f in uniform]
     scorers = {name: scorer for f in files for rung in f.plans for name, scorer in rung.scorers.items()}
     objective = EndToEndObjective(lm, samples, policies=list(scorers.values()), metric="task")

@@ -36,7 +36,7 @@ from polykv_search.engine import EndToEndObjective
 from polykv_search.optimization.crossfit import DEFAULT_FOLDS, fold_plans
 from polykv_search.optimization.refine import trust_region
 from polykv_search.optimization.run import OptimizeConfig
-from polykv_search.plan import HeadPlan, Plan, SearchInfo
+from polykv_search.plan import HeadPlan, Plan, SearchInfo, uniform_ladders
 from polykv_search.policies import PER_HEAD_POLICY_SETS
 
 COMPARE = "streaming,snapkv,h2o_recent,tova_recent,expected_attention_recent"
@@ -99,7 +99,7 @@ def main() -> None:
     plans = {(k, b): ladder.plan_for(b) for k, ladder in enumerate(ladders) for b in budgets}
     moves = {key: one_level_moves(plan, profile.budgets) for key, plan in plans.items()}
     compare = args.compare.split(",")
-    uniform = api.uniform_ladders(lm, compare, budgets)
+    uniform = uniform_ladders(lm.info, compare, budgets)
     every = [*plans.values(), *(f.plan_for(b) for _, f in uniform for b in budgets)]  # refined plans: the same scorers
     scorers = {name: scorer for plan in every for name, scorer in plan.scorers.items()}
     objective = EndToEndObjective(lm, samples, policies=list(scorers.values()), metric="task")  # one prefill a sample

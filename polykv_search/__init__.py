@@ -21,7 +21,9 @@ logging.getLogger(__name__).addHandler(logging.NullHandler())  # a library logs;
 # public name -> the module that defines it (imported lazily by __getattr__, see the docstring)
 _EXPORTS = {
     "calibrate": "polykv_search.api", "optimize": "polykv_search.api", "evaluate": "polykv_search.api",
-    "run": "polykv_search.api", "choose": "polykv_search.api", "guard_plan": "polykv_search.api",
+    "run": "polykv_search.api", "choose": "polykv_search.api",
+    "guard_plan": "polykv_search.optimization.guard", "GuardResult": "polykv_search.optimization.guard",
+    "GuardRung": "polykv_search.optimization.guard",
     "check_proxy": "polykv_search.api",
     "RunResult": "polykv_search.api", "ChooseResult": "polykv_search.api",
     "CalibrationConfig": "polykv_search.calibration", "CalibrationRun": "polykv_search.calibration",
@@ -55,8 +57,7 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:
-    from polykv_search.api import (ChooseResult, RunResult, calibrate, check_proxy, choose, evaluate,
-                                   guard_plan, optimize, run)
+    from polykv_search.api import ChooseResult, RunResult, calibrate, check_proxy, choose, evaluate, optimize, run
     from polykv_search.calibration import CalibrationConfig, CalibrationRun, Profile
     from polykv_search.calibration.merge import merge_profiles
     from polykv_search.calibration.shards import Shard
@@ -64,6 +65,7 @@ if TYPE_CHECKING:
     from polykv_search.errors import PolykvError
     from polykv_search.evaluation import Recovery, Report
     from polykv_search.models import LoadedModel, ModelInfo, load_model
+    from polykv_search.optimization.guard import GuardResult, GuardRung, guard_plan
     from polykv_search.optimization.run import OptimizeConfig
     from polykv_search.api import LengthRun
     from polykv_search.optimization.lengths import by_length, length_ranges

@@ -7,7 +7,7 @@ import logging
 import pytest
 
 import polykv_search as pk
-from polykv_search.api import candidate_sets, set_names
+from polykv_search.optimization.policy_sets import candidate_sets, set_names
 from polykv_search.errors import ConfigError
 from polykv_search.policies import DEFAULT_POLICIES, PER_HEAD_POLICIES, PER_HEAD_POLICY_SETS
 from tests.conftest import sample_rows, write_jsonl
@@ -76,7 +76,7 @@ def test_run_writes_everything_under_one_folder(tiny_llama, files, capsys, monke
         raise AssertionError("the guard measured again")
 
     # the guard's measurements are kept: the same plan and samples are not measured twice; a damaged cache is
-    monkeypatch.setattr("polykv_search.api.EndToEndObjective", measured_again)
+    monkeypatch.setattr("polykv_search.optimization.measure.EndToEndObjective", measured_again)
     crossfit = {"profile": result.calibration.path, "config": pk.OptimizeConfig(cost="out_err")}
     again, choices, samples = pk.guard_plan(tiny_llama, tmp / "run" / "plan_optimized.json", calib,
                                             cache=tmp / "run" / "guard.json", **crossfit)
@@ -164,7 +164,7 @@ def test_the_guard_weighs_each_policy_sets_plan_made_without_each_sample(tiny_ll
     def measured_again(*args, **kwargs):
         raise AssertionError("the guard measured again")
 
-    monkeypatch.setattr("polykv_search.api.EndToEndObjective", measured_again)
+    monkeypatch.setattr("polykv_search.optimization.measure.EndToEndObjective", measured_again)
     again = pk.guard_plan(tiny_llama, pk.optimize(run.profile, budgets=[8, 16], config=config), calib,
                           policies=["streaming"], profile=run.profile, config=config,
                           policy_sets=[["snapkv", "streaming", "knorm"]], cache=cache)

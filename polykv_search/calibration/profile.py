@@ -27,9 +27,11 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from polykv_search.errors import ProfileError
+from polykv_search.calibration.header import ProfileHeader
 from polykv_search.io import write_atomic
 from polykv_search.models.info import ModelInfo
 from polykv_search.plan import LayerPlan, Plan, SearchInfo, uniform_plan
+from polykv_search.plan.names import COST_NAMES, WEIGHTINGS, CostKind
 
 PROFILE_FORMAT = "polykv-profile"
 PROFILE_VERSION = 2  # bump when arrays or header fields change meaning; 2: "around" backgrounds are plans
@@ -52,9 +54,8 @@ HEAD_KL = "head_kl"  # measured by `calibrate --head-kl` only: one KV head compr
 HEAD_FISHER = "head_fisher"  # `calibrate --head-fisher` only: head_kl's second-order estimate, (N, L, H_kv, P, G)
 HEAD_FISHER_PROBED = "head_fisher_probed"  # which head_fisher cells were probed exactly, (N, L, H_kv, P, G) uint8
 HEAD_COST_KINDS = (HEAD_KL, HEAD_FISHER)  # costs per KV head: `optimize` makes per-head plans from them
-ALL_COST_KINDS = (*COST_KINDS, *OPTIONAL_COST_KINDS, AROUND_KL, *HEAD_COST_KINDS)
+ALL_COST_KINDS: tuple[CostKind, ...] = COST_NAMES  # (*COST_KINDS, *OPTIONAL_COST_KINDS, AROUND_KL, *HEAD_COST_KINDS)
 HEAD_MODE_FLAGS = {HEAD_KL: "--head-kl", HEAD_FISHER: "--head-fisher"}
-WEIGHTINGS = ("mean", "equal")  # how samples are combined into one cost table
 
 
 @dataclass
@@ -63,6 +64,11 @@ class Profile:
     arrays: dict[str, torch.Tensor]
 
     # -- views -------------------------------------------------------------------------------------
+    @property
+    def meta(self) -> ProfileHeader:
+        """The header read as types (`header` is its JSON, as the file stores it)."""
+        return ProfileHeader.from_dict(self.header)
+
     @property
     def model(self) -> ModelInfo:
         return ModelInfo.from_dict(self.header["model"])

@@ -2,7 +2,7 @@
 
     polykv-search calibrate                                   # embedded SmolLM2, shipped calib split
     polykv-search calibrate --model gemma3-270m --resume      # continue an interrupted run
-    polykv-search calibrate --model ./my-model --data longbench/qasper.jsonl --budgets 64,128,256,512
+    polykv-search calibrate --model ./my-model --data longbench/qasper.jsonl --grid 64,128,256,512
     polykv-search calibrate --shard 2/4 --device cuda             # every 4th sample from the 2nd (docs/distributed.md)
     polykv-search merge-profiles outputs/smollm2-135m/shard-*-of-4/profile.safetensors -o merged.safetensors
 """
@@ -19,11 +19,14 @@ from polykv_search.cli import app
 from polykv_search.cli.errors import err_console
 from polykv_search.cli.options import (
     DEFAULT_MODEL,
+    PROBES,
     ColumnMapOpt,
     DataOpt,
     DeviceOpt,
     DtypeOpt,
+    GridOpt,
     JsonOpt,
+    MaxContextOpt,
     ModelOpt,
     RevisionOpt,
     TrustOpt,
@@ -33,6 +36,7 @@ from polykv_search.cli.options import (
     parse_str_list,
 )
 from polykv_search.cli.render import profile_table, progress_bars
+from polykv_search.errors import ConfigError
 
 DEFAULT_DATA = "calibration_data/calib.jsonl"
 
@@ -43,17 +47,18 @@ def calibrate(
     data: DataOpt = None,
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Output folder (default: outputs/<model>)")] = None,
     policies: Annotated[str | None, typer.Option(help="Comma-separated policies (default: all registered).")] = None,
-    budgets: Annotated[str | None, typer.Option(help="Comma-separated budget grid, tokens per layer.")] = None,
-    window: Annotated[int, typer.Option(help="Observation window (queries) for CAKE's entropy/variance.")] = 64,
+    grid: GridOpt = None,
+    budgets: Annotated[str | None, typer.Option("--budgets", hidden=True, help="The old name of --grid.")] = None,
+    window: Annotated[int, typer.Option(help="Observation window (queries) for CAKE's entropy/variance.",
+                                        rich_help_panel=PROBES)] = 64,
     max_samples: Annotated[int | None, typer.Option(help="Use N samples, taken in turn from each task.")] = None,
-    max_context: Annotated[int | None, typer.Option(help="Truncate prompts (middle) to this many tokens "
-                                                    "(default: the model context).")] = None,
+    max_context: MaxContextOpt = None,
     column_map: ColumnMapOpt = None,
     layer_kl: Annotated[bool, typer.Option("--layer-kl", help="Slower: also measure, per layer, policy and budget, "
                                            "the KL to the full cache over the answer with only that layer "
                                            "compressed, and the rise of the answer's NLL "
                                            "(layers x policies x budgets batched forwards per sample; "
-                                           "a shorter --budgets or --policies list makes it cheaper). "
+                                           "a shorter --grid or --policies list makes it cheaper). "
                                            "`optimize --cost layer_kl|layer_nll` uses them.")] = False,
     head_kl: Annotated[bool, typer.Option("--head-kl", help="Slower: the KL to the full cache with only one KV head "
                                           "compressed, per layer, KV head, policy and budget (layers x heads x "
@@ -64,12 +69,14 @@ def calibrate(
                                               "(no forward per head: a few times a plain calibrate). "
                                               "`optimize --cost head_fisher` allocates per KV head from it.")] = False,
     draws: Annotated[int, typer.Option(help="--head-fisher: answer-token draws (backward passes) per "
-                                       "sample.")] = 16,
+                                       "sample.", rich_help_panel=PROBES)] = 16,
     probe_above: Annotated[float, typer.Option(help="--head-fisher: probe exactly (as --head-kl does) the cells "
                                                "whose estimate is above this mean KL per answer token, where "
-                                               "the second order under-counts; inf probes none.")] = 0.003,
+                                               "the second order under-counts; inf probes none.",
+                                               rich_help_panel=PROBES)] = 0.003,
     probe_share: Annotated[float, typer.Option(help="--head-fisher: probe at most this share of a sample's cells, "
-                                               "the largest estimates first (bounds the probes' time).")] = 0.033,
+                                               "the largest estimates first (bounds the probes' time).",
+                                               rich_help_panel=PROBES)] = 0.033,
     around: Annotated[str | None, typer.Option(help="Slower: per layer, policy and budget, the KL with every other "
                                                "layer at a uniform background of each of these average budgets "
                                                "(e.g. 64,128,256,512; one background per budget, a prefill per "
@@ -77,11 +84,13 @@ def calibrate(
                                                "those budgets.")] = None,
     around_policy: Annotated[str | None, typer.Option(help="--around: the background's policy (default: the "
                                                       "uniform policy keeping most of the output distribution "
-                                                      "on the calibration samples).")] = None,
+                                                      "on the calibration samples).",
+                                                      rich_help_panel=PROBES)] = None,
     around_plan: Annotated[Path | None, typer.Option(help="--around: probe around this plan's rungs instead of a "
                                                      "uniform policy (default budgets: the plan's), so that "
                                                      "`optimize --cost around_kl` refines the plan; its "
-                                                     "policies must be among --policies.")] = None,
+                                                     "policies must be among --policies.",
+                                                     rich_help_panel=PROBES)] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the checkpoints of an interrupted run.")] = False,
     shard: Annotated[str | None, typer.Option(help="K/N: calibrate only samples i (of the selection, from 0) with "
                                               "i mod N = K-1, into <out>/shard-K-of-N/; run the N shards anywhere, "
@@ -99,7 +108,7 @@ def calibrate(
 
     config = pk.CalibrationConfig(
         **({"policies": tuple(parse_str_list(policies))} if policies else {}),
-        **({"budgets": tuple(parse_int_list(budgets, option="--budgets"))} if budgets else {}),
+        **({"budgets": tuple(parse_int_list(grid_of(grid, budgets), option="--grid"))} if grid or budgets else {}),
         window=window, max_context_tokens=max_context, layer_kl=layer_kl, head_kl=head_kl,
         head_fisher=head_fisher, draws=draws, probe_above=probe_above, probe_share=probe_share,
         around=tuple(parse_int_list(around, option="--around")) if around else (),
@@ -122,6 +131,13 @@ def calibrate(
     typer.echo(f"heatmap: {heatmap}")
 
 
+def grid_of(grid: str | None, budgets: str | None) -> str | None:
+    """--grid, or its old name --budgets; both: they must agree."""
+    if grid and budgets and grid != budgets:
+        raise ConfigError(f"--grid {grid} and --budgets {budgets} name the same calibration grid; give --grid alone")
+    return grid or budgets
+
+
 @app.command("merge-profiles")
 def merge_profiles(
     profiles: Annotated[list[Path], typer.Argument(help="Profiles of the same model, policies and options: the "
@@ -136,12 +152,11 @@ def merge_profiles(
     into one on the union grid (no re-measuring)."""
     # imported here: the library loads torch (seconds), which --help does not need
     from polykv_search.calibration.merge import merge_profiles as merge
-    from polykv_search.calibration.shards import SHARD_KEY
 
     check_out_file(out, example="profile.safetensors")
     merged = merge(profiles, allow_partial=allow_partial)
     path = merged.save(out)
-    partial = merged.header.get(SHARD_KEY)
+    partial = merged.meta.shard
     shards = f"; shards {','.join(map(str, partial['indices']))} of {partial['count']}" if partial else ""
     typer.echo(f"profile: {path} ({merged.num_samples} samples{shards}; budgets "
                f"{','.join(map(str, merged.budgets))}; {', '.join(merged.cost_kinds)})")

@@ -18,7 +18,10 @@ import typer
 from polykv_search.cli import app
 from polykv_search.cli.errors import err_console
 from polykv_search.cli.options import (
+    CONSTRAINTS,
     DEFAULT_MODEL,
+    ILP,
+    OPTUNA,
     CapOpt,
     CostOpt,
     DataOpt,
@@ -33,10 +36,12 @@ from polykv_search.cli.options import (
     OnlyOpt,
     PoliciesOpt,
     ProfileOpt,
+    SolverOpt,
     StorageOpt,
     TieOpt,
     WeightingOpt,
     check_out_file,
+    choices,
     given,
     model_slug,
     parse_allowed,
@@ -47,6 +52,7 @@ from polykv_search.cli.options import (
 from polykv_search.cli.render import choice_table, plan_table, progress_bars
 from polykv_search.errors import ConfigError
 from polykv_search.models import same_model
+from polykv_search.plan.names import METRICS
 
 BudgetOpt = Annotated[str, typer.Option("--budget", "-b", help="Average tokens per compressible layer; a comma "
                                         "list writes a ladder of plans.")]
@@ -74,10 +80,7 @@ def optimize(
     budget: BudgetOpt = "512",
     model: ModelOpt = DEFAULT_MODEL,
     profile: ProfileOpt = None,
-    solver: Annotated[str, typer.Option(help="dp (exact, default), ilp (cvxpy + HiGHS), select (exact plans "
-                                        "under several proxies and floors, uniform plans and allocators, the "
-                                        "best measured end to end wins) or optuna (end-to-end search seeded "
-                                        "with those candidates).")] = "dp",
+    solver: SolverOpt = "dp",
     metric: MetricOpt = "kl",
     cost: CostOpt = "mass_lost",
     weighting: WeightingOpt = "mean",
@@ -88,7 +91,8 @@ def optimize(
     max_changes: Annotated[int | None, typer.Option(help="--cost around_kl on a profile from `calibrate "
                                                     "--around-plan`: keep that plan but at most this many layers, "
                                                     "each moved to its best measured cell (a trust region: the "
-                                                    "cells are exact one layer at a time).")] = None,
+                                                    "cells are exact one layer at a time).",
+                                                    rich_help_panel=CONSTRAINTS)] = None,
     tie: TieOpt = None,
     only: OnlyOpt = None,
     target: Annotated[str, typer.Option(help="Engine the plans must fit as they are: kvpress (any plan), trtllm "
@@ -96,16 +100,17 @@ def optimize(
                                         "StreamingLLM at one window or full; needs --cost head_fisher or "
                                         "head_kl). Then "
                                         "`polykv-search export --to TARGET`.")] = "kvpress",
-    time_limit: Annotated[float, typer.Option(help="ilp: seconds before HiGHS stops.")] = 10.0,
-    gap: Annotated[float, typer.Option(help="ilp: relative MIP gap to stop at.")] = 1e-6,
+    time_limit: Annotated[float, typer.Option(help="ilp: seconds before HiGHS stops.", rich_help_panel=ILP)] = 10.0,
+    gap: Annotated[float, typer.Option(help="ilp: relative MIP gap to stop at.", rich_help_panel=ILP)] = 1e-6,
     n_trials: NTrialsOpt = 40,
-    timeout: Annotated[float | None, typer.Option(help="optuna: seconds.")] = None,
+    timeout: Annotated[float | None, typer.Option(help="optuna: seconds.", rich_help_panel=OPTUNA)] = None,
     storage: StorageOpt = None,
     data: DataOpt = None,
     max_samples: Annotated[int | None, typer.Option(help="select/optuna: calibration samples measured (default: "
                                                     "all).")] = None,
-    seed: Annotated[int, typer.Option(help="Random seed (optuna).")] = 0,
-    out: Annotated[Path | None, typer.Option("--out", "-o", help="Plan file (default: outputs/<model>/plan.json)")] = None,
+    seed: Annotated[int, typer.Option(help="Random seed (optuna).", rich_help_panel=OPTUNA)] = 0,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Plan file (default: outputs/<model>/plan.json)")
+                   ] = None,
     device: DeviceOpt = "cpu",
     dtype: DtypeOpt = "auto",
     as_json: JsonOpt = False,
@@ -182,9 +187,10 @@ def choose_cmd(
     plan: Annotated[list[Path], typer.Option("--plan", "-p", help="Plan files to choose from.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="The chosen ladder (one plan per budget).")],
     model: ModelOpt = DEFAULT_MODEL,
-    metric: Annotated[str, typer.Option(help="End-to-end measure on calibration samples (lower is better): "
-                                        "lost (1 - exp(-KL) per sample), kl, nll, miss, or task (1 - the "
-                                        "task's score of the greedy answer; ties decided by lost).")] = "lost",
+    metric: Annotated[str, typer.Option(metavar=choices(METRICS), help="End-to-end measure on calibration samples "
+                                        "(lower is better): lost (1 - exp(-KL) per sample), kl, nll, miss, or "
+                                        "task (1 - the task's score of the greedy answer; ties decided by "
+                                        "lost).")] = "lost",
     uniform: Annotated[str | None, typer.Option(help="Uniform policies that stand as candidates at every "
                                                 "budget, e.g. h2o_recent,streaming (the plan keeps the best "
                                                 "single policy where no plan measures better).")] = None,
@@ -197,7 +203,6 @@ def choose_cmd(
     """Per budget, keep the candidate rung that measures best on calibration samples (never the eval data)."""
     # imported here: the library loads torch, transformers and kvpress (about 4 s)
     import polykv_search as pk
-    from polykv_search.engine import METRICS
 
     if metric not in METRICS:
         raise ConfigError(f"--metric {metric!r} is not one of {', '.join(METRICS)}")

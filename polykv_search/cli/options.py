@@ -9,59 +9,80 @@ import typer
 
 from polykv_search.errors import ConfigError
 from polykv_search.models import DEFAULT_MODEL, model_slug
+from polykv_search.plan.names import COST_NAMES, METRICS, SOLVERS, WEIGHTINGS
+
+
+
+def choices(values: tuple[str, ...]) -> str:
+    """An option's metavar listing its values (the library's names, checked by the library with its own message)."""
+    return "[" + "|".join(values) + "]"
+
 
 ModelOpt = Annotated[str, typer.Option("--model", "-m", help="Embedded alias (smollm2-135m, gemma3-270m), a .gguf "
                                        "file, a local model folder, or a hub id.")]
-DeviceOpt = Annotated[str, typer.Option(help="cpu, cuda, or auto (accelerate's device map across GPUs).")]
-DtypeOpt = Annotated[str, typer.Option(help="auto (float32 on CPU, bfloat16 on GPU), float32, bfloat16, float16.")]
-TrustOpt = Annotated[bool, typer.Option("--trust-remote-code", help="Allow the model's own code (off by default).")]
-RevisionOpt = Annotated[str | None, typer.Option(help="Hub revision (commit, tag or branch) of --model.")]
 DataOpt = Annotated[list[str] | None, typer.Option("--data", "-d", help="JSON/JSONL/parquet file, folder, or hub id; "
                                                    "repeat for several.")]
-ColumnMapOpt = Annotated[str | None, typer.Option(help="Rename columns to the canonical names (LongBench's or "
-                                                  "kvpress's load as they are), e.g. 'query=input,passage=context'.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")]
-WeightingOpt = Annotated[str, typer.Option(help="How calibration samples combine: mean (plain mean of the costs) or "
-                                           "equal (each sample scaled by its own cost level first, so every "
-                                           "sample counts the same).")]
-
 ProfileOpt = Annotated[Path | None, typer.Option("--profile", help="Profile from calibrate "
                                                  "(default: outputs/<model>/profile.safetensors).")]
 OutOpt = Annotated[Path | None, typer.Option("--out", "-o", help="Output path (default under outputs/<model>/).")]
 
-# the optimizer's options, shared by `optimize` and `run`
-SolverOpt = Annotated[str, typer.Option(help="dp (exact, default), ilp (cvxpy + HiGHS), select (exact plans under "
-                                        "several costs and floors, uniform plans and allocators; the best measured "
-                                        "end to end on calibration samples wins) or optuna (end-to-end search "
-                                        "seeded with those candidates).")]
-CostOpt = Annotated[str, typer.Option(help="Profile cost to minimise: mass_lost, out_err, layer_kl / layer_nll "
-                                      "(profiles from `calibrate --layer-kl`), around_kl (from `calibrate "
-                                      "--around`, at its budgets) or head_kl (from `calibrate --head-kl`: a budget "
-                                      "per KV head, written as a schema-2 plan).")]
-MetricOpt = Annotated[str, typer.Option(help="select/optuna: end-to-end measure on calibration samples: kl, nll, "
-                                        "miss, lost (1 - exp(-KL) per sample) or task (1 - the task's score of the "
-                                        "greedy answer; decodes every candidate).")]
-WeightingOpt = Annotated[str, typer.Option(help="How calibration samples combine: mean (plain mean of the costs) or "
-                                           "equal (each sample scaled by its own cost level first, so every "
-                                           "sample counts the same).")]
-PoliciesOpt = Annotated[str | None, typer.Option(help="Comma-separated policies (default: all).")]
-FloorOpt = Annotated[int, typer.Option(help="Fewest tokens a layer may keep.")]
-CapOpt = Annotated[int | None, typer.Option(help="Most tokens a layer may keep (default: the longest calibration "
-                                            "context).")]
-MaxPoliciesOpt = Annotated[int | None, typer.Option(help="At most this many distinct policies.")]
-TieOpt = Annotated[list[str] | None, typer.Option(help="Layers forced to one policy and budget, e.g. '0,1,2'; "
-                                                  "repeatable.")]
-OnlyOpt = Annotated[list[str] | None, typer.Option(help="Restrict a policy to layers, e.g. 'streaming=0,1'; "
-                                                   "repeatable.")]
-NTrialsOpt = Annotated[int, typer.Option(help="optuna: trials (seeds included).")]
-StorageOpt = Annotated[str | None, typer.Option(help="optuna: journal:PATH or an RDB URL; shared by processes and "
-                                                "machines, resumable after a kill.")]
+GridOpt = Annotated[str | None, typer.Option(help="Calibration budget grid, tokens per layer, e.g. "
+                                              "16,32,64,128,256,512,1024,2048 (default: 16,64,256,1024,2048 per KV "
+                                              "head, else 16,32,64,128,256,512,1024).")]
+# the calibration options a user rarely changes, and the loading options every model-loading command takes
+PROBES = "Probes and signals"
+LOADING = "Loading"
+TrustOpt = Annotated[bool, typer.Option("--trust-remote-code", help="Allow the model's own code (off by default).",
+                                        rich_help_panel=LOADING)]
+RevisionOpt = Annotated[str | None, typer.Option(help="Hub revision (commit, tag or branch) of --model.",
+                                                 rich_help_panel=LOADING)]
+ColumnMapOpt = Annotated[str | None, typer.Option(help="Rename columns to the canonical names (LongBench's or "
+                                                  "kvpress's load as they are), e.g. 'query=input,passage=context'.",
+                                                  rich_help_panel=LOADING)]
+MaxContextOpt = Annotated[int | None, typer.Option(help="Truncate prompts (middle) to this many tokens (default: the "
+                                                   "model context).", rich_help_panel=LOADING)]
+DeviceOpt = Annotated[str, typer.Option(help="cpu, cuda, or auto (accelerate's device map across GPUs).")]
+DtypeOpt = Annotated[str, typer.Option(help="auto (float32 on CPU, bfloat16 on GPU), float32, bfloat16, float16.")]
 
-__all__ = ["DEFAULT_MODEL", "CapOpt", "ColumnMapOpt", "CostOpt", "DataOpt", "DeviceOpt", "DtypeOpt", "FloorOpt",
-           "JsonOpt", "MaxPoliciesOpt", "MetricOpt", "ModelOpt", "NTrialsOpt", "OnlyOpt", "OutOpt", "PoliciesOpt",
-           "ProfileOpt", "RevisionOpt", "SolverOpt", "StorageOpt", "TieOpt", "TrustOpt", "WeightingOpt",
-           "check_out_file", "given", "model_slug", "parse_allowed", "parse_budget_list", "parse_column_map",
-           "parse_int_list", "parse_str_list", "parse_tied"]
+# the optimizer's options, shared by `optimize` and `run`; those a user rarely changes in their own panels
+OPTUNA = "Optuna (--solver optuna)"
+ILP = "ILP (--solver ilp)"
+CONSTRAINTS = "Plan constraints"
+SolverOpt = Annotated[str, typer.Option(
+    metavar=choices(SOLVERS), help="dp (exact, default), ilp (cvxpy + HiGHS), select (exact plans under several "
+    "costs and floors, uniform plans and allocators; the best measured end to end on calibration samples wins) or "
+    "optuna (end-to-end search seeded with those candidates).")]
+CostOpt = Annotated[str, typer.Option(
+    metavar=choices(COST_NAMES), help="Profile cost to minimise: mass_lost, out_err, layer_kl / layer_nll "
+    "(profiles from `calibrate --layer-kl`), around_kl (from `calibrate --around`, at its budgets) or head_kl / "
+    "head_fisher (from `calibrate --head-kl` / `--head-fisher`: a budget per KV head, a schema-2 plan).")]
+MetricOpt = Annotated[str, typer.Option(
+    metavar=choices(METRICS), help="select/optuna: end-to-end measure on calibration samples: kl, nll, miss, lost "
+    "(1 - exp(-KL) per sample) or task (1 - the task's score of the greedy answer; decodes every candidate).")]
+WeightingOpt = Annotated[str, typer.Option(
+    metavar=choices(WEIGHTINGS), help="How calibration samples combine: mean (plain mean of the costs) or equal "
+    "(each sample scaled by its own cost level first, so every sample counts the same).")]
+PoliciesOpt = Annotated[str | None, typer.Option(help="Comma-separated policies (default: all).")]
+FloorOpt = Annotated[int, typer.Option(help="Fewest tokens a layer may keep.", rich_help_panel=CONSTRAINTS)]
+CapOpt = Annotated[int | None, typer.Option(help="Most tokens a layer may keep (default: the longest calibration "
+                                            "context).", rich_help_panel=CONSTRAINTS)]
+MaxPoliciesOpt = Annotated[int | None, typer.Option(help="At most this many distinct policies.",
+                                                    rich_help_panel=CONSTRAINTS)]
+TieOpt = Annotated[list[str] | None, typer.Option(help="Layers forced to one policy and budget, e.g. '0,1,2'; "
+                                                  "repeatable.", rich_help_panel=CONSTRAINTS)]
+OnlyOpt = Annotated[list[str] | None, typer.Option(help="Restrict a policy to layers, e.g. 'streaming=0,1'; "
+                                                   "repeatable.", rich_help_panel=CONSTRAINTS)]
+NTrialsOpt = Annotated[int, typer.Option(help="optuna: trials (seeds included).", rich_help_panel=OPTUNA)]
+StorageOpt = Annotated[str | None, typer.Option(help="optuna: journal:PATH or an RDB URL; shared by processes and "
+                                                "machines, resumable after a kill.", rich_help_panel=OPTUNA)]
+
+__all__ = ["CONSTRAINTS", "DEFAULT_MODEL", "ILP", "LOADING", "OPTUNA", "PROBES", "CapOpt", "ColumnMapOpt", "CostOpt",
+           "DataOpt", "DeviceOpt", "DtypeOpt", "FloorOpt", "GridOpt", "JsonOpt", "MaxContextOpt", "MaxPoliciesOpt",
+           "MetricOpt", "ModelOpt", "NTrialsOpt", "OnlyOpt", "OutOpt", "PoliciesOpt", "ProfileOpt", "RevisionOpt",
+           "SolverOpt", "StorageOpt", "TieOpt", "TrustOpt", "WeightingOpt", "check_out_file", "choices", "given",
+           "model_slug", "parse_allowed", "parse_budget_list", "parse_column_map", "parse_int_list", "parse_str_list",
+           "parse_tied"]
 
 
 def given(ctx: typer.Context, name: str) -> bool:

@@ -4,8 +4,11 @@ results. Everything here draws on stderr through rich; results for machines go t
 from __future__ import annotations
 
 import math
+import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from rich.markup import escape
@@ -27,9 +30,27 @@ TABLE_SIGNALS = {"entropy": "H", "variance": "V", "sparsity": "sparse", "shift":
 
 
 @contextmanager
-def progress_bars() -> Iterator[ProgressFn]:
+def progress_bars(*, plain: bool | None = None, interval: float = 30.0) -> Iterator[ProgressFn]:
     """A progress callback for the API: one bar per stage with its count, elapsed time and estimate; a stage
-    that reports no total (a step of the optimizer) shows as a line of text."""
+    that reports no total (a step of the optimizer) shows as a line of text. When stderr is not a terminal (a batch
+    job, nohup, CI; `plain` forces either way), plain lines instead (`PlainProgress`), at least every `interval` s."""
+    if plain if plain is not None else not err_console.is_terminal:
+        lines = PlainProgress(write=lambda line: err_console.print(line, markup=False, highlight=False),
+                              interval=interval)
+        stop = threading.Event()
+
+        def heartbeat() -> None:  # a line at least every `interval` s, even while one step takes minutes
+            while not stop.wait(1.0):
+                lines.tick()
+
+        beat = threading.Thread(target=heartbeat, name="polykv-progress", daemon=True)
+        beat.start()
+        try:
+            yield lines.update
+        finally:
+            stop.set()
+            beat.join()
+        return
     columns = (TextColumn("[bold]{task.fields[stage]}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                TextColumn("eta"), TimeRemainingColumn(), TextColumn("{task.description}"))
     with Progress(*columns, console=err_console, transient=False) as bars:
@@ -44,6 +65,56 @@ def progress_bars() -> Iterator[ProgressFn]:
             bars.update(tasks[stage], completed=done, total=total, description=escape(note))
 
         yield update
+
+
+@dataclass
+class PlainProgress:
+    """Progress as plain lines for a log: "stage i/N, elapsed, eta: note", written when a stage starts or ends and
+    otherwise at most every `interval` seconds of updates; `tick` (called by a heartbeat) writes the last state
+    again once `interval` has passed without a line, so a log shows a line at least that often during a long step.
+    `clock` is injectable (tests)."""
+
+    write: Callable[[str], None]
+    interval: float = 30.0
+    clock: Callable[[], float] = time.monotonic
+    _state: tuple[str, int, int, str] | None = None
+    _started: dict[str, float] = field(default_factory=dict)
+    _last: float = -math.inf
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def update(self, stage: str, done: int, total: int, note: str = "") -> None:
+        with self._lock:
+            now = self.clock()
+            if total <= 0:  # a step with no count: a line of its own
+                self.write(f"{stage}: {note}")
+                self._last = now
+                return
+            new_stage = stage not in self._started
+            self._started.setdefault(stage, now)
+            self._state = (stage, done, total, note)
+            if new_stage or done >= total or now - self._last >= self.interval:
+                self._emit(now)
+
+    def tick(self) -> None:
+        with self._lock:
+            now = self.clock()
+            if self._state is not None and now - self._last >= self.interval:
+                self._emit(now)
+
+    def _emit(self, now: float) -> None:
+        stage, done, total, note = self._state
+        elapsed = now - self._started[stage]
+        eta = _duration(elapsed * (total - done) / done) if 0 < done < total else "?" if done < total else "0s"
+        self.write(f"{stage} {done}/{total}, elapsed {_duration(elapsed)}, eta {eta}" + (f": {note}" if note else ""))
+        self._last = now
+
+
+def _duration(seconds: float) -> str:
+    """1h02m, 3m05s, 42s."""
+    seconds = int(round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
 
 
 def plan_table(plan_file: PlanFile, *, title: str = "") -> Table:

@@ -12,8 +12,9 @@ held-out eval split — with everything under outputs/<model>/ and the compariso
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
@@ -22,28 +23,39 @@ from polykv_search.cli.errors import err_console
 from polykv_search.cli.options import (
     DEFAULT_MODEL,
     CapOpt,
+    ColumnMapOpt,
     DeviceOpt,
     DtypeOpt,
     FloorOpt,
+    GridOpt,
     JsonOpt,
+    MaxContextOpt,
     MaxPoliciesOpt,
     MetricOpt,
     ModelOpt,
     NTrialsOpt,
     OnlyOpt,
+    RevisionOpt,
     SolverOpt,
     StorageOpt,
     TieOpt,
+    TrustOpt,
     WeightingOpt,
+    choices,
     parse_allocators,
     parse_allowed,
     parse_budget_list,
+    parse_column_map,
     parse_int_list,
     parse_str_list,
     parse_tied,
 )
 from polykv_search.cli.render import choice_table, plan_table, progress_bars, recovery_lines
 from polykv_search.errors import ConfigError
+from polykv_search.plan.names import COST_NAMES
+
+if TYPE_CHECKING:  # the library loads torch (seconds); the command imports it when it runs
+    from polykv_search.optimization.guard import GuardRung
 
 
 @app.command()
@@ -53,12 +65,11 @@ def run(
                                         "optimizes and evaluates a ladder.")] = "128",
     solver: SolverOpt = "dp",
     metric: MetricOpt = "kl",
-    cost: Annotated[str, typer.Option(help="Profile cost. head_fisher (default): calibrates with --head-fisher "
-                                      "and plans a policy and budget per KV head; head_kl: the same from the "
-                                      "probes of --head-kl (much slower); per layer: mass_lost, out_err, layer_kl "
-                                      "or layer_nll (these two calibrate with --layer-kl: slower), around_kl "
-                                      "(calibrates with --around at the --budget values: slower still).")
-                    ] = "head_fisher",
+    cost: Annotated[str, typer.Option(
+        metavar=choices(COST_NAMES), help="Profile cost. head_fisher (default): calibrates with --head-fisher and "
+        "plans a policy and budget per KV head; head_kl: the same from the probes of --head-kl (much slower); per "
+        "layer: mass_lost, out_err, layer_kl or layer_nll (these two calibrate with --layer-kl: slower), around_kl "
+        "(calibrates with --around at the --budget values: slower still).")] = "head_fisher",
     weighting: WeightingOpt = "mean",
     policies: Annotated[str | None, typer.Option(help="Policies calibrated; without --policy-set, the plan's "
                                                  "candidates, one set (default: every policy of the default sets "
@@ -76,9 +87,7 @@ def run(
     only: OnlyOpt = None,
     n_trials: NTrialsOpt = 40,
     storage: StorageOpt = None,
-    grid: Annotated[str | None, typer.Option(help="Calibration budget grid, e.g. 16,32,64,128,256,512,1024,2048 "
-                                             "(default: 16,64,256,1024,2048 per KV head, else calibrate's).")
-                    ] = None,
+    grid: GridOpt = None,
     compare: Annotated[str | None, typer.Option(help="Uniform policies the guard and the evaluation compare the "
                                                 "plan with (default: all registered).")] = None,
     allocators: Annotated[str, typer.Option(help="Known allocators the evaluation also scores: pyramidkv, cake, "
@@ -104,8 +113,12 @@ def run(
                                         "uniform policy on the calibration samples, each answered by the plan "
                                         "optimized without its half of them (else write that policy; the first "
                                         "set's optimized ladder stays in plan_optimized.json).")] = True,
+    column_map: ColumnMapOpt = None,
+    max_context: MaxContextOpt = None,
     device: DeviceOpt = "cpu",
     dtype: DtypeOpt = "auto",
+    trust_remote_code: TrustOpt = False,
+    revision: RevisionOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Calibrate, optimize and evaluate in one go; interrupted runs resume where they stopped."""
@@ -124,13 +137,15 @@ def run(
                         compare=parse_str_list(compare) if compare else None, config=config,
                         allocators=parse_allocators(allocators),
                         max_calib_samples=max_calib_samples, max_eval_samples=max_eval_samples, out_dir=out, fresh=fresh,
-                        guard=guard, device=device, dtype=dtype, progress=progress)
+                        guard=guard, column_map=parse_column_map(column_map), max_context_tokens=max_context,
+                        device=device, dtype=dtype, trust_remote_code=trust_remote_code, revision=revision,
+                        progress=progress)
     report = result.report
     if as_json:
         typer.echo(json.dumps({"profile": str(result.calibration.path), "plan": str(result.plan_path),
-                               "report": str(report.files["json"]), "guard": [c.__dict__ for c in result.guard],
+                               "report": str(report.files["json"]), "guard": [asdict(c) for c in result.guard],
                                "guard_by_length": [{"context": p.context.to_dict(),
-                                                    "guard": [c.__dict__ for c in p.guard]} for p in result.by_length],
+                                                    "guard": [asdict(c) for c in p.guard]} for p in result.by_length],
                                "recovery": [r.__dict__ for r in report.recovery]}))
         return
     err_console.print(f"profile: {result.calibration.path} ({result.calibration.seconds:.0f} s)")
@@ -141,7 +156,7 @@ def run(
         candidates = list(part.guard[0].measured)
         err_console.print(choice_table(candidates, part.guard, what=f"task loss (1 - score){lengths}",
                                        samples=part.guard_samples))
-        typer.echo(f"guard{lengths}: " + ", ".join(f"{c.budget:g} -> {kept_name(c.chosen)}" for c in part.guard))
+        typer.echo(f"guard{lengths}: " + ", ".join(f"{c.budget:g} -> {kept_name(c)}" for c in part.guard))
     err_console.print(plan_table(result.plan_file))
     err_console.print(report.markdown(), markup=False, highlight=False)
     for line in recovery_lines(report, "plan"):
@@ -149,10 +164,9 @@ def run(
     typer.echo(f"report: {report.files['markdown']}")
 
 
-def kept_name(chosen: str) -> str:
-    """What the guard kept at a budget, in words: an optimized plan ("plan", "plan (11 policies)") or a policy
-    (policy names have no spaces)."""
-    return f"optimized {chosen}" if chosen == "plan" or chosen.startswith("plan (") else chosen
+def kept_name(rung: GuardRung) -> str:
+    """What the guard kept at a budget, in words: an optimized plan ("optimized plan (11 policies)") or a policy."""
+    return f"optimized {rung.chosen}" if rung.kept_plan else rung.chosen
 
 
 def parse_policy_sets(values: list[str] | None, policies: str | None) -> list[list[str]] | None:

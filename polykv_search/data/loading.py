@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import polykv_search.hub as hub
-from polykv_search.data.sample import Sample
+from polykv_search.data.sample import Sample, spread_over_tasks
 from polykv_search.errors import ConfigError, DataError
 
 logger = logging.getLogger(__name__)
@@ -28,6 +28,20 @@ _JSON_SUFFIXES = (".jsonl", ".json")
 _SUFFIX_BUILDER = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 _MAP_HINT = "pass --column-map (e.g. query=input,passage=context) to name the source columns"
 _warned_tasks: set[str] = set()
+
+DataSpec = str | Path | Sequence[str | Path] | Sequence[Sample]  # a file, folder or hub id, a list of them, or Samples
+
+
+def resolve_samples(data: DataSpec, *, max_samples: int | None = None,
+                    column_map: Mapping[str, str] | None = None) -> tuple[list[Sample], list[str]]:
+    """(samples, the sources they came from): at most `max_samples`, taken in turn from each task."""
+    items = [data] if isinstance(data, (str, Path)) else list(data)
+    if items and all(isinstance(item, Sample) for item in items):
+        return spread_over_tasks(items, max_samples), []
+    if not items or not all(isinstance(item, (str, Path)) for item in items):
+        raise ConfigError("data must be a file, folder or hub id, a list of them, or a list of Samples")
+    samples = [s for source in items for s in load_samples(source, column_map=column_map)]
+    return spread_over_tasks(samples, max_samples), [str(source) for source in items]
 
 
 def load_samples(source: str | Path, *, column_map: Mapping[str, str] | None = None, limit: int | None = None,

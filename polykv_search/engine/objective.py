@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from typing import TypedDict
 
 from polykv_search.data import Sample
 from polykv_search.data.metrics import score_sample
@@ -17,10 +18,22 @@ from polykv_search.engine.engine import PrefillEngine, PrefillState
 from polykv_search.errors import ConfigError
 from polykv_search.models import LoadedModel
 from polykv_search.plan import Plan
+from polykv_search.plan.names import METRICS, Metric
 
-METRICS = ("kl", "nll", "miss", "lost", "task")
 TEACHER_FORCED = ("kl", "nll", "miss", "lost")
 DECODED = ("kl", "lost", "task")  # what a "task" objective measures: the decoding pass's own KL, and the score
+
+
+class Measures(TypedDict, total=False):
+    """One candidate's measurements (of one sample, or their mean over tasks): the teacher-forced ones (kl, nll,
+    miss, lost) or, for a "task" objective, the decoded ones (kl, lost, task). A dict, so the guard's cache keeps
+    its JSON form."""
+
+    kl: float
+    nll: float
+    miss: float
+    lost: float
+    task: float
 
 
 class EndToEndObjective:
@@ -28,7 +41,7 @@ class EndToEndObjective:
 
     def __init__(self, lm: LoadedModel, samples: Sequence[Sample], *,
                  policies: Sequence[str | tuple[str, dict]], max_context_tokens: int | None = None,
-                 batch_size: int = 16, metric: str = "kl",
+                 batch_size: int = 16, metric: Metric = "kl",
                  on_prefill: Callable[[int, int], None] | None = None) -> None:
         """`policies`: the rankings the measured plans may use: registered policy names (their registered
         parameters) or (policy, params), as PrefillEngine's `scorers`. `on_prefill(done, total)` is called after
@@ -50,12 +63,12 @@ class EndToEndObjective:
         """Mean metric of each plan, batched across plans for each sample."""
         return [m[self.metric] for m in self.measure(plans)]
 
-    def measure(self, plans: Sequence[Plan]) -> list[dict[str, float]]:
+    def measure(self, plans: Sequence[Plan]) -> list[Measures]:
         """Every metric of each plan, each a mean over samples (the mean over tasks, when samples are tagged with
         several tasks, so that each task family weighs the same)."""
         return self.measure_each(lambda _: plans, len(plans))
 
-    def measure_each(self, plans_for: Callable[[Sample], Sequence[Plan]], count: int) -> list[dict[str, float]]:
+    def measure_each(self, plans_for: Callable[[Sample], Sequence[Plan]], count: int) -> list[Measures]:
         """As `measure`, but each sample answers its own `count` candidates, `plans_for(sample)`: candidate i is the
         i-th plan of every sample's list (the guard measures each sample with the plan made without it)."""
         rows = []
@@ -69,7 +82,7 @@ class EndToEndObjective:
             return [dict.fromkeys(DECODED if self.metric == "task" else TEACHER_FORCED, 0.0) for _ in range(count)]
         return mean_over_tasks([state.sample.task for state in self.states], rows)
 
-    def _sample_metrics(self, state: PrefillState, plans: Sequence[Plan]) -> list[dict[str, float]]:
+    def _sample_metrics(self, state: PrefillState, plans: Sequence[Plan]) -> list[Measures]:
         if self.metric != "task":
             return self.engine.answer_metrics_many(state, plans, batch_size=self.batch_size)
         # one pass per batch: run_many's teacher-forced forward gives the KL (the tie-break's `lost`) and, its
@@ -82,7 +95,7 @@ class EndToEndObjective:
         return self.many([plan])[0]
 
 
-def mean_over_tasks(tasks: Sequence[str], rows: Sequence[Sequence[dict[str, float]]]) -> list[dict[str, float]]:
+def mean_over_tasks(tasks: Sequence[str], rows: Sequence[Sequence[Measures]]) -> list[Measures]:
     """rows[s][i]: every metric of candidate i on sample s (of task tasks[s]) -> per candidate, the mean over tasks
     of each task's mean, so that each task family weighs the same whatever its sample count."""
     per_task: dict[str, list[Sequence[dict[str, float]]]] = {}

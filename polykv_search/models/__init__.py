@@ -10,7 +10,8 @@ from polykv_search.models.embedded import DEFAULT_MODEL, EMBEDDED
 from polykv_search.models.info import ModelInfo, model_info, model_slug, same_model
 
 # loading imports torch (a second): the command line's --help and plan checks need only the names above
-_LAZY = {"LoadedModel", "LoadedTokenizer", "load_model", "load_tokenizer", "resolve_device", "resolve_dtype"}
+_LAZY = {"LoadedModel", "LoadedTokenizer", "ModelSpec", "load_model", "load_tokenizer", "resolve_device",
+         "resolve_dtype", "resolve_model"}
 __all__ = ["DEFAULT_MODEL", "EMBEDDED", "ModelInfo", "model_info", "model_slug", "same_model",
            *sorted(_LAZY)]
 
@@ -27,8 +28,10 @@ if TYPE_CHECKING:
     from polykv_search.models.loading import (
         LoadedModel,
         LoadedTokenizer,
+        ModelSpec,
         load_model,
         load_tokenizer,
         resolve_device,
         resolve_dtype,
+        resolve_model,
     )

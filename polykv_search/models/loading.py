@@ -47,6 +47,18 @@ class LoadedModel:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
 
 
+ModelSpec = str | Path | LoadedModel  # an alias, a .gguf file, a folder, a hub id, or a model loaded once
+
+
+def resolve_model(model: ModelSpec, *, device: str = "cpu", dtype: str = "auto", trust_remote_code: bool = False,
+                  revision: str | None = None) -> LoadedModel:
+    """A loaded model: `model` itself, or the spec loaded with these options."""
+    if isinstance(model, LoadedModel):
+        return model
+    return load_model(str(model), device=device, dtype=dtype, trust_remote_code=trust_remote_code,
+                      revision=revision)
+
+
 def resolve_device(device: str) -> str:
     if device not in ("cpu", "cuda", "auto"):
         raise ConfigError(f"--device {device!r} is not one of cpu, cuda, auto")

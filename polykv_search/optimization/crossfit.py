@@ -46,8 +46,7 @@ def crossfit_obstacle(profile: Profile, config: OptimizeConfig, folds: int = DEF
     if config.end_to_end:
         return (f"--solver {config.solver} measures plans on every calibration sample; the guard can only cross-fit "
                 "plans solved from the profile (dp, ilp)")
-    samples = profile.header.get("samples")
-    ids = [s.get("id") for s in samples] if isinstance(samples, list) else []
+    ids = profile.meta.sample_ids
     if len(ids) != profile.num_samples or None in ids or len(set(ids)) != len(ids):
         return "the profile does not name each of its samples; re-run calibrate to cross-fit its plans"
     if len(ids) < folds:
@@ -62,14 +61,14 @@ def fold_plans(profile: Profile, budgets: Sequence[float], *, config: OptimizeCo
     obstacle = crossfit_obstacle(profile, config, folds)
     if obstacle:
         raise ConfigError(obstacle)
-    samples = profile.header["samples"]
-    fold = task_folds([str(s.get("task", "")) for s in samples], folds)
+    samples = profile.meta.samples
+    fold = task_folds([s.task for s in samples], folds)
     with _solver_logs_quiet():  # the fold solves are the guard's detail; the plan's own solves are logged
         files = [optimize_profile(profile.subset([i for i, f in enumerate(fold) if f != k]), budgets, config=config)
                  for k in range(folds)]
     logger.info("guard: %d fold plans optimized%s, each without its fold's calibration samples", folds,
                 f" ({len(config.policies)} candidate policies)" if config.policies else "")
-    return {s["id"]: f for s, f in zip(samples, fold)}, files
+    return {str(s.id): f for s, f in zip(samples, fold)}, files
 
 
 @contextmanager

@@ -23,6 +23,7 @@ from polykv_search.calibration.profile import (
     Profile,
 )
 from polykv_search.engine import METRICS, EndToEndObjective
+from polykv_search.plan.names import SOLVERS, CostKind, Metric, Solver, Weighting
 from polykv_search.errors import ConfigError
 from polykv_search.optimization.optuna_search import open_storage, search
 from polykv_search.optimization.problem import Problem
@@ -38,17 +39,16 @@ from polykv_search.optimization.targets import (
 from polykv_search.plan import HeadPlan, LayerPlan, Plan, PlanFile, SearchInfo, budget_total
 from polykv_search.policies import check_policy_names
 
-SOLVERS = ("dp", "ilp", "select", "optuna")
-END_TO_END = ("select", "optuna")  # the solvers that measure plans on calibration samples
+END_TO_END: tuple[Solver, ...] = ("select", "optuna")  # the solvers that measure plans on calibration samples
 
 
 @dataclass(frozen=True)
 class OptimizeConfig:
     """How `optimize` chooses: the solver, the profile cost it minimises, and the constraints on every plan."""
 
-    solver: str = "dp"  # dp, ilp, select or optuna
-    cost: str = "mass_lost"  # the profile's cost kind (layer_kl / layer_nll / around_kl need their calibrate modes)
-    weighting: str = "mean"  # how calibration samples combine: mean, or equal (each sample scaled to its own level)
+    solver: Solver = "dp"  # dp, ilp, select or optuna
+    cost: CostKind = "mass_lost"  # the profile's cost kind (layer_kl / layer_nll / around_kl: their calibrate modes)
+    weighting: Weighting = "mean"  # how samples combine: mean, or equal (each sample scaled to its own level)
     policies: tuple[str, ...] | None = None  # allowed policies (default: all in the profile)
     floor: int = 1  # fewest tokens a layer may keep
     cap: int | None = None  # most tokens a layer may keep (default and upper limit: the longest calibration context)
@@ -58,7 +58,7 @@ class OptimizeConfig:
     max_changes: int | None = None  # around_kl: refine the probed plan, moving at most this many layers
     time_limit: float = 10.0  # ilp: seconds before HiGHS stops
     mip_gap: float = 1e-6  # ilp: relative gap to stop at
-    metric: str = "kl"  # select / optuna: the end-to-end measure (kl, nll, miss, lost, task)
+    metric: Metric = "kl"  # select / optuna: the end-to-end measure (kl, nll, miss, lost, task)
     n_trials: int = 40  # optuna: trials, seeds included
     timeout: float | None = None  # optuna: seconds
     storage: str | None = None  # optuna: journal:PATH or an RDB URL (shared by processes, resumable)

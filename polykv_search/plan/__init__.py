@@ -20,7 +20,7 @@ from polykv_search.plan.plan import (
 )
 from polykv_search.plan.rounding import budget_total, exact_integer_budgets
 from polykv_search.plan.schema import PLAN_SCHEMA, SCHEMA_VERSION
-from polykv_search.plan.uniform import uniform_plan
+from polykv_search.plan.uniform import uniform_ladders, uniform_plan
 from polykv_search.plan.validate import (
     InvalidPlanError,
     budgets_beyond_context,
@@ -31,5 +31,5 @@ from polykv_search.plan.validate import (
 __all__ = [
     "PLAN_SCHEMA", "SCHEMA_VERSION", "Constraint", "ContextRange", "HeadPlan", "InvalidPlanError", "LayerPlan", "Plan", "PlanFile",
     "PlanModel", "Producer", "SearchInfo", "budget_total", "budgets_beyond_context", "check_matches_model",
-    "exact_integer_budgets", "load_plan", "uniform_plan", "validate_plan_json",
+    "exact_integer_budgets", "load_plan", "uniform_ladders", "uniform_plan", "validate_plan_json",
 ]

@@ -1,4 +1,5 @@
-"""The uniform plan: one policy and one budget on every compressible layer, the baseline every plan must beat."""
+"""The uniform plan: one policy and one budget on every compressible layer, the baseline every plan must beat; and
+its ladders, one per policy, the single-policy candidates the guard and `choose` weigh a plan against."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from polykv_search.errors import ConfigError
-from polykv_search.plan.plan import LayerPlan, Plan, PlanModel, SearchInfo
+from polykv_search.plan.plan import LayerPlan, Plan, PlanFile, PlanModel, SearchInfo
 from polykv_search.plan.rounding import budget_total, exact_integer_budgets
 from polykv_search.policies.catalog import check_policy_names, policy_params
 
@@ -24,6 +25,13 @@ def uniform_plan(model: ModelInfo | PlanModel, *, policy: str, budget: float,
     budgets = exact_integer_budgets([1.0] * n, total)
     return plan_of_budgets(model, policy=policy, params=params, budget=budget, budgets=budgets,
                            search=SearchInfo(solver="uniform", status="heuristic", seconds=seconds_since(started)))
+
+
+def uniform_ladders(model: ModelInfo | PlanModel, policies: Sequence[str],
+                    budgets: Sequence[float]) -> list[tuple[str, PlanFile]]:
+    """(policy, a uniform plan of it at each budget) for each policy: the single-policy candidates."""
+    return [(policy, PlanFile.build(model, [uniform_plan(model, policy=policy, budget=b) for b in budgets]))
+            for policy in policies]
 
 
 def checked_budget(model: ModelInfo | PlanModel, *, policy: str, budget: float,

@@ -1,0 +1,231 @@
+"""The guard: per budget, the optimized plan is kept only where it measures at least as well as every uniform policy
+on calibration samples (never the evaluation data), each sample answered by the plan optimized without it.
+
+`run` keeps the plan's rung wherever it scores at least as well as every uniform policy on the calibration samples,
+and writes the best uniform policy in its place where it does not, so the plan a user gets is never below a single
+policy on the data it was made from. Given other optimized ladders too (`run`'s per-head default: the plan with six
+candidate policies and the plan with eleven), it first takes the best optimized rung per budget, then holds it to
+the same test. The measurements are kept in a cache file, so an interrupted `run` does not measure again.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import NamedTuple
+
+from polykv_search.calibration.profile import Profile
+from polykv_search.checkpoints import fingerprint_digest, samples_digest
+from polykv_search.data import DataSpec, Sample, resolve_samples
+from polykv_search.engine.objective import Measures
+from polykv_search.engine.progress import Progress
+from polykv_search.errors import ConfigError
+from polykv_search.io import write_json_atomic
+from polykv_search.models import LoadedModel, ModelSpec, resolve_model
+from polykv_search.optimization.choose import Choice
+from polykv_search.optimization.crossfit import DEFAULT_FOLDS, fold_plans
+from polykv_search.optimization.measure import RungMeasure
+from polykv_search.optimization.policy_sets import refuse_sets_end_to_end, set_names
+from polykv_search.optimization.run import OptimizeConfig, optimize_profile
+from polykv_search.plan import Plan, PlanFile, load_plan, uniform_ladders
+from polykv_search.plan.names import Metric
+from polykv_search.policies import DEFAULT_POLICIES, check_policy_names
+
+logger = logging.getLogger(__name__)
+
+GUARD_CACHE_VERSION = 3  # part of the cache key: bump when what is measured, or how, changes
+PLAN = "plan"  # the guard's name for the optimized plan (the other sets' plans: "plan (N policies)")
+
+
+@dataclass
+class GuardRung(Choice):
+    """One budget of the guard: `measured` holds every candidate's mean `metric` (a task loss, cross-fitted when
+    `reason` says so), `second` its tie-break measure; `chosen` the winner, `reason` why."""
+
+    metric: Metric
+    tie_break: Metric
+    second: dict[str, float]  # candidate -> the mean `tie_break` measure
+    optimized: tuple[str, ...]  # the optimized candidates (the plan, then the other policy sets' plans)
+    kept_plan: bool  # the winner is an optimized plan; False: the best uniform policy took its place
+    reason: str  # the note written in the rung's search notes
+
+
+class GuardResult(NamedTuple):
+    """What `guard_plan` returns: the guarded plan file, what it measured per budget, and on how many samples."""
+
+    plan_file: PlanFile
+    rungs: list[GuardRung]
+    samples: int
+
+
+def guard_rungs(plan_file: PlanFile, uniform: Sequence[tuple[str, PlanFile]],
+                measure: Callable[[list[Plan]], list[Measures]], *, metric: Metric = "task",
+                tie_break: Metric = "lost", name: str = PLAN, where: str = "on calibration samples",
+                alternatives: Sequence[tuple[str, PlanFile]] = ()) -> tuple[list[Plan], list[GuardRung]]:
+    """Per budget of `plan_file`: the best optimized rung, of the plan's and the `alternatives`' (other optimized
+    ladders of the same budgets, e.g. with other candidate policies; lowest `metric`, then `tie_break`, then the
+    earlier), where its `metric` is at most every uniform candidate's (a tie keeps it), else the uniform rung
+    lowest by `metric` then `tie_break`. `measure` gets the rungs in that order: the plan's, the alternatives',
+    the uniform ones. Each kept or replaced rung's search notes say what was measured, and `where`; a replaced
+    rung is the uniform plan itself (solver "uniform")."""
+    if not uniform:
+        raise ConfigError("the guard needs at least one uniform policy to compare the plan with")
+    names = [name, *(n for n, _ in alternatives), *(n for n, _ in uniform)]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"the guard's candidates need distinct names, got {', '.join(names)}")
+    for alt_name, alt in alternatives:
+        if alt.budgets != plan_file.budgets:
+            raise ConfigError(f"the alternative ladder {alt_name} has budgets {alt.budgets}, the plan "
+                              f"{plan_file.budgets}: the guard compares rungs of the same budgets")
+    optimized = 1 + len(alternatives)
+    plans, rungs_out = [], []
+    for budget in plan_file.budgets:
+        rungs = ([(name, plan_file.plan_for(budget))] + [(n, f.plan_for(budget)) for n, f in alternatives]
+                 + [(n, f.plan_for(budget)) for n, f in uniform])
+        values = measure([p for _, p in rungs])
+        measured = {n: float(v[metric]) for (n, _), v in zip(rungs, values)}
+
+        def order(i: int) -> tuple[float, float]:
+            return values[i][metric], values[i][tie_break]
+
+        top = min(range(optimized), key=order)  # min keeps the earliest of equals
+        best = min(range(optimized, len(rungs)), key=order)
+        others = ", ".join(f"{n}={v:.4g}" for n, v in measured.items())
+        keep = values[top][metric] <= values[best][metric]
+        chosen_name, plan = rungs[top] if keep else rungs[best]
+        if keep and optimized > 1:
+            note = (f"guard: kept {chosen_name}, the best optimized rung by mean {metric} (then {tie_break}), at "
+                    f"most every uniform policy's {where} ({others})")
+        elif keep:
+            note = f"guard: kept, mean {metric} at most every uniform policy's {where} ({others})"
+        else:
+            worse = "the optimized plans" if optimized > 1 else "the optimized plan"
+            note = (f"guard: {worse} measured worse than uniform {chosen_name} by mean {metric} "
+                    f"{where} ({others}); this rung is that uniform policy")
+        notes = f"{plan.search.notes}; {note}" if plan.search.notes else note
+        plans.append(replace(plan, search=replace(plan.search, notes=notes)))
+        rungs_out.append(GuardRung(budget=budget, chosen=chosen_name, measured=measured, metric=metric,
+                                   tie_break=tie_break,
+                                   second={n: float(v[tie_break]) for (n, _), v in zip(rungs, values)},
+                                   optimized=tuple(names[:optimized]), kept_plan=keep, reason=note))
+    return plans, rungs_out
+
+
+def guard_plan(model: ModelSpec, plan_file: PlanFile | str | Path, samples: DataSpec, *,
+               policies: Sequence[str] = DEFAULT_POLICIES, profile: Profile | str | Path | None = None,
+               config: OptimizeConfig | None = None, policy_sets: Sequence[Sequence[str]] = (),
+               crossfit: bool = True, folds: int = DEFAULT_FOLDS, cache: str | Path | None = None,
+               device: str = "cpu", dtype: str = "auto", max_context_tokens: int | None = None,
+               progress: Progress | None = None) -> GuardResult:
+    """Per budget, the plan's rung where its task score on `samples` (calibration data, never the evaluation
+    set) is at least every uniform policy's in `policies`, else the best of those policies (ties by the share
+    of the output lost). Returns the guarded plan file, what was measured per budget, and the samples scored.
+
+    With the `profile` and `config` the plan was optimized from, the guard cross-fits (`run` does; `crossfit`
+    False measures in-sample): each sample is answered by the plan optimized without its fold of the samples
+    (`folds`, tasks spread over them; optimization/crossfit.py), so a plan that only fits its own calibration
+    samples is not kept. Without them, the plan is measured on samples it may have been made from. `policy_sets`
+    (with `profile` and `config`): also the ladders optimized from the profile with the candidates restricted to
+    each set, measured the same way; per budget the best optimized rung stands for the plan (`run`'s per-head
+    default: the plan of six policies, then that of eleven). `cache`: a JSON file keeping the measurements, reused
+    when the model, plans, samples and policies are the same (an interrupted `run` does not measure again).
+    `max_context_tokens`: prompts truncated (middle) to this many tokens, as calibrate and evaluate do."""
+    plan_file = load_plan(plan_file) if isinstance(plan_file, (str, Path)) else plan_file
+    policies = check_policy_names(list(policies))
+    if (profile is None) != (config is None):
+        raise ConfigError("the guard cross-fits from the profile and the optimize config the plan was made with: "
+                          "pass both, or neither to measure the plan as it is")
+    if policy_sets and profile is None:
+        raise ConfigError("the guard optimizes the plans of other policy sets from the profile: pass the profile "
+                          "and the optimize config with policy_sets")
+    if policy_sets and config is not None:
+        refuse_sets_end_to_end(config)
+    lm = resolve_model(model, device=device, dtype=dtype)
+    plan_file.check_model(lm.info)
+    alternatives: list[tuple[str, PlanFile, OptimizeConfig]] = []
+    if profile is not None and config is not None:
+        profile = Profile.load(profile) if isinstance(profile, (str, Path)) else profile
+        profile.check_model(lm.info)
+        config = config.validated()
+        signature = plan_file.plans[0].search.profile_signature if plan_file.plans else None  # the same profile
+        for name, chosen in set_names(policy_sets):
+            alt_config = replace(config, policies=tuple(chosen)).validated()
+            alternatives.append((name, optimize_profile(profile, plan_file.budgets, config=alt_config,
+                                                        profile_signature=signature), alt_config))
+    fold_of: dict[str, int] = {}
+    fold_files: list[list[PlanFile]] = []  # per optimized ladder (the plan, then the alternatives): one per fold
+    if crossfit and profile is not None and config is not None:
+        for ladder_config in [config, *(c for _, _, c in alternatives)]:
+            fold_of, files = fold_plans(profile, plan_file.budgets, config=ladder_config, folds=folds)
+            fold_files.append(files)
+    where = (f"on calibration samples, each answered by the plan optimized without its fold ({folds} folds)"
+             if fold_files else "on calibration samples")
+    uniform = uniform_ladders(lm.info, policies, plan_file.budgets)
+    others = [(name, f) for name, f, _ in alternatives]
+    loaded, _ = resolve_samples(samples)
+    key = _cache_key(lm, plan_file, others, loaded, fold_of, fold_files, policies, max_context_tokens)
+    stored = read_guard_cache(cache, key, budgets=len(plan_file.budgets), candidates=1 + len(others) + len(policies))
+    if stored is not None:
+        replay = iter(stored["values"])
+        plans, rungs = guard_rungs(plan_file, uniform, lambda _: next(replay), where=where, alternatives=others)
+        return GuardResult(replace(plan_file, plans=tuple(plans), schema_version=""), rungs, stored["samples"])
+    ladders = [plan_file, *(f for _, f in others), *(f for files in fold_files for f in files)]
+    measured = RungMeasure(lm, loaded, ladders + [f for _, f in uniform], metric="task", stage="guard",
+                           budgets=len(plan_file.budgets), progress=progress, max_context_tokens=max_context_tokens)
+    recorded: list[list[Measures]] = []
+
+    def measure(plans: list[Plan]) -> list[Measures]:
+        budget = plans[0].average_budget
+
+        def for_sample(sample: Sample) -> list[Plan]:
+            fold = fold_of.get(sample.id)  # a sample the profile does not hold never shaped the plan
+            if fold is None or not fold_files:
+                return plans
+            return [files[fold].plan_for(budget) for files in fold_files] + plans[len(fold_files):]
+
+        recorded.append(measured(plans, for_sample))
+        return recorded[-1]
+
+    plans, rungs = guard_rungs(plan_file, uniform, measure, where=where, alternatives=others)
+    if cache is not None:
+        write_json_atomic(cache, {"run": key, "samples": measured.samples, "values": recorded})
+    return GuardResult(replace(plan_file, plans=tuple(plans), schema_version=""), rungs, measured.samples)
+
+
+def _cache_key(lm: LoadedModel, plan_file: PlanFile, others: Sequence[tuple[str, PlanFile]], samples: Sequence[Sample],
+               fold_of: dict[str, int], fold_files: Sequence[Sequence[PlanFile]], policies: Sequence[str],
+               max_context_tokens: int | None) -> str:
+    """What the measurements depend on: the model, every rung answered with, each sample's fold, the policies."""
+
+    def rungs(ladder: PlanFile) -> list:  # what is answered with, not how long its solve took
+        return [[rung["constraint"]["average_budget"], rung["layers"]] for rung in ladder.to_dict()["plans"]]
+
+    return fingerprint_digest({"model": lm.info.model_id, "revision": lm.info.revision,
+                               "dtype": str(getattr(lm.model, "dtype", "")), "device": str(lm.device),
+                               "plan": rungs(plan_file), "alternatives": [[name, rungs(f)] for name, f in others],
+                               "folds": [[fold_of.get(s.id) for s in samples],  # what each sample answers with
+                                         [[rungs(f) for f in files] for files in fold_files]],
+                               "samples": samples_digest(samples), "policies": list(policies),
+                               "guard": GUARD_CACHE_VERSION,
+                               **({"max_context": max_context_tokens} if max_context_tokens else {})})
+
+
+def read_guard_cache(path: str | Path | None, key: str, *, budgets: int, candidates: int) -> dict | None:
+    """The guard's stored measurements when `path` holds them for `key` in the expected shape; else None (the
+    guard measures again: the file is a cache, never the only copy of anything)."""
+    if path is None or not Path(path).is_file():
+        return None
+    try:
+        stored = json.loads(Path(path).read_text())
+        values = stored["values"]
+        ok = (stored["run"] == key and isinstance(stored["samples"], int) and len(values) == budgets
+              and all(len(v) == candidates and all(isinstance(m.get("task"), (int, float)) and
+                                                   isinstance(m.get("lost"), (int, float)) for m in v)
+                      for v in values))
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        logger.debug("guard cache %s not used: %s", path, exc)
+        return None
+    return stored if ok else None

@@ -1,0 +1,91 @@
+"""The guard: per budget, the best optimized rung where it measures at least as well as every uniform policy, else
+the best uniform policy; each rung says what was measured and why it won."""
+
+import pytest
+
+from polykv_search.calibration.modes import COST_MODES, calibration_for_cost
+from polykv_search.calibration.profile import ALL_COST_KINDS
+from polykv_search.errors import ConfigError
+from polykv_search.optimization.guard import GuardRung, guard_rungs
+from tests.conftest import tiny_loaded
+from tests.optimization.test_choose import ladder
+
+
+def test_the_guard_keeps_the_plan_unless_a_uniform_policy_scores_better():
+    info = tiny_loaded("llama").info
+    plan = ladder(info, "snapkv", [16, 32])
+    uniform = [("knorm", ladder(info, "knorm", [16, 32])), ("streaming", ladder(info, "streaming", [16, 32]))]
+    # at 16 the plan ties the best uniform policy on the task (kept); at 32 two policies beat it, tied on the
+    # task, and the share lost decides between them
+    task = {16: {"snapkv": 0.5, "knorm": 0.5, "streaming": 0.7}, 32: {"snapkv": 0.6, "knorm": 0.4, "streaming": 0.4}}
+    lost = {"snapkv": 0.1, "knorm": 0.3, "streaming": 0.2}
+
+    def measure(candidates):
+        return [{"task": task[p.average_budget][next(x for x in p.policies if x)],
+                 "lost": lost[next(x for x in p.policies if x)]} for p in candidates]
+
+    plans, choices = guard_rungs(plan, uniform, measure)
+    assert [c.chosen for c in choices] == ["plan", "streaming"]
+    assert choices[1].measured == {"plan": 0.6, "knorm": 0.4, "streaming": 0.4}
+    assert set(plans[0].policies) - {None} == {"snapkv"} and "guard: kept" in plans[0].search.notes
+    assert set(plans[1].policies) - {None} == {"streaming"}
+    assert "worse than uniform streaming" in plans[1].search.notes and plans[1].average_budget == 32
+    assert plans[1].search.solver == "manual"  # the uniform candidate's own provenance, with the guard's note
+    with pytest.raises(ConfigError, match="at least one uniform policy"):
+        guard_rungs(plan, [], measure)
+
+
+def test_the_guard_takes_the_best_optimized_ladder_per_budget_then_holds_it_to_the_uniform_policies():
+    info = tiny_loaded("llama").info
+    plan, wide = ladder(info, "snapkv", [16, 32, 64]), ladder(info, "tova", [16, 32, 64])
+    uniform = [("streaming", ladder(info, "streaming", [16, 32, 64]))]
+    # 16: the plan wins over its alternative and the uniform policy; 32: the alternative ties the plan on the task
+    # and loses less of the output; 64: the uniform policy beats both optimized rungs
+    task = {16: {"snapkv": 0.3, "tova": 0.5, "streaming": 0.6}, 32: {"snapkv": 0.4, "tova": 0.4, "streaming": 0.6},
+            64: {"snapkv": 0.5, "tova": 0.4, "streaming": 0.3}}
+    lost = {"snapkv": 0.2, "tova": 0.1, "streaming": 0.3}
+    seen = []
+
+    def measure(candidates):
+        seen.append([next(x for x in p.policies if x) for p in candidates])
+        return [{"task": task[p.average_budget][next(x for x in p.policies if x)],
+                 "lost": lost[next(x for x in p.policies if x)]} for p in candidates]
+
+    plans, choices = guard_rungs(plan, uniform, measure, alternatives=[("plan (wide)", wide)])
+    assert seen[0] == ["snapkv", "tova", "streaming"]  # the plan, the alternatives, the uniform policies
+    assert [c.chosen for c in choices] == ["plan", "plan (wide)", "streaming"]
+    assert choices[1].measured == {"plan": 0.4, "plan (wide)": 0.4, "streaming": 0.6}
+    assert set(plans[1].policies) - {None} == {"tova"} and "kept plan (wide)" in plans[1].search.notes
+    assert "the optimized plans measured worse than uniform streaming" in plans[2].search.notes
+    with pytest.raises(ConfigError, match="distinct names"):
+        guard_rungs(plan, uniform, measure, alternatives=[("streaming", wide)])
+    with pytest.raises(ConfigError, match="the same budgets"):
+        guard_rungs(plan, uniform, measure, alternatives=[("plan (wide)", ladder(info, "tova", [16]))])
+
+
+def test_each_guard_rung_says_in_fields_what_won_and_why():
+    info = tiny_loaded("llama").info
+    plan, wide = ladder(info, "snapkv", [16, 32]), ladder(info, "tova", [16, 32])
+    uniform = [("plan (11 policies)", ladder(info, "streaming", [16, 32]))]  # a policy named like a plan
+    task = {16: {"snapkv": 0.3, "tova": 0.5, "streaming": 0.6}, 32: {"snapkv": 0.5, "tova": 0.5, "streaming": 0.3}}
+
+    def measure(candidates):
+        return [{"task": task[p.average_budget][next(x for x in p.policies if x)], "lost": 0.1} for p in candidates]
+
+    _, rungs = guard_rungs(plan, uniform, measure, alternatives=[("plan (wide)", wide)])
+    assert all(isinstance(r, GuardRung) for r in rungs)
+    assert [(r.chosen, r.kept_plan) for r in rungs] == [("plan", True), ("plan (11 policies)", False)]
+    assert rungs[0].optimized == ("plan", "plan (wide)") and rungs[0].metric == "task" and rungs[0].tie_break == "lost"
+    assert rungs[1].second == {"plan": 0.1, "plan (wide)": 0.1, "plan (11 policies)": 0.1}
+    assert "measured worse than uniform plan (11 policies)" in rungs[1].reason
+
+
+def test_run_calibrates_each_cost_with_the_mode_that_measures_it():
+    assert set(COST_MODES) == set(ALL_COST_KINDS)
+    assert calibration_for_cost("head_fisher", budgets=[128]).head_fisher
+    assert calibration_for_cost("layer_nll", budgets=[128]).layer_kl
+    assert calibration_for_cost("around_kl", budgets=[64, 128]).around == (64, 128)
+    plain = calibration_for_cost("mass_lost", budgets=[128], policies=["snapkv"], grid=[8, 16])
+    assert (plain.policies, plain.budgets, plain.layer_kl, plain.head_kl) == (("snapkv",), (8, 16), False, False)
+    with pytest.raises(ConfigError, match="has a fraction"):
+        calibration_for_cost("around_kl", budgets=[64.5])
