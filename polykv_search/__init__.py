@@ -39,7 +39,7 @@ _EXPORTS = {
     "polykv_attention": "polykv_search.runtime",
     "PolykvError": "polykv_search.errors",
     "ContextRange": "polykv_search.plan", "by_length": "polykv_search.optimization.lengths",
-    "length_ranges": "polykv_search.optimization.lengths", "LengthRun": "polykv_search.api",
+    "length_ranges": "polykv_search.optimization.lengths", "LengthRun": "polykv_search.optimization.lengths",
 }
 __all__ = ["__version__", *_EXPORTS]
 
@@ -67,7 +67,6 @@ if TYPE_CHECKING:
     from polykv_search.models import LoadedModel, ModelInfo, load_model
     from polykv_search.optimization.guard import GuardResult, GuardRung, guard_plan
     from polykv_search.optimization.run import OptimizeConfig
-    from polykv_search.api import LengthRun
-    from polykv_search.optimization.lengths import by_length, length_ranges
+    from polykv_search.optimization.lengths import LengthRun, by_length, length_ranges
     from polykv_search.plan import ContextRange, HeadPlan, LayerPlan, Plan, PlanFile, load_plan, uniform_plan
     from polykv_search.runtime import PlanPress, apply_plan, polykv_attention

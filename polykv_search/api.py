@@ -35,7 +35,6 @@ from polykv_search.evaluation import ALLOCATORS, Report, build_methods, check_al
 from polykv_search.io import file_sha256
 from polykv_search.models import DEFAULT_MODEL, LoadedModel, ModelSpec, model_slug, resolve_model
 from polykv_search.optimization.choose import Choice, choose_rungs
-from polykv_search.optimization.crossfit import crossfit_obstacle
 from polykv_search.optimization.figures import allocation_png
 from polykv_search.optimization.guard import GuardRung, guard_plan
 from polykv_search.optimization.measure import RungMeasure
@@ -43,7 +42,14 @@ from polykv_search.optimization.policy_sets import candidate_sets
 from polykv_search.optimization.proxy import ProxyReport
 from polykv_search.optimization.proxy import check_proxy as proxy_check
 from polykv_search.optimization.run import OptimizeConfig, check_budgets, optimize_profile
-from polykv_search.optimization.lengths import by_length, calibrated_lengths, length_ranges, with_context
+from polykv_search.optimization.lengths import (
+    LengthRun,
+    by_length,
+    calibrated_lengths,
+    guard_each_length,
+    length_ranges,
+    with_context,
+)
 from polykv_search.plan import ContextRange, PlanFile, uniform_ladders
 from polykv_search.plan.named import named_plan_files, only_budgets
 from polykv_search.plan.names import Metric
@@ -74,16 +80,6 @@ class RunResult:
     guard_samples: int = 0
     # per calibration split (a range of prompt lengths, shortest first): its calibration, and what its guard kept
     by_length: list[LengthRun] = field(default_factory=list)
-
-
-@dataclass
-class LengthRun:
-    """One calibration split of `run`: the prompt lengths its rungs serve, its calibration, and its guard."""
-
-    context: ContextRange
-    calibration: CalibrationRun
-    guard: list[GuardRung] = field(default_factory=list)
-    guard_samples: int = 0
 
 
 @dataclass
@@ -297,27 +293,10 @@ def _run_locked(lm: LoadedModel, *, budgets: list[float], splits: list[DataSpec]
     parts = [LengthRun(context=context, calibration=c) for context, c in zip(ranges, calibrations)]
     if guard:
         plan_file.save(out / "plan_optimized.json")
-        guarded = []
-        for part, ladder, split, folder in zip(parts, ladders, splits, folders):
-            samples, _ = resolve_samples(split, max_samples=max_calib_samples, column_map=column_map)
-            if fresh:
-                (folder / "guard.json").unlink(missing_ok=True)
-            profile = part.calibration.profile
-            obstacle = crossfit_obstacle(profile, config)
-            if obstacle:  # e.g. one calibration sample, or a solver that measures on every sample
-                logger.info("guard: the %s measured on the calibration samples %s made from (%s)",
-                            "plans are" if len(policy_sets) > 1 else "plan is",
-                            "they were" if len(policy_sets) > 1 else "it was", obstacle)
-            if len(parts) > 1:
-                logger.info("guard: prompts of %s", part.context.describe())
-            from_profile = ({"profile": profile, "config": config, "policy_sets": policy_sets[1:]}
-                            if not obstacle or policy_sets else {})
-            kept, part.guard, part.guard_samples = guard_plan(lm, ladder, samples, policies=compare,
-                                                              progress=progress, cache=folder / "guard.json",
-                                                              crossfit=not obstacle,
-                                                              max_context_tokens=max_context_tokens, **from_profile)
-            guarded.append(kept)
-        plan_file = by_length(guarded, ranges)
+        plan_file = guard_each_length(lm, ladders, parts, splits, folders, policies=compare, config=config,
+                                      policy_sets=policy_sets, fresh=fresh, max_samples=max_calib_samples,
+                                      column_map=column_map, max_context_tokens=max_context_tokens,
+                                      progress=progress)
     plan_path = plan_file.save(out / "plan.json")
     allocation_png(plan_file, out / "plan.png")
     report = evaluate(lm, eval_data, plans={"plan": plan_file}, budgets=budgets, policies=compare,

@@ -7,14 +7,35 @@ fraction of a 7k one, so a choice made on short samples does not transfer to lon
 
 from __future__ import annotations
 
+import logging
 import math
-from collections.abc import Sequence
-from dataclasses import replace
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 
+from polykv_search.calibration import CalibrationRun
 from polykv_search.calibration.profile import Profile
+from polykv_search.data import DataSpec, resolve_samples
+from polykv_search.engine.progress import Progress
 from polykv_search.errors import ConfigError
+from polykv_search.models import LoadedModel
+from polykv_search.optimization.crossfit import crossfit_obstacle
+from polykv_search.optimization.guard import GuardRung, guard_plan
+from polykv_search.optimization.run import OptimizeConfig
 from polykv_search.plan import Plan, PlanFile
 from polykv_search.plan.plan import FAR_BEYOND_CALIBRATION, ContextRange
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class LengthRun:
+    """One calibration split of `run`: the prompt lengths its rungs serve, its calibration, and its guard."""
+
+    context: ContextRange
+    calibration: CalibrationRun
+    guard: list[GuardRung] = field(default_factory=list)
+    guard_samples: int = 0
 
 
 def calibrated_lengths(profile: Profile) -> tuple[int, int] | None:
@@ -63,3 +84,33 @@ def by_length(ladders: Sequence[PlanFile], ranges: Sequence[ContextRange]) -> Pl
     plans: list[Plan] = [replace(ladder.plan_for(b), context=context)
                          for b in budgets for ladder, context in zip(ladders, ranges)]
     return replace(ladders[0], plans=tuple(plans), schema_version="")
+
+
+def guard_each_length(lm: LoadedModel, ladders: Sequence[PlanFile], parts: Sequence[LengthRun],
+                      splits: Sequence[DataSpec], folders: Sequence[Path], *, policies: Sequence[str],
+                      config: OptimizeConfig, policy_sets: Sequence[Sequence[str]], fresh: bool,
+                      max_samples: int | None, column_map: Mapping[str, str] | None,
+                      max_context_tokens: int | None, progress: Progress | None) -> PlanFile:
+    """The guard (optimization/guard.py) of each split's ladder on that split's samples and profile, cross-fitted
+    where it can be, its cache in the split's folder; `parts` get what each guard measured. Returns the guarded
+    ladders as one ladder by length."""
+    guarded = []
+    for part, ladder, split, folder in zip(parts, ladders, splits, folders):
+        samples, _ = resolve_samples(split, max_samples=max_samples, column_map=column_map)
+        if fresh:
+            (folder / "guard.json").unlink(missing_ok=True)
+        profile = part.calibration.profile
+        obstacle = crossfit_obstacle(profile, config)
+        if obstacle:  # e.g. one calibration sample, or a solver that measures on every sample
+            logger.info("guard: the %s measured on the calibration samples %s made from (%s)",
+                        "plans are" if len(policy_sets) > 1 else "plan is",
+                        "they were" if len(policy_sets) > 1 else "it was", obstacle)
+        if len(parts) > 1:
+            logger.info("guard: prompts of %s", part.context.describe())
+        from_profile = ({"profile": profile, "config": config, "policy_sets": policy_sets[1:]}
+                        if not obstacle or policy_sets else {})
+        kept, part.guard, part.guard_samples = guard_plan(lm, ladder, samples, policies=policies, progress=progress,
+                                                          cache=folder / "guard.json", crossfit=not obstacle,
+                                                          max_context_tokens=max_context_tokens, **from_profile)
+        guarded.append(kept)
+    return by_length(guarded, [part.context for part in parts])

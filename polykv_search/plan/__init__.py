@@ -29,7 +29,7 @@ from polykv_search.plan.validate import (
 )
 
 __all__ = [
-    "PLAN_SCHEMA", "SCHEMA_VERSION", "Constraint", "ContextRange", "HeadPlan", "InvalidPlanError", "LayerPlan", "Plan", "PlanFile",
-    "PlanModel", "Producer", "SearchInfo", "budget_total", "budgets_beyond_context", "check_matches_model",
+    "PLAN_SCHEMA", "SCHEMA_VERSION", "Constraint", "ContextRange", "HeadPlan", "InvalidPlanError", "LayerPlan",
+    "Plan", "PlanFile", "PlanModel", "Producer", "SearchInfo", "budget_total", "budgets_beyond_context", "check_matches_model",
     "exact_integer_budgets", "load_plan", "uniform_ladders", "uniform_plan", "validate_plan_json",
 ]
