@@ -32,7 +32,7 @@ from polykv_search.data import Sample, load_samples, spread_over_tasks
 from polykv_search.engine import EndToEndObjective
 from polykv_search.errors import ConfigError
 from polykv_search.evaluation import ALLOCATORS, Report, build_methods, check_allocators, score_methods, summarize
-from polykv_search.io import file_sha256, write_json_atomic
+from polykv_search.io import file_sha256, unseal, write_sealed_json
 from polykv_search.models import DEFAULT_MODEL, LoadedModel, load_model, model_slug
 from polykv_search.optimization.choose import Choice, choose_rungs, guard_rungs
 from polykv_search.optimization.crossfit import DEFAULT_FOLDS, crossfit_obstacle, fold_plans
@@ -432,7 +432,7 @@ def guard_plan(model: ModelSpec, plan_file: PlanFile | str | Path, samples: Data
 
     plans, choices = guard_rungs(plan_file, uniform, measure, where=where, alternatives=others)
     if cache is not None:
-        write_json_atomic(cache, {"run": key, "samples": len(objective.states), "values": recorded})
+        write_sealed_json(cache, {"run": key, "samples": len(objective.states), "values": recorded})
     return replace(plan_file, plans=tuple(plans), schema_version=""), choices, len(objective.states)
 
 
@@ -485,18 +485,18 @@ def _measured_on(lm: LoadedModel, samples: list[Sample], files: Sequence[PlanFil
 
 def read_guard_cache(path: str | Path | None, key: str, *, budgets: int, candidates: int) -> dict | None:
     """The guard's stored measurements when `path` holds them for `key` in the expected shape; else None (the
-    guard measures again: the file is a cache, never the only copy of anything)."""
+    guard measures again, saying so when the file is damaged: it is a cache, never the only copy of anything)."""
     if path is None or not Path(path).is_file():
         return None
     try:
-        stored = json.loads(Path(path).read_text())
+        stored = unseal(json.loads(Path(path).read_text()))  # its checksum: a damaged cache is never replayed
         values = stored["values"]
         ok = (stored["run"] == key and isinstance(stored["samples"], int) and len(values) == budgets
               and all(len(v) == candidates and all(isinstance(m.get("task"), (int, float)) and
                                                    isinstance(m.get("lost"), (int, float)) for m in v)
                       for v in values))
     except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as exc:
-        logger.debug("guard cache %s not used: %s", path, exc)
+        logger.warning("guard cache %s is damaged (%s); measuring again", path, exc)
         return None
     return stored if ok else None
 
