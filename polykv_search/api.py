@@ -92,6 +92,8 @@ def resolve_model(model: ModelSpec, *, device: str = "cpu", dtype: str = "auto",
 def resolve_samples(data: DataSpec, *, max_samples: int | None = None,
                     column_map: Mapping[str, str] | None = None) -> tuple[list[Sample], list[str]]:
     """(samples, the sources they came from): at most `max_samples`, taken in turn from each task."""
+    if max_samples is not None and max_samples < 1:
+        raise ConfigError(f"max_samples {max_samples} must be at least 1; leave it out (None) to use every sample")
     items = [data] if isinstance(data, (str, Path)) else list(data)
     if items and all(isinstance(item, Sample) for item in items):
         return spread_over_tasks(items, max_samples), []

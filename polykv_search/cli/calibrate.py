@@ -45,7 +45,7 @@ def calibrate(
     policies: Annotated[str | None, typer.Option(help="Comma-separated policies (default: all registered).")] = None,
     budgets: Annotated[str | None, typer.Option(help="Comma-separated budget grid, tokens per layer.")] = None,
     window: Annotated[int, typer.Option(help="Observation window (queries) for CAKE's entropy/variance.")] = 64,
-    max_samples: Annotated[int | None, typer.Option(help="Use N samples, taken in turn from each task.")] = None,
+    max_samples: Annotated[int | None, typer.Option(min=1, help="Use N samples, taken in turn from each task.")] = None,
     max_context: Annotated[int | None, typer.Option(help="Truncate prompts (middle) to this many tokens "
                                                     "(default: the model context).")] = None,
     column_map: ColumnMapOpt = None,
