@@ -21,7 +21,7 @@ from polykv_search.cli.options import RevisionOpt, TrustOpt, check_out_file, par
 from polykv_search.cli.render import plan_table
 from polykv_search.errors import ConfigError
 from polykv_search.plan import PLAN_SCHEMA, InvalidPlanError, PlanFile, budgets_beyond_context
-from polykv_search.plan.seal import seal_plan_file
+from polykv_search.plan.seal import read_unsealed, seal_plan_file
 
 KINDS = ("uniform", "pyramidkv", "cake")
 
@@ -46,7 +46,7 @@ def validate(
                                        "the checksum of its content, which every reader requires.")] = False,
 ) -> None:
     """Check a plan file; with --model, also check that it was made for that model. Exit 2 lists every problem."""
-    plan_file = PlanFile.load(plan, require_checksum=not seal)
+    plan_file = read_unsealed(plan)[0] if seal else PlanFile.load(plan)
     if model is not None:
         # imported here: loading a model needs torch and transformers (seconds); a plain check needs neither
         from polykv_search.models import load_model

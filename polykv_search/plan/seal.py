@@ -5,10 +5,13 @@ or edited by hand is checked and sealed with `polykv-search validate --seal PLAN
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from polykv_search.errors import PlanError
 from polykv_search.io import CHECKSUM_FIELD, SealError, seal, unseal, write_atomic
+
+if TYPE_CHECKING:
+    from polykv_search.plan.plan import PlanFile
 
 
 def check_plan_checksum(data: Any, *, source: str, required: bool = True) -> None:
@@ -27,15 +30,22 @@ def check_plan_checksum(data: Any, *, source: str, required: bool = True) -> Non
                         f"`polykv-search validate --seal {source}`") from None
 
 
+def read_unsealed(path: str | Path) -> tuple[PlanFile, dict[str, Any]]:
+    """(the plan at `path`, its JSON as it is), validated (InvalidPlanError lists every problem) but its checksum
+    not checked: what `validate --seal` reads."""
+    from polykv_search.plan.plan import PlanFile  # imported here: plan.py imports this module
+
+    data = PlanFile.parsed(path)
+    return PlanFile.from_dict(data, source=str(path)), data
+
+
 def seal_plan_file(path: str | Path) -> str:
     """Validate the plan at `path` (InvalidPlanError lists every problem) and write it back sealed, its content as
     it is; returns what was done: "sealed", "already sealed" or "sealed again" (its old checksum did not match)."""
-    # imported here: plan.py imports this module for check_plan_checksum
-    from polykv_search.plan.plan import PlanFile, _dumps
+    from polykv_search.plan.plan import _dumps  # imported here: plan.py imports this module
 
     path = Path(path)
-    PlanFile.load(path, require_checksum=False)  # every schema and semantic problem, before anything is written
-    data = PlanFile.parsed(path)
+    _, data = read_unsealed(path)  # every schema and semantic problem, before anything is written
     if CHECKSUM_FIELD in data:
         try:
             unseal(data)
