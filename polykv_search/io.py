@@ -77,8 +77,9 @@ def file_sha256(path: str | Path, *, chunk: int = 1 << 20) -> str:
 
 def content_sha256(obj: Any) -> str:
     """sha256 of `obj`'s canonical JSON (sorted keys, no spaces, UTF-8): the same content gives the same digest
-    however the file is indented or its keys ordered."""
-    text = json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    however the file is indented or its keys ordered. Infinity and NaN are written as Python's json writes them
+    (a run fingerprint may hold `--probe-above inf`); a plan file refuses them before it is sealed."""
+    text = json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     return hashlib.sha256(text.encode()).hexdigest()
 
 
