@@ -479,6 +479,11 @@ def _fmt(value: float) -> str:
     return str(int(value)) if float(value).is_integer() else str(value)
 
 
+def plan_json_text(obj: dict[str, Any]) -> str:
+    """A parsed plan file as polykv-search writes it: indented, one line per layer entry."""
+    return _dumps(obj, level=0) + "\n"
+
+
 def _dumps(obj: Any, *, level: int, compact: bool = False) -> str:
     """json.dumps(indent=2), except that a layer entry (a dict in "layers") or a list of scalars stays on one line."""
     scalars_only = isinstance(obj, list) and not any(isinstance(v, (dict, list)) for v in obj)

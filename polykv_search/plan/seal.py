@@ -42,7 +42,7 @@ def read_unsealed(path: str | Path) -> tuple[PlanFile, dict[str, Any]]:
 def seal_plan_file(path: str | Path) -> str:
     """Validate the plan at `path` (InvalidPlanError lists every problem) and write it back sealed, its content as
     it is; returns what was done: "sealed", "already sealed" or "sealed again" (its old checksum did not match)."""
-    from polykv_search.plan.plan import _dumps  # imported here: plan.py imports this module
+    from polykv_search.plan.plan import plan_json_text  # imported here: plan.py imports this module
 
     path = Path(path)
     _, data = read_unsealed(path)  # every schema and semantic problem, before anything is written
@@ -54,5 +54,5 @@ def seal_plan_file(path: str | Path) -> str:
             status = "sealed again"
     else:
         status = "sealed"
-    write_atomic(path, _dumps(seal(data), level=0) + "\n")
+    write_atomic(path, plan_json_text(seal(data)))
     return status
