@@ -1,6 +1,6 @@
 """Per-sample checkpoints shared by long runs (calibrate, evaluate): a fingerprint of everything that decides their
-content guards `--resume` (each checkpoint carries its digest too), and a lock file keeps a second run out of a
-folder that a live run is writing."""
+content guards `--resume` (each checkpoint carries its digest too, and a checksum of its own content), and a lock
+file keeps a second run out of a folder that a live run is writing."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from polykv_search.errors import ConfigError, ProfileError
-from polykv_search.io import write_json_atomic
+from polykv_search.io import SealError, read_sealed_json, write_sealed_json
 
 logger = logging.getLogger(__name__)
 
@@ -46,8 +46,8 @@ def prepare_checkpoints(ckpt_dir: Path, fingerprint: dict[str, Any], *, resume: 
     fingerprint = json.loads(json.dumps(fingerprint))  # compare as stored: tuples become lists
     if resume and run_file.exists():
         try:
-            previous = json.loads(run_file.read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            previous = read_sealed_json(run_file)
+        except (OSError, ValueError) as exc:  # SealError, JSONDecodeError and UnicodeDecodeError are ValueErrors
             raise ProfileError(f"--resume: {run_file} is damaged ({exc}); start over (calibrate and evaluate: "
                                "without --resume; run: --fresh)") from exc
         if previous != fingerprint:
@@ -59,10 +59,13 @@ def prepare_checkpoints(ckpt_dir: Path, fingerprint: dict[str, Any], *, resume: 
         return fingerprint_digest(fingerprint)
     if resume:
         logger.debug("--resume: no checkpoints in %s, starting from the first sample", ckpt_dir)
+    elif ckpt_dir.is_dir() and (held := len(list(ckpt_dir.glob("sample-*")))):
+        logger.warning("starting over: the %d checkpoint%s of an earlier run in %s are removed (pass --resume to "
+                       "continue from them instead)", held, "s" if held != 1 else "", ckpt_dir)
     if ckpt_dir.exists():
         shutil.rmtree(ckpt_dir)
     ckpt_dir.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(run_file, fingerprint)
+    write_sealed_json(run_file, fingerprint)
     return fingerprint_digest(fingerprint)
 
 
@@ -86,6 +89,33 @@ def check_checkpoint(path: Path, recorded: str | None, expected: str) -> None:
         raise ProfileError(f"--resume: checkpoint {path} was made by another run than {path.parent / 'run.json'} "
                            "describes (its settings differ); start over (calibrate and evaluate: without --resume; "
                            "run: --fresh)")
+
+
+def checkpoint_sha256(tensors_digest: str, meta: dict[str, str]) -> str:
+    """A checkpoint's checksum: its content's digest (its tensors') and every metadata value but the checksum."""
+    digest = hashlib.sha256(tensors_digest.encode())
+    for key in sorted(k for k in meta if k != CHECKPOINT_CHECKSUM):
+        digest.update(f"|{key}={meta[key]}".encode())
+    return digest.hexdigest()
+
+
+CHECKPOINT_CHECKSUM = "sha256"
+
+
+def damaged_checkpoint(path: Path, sample: str, reason: str) -> ProfileError:
+    """The refusal of a damaged checkpoint, naming its sample and how to go on."""
+    return ProfileError(f"--resume: checkpoint {path} ({sample}) is damaged: {reason}; delete it to redo that "
+                        "sample, or start over without --resume")
+
+
+def read_sealed_checkpoint(path: Path, sample: str) -> dict[str, Any]:
+    """A JSON checkpoint's content, checked against its checksum; refused naming `sample` when damaged."""
+    try:
+        return read_sealed_json(path)
+    except SealError as exc:
+        raise damaged_checkpoint(path, sample, str(exc)) from exc
+    except (OSError, ValueError) as exc:
+        raise damaged_checkpoint(path, sample, f"{type(exc).__name__}: {exc}") from exc
 
 
 def check_out_dir(folder: str | Path, *, option: str = "--out") -> Path:

@@ -35,3 +35,7 @@ class SolverError(PolykvError):
 
 class ExportError(PolykvError):
     """A plan holds choices the target engine cannot express; the message names the layers and KV heads."""
+
+
+class OutputError(PolykvError):
+    """An output path cannot be written (a folder, read-only or immutable, under a file)."""

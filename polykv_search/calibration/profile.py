@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,11 +34,13 @@ from polykv_search.models.info import ModelInfo
 from polykv_search.plan import LayerPlan, Plan, SearchInfo, uniform_plan
 from polykv_search.plan.names import COST_NAMES, WEIGHTINGS, CostKind
 
+logger = logging.getLogger(__name__)
+
 PROFILE_FORMAT = "polykv-profile"
 PROFILE_VERSION = 2  # bump when arrays or header fields change meaning; 2: "around" backgrounds are plans
 READABLE_VERSIONS = (1, PROFILE_VERSION)  # version 1 headers are upgraded on load
 HEADER_KEY = "polykv_profile"
-CHECKSUM_KEY = "polykv_sha256"  # of the tensors (names, dtypes, shapes, bytes): a damaged file is refused
+CHECKSUM_KEY = "polykv_sha256"  # of the tensors (names, dtypes, shapes, bytes) and the header: required, verified
 REQUIRED_HEADER = ("model", "policies", "budgets", "samples")
 # Where each cost lives (sliding-window layers hold NaN; every other value must be finite and in its range):
 # mass_lost is a share of attention mass; the KLs are >= 0 up to float rounding; an NLL rise may be negative.
@@ -176,7 +179,8 @@ class Profile:
     def save(self, path: str | Path) -> Path:
         tensors = {k: v.contiguous().float() if v.is_floating_point() else v.contiguous()
                    for k, v in self.arrays.items()}
-        meta = {HEADER_KEY: json.dumps(self.header), CHECKSUM_KEY: tensors_sha256(tensors)}
+        header = json.dumps(self.header)
+        meta = {HEADER_KEY: header, CHECKSUM_KEY: profile_sha256(tensors, header)}
         return write_atomic(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
 
     @classmethod
@@ -192,6 +196,7 @@ class Profile:
             raise ProfileError(f"{path} is not a readable safetensors profile ({exc}); re-run calibrate") from exc
         if HEADER_KEY not in meta:
             raise ProfileError(f"{path} has no polykv-search header; it is not a profile written by calibrate")
+        _check_sealed(path, arrays, meta)
         try:
             header = json.loads(meta[HEADER_KEY])
         except json.JSONDecodeError as exc:
@@ -211,10 +216,6 @@ class Profile:
         if missing:
             raise ProfileError(f"{path}: the profile header lacks {', '.join(missing)}; the file is damaged or "
                                "edited, re-run calibrate")
-        recorded = meta.get(CHECKSUM_KEY)
-        if recorded is not None and recorded != tensors_sha256(arrays):
-            raise ProfileError(f"{path} is damaged or was edited: its tensors do not match their checksum; re-run "
-                               "calibrate")
         try:
             ModelInfo.from_dict(header["model"])
         except (TypeError, KeyError, ValueError, AttributeError) as exc:
@@ -303,6 +304,28 @@ def tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:
         digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
         digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
     return digest.hexdigest()
+
+
+def profile_sha256(tensors: dict[str, torch.Tensor], header: str) -> str:
+    """A profile's checksum: its tensors' (tensors_sha256) and its header's text, as stored."""
+    return hashlib.sha256(f"{tensors_sha256(tensors)}|{header}".encode()).hexdigest()
+
+
+def _check_sealed(path: Path, arrays: dict[str, torch.Tensor], meta: dict[str, str]) -> None:
+    """ProfileError unless the profile's checksum is there and matches its tensors and header. A checksum of the
+    tensors alone (profiles written before the header was covered) is accepted with a warning."""
+    recorded = meta.get(CHECKSUM_KEY)
+    if recorded is None:
+        raise ProfileError(f"{path} has no checksum ({CHECKSUM_KEY}): it is damaged or was edited, and cannot be "
+                           "trusted; re-run calibrate")
+    if recorded == profile_sha256(arrays, meta[HEADER_KEY]):
+        return
+    if recorded == tensors_sha256(arrays):
+        logger.warning("%s: its checksum covers its tensors only (written by an older polykv-search), its header is "
+                       "not verified; re-run calibrate to seal it whole", path)
+        return
+    raise ProfileError(f"{path} is damaged or was edited: its content does not match its checksum; re-run "
+                       "calibrate")
 
 
 def _upgraded_background(entry: dict[str, Any], info: ModelInfo) -> dict[str, Any]:

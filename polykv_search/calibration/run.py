@@ -41,16 +41,18 @@ from polykv_search.calibration.profile import (
     PROFILE_FORMAT,
     PROFILE_VERSION,
     Profile,
+    tensors_sha256,
 )
 from polykv_search.calibration.head_fisher import (DEFAULT_DRAWS, DEFAULT_PROBE_ABOVE, DEFAULT_PROBE_SHARE,
                                                    answer_gradients, cells_to_probe, corrected, detached_copy)
 from polykv_search.calibration.layer_kl import head_probes, layer_probes, probe_state
 from polykv_search.calibration.shards import SHARD_KEY, Shard
 from polykv_search.calibration.signals import SIGNAL_NAMES
-from polykv_search.checkpoints import check_checkpoint, folder_lock, prepare_checkpoints, samples_digest
+from polykv_search.checkpoints import (CHECKPOINT_CHECKSUM, check_checkpoint, checkpoint_sha256, damaged_checkpoint,
+                                      folder_lock, prepare_checkpoints, read_sealed_checkpoint, samples_digest)
 from polykv_search.data import Sample, build_prompt
 from polykv_search.errors import ConfigError, DataError, ProfileError
-from polykv_search.io import file_sha256, write_atomic
+from polykv_search.io import file_sha256, write_atomic, write_sealed_json
 from polykv_search.engine import PrefillEngine
 from polykv_search.models import LoadedModel
 from polykv_search.plan import PlanFile, load_plan, uniform_plan
@@ -192,7 +194,7 @@ def _calibrate_locked(lm: LoadedModel, samples: Sequence[Sample], *, config: Cal
             ckpt = ckpt_dir / f"sample-{index:05d}.safetensors"
             t0 = time.perf_counter()
             if resume and ckpt.exists():
-                record, result = _load_checkpoint(ckpt, index, run_digest)
+                record, result = _load_checkpoint(ckpt, run_digest, sample=f"sample {index + 1}, id {sample.id}")
                 result.resumed = True
             else:
                 record, result = _calibrate_one(lm, capture, sample, index, max_ctx, min_context, probe=probe,
@@ -235,7 +237,7 @@ def _backgrounds(lm: LoadedModel, samples: Sequence[Sample], config: Calibration
     run probes around the same ones."""
     path = ckpt_dir / "around.json"
     if resume and path.exists():
-        return json.loads(path.read_text())
+        return read_sealed_checkpoint(path, "the --around backgrounds")["backgrounds"]
     if config.around_plan is not None:
         plan_file = load_plan(config.around_plan, model=lm.info)
         chosen = plan_backgrounds(plan_file, budgets=config.around, policies=config.policies,
@@ -248,7 +250,7 @@ def _backgrounds(lm: LoadedModel, samples: Sequence[Sample], config: Calibration
                     len(config.around) * len(config.policies))
         engine = PrefillEngine(lm, scorers=config.policies, max_context_tokens=max_ctx)
         chosen = choose_backgrounds(engine, samples, info=lm.info, budgets=config.around, policies=config.policies)
-    write_atomic(path, lambda tmp: tmp.write_text(json.dumps(chosen)))
+    write_sealed_json(path, {"backgrounds": chosen})
     return chosen
 
 
@@ -325,22 +327,30 @@ def _save_checkpoint(path: Path, record: SampleRecord | None, result: SampleResu
         tensors.update(record.layer_probes or {})
     else:
         tensors = {"skipped": torch.zeros(1)}
+    tensors = {k: v.contiguous() for k, v in tensors.items()}
     meta = {"result": json.dumps(asdict(result)), "run": run_digest}
-    write_atomic(path, lambda tmp: save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=meta))
+    meta[CHECKPOINT_CHECKSUM] = checkpoint_sha256(tensors_sha256(tensors), meta)
+    write_atomic(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
 
 
-def _load_checkpoint(path: Path, index: int, run_digest: str) -> tuple[SampleRecord | None, SampleResult]:
+def _load_checkpoint(path: Path, run_digest: str, *, sample: str) -> tuple[SampleRecord | None, SampleResult]:
+    """A checkpoint read back: refused, naming `sample`, when damaged (unreadable, or its content does not match
+    its checksum) or made by another run."""
     try:
         with safe_open(str(path), framework="pt") as handle:
             meta = handle.metadata() or {}
-        check_checkpoint(path, meta.get("run"), run_digest)
         arrays = load_file(str(path))
-    except ProfileError:
-        raise
     except Exception as exc:  # safetensors raises its own error types for a damaged file
-        raise ProfileError(f"--resume: checkpoint {path} is damaged ({type(exc).__name__}); delete it to redo "
-                           "that sample, or start over without --resume") from exc
-    result = SampleResult(**{k: v for k, v in json.loads(meta["result"]).items() if k != "resumed"})
+        raise damaged_checkpoint(path, sample, f"unreadable ({type(exc).__name__})") from exc
+    if CHECKPOINT_CHECKSUM not in meta:
+        raise damaged_checkpoint(path, sample, "it has no checksum (written by an older polykv-search, or edited)")
+    if meta[CHECKPOINT_CHECKSUM] != checkpoint_sha256(tensors_sha256(arrays), meta):
+        raise damaged_checkpoint(path, sample, "its content does not match its checksum")
+    check_checkpoint(path, meta.get("run"), run_digest)
+    try:
+        result = SampleResult(**{k: v for k, v in json.loads(meta["result"]).items() if k != "resumed"})
+    except (KeyError, TypeError, ValueError) as exc:
+        raise damaged_checkpoint(path, sample, "its result does not parse") from exc
     if result.skipped is not None:
         return None, result
     signals = {k.split(".", 1)[1]: v for k, v in arrays.items() if k.startswith("signal.")}

@@ -51,7 +51,7 @@ def calibrate(
     budgets: Annotated[str | None, typer.Option("--budgets", hidden=True, help="The old name of --grid.")] = None,
     window: Annotated[int, typer.Option(help="Observation window (queries) for CAKE's entropy/variance.",
                                         rich_help_panel=PROBES)] = 64,
-    max_samples: Annotated[int | None, typer.Option(help="Use N samples, taken in turn from each task.")] = None,
+    max_samples: Annotated[int | None, typer.Option(min=1, help="Use N samples, taken in turn from each task.")] = None,
     max_context: MaxContextOpt = None,
     column_map: ColumnMapOpt = None,
     layer_kl: Annotated[bool, typer.Option("--layer-kl", help="Slower: also measure, per layer, policy and budget, "

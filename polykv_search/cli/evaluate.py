@@ -52,7 +52,7 @@ def evaluate(
     profile: Annotated[Path | None, typer.Option(help="Profile for CAKE's signals (default: "
                                                  "outputs/<model>/profile.safetensors if present).")] = None,
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Output folder (default: outputs/<model>/eval)")] = None,
-    max_samples: Annotated[int | None, typer.Option(help="Use N samples, taken in turn from each task.")] = None,
+    max_samples: Annotated[int | None, typer.Option(min=1, help="Use N samples, taken in turn from each task.")] = None,
     max_context: MaxContextOpt = None,
     kl: Annotated[bool, typer.Option("--kl/--no-kl", help="Also score KL to the full cache.")] = True,
     batch_size: Annotated[int, typer.Option(help="Methods decoded together per batch.")] = 16,

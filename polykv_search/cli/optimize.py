@@ -106,7 +106,7 @@ def optimize(
     timeout: Annotated[float | None, typer.Option(help="optuna: seconds.", rich_help_panel=OPTUNA)] = None,
     storage: StorageOpt = None,
     data: DataOpt = None,
-    max_samples: Annotated[int | None, typer.Option(help="select/optuna: calibration samples measured (default: "
+    max_samples: Annotated[int | None, typer.Option(min=1, help="select/optuna: calibration samples measured (default: "
                                                     "all).")] = None,
     seed: Annotated[int, typer.Option(help="Random seed (optuna).", rich_help_panel=OPTUNA)] = 0,
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Plan file (default: outputs/<model>/plan.json)")
@@ -154,7 +154,7 @@ def check_proxy_cmd(
     cost: CostOpt = "mass_lost",
     n_plans: Annotated[int, typer.Option(help="Random feasible plans (at least 20).")] = 24,
     data: DataOpt = None,
-    max_samples: Annotated[int | None, typer.Option(help="Calibration samples measured per plan.")] = 8,
+    max_samples: Annotated[int | None, typer.Option(min=1, help="Calibration samples measured per plan.")] = 8,
     seed: int = 0,
     device: DeviceOpt = "cpu",
     dtype: DtypeOpt = "auto",
@@ -195,7 +195,7 @@ def choose_cmd(
                                                 "budget, e.g. h2o_recent,streaming (the plan keeps the best "
                                                 "single policy where no plan measures better).")] = None,
     data: DataOpt = None,
-    max_samples: Annotated[int | None, typer.Option(help="Calibration samples measured (default: all).")] = None,
+    max_samples: Annotated[int | None, typer.Option(min=1, help="Calibration samples measured (default: all).")] = None,
     device: DeviceOpt = "cpu",
     dtype: DtypeOpt = "auto",
     as_json: JsonOpt = False,

@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from polykv_search.errors import ConfigError
+from polykv_search.io import check_writable
 from polykv_search.models import DEFAULT_MODEL, model_slug
 from polykv_search.plan.names import COST_NAMES, METRICS, SOLVERS, WEIGHTINGS
 
@@ -92,25 +93,25 @@ def given(ctx: typer.Context, name: str) -> bool:
 
 
 def check_out_file(path: Path | None, *, option: str = "--out", example: str = "plan.json") -> Path | None:
-    """An output file path, refused in one line (before any work) when it names a folder or lies under a file."""
+    """An output file path, refused in one line (before any work) when it names a folder, lies under a file, or its
+    folder cannot take a new file (read-only or immutable)."""
     if path is None:
         return None
-    if path.is_dir():
-        raise ConfigError(f"{option} {path} is a folder; give a file name, e.g. {path / example}")
-    above = next((parent for parent in path.parents if parent.exists()), None)
-    if above is not None and not above.is_dir():
-        raise ConfigError(f"{option} {path}: {above} is a file, not a folder; give another path")
-    return path
+    return check_writable(path, option=option, example=example)
 
 
 def parse_budget_list(text: str, *, option: str = "--budget") -> list[float]:
-    """Average budgets from '128,256,512' (fractions allowed), each at least 1 token per layer."""
+    """Average budgets from '128,256,512' (fractions allowed), each at least 1 token per layer, none twice."""
     try:
         values = [float(v) for v in text.split(",") if v.strip()]
     except ValueError:
         raise ConfigError(f"{option} {text!r} is not a comma-separated list of numbers, e.g. 128,256,512") from None
-    if not values or any(v < 1 for v in values):
+    if not values or any(not v >= 1 for v in values):
         raise ConfigError(f"{option} {text!r}: budgets must be at least 1 token per layer")
+    twice = sorted({v for v in values if values.count(v) > 1})
+    if twice:
+        raise ConfigError(f"{option} {text!r} gives {', '.join(f'{v:g}' for v in twice)} more than once; give each "
+                          "budget once (a plan file holds one plan per budget)")
     return [int(v) if v.is_integer() else v for v in values]
 
 

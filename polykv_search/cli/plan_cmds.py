@@ -2,6 +2,7 @@
 
     polykv-search schema > plan-v2.json
     polykv-search validate outputs/plans/uniform-snapkv.json --model smollm2-135m
+    polykv-search validate --seal my-hand-written-plan.json     # check it, then add the checksum readers require
     polykv-search baseline --kind pyramidkv --budget 128,256,512 --profile outputs/smollm2-135m/profile.safetensors
     polykv-search baseline --kind cake --policy snapkv --budget 512 --profile outputs/smollm2-135m/profile.safetensors
 """
@@ -19,7 +20,8 @@ from polykv_search.cli.errors import err_console
 from polykv_search.cli.options import RevisionOpt, TrustOpt, check_out_file, parse_int_list
 from polykv_search.cli.render import plan_table
 from polykv_search.errors import ConfigError
-from polykv_search.plan import PLAN_SCHEMA, InvalidPlanError, PlanFile, budgets_beyond_context, load_plan
+from polykv_search.plan import PLAN_SCHEMA, InvalidPlanError, PlanFile, budgets_beyond_context
+from polykv_search.plan.seal import read_unsealed, seal_plan_file
 
 KINDS = ("uniform", "pyramidkv", "cake")
 
@@ -40,9 +42,11 @@ def validate(
     model: OptionalModelOpt = None,
     revision: RevisionOpt = None,
     trust_remote_code: TrustOpt = False,
+    seal: Annotated[bool, typer.Option("--seal", help="For a plan written or edited by hand: check it, then add "
+                                       "the checksum of its content, which every reader requires.")] = False,
 ) -> None:
     """Check a plan file; with --model, also check that it was made for that model. Exit 2 lists every problem."""
-    plan_file = load_plan(plan)
+    plan_file = read_unsealed(plan)[0] if seal else PlanFile.load(plan)
     if model is not None:
         # imported here: loading a model needs torch and transformers (seconds); a plain check needs neither
         from polykv_search.models import load_model
@@ -52,9 +56,10 @@ def validate(
         beyond = budgets_beyond_context(plan_file.to_dict(), info)
         if beyond:
             raise InvalidPlanError(source=str(plan), problems=beyond)
+    sealed = f"; {seal_plan_file(plan)}" if seal else ""
     budgets = ", ".join(_fmt(b) for b in plan_file.budgets)
     count = len(plan_file.plans)
-    typer.echo(f"valid: {count} plan{'s' if count != 1 else ''}, budgets [{budgets}]")
+    typer.echo(f"valid: {count} plan{'s' if count != 1 else ''}, budgets [{budgets}]{sealed}")
 
 
 @app.command()

@@ -53,18 +53,25 @@ def progress_bars(*, plain: bool | None = None, interval: float = 30.0) -> Itera
         return
     columns = (TextColumn("[bold]{task.fields[stage]}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                TextColumn("eta"), TimeRemainingColumn(), TextColumn("{task.description}"))
-    with Progress(*columns, console=err_console, transient=False) as bars:
-        tasks: dict[str, int] = {}
+    # started at the first bar: a command refused before any work leaves no empty line where its bars would be
+    bars = Progress(*columns, console=err_console, transient=False)
+    tasks: dict[str, int] = {}
 
-        def update(stage: str, done: int, total: int, note: str = "") -> None:
-            if total <= 0:
-                err_console.print(f"{stage}: {escape(note)}", highlight=False)
-                return
-            if stage not in tasks:
-                tasks[stage] = bars.add_task(escape(note), total=total, stage=stage)
-            bars.update(tasks[stage], completed=done, total=total, description=escape(note))
+    def update(stage: str, done: int, total: int, note: str = "") -> None:
+        if total <= 0:
+            err_console.print(f"{stage}: {escape(note)}", highlight=False)
+            return
+        if not tasks:
+            bars.start()
+        if stage not in tasks:
+            tasks[stage] = bars.add_task(escape(note), total=total, stage=stage)
+        bars.update(tasks[stage], completed=done, total=total, description=escape(note))
 
+    try:
         yield update
+    finally:
+        if tasks:
+            bars.stop()
 
 
 @dataclass

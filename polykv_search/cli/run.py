@@ -92,7 +92,7 @@ def run(
                                                 "plan with (default: all registered).")] = None,
     allocators: Annotated[str, typer.Option(help="Known allocators the evaluation also scores: pyramidkv, cake, "
                                             "adakv, or none.")] = "pyramidkv,cake,adakv",
-    max_calib_samples: Annotated[int | None, typer.Option(help="Calibrate on N samples, taken in turn from each "
+    max_calib_samples: Annotated[int | None, typer.Option(min=1, help="Calibrate on N samples, taken in turn from each "
                                                           "task (default: all).")] = None,
     calib: Annotated[list[Path] | None, typer.Option(help="Calibration split; repeat for splits of other prompt "
                                                      "lengths: each is calibrated, optimized and guarded on its own "
@@ -103,7 +103,7 @@ def run(
                                                  "than its longest calibration split instead of serving them with "
                                                  "its last rung.")] = False,
     eval_data: Annotated[Path, typer.Option("--eval", help="Held-out split.")] = Path("calibration_data/eval.jsonl"),
-    max_eval_samples: Annotated[int | None, typer.Option(help="Evaluate on N samples, taken in turn from each "
+    max_eval_samples: Annotated[int | None, typer.Option(min=1, help="Evaluate on N samples, taken in turn from each "
                                                          "task.")] = None,
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Folder (default: outputs/<model>)")] = None,
     fresh: Annotated[bool, typer.Option("--fresh", help="Start over: discard the folder's checkpoints instead of "

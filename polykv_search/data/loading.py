@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -35,6 +36,8 @@ DataSpec = str | Path | Sequence[str | Path] | Sequence[Sample]  # a file, folde
 def resolve_samples(data: DataSpec, *, max_samples: int | None = None,
                     column_map: Mapping[str, str] | None = None) -> tuple[list[Sample], list[str]]:
     """(samples, the sources they came from): at most `max_samples`, taken in turn from each task."""
+    if max_samples is not None and max_samples < 1:
+        raise ConfigError(f"max_samples {max_samples} must be at least 1; leave it out (None) to use every sample")
     items = [data] if isinstance(data, (str, Path)) else list(data)
     if items and all(isinstance(item, Sample) for item in items):
         return spread_over_tasks(items, max_samples), []
@@ -60,6 +63,9 @@ def load_samples(source: str | Path, *, column_map: Mapping[str, str] | None = N
         files = _data_files(path)
         default_task = path.stem if path.is_file() else path.name
         builder = _SUFFIX_BUILDER[files[0].suffix]
+        if builder == "parquet":
+            for file in files:
+                _check_parquet(file)
         if builder == "json" and sum(_prescan_json(file, column_map=column_map) for file in files) == 0:
             raise DataError(f"data set {path} has no rows; give a file with at least one LongBench-style row")
         rows = _load_local(builder, files)
@@ -78,8 +84,33 @@ def load_samples(source: str | Path, *, column_map: Mapping[str, str] | None = N
                                   default_task=default_task))
     if not samples:
         raise DataError(f"data set {label} has no rows; give a file with at least one LongBench-style row")
+    _warn_duplicate_ids(samples, label)
     _warn_unknown_tasks(samples)
     return samples
+
+
+def _warn_duplicate_ids(samples: list[Sample], label: str) -> None:
+    """Say in one line when rows share an `_id`: profiles and reports name samples by it."""
+    counts = Counter(sample.id for sample in samples)
+    twice = [sample_id for sample_id, n in counts.items() if n > 1]
+    if twice:
+        shown = ", ".join(repr(i) for i in twice[:3]) + (f" and {len(twice) - 3} more" if len(twice) > 3 else "")
+        logger.warning("data set %s: %d rows share an _id with another row (%s); reports and profiles name samples "
+                       "by _id, so give each row its own", label, sum(counts[i] for i in twice), shown)
+
+
+def _check_parquet(file: Path) -> None:
+    """A Parquet file starts and ends with b"PAR1": refused in one line before `datasets` logs its own error."""
+    try:
+        with file.open("rb") as handle:
+            head = handle.read(4)
+            handle.seek(max(file.stat().st_size - 4, 0))
+            tail = handle.read(4)
+    except OSError as exc:
+        raise DataError(f"data file {file} cannot be read ({exc.strerror}); check its permissions") from exc
+    if head != b"PAR1" or tail != b"PAR1" or file.stat().st_size < 12:
+        raise DataError(f"data file {file} is not a Parquet file (its PAR1 markers are missing: damaged, or another "
+                        "format named .parquet); give a Parquet file, or rename a JSON-lines file to .jsonl")
 
 
 def _warn_unknown_tasks(samples: list[Sample]) -> None:

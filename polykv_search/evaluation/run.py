@@ -10,13 +10,14 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from polykv_search.checkpoints import check_checkpoint, folder_lock, prepare_checkpoints, samples_digest
+from polykv_search.checkpoints import (check_checkpoint, damaged_checkpoint, folder_lock, prepare_checkpoints,
+                                      read_sealed_checkpoint, samples_digest)
 from polykv_search.data import Sample
 from polykv_search.data.metrics import score_sample
 from polykv_search.engine import Answer, PrefillEngine
 from polykv_search.errors import DataError, ProfileError
 from polykv_search.evaluation.methods import FULL, Method
-from polykv_search.io import write_json_atomic
+from polykv_search.io import write_sealed_json
 from polykv_search.models import LoadedModel
 
 logger = logging.getLogger(__name__)
@@ -71,7 +72,7 @@ def _score_locked(lm: LoadedModel, samples: Sequence[Sample], methods: Sequence[
     for index, sample in enumerate(samples):
         ckpt = ckpt_dir / f"sample-{index:05d}.json"
         if resume and ckpt.exists():
-            rows = _load_checkpoint(ckpt, run_digest)
+            rows = _load_checkpoint(ckpt, run_digest, sample=f"sample {index + 1}, id {sample.id}")
         else:
             state = engine.prefill(sample)
             plans = [m.plan_for(state) for m in methods]
@@ -80,7 +81,7 @@ def _score_locked(lm: LoadedModel, samples: Sequence[Sample], methods: Sequence[
             answered = [engine.run(state, None, with_kl=False)] + [once[i] for i in which]
             rows = [_scored(method, answer, sample, state.n_context, engine.footprint(state, plan))
                     for method, plan, answer in zip([FULL, *methods], [None, *plans], answered)]
-            write_json_atomic(ckpt, {"run": run_digest, "rows": [asdict(r) for r in rows]})
+            write_sealed_json(ckpt, {"run": run_digest, "rows": [asdict(r) for r in rows]})
         results.extend(rows)
         if progress:
             progress(index + 1, len(samples))
@@ -103,18 +104,13 @@ def _distinct(plans: Sequence) -> tuple[list, list[int]]:
     return distinct, which
 
 
-def _load_checkpoint(path: Path, run_digest: str) -> list[ScoredResult]:
-    try:
-        stored = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ProfileError(f"--resume: checkpoint {path} is damaged ({exc}); delete it to redo that sample, or "
-                           "start over without --resume") from exc
-    check_checkpoint(path, stored.get("run") if isinstance(stored, dict) else None, run_digest)
+def _load_checkpoint(path: Path, run_digest: str, *, sample: str) -> list[ScoredResult]:
+    stored = read_sealed_checkpoint(path, sample)
+    check_checkpoint(path, stored.get("run"), run_digest)
     try:
         return [ScoredResult(**row) for row in stored["rows"]]
     except (TypeError, KeyError) as exc:
-        raise ProfileError(f"--resume: checkpoint {path} is damaged (rows do not parse); delete it to redo that "
-                           "sample, or start over without --resume") from exc
+        raise damaged_checkpoint(path, sample, "its rows do not parse") from exc
 
 
 def _scored(method: Method, answer: Answer, sample: Sample, n_context: int,

@@ -13,7 +13,7 @@ from pathlib import Path
 from polykv_search.export.duo_attention import duo_attention_pattern, provenance
 from polykv_search.export.entries import DUO_ATTENTION, KVPRESS, check_target, pick_plan
 from polykv_search.export.trtllm import trtllm_kv_cache_config
-from polykv_search.io import write_atomic
+from polykv_search.io import check_writable, write_atomic
 from polykv_search.plan import PlanFile
 
 logger = logging.getLogger(__name__)
@@ -33,6 +33,8 @@ def export_plan(plan: str | Path | PlanFile, *, to: str = KVPRESS, out: str | Pa
     source = None if isinstance(plan, PlanFile) else Path(plan)
     plan_file = plan if isinstance(plan, PlanFile) else PlanFile.load(plan)
     out = Path(out)
+    if to != DUO_ATTENTION:  # a file: a folder, a read-only place or a path under a file is refused before any work
+        check_writable(out, example="plan.json" if to == KVPRESS else "kv_cache_config.yaml")
     if to == KVPRESS:
         if budget is not None:  # that budget's rungs, one per range of prompt lengths where the file has several
             return PlanFile(model=plan_file.model, plans=tuple(plan_file.rungs_for(budget))).save(out)

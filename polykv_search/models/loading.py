@@ -126,6 +126,8 @@ def load_tokenizer(spec: str, *, trust_remote_code: bool = False, revision: str 
             tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
     except (OSError, ValueError, KeyError) as exc:
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if _asks_for_remote_code(exc):
+            raise ModelError(remote_code_refusal(source)) from exc
         raise ModelError(f"cannot load the tokenizer of {source}: {first_line}; check the id or path") from exc
     if add_bos:
         _force_bos(tokenizer)
@@ -153,15 +155,30 @@ def _resolve(spec: str, revision: str | None) -> tuple[Path | str, str, str, boo
         add_bos = _gguf_needs_bos(source)
     else:
         source, model_id, rev = spec, spec, revision or "local"
-        if not Path(spec).expanduser().is_dir() and ("/" not in spec or spec.startswith((".", "/", "~"))):
+        path = Path(spec).expanduser()
+        if not path.is_dir() and ("/" not in spec or spec.startswith((".", "/", "~"))):
             raise ModelError(f"unknown model {spec!r}: not an embedded alias ({', '.join(EMBEDDED)}), "
                              "not a local folder, not a .gguf file, and not a hub id of the form owner/name")
+        if not path.exists() and path.parent.is_dir() and path.parent != Path("."):  # models/nope: a local path
+            raise ModelError(f"local model folder {spec} does not exist ({path.parent} has no {path.name!r}); give "
+                             "an existing folder, a .gguf file, an embedded alias or a hub id owner/name")
     local_only = not Path(str(source)).expanduser().exists() and not hub.reachable()
     if local_only and not _in_hub_cache(str(source), revision):
-        raise ModelError(f"model {spec} is not in the local Hugging Face cache and the hub ({hub.endpoint()}) "
-                         "cannot be reached; download it where there is network, or give a local folder, a .gguf "
-                         "file or an embedded alias")
+        raise ModelError(f"model {spec}: no local folder of that name exists, it is not in the local Hugging Face "
+                         f"cache, and the hub ({hub.endpoint()}) cannot be reached; download it where there is "
+                         "network, or give a local folder, a .gguf file or an embedded alias")
     return source, model_id, rev, add_bos, local_only
+
+
+def _asks_for_remote_code(exc: BaseException) -> bool:
+    """Whether transformers refused `exc`'s model because it ships its own code (trust_remote_code not set)."""
+    text = str(exc)
+    return "trust_remote_code" in text or "contains custom code" in text
+
+
+def remote_code_refusal(source: str | Path) -> str:
+    return (f"model {source} ships its own Python code (auto_map in its config.json), which runs only with "
+            "--trust-remote-code; read that code first (it runs on this machine), then pass --trust-remote-code")
 
 
 def _in_hub_cache(repo_id: str, revision: str | None) -> bool:
@@ -197,6 +214,8 @@ def _from_pretrained(source: str | Path, *, device: str, dtype: torch.dtype, rev
                          "trust the file") from exc
     except (OSError, ValueError, KeyError) as exc:
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if _asks_for_remote_code(exc):
+            raise ModelError(remote_code_refusal(source)) from exc
         raise ModelError(f"cannot load model {source}: {first_line}; check the id or path "
                          "(no hub access: use a local folder, a .gguf file or an embedded alias)") from exc
     except Exception as exc:  # noqa: BLE001 (transformers raises many types for a broken model folder)

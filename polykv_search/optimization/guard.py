@@ -23,7 +23,7 @@ from polykv_search.data import DataSpec, Sample, resolve_samples
 from polykv_search.engine.objective import Measures
 from polykv_search.engine.progress import Progress
 from polykv_search.errors import ConfigError
-from polykv_search.io import write_json_atomic
+from polykv_search.io import unseal, write_sealed_json
 from polykv_search.models import LoadedModel, ModelSpec, resolve_model
 from polykv_search.optimization.choose import Choice
 from polykv_search.optimization.crossfit import DEFAULT_FOLDS, fold_plans
@@ -191,7 +191,7 @@ def guard_plan(model: ModelSpec, plan_file: PlanFile | str | Path, samples: Data
 
     plans, rungs = guard_rungs(plan_file, uniform, measure, where=where, alternatives=others)
     if cache is not None:
-        write_json_atomic(cache, {"run": key, "samples": measured.samples, "values": recorded})
+        write_sealed_json(cache, {"run": key, "samples": measured.samples, "values": recorded})
     return GuardResult(replace(plan_file, plans=tuple(plans), schema_version=""), rungs, measured.samples)
 
 
@@ -219,13 +219,13 @@ def read_guard_cache(path: str | Path | None, key: str, *, budgets: int, candida
     if path is None or not Path(path).is_file():
         return None
     try:
-        stored = json.loads(Path(path).read_text())
+        stored = unseal(json.loads(Path(path).read_text()))  # its checksum: a damaged cache is never replayed
         values = stored["values"]
         ok = (stored["run"] == key and isinstance(stored["samples"], int) and len(values) == budgets
               and all(len(v) == candidates and all(isinstance(m.get("task"), (int, float)) and
                                                    isinstance(m.get("lost"), (int, float)) for m in v)
                       for v in values))
     except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as exc:
-        logger.debug("guard cache %s not used: %s", path, exc)
+        logger.warning("guard cache %s is damaged (%s); measuring again", path, exc)
         return None
     return stored if ok else None

@@ -17,8 +17,9 @@ from typing import TYPE_CHECKING, Any
 
 from polykv_search import __version__
 from polykv_search.errors import PlanError
-from polykv_search.io import write_atomic
+from polykv_search.io import seal, write_atomic
 from polykv_search.plan.rounding import budget_total
+from polykv_search.plan.seal import check_plan_checksum
 from polykv_search.plan.schema import (
     LENGTH_VERSION,
     PER_HEAD_VERSION,
@@ -407,9 +408,10 @@ class PlanFile:
         }
 
     def to_json(self) -> str:
-        """Indented JSON with one line per layer entry, so a plan reads (and diffs) layer by layer."""
+        """Indented JSON with one line per layer entry, so a plan reads (and diffs) layer by layer; sealed with the
+        checksum of its content (plan/seal.py)."""
         try:
-            return _dumps(self.to_dict(), level=0) + "\n"
+            return _dumps(seal(self.to_dict()), level=0) + "\n"
         except ValueError as exc:  # NaN or infinity: JSON has no such numbers
             raise PlanError(f"the plan holds a number JSON cannot store ({exc}); give finite objective, "
                             "bound, gap and seconds, or None") from exc
@@ -429,8 +431,16 @@ class PlanFile:
                    producer=producer, schema_version=data["schema_version"])
 
     @classmethod
-    def from_json(cls, text: str | bytes, *, source: str = "<string>") -> PlanFile:
-        """Parse and validate plan JSON; PlanError for text that is not JSON or a plan with problems."""
+    def from_json(cls, text: str | bytes, *, source: str = "<string>", require_checksum: bool = False) -> PlanFile:
+        """Parse and validate plan JSON; PlanError for text that is not JSON, a plan with problems, or a checksum
+        that does not match (or, with `require_checksum`, none)."""
+        data = cls._parse(text, source=source)
+        plan_file = cls.from_dict(data, source=source)
+        check_plan_checksum(data, source=source, required=require_checksum)
+        return plan_file
+
+    @classmethod
+    def _parse(cls, text: str | bytes, *, source: str) -> Any:
         if len(text) > MAX_PLAN_BYTES:
             raise PlanError(f"plan file {source} is {len(text) / 2**20:.1f} MiB, more than the "
                             f"{MAX_PLAN_BYTES // 2**20} MiB any plan needs; it is not a plan file")
@@ -441,7 +451,7 @@ class PlanFile:
                 raise PlanError(f"plan file {source} is not UTF-8 text (byte {exc.start}); "
                                 "give a JSON plan written by polykv-search") from exc
         try:
-            data = json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float)
+            return json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float)
         except json.JSONDecodeError as exc:
             raise PlanError(f"plan file {source} is not JSON (line {exc.lineno} column {exc.colno}: {exc.msg}); "
                             "fix the file or write it again with polykv-search") from exc
@@ -451,11 +461,24 @@ class PlanFile:
         except RecursionError as exc:
             raise PlanError(f"plan file {source} is nested too deeply to be a plan; "
                             "give a plan file written by polykv-search") from exc
-        return cls.from_dict(data, source=source)
 
     @classmethod
-    def load(cls, path: str | Path) -> PlanFile:
+    def load(cls, path: str | Path, *, require_checksum: bool = True) -> PlanFile:
+        """Read, validate and check a plan file: a plan without its checksum is refused unless `require_checksum`
+        is False (`validate --seal` reads hand-written plans so)."""
+        return cls.from_json(cls._read(path), source=str(path), require_checksum=require_checksum)
+
+    @classmethod
+    def parsed(cls, path: str | Path) -> Any:
+        """The plan file's JSON as it is, unvalidated (what `validate --seal` seals)."""
+        return cls._parse(cls._read(path), source=str(path))
+
+    @staticmethod
+    def _read(path: str | Path) -> bytes:
         path = Path(path)
+        if path.is_dir():
+            raise PlanError(f"plan file {path} is a folder; give a plan file in it (a .json written by "
+                            "`polykv-search optimize`)")
         if not path.is_file():
             raise PlanError(f"plan file {path} does not exist; write one with `polykv-search optimize` or "
                             "`polykv-search baseline`")
@@ -464,10 +487,9 @@ class PlanFile:
             if size > MAX_PLAN_BYTES:  # refused before reading: a huge file would take gigabytes to parse
                 raise PlanError(f"plan file {path} is {size / 2**20:.1f} MiB, more than the "
                                 f"{MAX_PLAN_BYTES // 2**20} MiB any plan needs; it is not a plan file")
-            raw = path.read_bytes()
+            return path.read_bytes()
         except OSError as exc:
             raise PlanError(f"plan file {path} cannot be read ({exc.strerror}); check its permissions") from exc
-        return cls.from_json(raw, source=str(path))
 
     def check_model(self, model: ModelInfo) -> None:
         """Raise InvalidPlanError unless this file was made for `model` (identity, geometry, layer types)."""
@@ -549,6 +571,11 @@ def _finite_float(text: str) -> float:
 
 def _fmt(value: float) -> str:
     return str(int(value)) if float(value).is_integer() else str(value)
+
+
+def plan_json_text(obj: dict[str, Any]) -> str:
+    """A parsed plan file as polykv-search writes it: indented, one line per layer entry."""
+    return _dumps(obj, level=0) + "\n"
 
 
 def _dumps(obj: Any, *, level: int, compact: bool = False) -> str:

@@ -14,6 +14,7 @@ from polykv_search.calibration import CalibrationConfig, calibrate_model
 from polykv_search.data import load_samples
 from polykv_search.errors import ConfigError, ProfileError
 from polykv_search.engine import PrefillEngine
+from polykv_search.io import read_sealed_json
 from polykv_search.optimization import Problem, solve
 from tests.conftest import sample_rows, write_jsonl
 from tests.plans import plan_of
@@ -108,7 +109,7 @@ def test_cost_is_the_share_of_the_output_lost_and_only_at_measured_budgets(setup
 def test_resume_reuses_the_backgrounds_and_checkpoints(setup):
     lm, samples, run, tmp = setup
     out = tmp / "out"
-    saved = json.loads((out / "checkpoints" / "around.json").read_text())
+    saved = read_sealed_json(out / "checkpoints" / "around.json")["backgrounds"]
     assert saved == run.profile.header["around"]
     again = calibrate_model(lm, samples, config=around_config(), out_dir=out, resume=True)
     torch.testing.assert_close(again.profile.arrays[AROUND_KL], run.profile.arrays[AROUND_KL])

@@ -6,6 +6,7 @@ import sys
 import pytest
 
 from polykv_search.cli import main
+from polykv_search.io import read_sealed_json, write_sealed_json
 from polykv_search.models import model_info
 from polykv_search.plan import PlanFile, SearchInfo
 from tests.cli.test_calibrate_cli import run_cli
@@ -107,17 +108,18 @@ def test_resume_reuses_checkpoints_and_refuses_damaged_ones(monkeypatch, capsys,
     capsys.readouterr()
     first = json.loads((tmp_path / "ev" / "report.json").read_text())
     checkpoint = tmp_path / "ev" / "checkpoints" / "sample-00001.json"
-    stored = json.loads(checkpoint.read_text())
+    stored = read_sealed_json(checkpoint)
     assert set(stored) == {"run", "rows"}
     monkeypatch.setattr(sys, "argv", ["polykv-search", *map(str, args), "--resume"])
     main()
     capsys.readouterr()
     assert json.loads((tmp_path / "ev" / "report.json").read_text())["methods"] == first["methods"]
-    checkpoint.write_text(json.dumps({**stored, "run": "0" * 16}))
+    write_sealed_json(checkpoint, {**stored, "run": "0" * 16})
     code, _, err = run_cli(monkeypatch, capsys, *args, "--resume")
     errors = [line for line in err.splitlines() if line.startswith("error: ")]
     assert code == 2 and len(errors) == 1 and "sample-00001.json was made by another run" in errors[0], err
-    checkpoint.write_text("{broken")
-    code, _, err = run_cli(monkeypatch, capsys, *args, "--resume")
-    errors = [line for line in err.splitlines() if line.startswith("error: ")]
-    assert code == 2 and len(errors) == 1 and "sample-00001.json is damaged" in errors[0], err
+    for damaged in ("{broken", json.dumps({**stored, "checksum": {"sha256": "0" * 64}})):
+        checkpoint.write_text(damaged)
+        code, _, err = run_cli(monkeypatch, capsys, *args, "--resume")
+        errors = [line for line in err.splitlines() if line.startswith("error: ")]
+        assert code == 2 and len(errors) == 1 and "sample-00001.json (sample 2, id s1) is damaged" in errors[0], err

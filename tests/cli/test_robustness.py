@@ -17,7 +17,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from polykv_search.calibration.profile import CHECKSUM_KEY, HEADER_KEY, Profile
+from polykv_search.calibration.profile import CHECKSUM_KEY, HEADER_KEY, Profile, profile_sha256
 from polykv_search.checkpoints import LOCK_NAME
 from polykv_search.cli import main
 from polykv_search.models import model_slug
@@ -64,13 +64,17 @@ def profile_file(tiny_dir, tmp_path_factory):
     return out / "o" / "profile.safetensors"
 
 
-def rewrite_profile(source: Path, target: Path, *, arrays=None, header=None, checksum=True) -> Path:
+def rewrite_profile(source: Path, target: Path, *, arrays=None, header=None, checksum="reseal") -> Path:
+    """The profile at `source` with other arrays or header; its checksum recomputed ("reseal": an edit made on
+    purpose, so the checks after it are reached), left as it was ("keep") or dropped ("drop")."""
     with safe_open(str(source), framework="pt") as handle:
         meta = dict(handle.metadata())
     tensors = load_file(str(source)) if arrays is None else arrays
     if header is not None:
         meta[HEADER_KEY] = header
-    if not checksum:
+    if checksum == "reseal":
+        meta[CHECKSUM_KEY] = profile_sha256(tensors, meta[HEADER_KEY])
+    elif checksum == "drop":
         meta.pop(CHECKSUM_KEY, None)
     save_file(tensors, str(target), metadata=meta)
     return target
@@ -147,14 +151,37 @@ def test_flipped_bytes_in_a_profile_are_refused(monkeypatch, capsys, profile_fil
     assert not (tmp_path / "plan.json").exists()
 
 
-def test_costs_out_of_range_are_refused_without_a_checksum(monkeypatch, capsys, profile_file, tmp_path):
+def test_costs_out_of_range_are_refused_even_with_a_matching_checksum(monkeypatch, capsys, profile_file, tmp_path):
     arrays = load_file(str(profile_file))
     arrays["mass_lost"] = arrays["mass_lost"].clone()
     arrays["mass_lost"].view(-1)[0] = -131.0
-    edited = rewrite_profile(profile_file, tmp_path / "edited.safetensors", arrays=arrays, checksum=False)
+    edited = rewrite_profile(profile_file, tmp_path / "edited.safetensors", arrays=arrays)
     code, _, lines = run_cli(monkeypatch, capsys, "optimize", "--profile", edited, "--budget", "12", "--out",
                              tmp_path / "plan.json")
     one_line_error(code, lines, "mass_lost holds -131", "outside [", "re-run calibrate")
+
+
+@pytest.mark.parametrize(("checksum", "message"), [("drop", "has no checksum"), ("keep", "damaged or was edited")])
+def test_an_edited_profile_is_refused_with_or_without_its_checksum(monkeypatch, capsys, profile_file, tmp_path,
+                                                                    checksum, message):
+    """Issue 33: a version-2 profile with its checksum deleted and a value edited was used silently."""
+    arrays = load_file(str(profile_file))
+    arrays["mass_lost"] = arrays["mass_lost"].clone()
+    arrays["mass_lost"].view(-1)[0] = 0.5  # in range: only the checksum tells
+    edited = rewrite_profile(profile_file, tmp_path / "edited.safetensors", arrays=arrays, checksum=checksum)
+    code, _, lines = run_cli(monkeypatch, capsys, "optimize", "--profile", edited, "--budget", "12", "--out",
+                             tmp_path / "plan.json")
+    one_line_error(code, lines, message, "re-run calibrate")
+    assert not (tmp_path / "plan.json").exists()
+
+
+def test_an_edited_profile_header_is_refused(monkeypatch, capsys, profile_file, tmp_path):
+    header = Profile.load(profile_file).header
+    header["samples"][0]["task"] = "edited"
+    edited = rewrite_profile(profile_file, tmp_path / "p.safetensors", header=json.dumps(header), checksum="keep")
+    code, _, lines = run_cli(monkeypatch, capsys, "optimize", "--profile", edited, "--budget", "12", "--out",
+                             tmp_path / "plan.json")
+    one_line_error(code, lines, "damaged or was edited")
 
 
 @pytest.mark.parametrize(("header", "message"), [
