@@ -20,12 +20,22 @@ def debug_enabled() -> bool:
     return os.environ.get("POLYKV_DEBUG", "") not in ("", "0")
 
 
+def _log_handler() -> logging.Handler:
+    """Rich's handler on a terminal; elsewhere (a batch job, a pipe, CI) a plain one, so each record stays on one
+    physical line that grep and log readers can take whole (rich wraps at the console's width)."""
+    if err_console.is_terminal:
+        return RichHandler(console=err_console, show_path=False, show_time=False)
+    plain = logging.StreamHandler(sys.stderr)
+    plain.setFormatter(logging.Formatter("%(levelname)-8s %(message)s"))
+    return plain
+
+
 def setup_logging(verbose: bool = False) -> None:
     level = logging.DEBUG if debug_enabled() else (logging.INFO if verbose else logging.WARNING)
     logging.basicConfig(
         level=logging.WARNING,
         format="%(message)s",
-        handlers=[RichHandler(console=err_console, show_path=False, show_time=False)],
+        handlers=[_log_handler()],
         force=True,
     )
     logging.getLogger("polykv_search").setLevel(min(level, logging.INFO))

@@ -154,3 +154,13 @@ def test_a_refusal_inside_the_progress_bars_starts_stderr_with_the_error(monkeyp
         main()
     err = capsys.readouterr().err
     assert err.startswith("error: local model folder"), repr(err[:80])
+
+
+def test_a_long_warning_stays_on_one_line_when_stderr_is_not_a_terminal(capsys):
+    """A batch job's log: each record one physical line, however long (rich would wrap it at 132 columns)."""
+    from polykv_search.cli.errors import setup_logging
+
+    setup_logging()
+    logging.getLogger("polykv_search.test").warning("x" * 300 + " end")
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("WARNING") and err.rstrip().endswith("end")
