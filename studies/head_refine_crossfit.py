@@ -18,7 +18,7 @@ heads at once. This measures the costs at the plan itself instead, and refines t
    uniform policies: task loss (1 - the task's score; lower is better) and KL, mean over tasks.
 
 Every number comes from the calibration samples. bfloat16 answers shift with their decoding batch, so differences of
-a few hundredths are within noise (docs/per-head.md).
+a few hundredths are within noise (docs/results-per-head.md).
 """
 
 from __future__ import annotations
