@@ -35,8 +35,14 @@ demo: setup
 test: setup
 	$(PY) -m pytest -q
 
+# The headline benchmarks, each printing its ratio or timing (docs/measurements.md has the full-size figures and the
+# other benchmarks): calibrate's time and peak memory against a plain prefill, the shared-prefill engine against
+# kvpress's pipeline once per plan, and the exact DP against the ILP at the largest size. Cut to a few samples so the
+# three fit in a few minutes on two CPU cores.
 bench: setup
-	$(PY) benchmarks/calibrate_overhead.py
+	$(PY) benchmarks/calibrate_overhead.py --max-samples 2 --memory-tokens 2048
+	$(PY) benchmarks/evaluate_speed.py --samples 2
+	$(PY) benchmarks/solver_speed.py --sizes 80x10x128 --repeat 3
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache

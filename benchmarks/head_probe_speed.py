@@ -25,7 +25,7 @@ from polykv_search.data import load_samples, spread_over_tasks
 from polykv_search.engine import PrefillEngine
 from polykv_search.models import load_model
 
-POLICIES = "expected_attention_recent,h2o_recent,streaming"  # the three policies of the --head-kl profile (docs/per-head.md)
+POLICIES = "expected_attention_recent,h2o_recent,streaming"  # the --head-kl profile's three (docs/results-per-head.md)
 BUDGETS = "16,64,256,1024,2048"
 
 

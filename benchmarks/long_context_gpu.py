@@ -33,7 +33,8 @@ BUDGETS = "128,256,512,1024"
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python benchmarks/long_context_gpu.py",
-                                     description=__doc__.splitlines()[0])
+                                     description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--device", default="cuda", choices=["cuda"], help="the comparison runs on a CUDA GPU only")
     parser.add_argument("--model", default="gemma3-270m", help="alias, .gguf file or local model folder")
     parser.add_argument("--long-tokens", default="8000,32000", help="MIN,MAX context tokens, in the model's tokens")

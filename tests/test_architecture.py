@@ -81,7 +81,7 @@ def test_only_the_cli_imports_the_cli():
     assert outside == []
 
 
-@pytest.mark.parametrize("folder", ["polykv_search", "tests", "benchmarks"])
+@pytest.mark.parametrize("folder", ["polykv_search", "tests", "benchmarks", "studies"])
 def test_nothing_imports_a_private_name_of_another_module(folder):
     """`from polykv_search.x import _y` and imports of `_private` modules reach into internals: public API only."""
     private = []
@@ -94,7 +94,23 @@ def test_nothing_imports_a_private_name_of_another_module(folder):
     assert private == []
 
 
-def test_functions_import_only_to_save_start_up_time_and_say_so():
+def test_no_test_of_the_package_loads_a_script_by_path():
+    """A test that imports a benchmark or study from its file keeps that script alive inside the package's suite;
+    a benchmark a test must exercise runs as a subprocess, as a user runs it."""
+    loaders = [f"{path.relative_to(ROOT)}" for path in (ROOT / "tests").rglob("*.py")
+               if path.name != "test_architecture.py"
+               and any(word in path.read_text() for word in ("spec_from_file_location", "runpy", "SourceFileLoader"))]
+    assert loaders == []
+
+
+def test_the_package_suite_does_not_collect_the_studies():
+    """`make test` (`python -m pytest -q`) runs tests/ only: the studies' own tests are run by hand."""
+    lines = (ROOT / "pyproject.toml").read_text().splitlines()  # no tomllib: Python 3.10 is supported
+    section = lines[lines.index("[tool.pytest.ini_options]") + 1:]
+    assert 'testpaths = ["tests"]' in section[:next((i for i, line in enumerate(section) if line.startswith("[")),
+                                                    len(section))]
+
+
     """An import inside a function hides a dependency; it is kept only where it buys start-up time (the command
     line's --help must not load torch), and then a comment in the function says so."""
     unexplained = []

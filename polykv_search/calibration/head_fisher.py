@@ -18,8 +18,8 @@ output most (on SmolLM2 the probes' KL is about 1.3x the estimate above 0.03 and
 whose estimate is above `probe_above` (0.003 by default), the largest first and at most `probe_share` of the
 sample's cells (3.3%: 163 of SmolLM2's 4,950 with `run`'s eleven candidate policies), and keeps the estimate
 elsewhere (`corrected`); the profile records which cells were measured. `benchmarks/head_fisher_check.py` measures
-how well the estimate ranks and what each costs against the probes; `benchmarks/fisher_probe_share.py` how the
-threshold was chosen, and docs/per-head.md ("a candidate set per budget") the share.
+how well the estimate ranks and what each costs against the probes; `studies/fisher_probe_share.py` how the
+threshold was chosen, and docs/results-per-head.md ("a candidate set per budget") the share.
 """
 
 from __future__ import annotations

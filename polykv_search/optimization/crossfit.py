@@ -3,7 +3,7 @@
 A plan per KV head makes hundreds of choices from a few calibration samples, so measured on those same samples it
 looks better than it is: on SmolLM2's 24 calibration samples at 128 and 256 tokens per KV head, the plan's task loss
 was 0.61 and 0.50 on the samples it was optimized on, 0.74 and 0.60 on samples it was not (two folds; the best single
-policy 0.82 and 0.74; benchmarks/guard_crossfit.py).
+policy 0.82 and 0.74; studies/guard_crossfit.py).
 The guard asks the question a user cares about, whether the plan beats the single policies on data it has not
 seen: the calibration samples are split into folds (each task spread over them in turn), and each fold is measured
 with the plan optimized on the other folds, under the same config and budgets. The plan that is written is still

@@ -75,14 +75,14 @@ DEFAULT_POLICIES: tuple[str, ...] = tuple(POLICIES)
 # The per-head recipe's first candidate set (`run`'s plan at every budget with the guard off): sinks and recency
 # alone, and five scorers that each keep a head's newest tokens beside their choice (future queries, the prefill's attention, the last queries' attention
 # with and without accumulation, key novelty). Chosen on SmolLM2's calibration samples by the cross-fitted task loss
-# of the plans, against the first three alone (the figures: docs/per-head.md, "six candidate policies per head").
+# of the plans, against the first three alone (the figures: docs/results-per-head.md, "six candidate policies per head").
 PER_HEAD_POLICIES: tuple[str, ...] = ("expected_attention_recent", "h2o_recent", "streaming", "tova_recent",
                                       "snapkv", "keydiff_recent")
 # Five scorers alone, without a head's newest tokens. Per head their isolated costs are often lower, but a plan that
 # leaves many heads a few tokens and none of the newest derails free-running answers: on SmolLM2's calibration
 # samples, out of fold, plans with all eleven candidates measured better at 256-512 tokens per KV head and worse at
 # 64-128 than plans with the six. So `run` calibrates all eleven and its guard chooses per budget between the plan
-# of the six and the plan of the eleven (docs/per-head.md, "a candidate set per budget").
+# of the six and the plan of the eleven (docs/results-per-head.md, "a candidate set per budget").
 PER_HEAD_SCORERS: tuple[str, ...] = ("tova", "knorm", "expected_attention", "keydiff", "h2o")
 PER_HEAD_POLICY_SETS: tuple[tuple[str, ...], ...] = (PER_HEAD_POLICIES, PER_HEAD_POLICIES + PER_HEAD_SCORERS)
 

@@ -13,7 +13,7 @@ Teacher-forced forwards on CPU only (the probes' `answer_metrics_many`): the lay
 built for and cannot be cropped or reordered (a decoding caller would use ReservedLayer), and the kernel that
 returns the log-sum-exp is SDPA's CPU one (on a GPU the dense copies are cheap anyway). In bfloat16 the kernel's
 output is rounded before the join, once more than SDPA's over a dense cache: differences at bfloat16's noise, which
-already makes single probes' small KLs unreliable in bfloat16 (docs/per-head.md).
+already makes single probes' small KLs unreliable in bfloat16 (docs/results-per-head.md).
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ from polykv_search.calibration import CalibrationConfig, calibrate_model
 from polykv_search.data import load_samples
 from polykv_search.errors import ConfigError
 from polykv_search.engine import PrefillEngine
-from polykv_search.optimization.refine import refine
+from polykv_search.optimization.refine import refine, trust_region
 from tests.calibration.test_around import mixed_plan_file
 from tests.conftest import sample_rows, write_jsonl
 from tests.plans import plan_of
@@ -106,3 +106,32 @@ def test_refine_accepts_a_plan_file_whose_rung_is_uniform(refined, tmp_path):
     profile = calibrate_model(lm, samples[:1], config=config, out_dir=tmp_path / "p").profile
     found = refine(profile, average_budget=BUDGET, max_changes=1)
     assert len(found.changed) <= 1
+
+
+def test_the_trust_region_dp_over_heads_finds_the_best_moves_within_the_limits():
+    # four KV heads, each with its one-level moves (predicted change, tokens): raising head 0 gains most but costs
+    # tokens that another head must give up
+    options = [[(-1.0, 48)], [(0.3, -48), (-0.4, 192)], [(0.6, -48)], [(0.2, -192)]]
+
+    def brute(most):
+        best = (0.0, [])
+        for r in range(1, most + 1):
+            for units in itertools.combinations(range(len(options)), r):
+                for picked in itertools.product(*(range(len(options[u])) for u in units)):
+                    taken = list(zip(units, picked))
+                    if sum(options[u][o][1] for u, o in taken) > 0:
+                        continue
+                    cost = sum(options[u][o][0] for u, o in taken)
+                    if cost < best[0]:
+                        best = (cost, taken)
+        return best
+
+    for most in (1, 2, 3, 4):
+        cost, taken = trust_region(options, most)
+        expected_cost, expected = brute(most)
+        assert len(taken) <= most and sum(options[u][o][1] for u, o in taken) <= 0
+        assert abs(cost - expected_cost) < 1e-12 and abs(sum(options[u][o][0] for u, o in taken) - cost) < 1e-12
+        assert sorted(taken) == sorted(expected)
+    assert trust_region(options, 1) == (0.0, [])  # no single move pays for itself
+    cost, taken = trust_region(options, 2)
+    assert taken == [(0, 0), (3, 0)] and abs(cost + 0.8) < 1e-12  # head 3's tokens pay for head 0

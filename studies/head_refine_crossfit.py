@@ -1,6 +1,6 @@
-"""Benchmark: does refining a per-head plan around itself (probes at its operating point) help, out of fold?
+"""Study: does refining a per-head plan around itself (probes at its operating point) help, out of fold?
 
-    python benchmarks/head_refine_crossfit.py outputs/study/pol11_p3/profile.safetensors --budgets 64,128
+    python studies/head_refine_crossfit.py outputs/study/pol11_p3/profile.safetensors --budgets 64,128
 
 The isolated per-head costs the DP reads are measured with every other head whole, which under-counts starving many
 heads at once. This measures the costs at the plan itself instead, and refines the plan with them:
@@ -18,7 +18,7 @@ heads at once. This measures the costs at the plan itself instead, and refines t
    uniform policies: task loss (1 - the task's score; lower is better) and KL, mean over tasks.
 
 Every number comes from the calibration samples. bfloat16 answers shift with their decoding batch, so differences of
-a few hundredths are within noise (docs/per-head.md).
+a few hundredths are within noise (docs/results-per-head.md).
 """
 
 from __future__ import annotations
@@ -84,7 +84,7 @@ def main() -> None:
     parser.add_argument("--data", default=api.CALIBRATION_DATA)
     parser.add_argument("--compare", default=COMPARE)
     parser.add_argument("--dtype", default="bfloat16")
-    parser.add_argument("--out", type=Path, default=Path("outputs/benchmarks/head_refine_crossfit.json"))
+    parser.add_argument("--out", type=Path, default=Path("outputs/studies/head_refine_crossfit.json"))
     args = parser.parse_args()
     started = time.perf_counter()
     profile = Profile.load(args.profile)

@@ -1,6 +1,6 @@
-"""Benchmark: which of the Fisher estimate's cells are worth probing, on calibration samples only.
+"""Study: which of the Fisher estimate's cells are worth probing, on calibration samples only.
 
-    python benchmarks/fisher_probe_share.py outputs/fisher/smollm2/profile.safetensors \
+    python studies/fisher_probe_share.py outputs/fisher/smollm2/profile.safetensors \
         outputs/perhead/smollm2/profile.safetensors     # --head-fisher --probe-above inf; --head-kl; same samples
 
 Takes a profile of the bare estimate and a `--head-kl` profile of the same samples, policies and grid. For each rule

@@ -1,12 +1,12 @@
-"""Benchmark: how much better a per-head plan looks on the calibration samples it was optimized on than on others,
+"""Study: how much better a per-head plan looks on the calibration samples it was optimized on than on others,
 and how plans made other ways compare out of fold.
 
-    python benchmarks/guard_crossfit.py outputs/readme/smollm2/profile.safetensors --budgets 64,128,256 \
+    python studies/guard_crossfit.py outputs/readme/smollm2/profile.safetensors --budgets 64,128,256 \
         --dtype bfloat16
-    python benchmarks/guard_crossfit.py outputs/study/pol6/profile.safetensors --budgets 64,128,256,512 \
+    python studies/guard_crossfit.py outputs/study/pol6/profile.safetensors --budgets 64,128,256,512 \
         --policy-sets expected_attention_recent,h2o_recent,streaming all       # candidates restricted, or not
-    python benchmarks/guard_crossfit.py PROFILE_A PROFILE_B                     # two calibrations of the same samples
-    python benchmarks/guard_crossfit.py PROFILE --budgets 64,128 --policy-sets <the six> --floors 1 64   # floors
+    python studies/guard_crossfit.py PROFILE_A PROFILE_B                     # two calibrations of the same samples
+    python studies/guard_crossfit.py PROFILE --budgets 64,128 --policy-sets <the six> --floors 1 64   # floors
 
 Takes one or more profiles (from `run` or `calibrate`; their samples must be the first N of --data, as `run` takes
 them) and, at each budget, measures by task loss (1 - the task's score of the greedy answer; lower is better) on the

@@ -1,4 +1,4 @@
-"""benchmarks/profile_subgrid.py: a profile restricted to some grid levels equals those levels of the original."""
+"""studies/profile_subgrid.py: a profile restricted to some grid levels equals those levels of the original."""
 
 import importlib.util
 from pathlib import Path
@@ -10,8 +10,8 @@ from polykv_search.calibration import CalibrationConfig, Profile, calibrate_mode
 from polykv_search.data import load_samples
 from tests.conftest import sample_rows, write_jsonl
 
-BENCHMARKS = Path(__file__).parents[2] / "benchmarks"
-spec = importlib.util.spec_from_file_location("profile_subgrid", BENCHMARKS / "profile_subgrid.py")
+STUDIES = Path(__file__).parents[1]
+spec = importlib.util.spec_from_file_location("profile_subgrid", STUDIES / "profile_subgrid.py")
 subgrid_module = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(subgrid_module)
 

@@ -1,4 +1,4 @@
-"""benchmarks/selection_ceiling.py: the best plan and best uniform policy per budget over several reports, R of
+"""studies/selection_ceiling.py: the best plan and best uniform policy per budget over several reports, R of
 that plan, and reports of another data set refused."""
 
 import importlib.util
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).parents[2] / "benchmarks" / "selection_ceiling.py"
+SCRIPT = Path(__file__).parents[1] / "selection_ceiling.py"
 spec = importlib.util.spec_from_file_location("selection_ceiling", SCRIPT)
 selection_ceiling = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(selection_ceiling)

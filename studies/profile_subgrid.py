@@ -2,7 +2,7 @@
 measured (each probe is independent of the other levels), without calibrating again.
 
 Usage:
-    python benchmarks/profile_subgrid.py outputs/perhead/smollm2/profile.safetensors --keep 16,256,2048 \
+    python studies/profile_subgrid.py outputs/perhead/smollm2/profile.safetensors --keep 16,256,2048 \
         --out outputs/perhead/grid_16_256_2048.safetensors
 
 Then `optimize --profile <out> --cost head_kl` and `choose --metric task` against the full grid's plan say, on

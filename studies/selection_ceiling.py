@@ -2,7 +2,7 @@
 on one data set, picked on that data set itself.
 
 Usage:
-    python benchmarks/selection_ceiling.py outputs/s4/eval_smol_f/report.json outputs/s6/eval_lin/report.json ...
+    python studies/selection_ceiling.py outputs/s4/eval_smol_f/report.json outputs/s6/eval_lin/report.json ...
 
 Every report must be on the same samples (checked: the same sample ids and the same full-cache score). Per budget
 it prints the best uniform policy of all the reports, the best plan of all the reports and its R. The plan is

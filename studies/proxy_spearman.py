@@ -1,8 +1,8 @@
-"""Benchmark: how well the profile's additive per-layer cost predicts the measured end-to-end loss (mean KL to the
+"""Study: how well the profile's additive per-layer cost predicts the measured end-to-end loss (mean KL to the
 full cache over reference answers) of random feasible plans, as Spearman's rho, on the default model.
 
-    python benchmarks/proxy_spearman.py                 # needs outputs/smollm2-135m/profile.safetensors (calibrate)
-    python benchmarks/proxy_spearman.py --budget 64 --plans 30 --samples 8
+    python studies/proxy_spearman.py                 # needs outputs/smollm2-135m/profile.safetensors (calibrate)
+    python studies/proxy_spearman.py --budget 64 --plans 30 --samples 8
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ def main() -> None:
     parser.add_argument("--budgets", default="64,128,256")
     parser.add_argument("--plans", type=int, default=24)
     parser.add_argument("--samples", type=int, default=8)
-    parser.add_argument("--out", default="outputs/benchmarks/proxy_spearman.json")
+    parser.add_argument("--out", default="outputs/studies/proxy_spearman.json")
     args = parser.parse_args()
 
     from polykv_search.calibration import Profile
