@@ -15,7 +15,7 @@ import torch
 
 import polykv_search.calibration.run as calibration_run
 import polykv_search.io as io
-from polykv_search.api import read_guard_cache
+from polykv_search.optimization.guard import read_guard_cache
 from polykv_search.calibration import CalibrationConfig, calibrate_model
 from polykv_search.calibration.profile import Profile
 from polykv_search.checkpoints import prepare_checkpoints, read_sealed_checkpoint
