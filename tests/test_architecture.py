@@ -192,3 +192,10 @@ print(sorted(m for m in ("torch", "kvpress", "transformers") if m in sys.modules
 """)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
+
+
+def test_the_api_reference_names_every_public_export():
+    import polykv_search
+
+    page = (ROOT / "docs" / "api.md").read_text()
+    assert [name for name in polykv_search._EXPORTS if f"- `{name}` (" not in page] == []
