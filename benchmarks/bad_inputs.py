@@ -56,12 +56,10 @@ def cli(*args: str | Path, cwd: Path) -> tuple[int, str]:
 
 
 def first_line(stderr: str, *, starting: str = "") -> str:
-    """The first line (starting with `starting`), with the continuation lines rich wraps a long log record into."""
-    lines = [line.rstrip() for line in stderr.splitlines() if line.strip()]
-    for i, line in enumerate(lines):
-        if line.startswith(starting):
-            more = [rest.strip() for rest in lines[i + 1:i + 4] if rest.startswith(" " * 9)] if starting else []
-            return " ".join([line.strip(), *more])
+    """The first line starting with `starting` (a log record is one physical line when stderr is not a terminal)."""
+    for line in stderr.splitlines():
+        if line.strip() and line.startswith(starting):
+            return line.strip()
     return "(nothing)"
 
 
