@@ -60,6 +60,7 @@ logger = logging.getLogger(__name__)
 CALIBRATION_DATA = "calibration_data/calib.jsonl"
 LONG_CALIBRATION_DATA = "calibration_data/calib_long.jsonl"  # 6k-8k tokens: `run`'s second length bucket
 CALIBRATION_SPLITS = (CALIBRATION_DATA, LONG_CALIBRATION_DATA)
+LONG_CALIBRATION_CONTEXT = 8192  # tokens a model must read for LONG_CALIBRATION_DATA's prompts, question included
 EVALUATION_DATA = "calibration_data/eval.jsonl"
 
 __all__ = ["CALIBRATION_DATA", "EVALUATION_DATA", "ChooseResult", "DataSpec", "ModelSpec", "Progress", "RunResult",
@@ -250,7 +251,8 @@ def run(model: ModelSpec = DEFAULT_MODEL, *, budgets: float | Sequence[float] = 
     with folder_lock(out):  # a second run on the folder is refused before the model loads
         lm = resolve_model(model, device=device, dtype=dtype, trust_remote_code=trust_remote_code,
                            revision=revision)
-        if calib is None and calib_splits is None and lm.info.max_context and lm.info.max_context < 8192:
+        short_model = bool(lm.info.max_context) and lm.info.max_context < LONG_CALIBRATION_CONTEXT
+        if calib is None and calib_splits is None and short_model:
             logger.info("calibrating on %s only: %s reads %d tokens, fewer than %s needs", CALIBRATION_DATA,
                         lm.info.model_id, lm.info.max_context, LONG_CALIBRATION_DATA)
             splits = splits[:1]

@@ -252,7 +252,8 @@ def markdown(report: Report) -> str:
     if report.by_length:
         lines += ["", "R per context length (tokens compressed at prefill; each bucket its own full cache and best "
                   "uniform policy):", "",
-                  "| context tokens | samples | budget | method | score | best uniform | its score | full | R | R 90% |",
+                  "| context tokens | samples | budget | method | score | best uniform | its score | full | R "
+                  "| R 90% |",
                   "|---|---|---|---|---|---|---|---|---|---|"]
         for bucket in report.by_length:
             for r in bucket.recovery:
