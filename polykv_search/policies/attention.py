@@ -44,11 +44,26 @@ def attention_probs(module: torch.nn.Module, hidden_states: torch.Tensor, keys: 
 
 def attention_with_logsumexp(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *, causal: bool,
                              scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """SDPA's CPU kernel on query (B, h, q, D) and key/value (B, h, K, D) (as many heads: the caller lays out GQA):
-    the output (B, h, q, D) and each query's log-sum-exp (B, h, q) of its scaled logits, float32 at least, so that
+    """Attention of query (B, h, q, D) over key/value (B, h, K, D) (as many heads: the caller lays out GQA): the
+    output (B, h, q, D) and each query's log-sum-exp (B, h, q) of its scaled logits, float32 at least, so that
     softmax probabilities are exp(logit * scale - logsumexp) without a softmax. `causal` aligns top-left (for q = K,
-    the prefill's mask). CPU tensors only; the kernel is the one torch's SDPA runs there, called directly because
-    the public function does not return the log-sum-exp."""
-    out, logsumexp = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-        query, key, value, 0.0, causal, scale=scale)[:2]
+    the prefill's mask). On a CPU, SDPA's own kernel there, called directly because the public function does not
+    return the log-sum-exp (it exists for CPU tensors only); elsewhere the same from materialized logits."""
+    if query.device.type == "cpu":
+        out, logsumexp = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            query, key, value, 0.0, causal, scale=scale)[:2]
+        return out, logsumexp
+    return dense_attention_with_logsumexp(query, key, value, causal=causal, scale=scale)
+
+
+def dense_attention_with_logsumexp(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *, causal: bool,
+                                   scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """`attention_with_logsumexp` from materialized logits, with public ops only: for any device."""
+    wide = torch.promote_types(query.dtype, torch.float32)
+    logits = torch.matmul(query.to(wide), key.to(wide).transpose(-1, -2)) * scale  # (B, h, q, K)
+    if causal:
+        future = torch.ones(logits.shape[-2:], dtype=torch.bool, device=logits.device).triu_(1)
+        logits = logits.masked_fill(future, float("-inf"))
+    logsumexp = torch.logsumexp(logits, dim=-1)
+    out = torch.matmul((logits - logsumexp[..., None]).exp(), value.to(wide)).to(query.dtype)
     return out, logsumexp

@@ -78,18 +78,25 @@ class PlanPress(BasePress):
         rungs = plan_file.rungs_for(budget if budget is not None else plan_file.budgets[0])
         return cls(rungs[0], rungs=tuple(rungs))
 
-    def _select(self, context_tokens: int) -> None:
-        """Make the rung serving a prefill of `context_tokens` the active one; say once when the prompt is far
-        longer than any the rung was made on."""
-        chosen = rung_for_length(self.rungs, context_tokens)
-        k = next(i for i, rung in enumerate(self.rungs) if rung is chosen)
-        self.plan = chosen
+    def _select(self, lengths: list[int]) -> None:
+        """Make the rung serving a prefill whose rows hold `lengths` context tokens the active one (one rung for the
+        whole batch: rows that fall in different rungs are refused); say once when a prompt is far longer than any
+        the rung was made on."""
+        chosen = {id(rung): rung for rung in (rung_for_length(self.rungs, n) for n in lengths)}
+        if len(chosen) > 1:
+            raise PlanError(f"the rows of this batch ({', '.join(map(str, lengths))} context tokens) fall in different "
+                            f"rungs of the plan ({'; '.join(r.context.describe() for r in chosen.values() if r.context)}"
+                            "); batch prompts of one length range together")
+        rung = next(iter(chosen.values()))
+        k = next(i for i, candidate in enumerate(self.rungs) if candidate is rung)
+        self.plan = rung
         self._presses, self._head_presses = self._variants[k].presses, self._variants[k].head_presses
-        if chosen.context is not None and chosen.context.far_beyond(context_tokens) and not self._warned:
+        longest = max(lengths)
+        if rung.context is not None and rung.context.far_beyond(longest) and not self._warned:
             self._warned = True
             logger.warning("a prompt of %d context tokens is far longer than any this plan was made on (%d-%d at "
                            "average budget %g); its choices may not hold there: calibrate on prompts of this length",
-                           context_tokens, *chosen.context.calibrated, chosen.average_budget)
+                           longest, *rung.context.calibrated, rung.average_budget)
 
     def post_init_from_model(self, model: torch.nn.Module) -> None:
         for variant in self._variants:
@@ -97,38 +104,62 @@ class PlanPress(BasePress):
                 press.post_init_from_model(model)
 
     def forward_hook(self, module: torch.nn.Module, input: list[torch.Tensor], kwargs: dict, output: list):
-        """After a layer's prefill: kvpress's compression for a per-layer entry; for a layer with per-head
-        entries, each KV head keeps its own top-k and the cache layer becomes a RaggedLayer holding exactly those."""
-        if is_prefilling(kwargs["cache_position"], kwargs["hidden_states"].shape[1]):
-            self._select(int(kwargs["cache_position"][-1]) + 1)  # the rung for this prompt's length
-        layer = self.plan.layers[module.layer_idx]
-        if layer.heads is None:
-            return super().forward_hook(module, input, kwargs, output)
+        """After a layer's prefill: kvpress's compression for a per-layer entry of an unpadded batch; for a layer with
+        per-head entries, or any full-attention layer of a padded batch, each row's KV heads keep their own top-k of
+        that row's real tokens and the cache layer becomes a RaggedLayer holding exactly those (no padding)."""
         hidden = kwargs["hidden_states"]
         if not is_prefilling(kwargs["cache_position"], hidden.shape[1]):
             return output
+        real = real_positions(kwargs.get("attention_mask"), hidden.shape[0], hidden.shape[1])
+        self._select([hidden.shape[1]] * hidden.shape[0] if real is None else [int(r.sum()) for r in real])
+        layer = self.plan.layers[module.layer_idx]
+        if layer.heads is None and (real is None or layer.sliding_window or getattr(module, "is_sliding", False)):
+            return super().forward_hook(module, input, kwargs, output)
         cache = kwargs["past_key_values"]
         dense = cache.layers[module.layer_idx]
-        keys, values = dense.keys, dense.values  # (1, H_kv, T, D)
-        if len(layer.heads) != keys.shape[1]:
+        keys, values = dense.keys, dense.values  # (B, H_kv, T, D)
+        if layer.heads is not None and len(layer.heads) != keys.shape[1]:
             raise PlanError(f"layer {layer.index} of the plan has {len(layer.heads)} head entries but the model has "
                             f"{keys.shape[1]} KV heads; use a plan made for this model")
-        scores = {}
-        kept = []
-        for h, head in enumerate(layer.heads):
-            if head.policy is None or head.budget is None or head.budget >= keys.shape[2]:
-                kept.append(torch.arange(keys.shape[2], device=keys.device))  # this head keeps everything
-                continue
-            if head.scorer not in scores:
-                policy, press = self._head_presses[head.scorer]
-                if output[1] is not None and POLICIES[policy].needs_attentions:
-                    scores[head.scorer] = rank_scores(policy, press, module, hidden, keys, values, output[1], kwargs)
-                else:
-                    scores[head.scorer], _ = policy_scores(policy, press, module, hidden, keys, values, kwargs)
-            kept.append(scores[head.scorer][0, h].topk(int(head.budget)).indices)  # (b_h,)
-        self.kept_indices[module.layer_idx] = [k.detach().cpu() for k in kept]
+        kept = [self._kept_in_row(module, layer, kwargs, output, keys, values, b, None if real is None else real[b])
+                for b in range(keys.shape[0])]
+        self.kept_indices[module.layer_idx] = [[k.detach().cpu() for k in row] for row in kept] \
+            if len(kept) > 1 else [k.detach().cpu() for k in kept[0]]
         cache.layers[module.layer_idx] = RaggedLayer.from_dense(keys, values, kept)
         return output
+
+    def _kept_in_row(self, module: torch.nn.Module, layer, kwargs: dict, output: list, keys: torch.Tensor,
+                     values: torch.Tensor, row: int, real: torch.Tensor | None) -> list[torch.Tensor]:
+        """The positions (in the padded batch) each KV head keeps of batch row `row`, whose real tokens are `real`
+        (None: all of them): each head's scorer ranks that row alone, as a prefill of the row by itself would."""
+        batch, num_kv, length = keys.shape[:3]
+        positions = torch.arange(length, device=keys.device) if real is None else real.nonzero().squeeze(-1)
+        n = len(positions)
+        choices = [(h.policy, h.budget, h.scorer) for h in layer.heads] if layer.heads is not None else \
+            [(layer.policy, layer.budget, None)] * num_kv
+        hidden = kwargs["hidden_states"]
+        alone = batch == 1 and real is None
+        if alone:
+            row_hidden, row_keys, row_values, row_kwargs = hidden, keys, values, kwargs
+        else:
+            row_hidden, row_keys = hidden[row:row + 1, positions], keys[row:row + 1, :, positions]
+            row_values, row_kwargs = values[row:row + 1, :, positions], _row_kwargs(kwargs, row, positions)
+        scores: dict[Any, torch.Tensor] = {}
+        kept = []
+        for h, (policy, budget, scorer) in enumerate(choices):
+            if policy is None or budget is None or budget >= n:
+                kept.append(positions)  # this head keeps the row's whole prompt
+                continue
+            key = scorer if scorer is not None else ("layer", policy)
+            if key not in scores:
+                press = self._head_presses[scorer][1] if scorer is not None else self._presses[layer.index]
+                if alone and output[1] is not None and POLICIES[policy].needs_attentions:
+                    scores[key] = rank_scores(policy, press, module, row_hidden, row_keys, row_values, output[1],
+                                              row_kwargs)
+                else:
+                    scores[key], _ = policy_scores(policy, press, module, row_hidden, row_keys, row_values, row_kwargs)
+            kept.append(positions[scores[key][0, h].topk(int(budget)).indices])  # (b_h,)
+        return kept
 
     def compress(self, module: torch.nn.Module, hidden_states: torch.Tensor, keys: torch.Tensor,
                  values: torch.Tensor, attentions: torch.Tensor | None, kwargs: dict) -> tuple[torch.Tensor, ...]:
@@ -203,3 +234,30 @@ def apply_plan(model: torch.nn.Module, plan: Plan | PlanPress | PlanFile, *,
     press = plan if isinstance(plan, PlanPress) else PlanPress(plan)
     with polykv_attention(model), press(model):
         yield press
+
+
+def real_positions(attention_mask: torch.Tensor | None, batch: int, length: int) -> torch.Tensor | None:
+    """(B, T) bool: the prompt positions of each row that are real tokens, read from the mask the layer's prefill
+    attention saw (a padded position is hidden from the row's last query); None where every position is real."""
+    if attention_mask is None or attention_mask.dim() != 4 or attention_mask.shape[-1] < length:
+        return None
+    last = attention_mask[:, 0, -1, :length]  # (B|1, T): what the last query of each row sees
+    visible = last if last.dtype == torch.bool else last == 0
+    visible = visible.expand(batch, length)
+    return None if bool(visible.all()) else visible
+
+
+def _row_kwargs(kwargs: dict, row: int, positions: torch.Tensor) -> dict:
+    """The attention kwargs a prefill of batch row `row`'s real tokens alone would have seen."""
+    sliced = dict(kwargs)
+    cos, sin = kwargs["position_embeddings"]
+    pick = (lambda t: t[row:row + 1, positions] if t.shape[0] > 1 else t[:, positions])
+    sliced["position_embeddings"] = (pick(cos), pick(sin))
+    sliced["hidden_states"] = kwargs["hidden_states"][row:row + 1, positions]
+    sliced["attention_mask"] = None
+    sliced["cache_position"] = torch.arange(len(positions), device=positions.device)
+    if kwargs.get("position_ids") is not None:
+        sliced["position_ids"] = kwargs["position_ids"][row:row + 1, positions] \
+            if kwargs["position_ids"].shape[0] > 1 else kwargs["position_ids"][:, positions]
+    return sliced
+

@@ -100,7 +100,7 @@ def test_decoding_generate_and_kvpress_answer_as_the_engine_does(setup):
 
 def test_cutting_and_growing_a_ragged_layer():
     keys = [torch.randn(n, 4) for n in (3, 7)]
-    layer = RaggedLayer(keys, [k + 1 for k in keys])
+    layer = RaggedLayer([keys], [[k + 1 for k in keys]])
     assert layer.get_seq_length() == 7
     for step in range(40):  # decoding appends to every head, growing the buffers past their first size
         layer.update(torch.full((1, 2, 1, 4), float(step)), torch.full((1, 2, 1, 4), float(step)))
