@@ -33,7 +33,7 @@ from polykv_search.engine.progress import Progress
 from polykv_search.errors import ConfigError
 from polykv_search.evaluation import ALLOCATORS, Report, build_methods, check_allocators, score_methods, summarize
 from polykv_search.io import file_sha256
-from polykv_search.models import DEFAULT_MODEL, LoadedModel, ModelSpec, model_slug, resolve_model
+from polykv_search.models import DEFAULT_DEVICE, DEFAULT_MODEL, LoadedModel, ModelSpec, model_slug, resolve_model
 from polykv_search.optimization.choose import Choice, choose_rungs
 from polykv_search.optimization.figures import allocation_png
 from polykv_search.optimization.guard import GuardRung, guard_plan
@@ -100,9 +100,9 @@ def default_out_dir(model: ModelSpec) -> Path:
 def calibrate(model: ModelSpec = DEFAULT_MODEL, data: DataSpec = CALIBRATION_DATA, *,
               config: CalibrationConfig = CalibrationConfig(), out_dir: str | Path | None = None,
               max_samples: int | None = None, column_map: Mapping[str, str] | None = None, resume: bool = False,
-              device: str = "cpu", dtype: str = "auto", trust_remote_code: bool = False, revision: str | None = None,
-              progress: Progress | None = None, shard: Shard | tuple[int, int] | str | None = None,
-              ) -> CalibrationRun:
+              device: str = DEFAULT_DEVICE, dtype: str = "auto", trust_remote_code: bool = False,
+              revision: str | None = None, progress: Progress | None = None,
+              shard: Shard | tuple[int, int] | str | None = None) -> CalibrationRun:
     """Measure per-layer signals and every policy's cost at every budget of the grid on calibration samples;
     writes `out_dir/profile.safetensors` (default outputs/<model>/) and per-sample checkpoints (`resume` goes on
     from them). The returned run holds the profile. `shard` (K, N) or "K/N": only every N-th sample of the
@@ -130,7 +130,7 @@ def calibrate(model: ModelSpec = DEFAULT_MODEL, data: DataSpec = CALIBRATION_DAT
 
 def optimize(profile: Profile | str | Path, *, budgets: float | Sequence[float],
              config: OptimizeConfig = OptimizeConfig(), model: ModelSpec | None = None, data: DataSpec | None = None,
-             max_samples: int | None = None, device: str = "cpu", dtype: str = "auto",
+             max_samples: int | None = None, device: str = DEFAULT_DEVICE, dtype: str = "auto",
              progress: Progress | None = None) -> PlanFile:
     """One plan per average budget (tokens per compressible layer) from a profile: a ladder, returned unsaved
     (`PlanFile.save` writes it). The end-to-end solvers (select, optuna) measure plans on calibration samples:
@@ -164,8 +164,8 @@ def evaluate(model: ModelSpec = DEFAULT_MODEL, data: DataSpec = EVALUATION_DATA,
              profile: Profile | str | Path | None = None, out_dir: str | Path | None = None,
              max_samples: int | None = None, max_context_tokens: int | None = None, with_kl: bool = True,
              batch_size: int = 16, column_map: Mapping[str, str] | None = None, resume: bool = False,
-             device: str = "cpu", dtype: str = "auto", trust_remote_code: bool = False, revision: str | None = None,
-             progress: Progress | None = None) -> Report:
+             device: str = DEFAULT_DEVICE, dtype: str = "auto", trust_remote_code: bool = False,
+             revision: str | None = None, progress: Progress | None = None) -> Report:
     """Answer held-out samples with the full cache, every uniform policy, PyramidKV and CAKE (CAKE needs a
     `profile`) and Ada-KV (`allocators`) at each budget, and the given plans at their own budgets; score each
     answer by its task's metric; gap recovery R per budget. `plans`: name -> plan file (or paths, named by their
@@ -211,7 +211,7 @@ def run(model: ModelSpec = DEFAULT_MODEL, *, budgets: float | Sequence[float] = 
         max_calib_samples: int | None = None,
         max_eval_samples: int | None = None, out_dir: str | Path | None = None, fresh: bool = False,
         guard: bool = True, column_map: Mapping[str, str] | None = None, max_context_tokens: int | None = None,
-        device: str = "cpu", dtype: str = "auto", trust_remote_code: bool = False, revision: str | None = None,
+        device: str = DEFAULT_DEVICE, dtype: str = "auto", trust_remote_code: bool = False, revision: str | None = None,
         progress: Progress | None = None) -> RunResult:
     """The whole job on one model: calibrate on `calib`, optimize a plan per budget, evaluate it on the held-out
     `eval_data` against the full cache, the uniform policies and the `allocators` (PyramidKV, CAKE and Ada-KV
@@ -317,7 +317,7 @@ def _split_name(split: DataSpec, index: int) -> str:
 
 def choose(model: ModelSpec, plans: Mapping[str, PlanFile | str | Path] | Sequence[str | Path], *,
            data: DataSpec = CALIBRATION_DATA, metric: Metric = "lost", uniform: Sequence[str] = (),
-           max_samples: int | None = None, device: str = "cpu", dtype: str = "auto",
+           max_samples: int | None = None, device: str = DEFAULT_DEVICE, dtype: str = "auto",
            progress: Progress | None = None) -> ChooseResult:
     """Per budget, the candidate rung measuring best on calibration samples (never the evaluation data); `uniform`
     policies stand as candidates at every budget. Returns the chosen ladder and what was measured per budget."""
@@ -340,7 +340,7 @@ def choose(model: ModelSpec, plans: Mapping[str, PlanFile | str | Path] | Sequen
 
 def check_proxy(profile: Profile | str | Path, *, budget: float, cost: str = "mass_lost", n_plans: int = 24,
                 model: ModelSpec | None = None, data: DataSpec | None = None, max_samples: int | None = 8,
-                seed: int = 0, device: str = "cpu", dtype: str = "auto") -> ProxyReport:
+                seed: int = 0, device: str = DEFAULT_DEVICE, dtype: str = "auto") -> ProxyReport:
     """Spearman correlation between the profile's predicted loss and the measured KL of `n_plans` random plans."""
     if n_plans < 20:
         raise ConfigError(f"--n-plans {n_plans}: use at least 20 plans for a meaningful rank correlation")

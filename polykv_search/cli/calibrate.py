@@ -18,6 +18,7 @@ import typer
 from polykv_search.cli import app
 from polykv_search.cli.errors import err_console
 from polykv_search.cli.options import (
+    DEFAULT_DEVICE,
     DEFAULT_MODEL,
     PROBES,
     ColumnMapOpt,
@@ -95,7 +96,7 @@ def calibrate(
     shard: Annotated[str | None, typer.Option(help="K/N: calibrate only samples i (of the selection, from 0) with "
                                               "i mod N = K-1, into <out>/shard-K-of-N/; run the N shards anywhere, "
                                               "then `merge-profiles` them.")] = None,
-    device: DeviceOpt = "cpu",
+    device: DeviceOpt = DEFAULT_DEVICE,
     dtype: DtypeOpt = "auto",
     trust_remote_code: TrustOpt = False,
     revision: RevisionOpt = None,

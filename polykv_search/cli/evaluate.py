@@ -16,6 +16,7 @@ import typer
 from polykv_search.cli import app
 from polykv_search.cli.errors import err_console
 from polykv_search.cli.options import (
+    DEFAULT_DEVICE,
     DEFAULT_MODEL,
     ColumnMapOpt,
     DataOpt,
@@ -58,7 +59,7 @@ def evaluate(
     batch_size: Annotated[int, typer.Option(help="Methods decoded together per batch.")] = 16,
     column_map: ColumnMapOpt = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run.")] = False,
-    device: DeviceOpt = "cpu",
+    device: DeviceOpt = DEFAULT_DEVICE,
     dtype: DtypeOpt = "auto",
     trust_remote_code: TrustOpt = False,
     revision: RevisionOpt = None,

@@ -19,6 +19,7 @@ from polykv_search.cli import app
 from polykv_search.cli.errors import err_console
 from polykv_search.cli.options import (
     CONSTRAINTS,
+    DEFAULT_DEVICE,
     DEFAULT_MODEL,
     ILP,
     OPTUNA,
@@ -111,7 +112,7 @@ def optimize(
     seed: Annotated[int, typer.Option(help="Random seed (optuna).", rich_help_panel=OPTUNA)] = 0,
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Plan file (default: outputs/<model>/plan.json)")
                    ] = None,
-    device: DeviceOpt = "cpu",
+    device: DeviceOpt = DEFAULT_DEVICE,
     dtype: DtypeOpt = "auto",
     as_json: JsonOpt = False,
 ) -> None:
@@ -156,7 +157,7 @@ def check_proxy_cmd(
     data: DataOpt = None,
     max_samples: Annotated[int | None, typer.Option(min=1, help="Calibration samples measured per plan.")] = 8,
     seed: int = 0,
-    device: DeviceOpt = "cpu",
+    device: DeviceOpt = DEFAULT_DEVICE,
     dtype: DtypeOpt = "auto",
     as_json: JsonOpt = False,
 ) -> None:
@@ -196,7 +197,7 @@ def choose_cmd(
                                                 "single policy where no plan measures better).")] = None,
     data: DataOpt = None,
     max_samples: Annotated[int | None, typer.Option(min=1, help="Calibration samples measured (default: all).")] = None,
-    device: DeviceOpt = "cpu",
+    device: DeviceOpt = DEFAULT_DEVICE,
     dtype: DtypeOpt = "auto",
     as_json: JsonOpt = False,
 ) -> None:

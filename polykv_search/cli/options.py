@@ -9,7 +9,7 @@ import typer
 
 from polykv_search.errors import ConfigError
 from polykv_search.io import check_writable
-from polykv_search.models import DEFAULT_MODEL, model_slug
+from polykv_search.models import DEFAULT_DEVICE, DEFAULT_MODEL, model_slug
 from polykv_search.plan.names import COST_NAMES, METRICS, SOLVERS, WEIGHTINGS
 
 
@@ -43,7 +43,8 @@ ColumnMapOpt = Annotated[str | None, typer.Option(help="Rename columns to the ca
                                                   rich_help_panel=LOADING)]
 MaxContextOpt = Annotated[int | None, typer.Option(help="Truncate prompts (middle) to this many tokens (default: the "
                                                    "model context).", rich_help_panel=LOADING)]
-DeviceOpt = Annotated[str, typer.Option(help="cpu, cuda, or auto (accelerate's device map across GPUs).")]
+DeviceOpt = Annotated[str, typer.Option(help="best (cuda when a GPU is visible, else cpu; the line 'device: ...' says "
+                                        "which), cpu, cuda, or auto (accelerate's device map across GPUs).")]
 DtypeOpt = Annotated[str, typer.Option(help="auto (float32 on CPU, bfloat16 on GPU), float32, bfloat16, float16.")]
 
 # the optimizer's options, shared by `optimize` and `run`; those a user rarely changes in their own panels
@@ -78,8 +79,9 @@ NTrialsOpt = Annotated[int, typer.Option(help="optuna: trials (seeds included)."
 StorageOpt = Annotated[str | None, typer.Option(help="optuna: journal:PATH or an RDB URL; shared by processes and "
                                                 "machines, resumable after a kill.", rich_help_panel=OPTUNA)]
 
-__all__ = ["CONSTRAINTS", "DEFAULT_MODEL", "ILP", "LOADING", "OPTUNA", "PROBES", "CapOpt", "ColumnMapOpt", "CostOpt",
-           "DataOpt", "DeviceOpt", "DtypeOpt", "FloorOpt", "GridOpt", "JsonOpt", "MaxContextOpt", "MaxPoliciesOpt",
+__all__ = ["CONSTRAINTS", "DEFAULT_DEVICE", "DEFAULT_MODEL", "ILP", "LOADING", "OPTUNA", "PROBES", "CapOpt",
+           "ColumnMapOpt", "CostOpt", "DataOpt", "DeviceOpt", "DtypeOpt", "FloorOpt", "GridOpt", "JsonOpt",
+           "MaxContextOpt", "MaxPoliciesOpt",
            "MetricOpt", "ModelOpt", "NTrialsOpt", "OnlyOpt", "OutOpt", "PoliciesOpt", "ProfileOpt", "RevisionOpt",
            "SolverOpt", "StorageOpt", "TieOpt", "TrustOpt", "WeightingOpt", "check_out_file", "choices", "given",
            "model_slug", "parse_allowed", "parse_budget_list", "parse_column_map", "parse_int_list", "parse_str_list",

@@ -21,6 +21,7 @@ import typer
 from polykv_search.cli import app
 from polykv_search.cli.errors import err_console
 from polykv_search.cli.options import (
+    DEFAULT_DEVICE,
     DEFAULT_MODEL,
     CapOpt,
     ColumnMapOpt,
@@ -115,7 +116,7 @@ def run(
                                         "set's optimized ladder stays in plan_optimized.json).")] = True,
     column_map: ColumnMapOpt = None,
     max_context: MaxContextOpt = None,
-    device: DeviceOpt = "cpu",
+    device: DeviceOpt = DEFAULT_DEVICE,
     dtype: DtypeOpt = "auto",
     trust_remote_code: TrustOpt = False,
     revision: RevisionOpt = None,

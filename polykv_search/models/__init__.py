@@ -6,13 +6,15 @@ from __future__ import annotations
 from importlib import import_module
 from typing import TYPE_CHECKING, Any
 
+from polykv_search.models.devices import DEFAULT_DEVICE, DEVICES, describe_device, resolve_device
 from polykv_search.models.embedded import DEFAULT_MODEL, EMBEDDED
 from polykv_search.models.info import ModelInfo, model_info, model_slug, same_model
 
 # loading imports torch (a second): the command line's --help and plan checks need only the names above
-_LAZY = {"LoadedModel", "LoadedTokenizer", "ModelSpec", "load_model", "load_tokenizer", "resolve_device",
-         "resolve_dtype", "resolve_model"}
-__all__ = ["DEFAULT_MODEL", "EMBEDDED", "ModelInfo", "model_info", "model_slug", "same_model",
+_LAZY = {"LoadedModel", "LoadedTokenizer", "ModelSpec", "load_model", "load_tokenizer", "resolve_dtype",
+         "resolve_model"}
+__all__ = ["DEFAULT_DEVICE", "DEFAULT_MODEL", "DEVICES", "EMBEDDED", "ModelInfo", "describe_device", "model_info",
+           "model_slug", "resolve_device", "same_model",
            *sorted(_LAZY)]
 
 
@@ -31,7 +33,6 @@ if TYPE_CHECKING:
         ModelSpec,
         load_model,
         load_tokenizer,
-        resolve_device,
         resolve_dtype,
         resolve_model,
     )

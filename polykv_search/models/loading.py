@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -27,13 +27,13 @@ import polykv_search.hub as hub
 from polykv_search.errors import ConfigError, ModelError, PolykvError
 from polykv_search.io import file_sha256
 from polykv_search.models.cache import cache_root
+from polykv_search.models.devices import DEFAULT_DEVICE, describe_device, resolve_device
 from polykv_search.models.embedded import EMBEDDED
 from polykv_search.models.families import check_family
 from polykv_search.models.info import ModelInfo, model_info
 
 logger = logging.getLogger(__name__)
 
-DeviceName = Literal["cpu", "cuda", "auto"]
 CONVERSION_VERSION = 2  # bump when the cached conversion changes; v2 keeps GGUF tokenizers faithful
 PROBE = "The capital of France is a beautiful city. def f(x): return x + 1  # 123456"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -50,23 +50,13 @@ class LoadedModel:
 ModelSpec = str | Path | LoadedModel  # an alias, a .gguf file, a folder, a hub id, or a model loaded once
 
 
-def resolve_model(model: ModelSpec, *, device: str = "cpu", dtype: str = "auto", trust_remote_code: bool = False,
-                  revision: str | None = None) -> LoadedModel:
+def resolve_model(model: ModelSpec, *, device: str = DEFAULT_DEVICE, dtype: str = "auto",
+                  trust_remote_code: bool = False, revision: str | None = None) -> LoadedModel:
     """A loaded model: `model` itself, or the spec loaded with these options."""
     if isinstance(model, LoadedModel):
         return model
     return load_model(str(model), device=device, dtype=dtype, trust_remote_code=trust_remote_code,
                       revision=revision)
-
-
-def resolve_device(device: str) -> str:
-    if device not in ("cpu", "cuda", "auto"):
-        raise ConfigError(f"--device {device!r} is not one of cpu, cuda, auto")
-    if device in ("cuda", "auto") and not torch.cuda.is_available():
-        if device == "cuda":
-            raise ConfigError("--device cuda was asked but no CUDA GPU is visible; use --device cpu")
-        return "cpu"
-    return device
 
 
 def resolve_dtype(dtype: str, device: str) -> torch.dtype:
@@ -80,7 +70,7 @@ def resolve_dtype(dtype: str, device: str) -> torch.dtype:
 def load_model(
     spec: str,
     *,
-    device: str = "cpu",
+    device: str = DEFAULT_DEVICE,
     dtype: str = "auto",
     trust_remote_code: bool = False,
     revision: str | None = None,
@@ -88,7 +78,8 @@ def load_model(
 ) -> LoadedModel:
     """Load `spec` (alias, .gguf path, folder or hub id) for inference, in eval mode."""
     device = resolve_device(device)
-    torch_dtype = resolve_dtype(dtype, device)
+    torch_dtype = resolve_dtype(dtype, device)  # auto follows the resolved device: bfloat16 on a GPU
+    logger.info("device: %s, dtype %s", describe_device(device), str(torch_dtype).removeprefix("torch."))
     source, model_id, rev, add_bos, local_only = _resolve(spec, revision)
     model, tokenizer = _from_pretrained(source, device=device, dtype=torch_dtype, revision=revision,
                                         trust_remote_code=trust_remote_code,

@@ -24,7 +24,7 @@ from polykv_search.engine.objective import Measures
 from polykv_search.engine.progress import Progress
 from polykv_search.errors import ConfigError
 from polykv_search.io import unseal, write_sealed_json
-from polykv_search.models import LoadedModel, ModelSpec, resolve_model
+from polykv_search.models import DEFAULT_DEVICE, LoadedModel, ModelSpec, resolve_model
 from polykv_search.optimization.choose import Choice
 from polykv_search.optimization.crossfit import DEFAULT_FOLDS, fold_plans
 from polykv_search.optimization.measure import RungMeasure
@@ -118,7 +118,7 @@ def guard_plan(model: ModelSpec, plan_file: PlanFile | str | Path, samples: Data
                policies: Sequence[str] = DEFAULT_POLICIES, profile: Profile | str | Path | None = None,
                config: OptimizeConfig | None = None, policy_sets: Sequence[Sequence[str]] = (),
                crossfit: bool = True, folds: int = DEFAULT_FOLDS, cache: str | Path | None = None,
-               device: str = "cpu", dtype: str = "auto", max_context_tokens: int | None = None,
+               device: str = DEFAULT_DEVICE, dtype: str = "auto", max_context_tokens: int | None = None,
                progress: Progress | None = None) -> GuardResult:
     """Per budget, the plan's rung where its task score on `samples` (calibration data, never the evaluation
     set) is at least every uniform policy's in `policies`, else the best of those policies (ties by the share

@@ -50,3 +50,11 @@ def test_calibrate_takes_the_grid_as_grid(tiny_dir, tmp_path):
                                       str(tmp_path / "o"), "--grid", "8,16", "--window", "16", "--json"])
     assert result.exit_code == 0, result.output
     assert Profile.load(json.loads(result.stdout)["profile"]).budgets == [8, 16]
+
+
+@pytest.mark.parametrize("command", [("calibrate",), ("optimize",), ("evaluate",), ("run",), ("choose",),
+                                     ("check-proxy",)])
+def test_device_defaults_to_best_in_every_command(command):
+    shown = " ".join(help_of(*command).split())
+    assert "--device" in shown and "best (cuda when a GPU is visible, else cpu" in shown
+    assert "[default: best]" in shown

@@ -25,7 +25,7 @@ def test_unknown_spec_and_missing_gguf(tmp_path):
 
 
 def test_device_and_dtype_choices():
-    with pytest.raises(ConfigError, match="not one of cpu, cuda, auto"):
+    with pytest.raises(ConfigError, match="not one of best, cpu, cuda, auto"):
         load_model("smollm2-135m", device="tpu")
     with pytest.raises(ConfigError, match="float32"):
         resolve_dtype("float8", "cpu")
