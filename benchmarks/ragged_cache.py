@@ -161,18 +161,27 @@ def engine_parts(engine: PrefillEngine, sample):
     return build_prompt(sample, engine.lm.tokenizer, max_context_tokens=engine.max_context)
 
 
-def plans_for(lm, sample, budget: int, per_head_file: str | None) -> dict[str, Plan]:
+def plans_for(lm, state, budget: int, per_head_file: str | None) -> dict[str, Plan]:
+    """The three plans at `budget`; without a plan file the per-head one is Ada-KV's budgets from `state`'s own
+    SnapKV scores (a prefill by an engine that scores SnapKV)."""
     info = lm.info
-    per_head = None
     if per_head_file:
         per_head = load_plan(per_head_file, model=info).plan_for(budget)
     else:  # Ada-KV's per-head budgets from this sample's SnapKV scores
-        engine = PrefillEngine(lm, scorers=["snapkv"])
-        state = engine.prefill(sample)
         per_head = adakv_plan(info, {i: r["snapkv"] for i, r in state.rankings.items()}, policy="snapkv",
                               budget=budget, n_context=state.n_context)
     return {"uniform": uniform_plan(info, policy="snapkv", budget=budget),
             "per_layer": pyramidkv_plan(info, policy="snapkv", budget=budget), "per_head": per_head}
+
+
+def prefilled(lm, sample, per_head_file: str | None):
+    """One full prefill of `sample` scoring what the three plans rank by; returns (engine, state)."""
+    policies = ["snapkv"]
+    if per_head_file:
+        engine = PrefillEngine.for_plans(lm, load_plan(per_head_file, model=lm.info).plans, policies=policies)
+    else:
+        engine = PrefillEngine(lm, scorers=policies)
+    return engine, engine.prefill(sample)
 
 
 def answers_check(lm, sample, plan: Plan) -> dict:
@@ -214,9 +223,8 @@ def main() -> None:
               "decode_tokens": args.decode, "batches": batches, "contexts": []}
     for context in [int(c) for c in args.contexts.split(",")]:
         sample = long_sample(lm.tokenizer, context + 200)  # the context itself about `context` tokens
-        plans = plans_for(lm, sample, args.budget, args.per_head_plan)
-        engine = PrefillEngine.for_plans(lm, list(plans.values()))
-        state = engine.prefill(sample)
+        engine, state = prefilled(lm, sample, args.per_head_plan)
+        plans = plans_for(lm, state, args.budget, args.per_head_plan)
         kept = {kind: engine.kept_indices(state, plan) for kind, plan in plans.items()}
         row = {"context_tokens": state.n_context,
                "per_head_dense_layout_bytes": padded_bytes(plans["per_head"], lm, state.n_context), "batches": []}
@@ -257,7 +265,8 @@ def main() -> None:
             print("  peak RSS decoding at batch 1: " + ", ".join(
                 f"{k} {v:.0f} MB" for k, v in row["peak_rss_decoding_mb"].items()))
         report["contexts"].append(row)
-    rows = [answers_check(lm, sample, plans_for(lm, sample, args.budget, args.per_head_plan)["per_head"])
+    rows = [answers_check(lm, sample, plans_for(lm, prefilled(lm, sample, args.per_head_plan)[1], args.budget,
+                                                args.per_head_plan)["per_head"])
             for sample in load_samples(args.check_data)[:args.check_samples]]  # Ada-KV: each sample's own
     report["answers_check"] = rows
     if rows:

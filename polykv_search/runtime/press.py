@@ -108,12 +108,13 @@ class PlanPress(BasePress):
         per-head entries, or any full-attention layer of a padded batch, each row's KV heads keep their own top-k of
         that row's real tokens and the cache layer becomes a RaggedLayer holding exactly those (no padding)."""
         hidden = kwargs["hidden_states"]
-        if not is_prefilling(kwargs["cache_position"], hidden.shape[1]):
-            return output
+        if not is_prefilling(kwargs["cache_position"], hidden.shape[1]) or \
+                self.plan.layers[module.layer_idx].sliding_window:
+            return output  # decoding, or a sliding-window layer (its mask shows only the window; no plan touches it)
         real = real_positions(kwargs.get("attention_mask"), hidden.shape[0], hidden.shape[1])
         self._select([hidden.shape[1]] * hidden.shape[0] if real is None else [int(r.sum()) for r in real])
         layer = self.plan.layers[module.layer_idx]
-        if layer.heads is None and (real is None or layer.sliding_window or getattr(module, "is_sliding", False)):
+        if layer.heads is None and real is None:
             return super().forward_hook(module, input, kwargs, output)
         cache = kwargs["past_key_values"]
         dense = cache.layers[module.layer_idx]

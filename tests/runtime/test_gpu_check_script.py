@@ -43,7 +43,7 @@ def test_dry_run_measures_every_stage_and_writes_the_figures(tmp_path):
     data = write_jsonl(tmp_path / "rows.jsonl", sample_rows(3, words=120))
     out = tmp_path / "check.json"
     done = script("--dry-run", "--model", str(tmp_path / "tiny"), "--data", str(data), "--contexts", "200,5000",
-                  "--budgets", "16,32", "--decode", "3", "--out", str(out))
+                  "--budgets", "16", "--decode", "3", "--out", str(out))
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(out.read_text())
     assert report["dry_run"] and report["device"] == "cpu (no GPU visible)" and report["dtype"] == "float32"
@@ -52,17 +52,15 @@ def test_dry_run_measures_every_stage_and_writes_the_figures(tmp_path):
     for ctx in report["contexts"]:
         tokens = ctx["prompt_tokens"]["calibration"] + ctx["prompt_tokens"]["held_out"]
         assert len(tokens) == 2 and all(ctx["context"] - 8 <= n <= ctx["context"] for n in tokens), tokens
-        assert set(ctx["stages"]) == {"calibrate", "optimize", "evaluate", "answers@16", "answers@32"}
+        assert set(ctx["stages"]) == {"calibrate", "optimize", "evaluate", "answers@16"}
         assert all(s["seconds"] >= 0 and s["peak_gpu_mb"] is None for s in ctx["stages"].values())
-        assert [row["budget"] for row in ctx["evaluate"]] == [16, 32]
+        assert [row["budget"] for row in ctx["evaluate"]] == [16]
         measured = {(row["kind"].split()[0], row["budget"], row["batch"]) for row in ctx["decode"]}
         assert measured == {("dense", None, 1), ("dense", None, 8)} | {
-            (kind, b, batch) for kind in ("plan", "uniform") for b in (16, 32) for batch in (1, 8)}
-        for row in ctx["decode"]:  # a measurement that failed says why (batch 8 before the ragged cache batches)
-            assert ("failed" in row) != ("decode_tokens_per_s" in row), row
-            assert "failed" not in row or (row["kind"] == "plan" and row["batch"] == 8)
+            (kind, b, batch) for kind in ("plan", "uniform") for b in (16,) for batch in (1, 8)}
+        assert all("failed" not in row and row["decode_tokens_per_s"] > 0 for row in ctx["decode"]), ctx["decode"]
         assert all(a["of"] == 1 and a["same"] == 1 for a in ctx["answers"].values())
     shown = done.stdout
     for part in ("on cpu (no GPU visible), dtype float32", "stage", "calibrate", "decode", "tokens/s",
-                 "ragged = dense masked greedy answers, per budget: 16: 1/1, 32: 1/1", f"written: {out}"):
+                 "ragged = dense masked greedy answers, per budget: 16: 1/1", f"written: {out}"):
         assert part in shown, part
