@@ -20,6 +20,40 @@ def debug_enabled() -> bool:
     return os.environ.get("POLYKV_DEBUG", "") not in ("", "0")
 
 
+HOLD = "polykv_hold"  # a log record with this extra set (models/loading.py: the device line) waits for work to start
+
+
+class HoldingHandler(logging.Handler):
+    """Passes records to `inner`, except those flagged HOLD (the device a model loaded on): they wait for the next
+    record, the first progress line or a successful end, and a refusal drops them, so bad input stays one line."""
+
+    def __init__(self, inner: logging.Handler) -> None:
+        super().__init__()
+        self.inner = inner
+        self.held: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if getattr(record, HOLD, False):
+            self.held.append(record)
+            return
+        self.say_held()
+        self.inner.handle(record)
+
+    def say_held(self) -> None:  # not `release`: logging.Handler's lock method has that name
+        held, self.held = self.held, []
+        for record in held:
+            self.inner.handle(record)
+
+
+_holding: HoldingHandler | None = None
+
+
+def release_held() -> None:
+    """Say the held records now (work starts: a progress line, or the command's end)."""
+    if _holding is not None:
+        _holding.say_held()
+
+
 def _log_handler() -> logging.Handler:
     """Rich's handler on a terminal; elsewhere (a batch job, a pipe, CI) a plain one, so each record stays on one
     physical line that grep and log readers can take whole (rich wraps at the console's width)."""
@@ -31,11 +65,13 @@ def _log_handler() -> logging.Handler:
 
 
 def setup_logging(verbose: bool = False) -> None:
+    global _holding
     level = logging.DEBUG if debug_enabled() else (logging.INFO if verbose else logging.WARNING)
+    _holding = HoldingHandler(_log_handler())
     logging.basicConfig(
         level=logging.WARNING,
         format="%(message)s",
-        handlers=[_log_handler()],
+        handlers=[_holding],
         force=True,
     )
     logging.getLogger("polykv_search").setLevel(min(level, logging.INFO))
@@ -83,6 +119,7 @@ def run_app(app: typer.Typer) -> None:
         else:  # an unexpected failure is a bug: still one line unless debugging
             _fail(f"internal error: {type(exc).__name__}: {exc} (set POLYKV_DEBUG=1 for the traceback)", exc,
                   code=1)
+    release_held()
     if code == 130:  # typer turns Ctrl-C into Exit(130), which a non-standalone app returns
         _fail(INTERRUPTED, None, code=130)
     if isinstance(code, int) and code != 0:  # a command's own exit code; success returns (tests call main())
@@ -108,6 +145,8 @@ def click_kind(exc: BaseException) -> str | None:
 
 
 def _fail(message: str, exc: BaseException | None, *, code: int = 2) -> None:
+    if _holding is not None:
+        _holding.held.clear()  # a refusal is one line: what was held back is not said
     if debug_enabled() and exc is not None:
         err_console.print_exception()
     err_console.print(message, style="bold red", markup=False, highlight=False, soft_wrap=True)

@@ -15,7 +15,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from polykv_search.cli.errors import err_console
+from polykv_search.cli.errors import err_console, release_held
 from polykv_search.plan import PlanFile
 
 if TYPE_CHECKING:  # the library loads torch (seconds); these modules only need its types
@@ -35,8 +35,11 @@ def progress_bars(*, plain: bool | None = None, interval: float = 30.0) -> Itera
     that reports no total (a step of the optimizer) shows as a line of text. When stderr is not a terminal (a batch
     job, nohup, CI; `plain` forces either way), plain lines instead (`PlainProgress`), at least every `interval` s."""
     if plain if plain is not None else not err_console.is_terminal:
-        lines = PlainProgress(write=lambda line: err_console.print(line, markup=False, highlight=False),
-                              interval=interval)
+        def write(line: str) -> None:
+            release_held()  # the device line, before the first progress line
+            err_console.print(line, markup=False, highlight=False)
+
+        lines = PlainProgress(write=write, interval=interval)
         stop = threading.Event()
 
         def heartbeat() -> None:  # a line at least every `interval` s, even while one step takes minutes
@@ -58,6 +61,7 @@ def progress_bars(*, plain: bool | None = None, interval: float = 30.0) -> Itera
     tasks: dict[str, int] = {}
 
     def update(stage: str, done: int, total: int, note: str = "") -> None:
+        release_held()  # the device line, before the first bar
         if total <= 0:
             err_console.print(f"{stage}: {escape(note)}", highlight=False)
             return

@@ -79,7 +79,6 @@ def load_model(
     """Load `spec` (alias, .gguf path, folder or hub id) for inference, in eval mode."""
     device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, device)  # auto follows the resolved device: bfloat16 on a GPU
-    logger.info("device: %s, dtype %s", describe_device(device), str(torch_dtype).removeprefix("torch."))
     source, model_id, rev, add_bos, local_only = _resolve(spec, revision)
     model, tokenizer = _from_pretrained(source, device=device, dtype=torch_dtype, revision=revision,
                                         trust_remote_code=trust_remote_code,
@@ -91,6 +90,8 @@ def load_model(
     info = model_info(model, model_id=model_id, revision=rev, add_bos=add_bos)
     model.eval()
     first = next(model.parameters()).device
+    logger.info("device: %s, dtype %s", describe_device(device), str(torch_dtype).removeprefix("torch."),
+                extra={"polykv_hold": True})  # the command line says it when work starts, not before a refusal
     return LoadedModel(model=model, tokenizer=tokenizer, info=info, device=first)
 
 

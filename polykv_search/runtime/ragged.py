@@ -269,7 +269,7 @@ def ragged_attention(query: torch.Tensor, key: RaggedKV, value: RaggedKV, *, sca
     soft-capping: neither has it, and a model that needs it runs eager attention, which plans do not use)."""
     kernel = varlen_kernel(query)
     if kernel is not None and key.index is not None:
-        return _varlen_attention(kernel, query, key, value, scaling)
+        return varlen_attention(kernel, query, key, value, scaling)
     return grouped_sdpa(query, key, value, scaling=scaling)
 
 
@@ -309,7 +309,7 @@ def _causal(q_len: int, k_len: int, device: torch.device) -> torch.Tensor | None
     return torch.arange(k_len, device=device)[None, :] <= positions
 
 
-def _varlen_attention(kernel: Callable, query: torch.Tensor, key: RaggedKV, value: RaggedKV,
+def varlen_attention(kernel: Callable, query: torch.Tensor, key: RaggedKV, value: RaggedKV,
                       scaling: float) -> torch.Tensor:
     """Every segment as one sequence of a varlen kernel: its G query heads and q queries against its own tokens
     (one KV head), the slots after a segment's `used` skipped through `seqused_k`."""
@@ -336,7 +336,7 @@ def varlen_kernel(query: torch.Tensor) -> Callable | None:
 @cache
 def _cuda_varlen() -> Callable | None:
     """flash-attn's varlen function if installed and it takes `seqused_k` (flash-attn 3), else torch's varlen_attn,
-    else None; said once."""
+    else None; said once. The kernels are imported here: optional, and looked up only on a GPU."""
     try:
         from flash_attn import flash_attn_varlen_func  # type: ignore[import-not-found]
         if "seqused_k" in inspect.signature(flash_attn_varlen_func).parameters:

@@ -13,7 +13,7 @@ from polykv_search.errors import PlanError
 from polykv_search.plan import HeadPlan, LayerPlan, Plan
 from polykv_search.plan.plan import ContextRange
 from polykv_search.runtime import PlanPress, apply_plan, polykv_attention
-from polykv_search.runtime.ragged import RaggedKV, RaggedLayer, _varlen_attention, grouped_sdpa
+from polykv_search.runtime.ragged import RaggedKV, RaggedLayer, grouped_sdpa, varlen_attention
 from tests.conftest import FAMILIES, tiny_loaded
 from tests.plans import TEST
 from tests.test_families import mixed_plan, per_head_plan
@@ -179,13 +179,13 @@ def test_the_flattened_layout_answers_as_the_dense_masked_reference(lengths, q_l
     torch.testing.assert_close(grouped_sdpa(query, k_all, v_all, scaling=0.3), expected, atol=1e-5, rtol=1e-5)
     index = (torch.tensor(k_all.starts, dtype=torch.int32), torch.tensor(k_all.used, dtype=torch.int32))
     with_index = RaggedKV(k_all.data, k_all.starts, k_all.used, k_all.batch, k_all.length, k_all.appended, index)
-    torch.testing.assert_close(_varlen_attention(reference_varlen, query, with_index, v_all, 0.3), expected,
+    torch.testing.assert_close(varlen_attention(reference_varlen, query, with_index, v_all, 0.3), expected,
                                atol=1e-5, rtol=1e-5)
 
 
 def reference_varlen(q, k, v, cu_q, starts, used, max_q, max_k, scale):
     """What a varlen kernel computes, sequence by sequence (query (T_q, G, D), one KV head, seqused_k, bottom-right
-    causal): to check the layout `_varlen_attention` hands it."""
+    causal): to check the layout `varlen_attention` hands it."""
     out = torch.empty_like(q)
     for i in range(len(used)):
         rows = slice(int(cu_q[i]), int(cu_q[i + 1]))
