@@ -136,6 +136,10 @@ class PlanPress(BasePress):
         batch, num_kv, length = keys.shape[:3]
         positions = torch.arange(length, device=keys.device) if real is None else real.nonzero().squeeze(-1)
         n = len(positions)
+        if n and int(positions[-1] - positions[0]) + 1 == n:  # left or right padding: one span, sliced as views
+            span: slice | torch.Tensor = slice(int(positions[0]), int(positions[0]) + n)
+        else:
+            span = positions
         choices = [(h.policy, h.budget, h.scorer) for h in layer.heads] if layer.heads is not None else \
             [(layer.policy, layer.budget, None)] * num_kv
         hidden = kwargs["hidden_states"]
@@ -143,8 +147,8 @@ class PlanPress(BasePress):
         if alone:
             row_hidden, row_keys, row_values, row_kwargs = hidden, keys, values, kwargs
         else:
-            row_hidden, row_keys = hidden[row:row + 1, positions], keys[row:row + 1, :, positions]
-            row_values, row_kwargs = values[row:row + 1, :, positions], _row_kwargs(kwargs, row, positions)
+            row_hidden, row_keys = hidden[row:row + 1, span], keys[row:row + 1, :, span]  # views, not copies,
+            row_values, row_kwargs = values[row:row + 1, :, span], _row_kwargs(kwargs, row, span)  # when one span
         scores: dict[Any, torch.Tensor] = {}
         kept = []
         for h, (policy, budget, scorer) in enumerate(choices):
@@ -248,7 +252,7 @@ def real_positions(attention_mask: torch.Tensor | None, batch: int, length: int)
     return None if bool(visible.all()) else visible
 
 
-def _row_kwargs(kwargs: dict, row: int, positions: torch.Tensor) -> dict:
+def _row_kwargs(kwargs: dict, row: int, positions: torch.Tensor | slice) -> dict:
     """The attention kwargs a prefill of batch row `row`'s real tokens alone would have seen."""
     sliced = dict(kwargs)
     cos, sin = kwargs["position_embeddings"]
@@ -256,7 +260,8 @@ def _row_kwargs(kwargs: dict, row: int, positions: torch.Tensor) -> dict:
     sliced["position_embeddings"] = (pick(cos), pick(sin))
     sliced["hidden_states"] = kwargs["hidden_states"][row:row + 1, positions]
     sliced["attention_mask"] = None
-    sliced["cache_position"] = torch.arange(len(positions), device=positions.device)
+    length = sliced["hidden_states"].shape[1]
+    sliced["cache_position"] = torch.arange(length, device=kwargs["hidden_states"].device)
     if kwargs.get("position_ids") is not None:
         sliced["position_ids"] = kwargs["position_ids"][row:row + 1, positions] \
             if kwargs["position_ids"].shape[0] > 1 else kwargs["position_ids"][:, positions]
