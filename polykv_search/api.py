@@ -34,23 +34,15 @@ from polykv_search.errors import ConfigError
 from polykv_search.evaluation import ALLOCATORS, Report, build_methods, check_allocators, score_methods, summarize
 from polykv_search.io import file_sha256
 from polykv_search.models import DEFAULT_DEVICE, DEFAULT_MODEL, LoadedModel, ModelSpec, model_slug, resolve_model
-from polykv_search.optimization.choose import Choice, choose_rungs
+from polykv_search.optimization.choose import Choice, choose_among
 from polykv_search.optimization.figures import allocation_png
 from polykv_search.optimization.guard import GuardRung, guard_plan
-from polykv_search.optimization.measure import RungMeasure
 from polykv_search.optimization.policy_sets import candidate_sets
-from polykv_search.optimization.proxy import ProxyReport
-from polykv_search.optimization.proxy import check_proxy as proxy_check
+from polykv_search.optimization.lengths import (LengthRun, by_length, calibrated_lengths, guard_each_length,
+                                                shortest_first, split_folders, with_context)
+from polykv_search.optimization.proxy import ProxyReport, check_proxy_on
 from polykv_search.optimization.run import OptimizeConfig, check_budgets, optimize_profile
-from polykv_search.optimization.lengths import (
-    LengthRun,
-    by_length,
-    calibrated_lengths,
-    guard_each_length,
-    length_ranges,
-    with_context,
-)
-from polykv_search.plan import ContextRange, PlanFile, uniform_ladders
+from polykv_search.plan import ContextRange, PlanFile
 from polykv_search.plan.named import named_plan_files, only_budgets
 from polykv_search.plan.names import Metric
 from polykv_search.policies import DEFAULT_POLICIES, check_policy_names
@@ -273,17 +265,13 @@ def _run_locked(lm: LoadedModel, *, budgets: list[float], splits: list[DataSpec]
                 progress: Progress | None) -> RunResult:
     calibration_config = calibration_for_cost(config.cost, budgets=budgets, policies=policies, grid=grid,
                                               max_context_tokens=max_context_tokens)
-    folders = [out] + [out / f"calib-{_split_name(split, k)}" for k, split in enumerate(splits) if k > 0]
+    folders = split_folders(out, splits)
     calibrations = [calibrate(lm, split, config=calibration_config, out_dir=folder, max_samples=max_calib_samples,
                               column_map=column_map, resume=not fresh, progress=progress)
                     for split, folder in zip(splits, folders)]
     signal_heatmap(calibrations[0].profile, out / "signals.png")
-    lengths = [calibrated_lengths(c.profile) for c in calibrations]
-    order = sorted(range(len(splits)), key=lambda k: lengths[k] or (0, 0))  # the buckets, shortest first
-    splits, folders, calibrations, lengths = ([xs[k] for k in order] for xs in (splits, folders, calibrations, lengths))
-    if not all(lengths) and len(splits) > 1:
-        raise ConfigError("a profile does not record its samples' context lengths; re-run calibrate to plan by length")
-    ranges = length_ranges(lengths, strict=strict_lengths) if all(lengths) else [ContextRange()]
+    order, ranges = shortest_first([c.profile for c in calibrations], strict=strict_lengths)
+    splits, folders, calibrations = ([xs[k] for k in order] for xs in (splits, folders, calibrations))
     if policy_sets:  # the plan of the first set; the guard weighs the others' against it per budget
         config = replace(config, policies=tuple(policy_sets[0]))
     ladders = []
@@ -310,11 +298,6 @@ def _run_locked(lm: LoadedModel, *, budgets: list[float], splits: list[DataSpec]
                      report=report, guard=first.guard, guard_samples=first.guard_samples, by_length=parts)
 
 
-def _split_name(split: DataSpec, index: int) -> str:
-    """A folder name for calibration split `index`: its file's stem, else its place."""
-    return Path(split).stem if isinstance(split, (str, Path)) else f"split{index + 1}"
-
-
 def choose(model: ModelSpec, plans: Mapping[str, PlanFile | str | Path] | Sequence[str | Path], *,
            data: DataSpec = CALIBRATION_DATA, metric: Metric = "lost", uniform: Sequence[str] = (),
            max_samples: int | None = None, device: str = DEFAULT_DEVICE, dtype: str = "auto",
@@ -327,15 +310,9 @@ def choose(model: ModelSpec, plans: Mapping[str, PlanFile | str | Path] | Sequen
         raise ConfigError("give at least two candidates: --plan a.json --plan b.json, or --plan a.json "
                           "--uniform h2o_recent,streaming")
     lm = resolve_model(model, device=device, dtype=dtype)
-    for _, plan_file in named:
-        plan_file.check_model(lm.info)
-    budgets = sorted({b for _, f in named for b in f.budgets})
-    named += uniform_ladders(lm.info, uniform, budgets)
     samples, _ = resolve_samples(data, max_samples=max_samples)
-    measure = RungMeasure(lm, samples, [f for _, f in named], metric=metric, stage="choose", budgets=len(budgets),
-                          progress=progress)
-    chosen, choices = choose_rungs(named, measure, metric=metric, tie_break="lost" if metric == "task" else None)
-    return ChooseResult(plan_file=PlanFile.build(lm.info, chosen), choices=choices, samples=measure.samples)
+    plan_file, choices, measured = choose_among(lm, named, uniform, samples, metric=metric, progress=progress)
+    return ChooseResult(plan_file=plan_file, choices=choices, samples=measured)
 
 
 def check_proxy(profile: Profile | str | Path, *, budget: float, cost: str = "mass_lost", n_plans: int = 24,
@@ -346,9 +323,6 @@ def check_proxy(profile: Profile | str | Path, *, budget: float, cost: str = "ma
         raise ConfigError(f"--n-plans {n_plans}: use at least 20 plans for a meaningful rank correlation")
     profile = Profile.load(profile) if isinstance(profile, (str, Path)) else profile
     lm = resolve_model(model if model is not None else profile.model.model_id, device=device, dtype=dtype)
-    profile.check_model(lm.info)
-    sources = data if data is not None else profile.meta.data_sources or CALIBRATION_DATA
-    samples, _ = resolve_samples(sources, max_samples=max_samples)
-    objective = EndToEndObjective(lm, samples, policies=profile.policies, metric="kl")
-    return proxy_check(profile, objective.many, budget=budget, n_plans=n_plans, cost=cost, seed=seed)
-
+    samples, _ = resolve_samples(data if data is not None else profile.meta.data_sources or CALIBRATION_DATA,
+                                 max_samples=max_samples)
+    return check_proxy_on(lm, profile, samples, budget=budget, n_plans=n_plans, cost=cost, seed=seed)

@@ -14,9 +14,13 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
+from polykv_search.data import Sample
 from polykv_search.engine.objective import Measures
+from polykv_search.engine.progress import Progress
 from polykv_search.errors import ConfigError
-from polykv_search.plan import Plan, PlanFile
+from polykv_search.models import LoadedModel
+from polykv_search.optimization.measure import RungMeasure
+from polykv_search.plan import Plan, PlanFile, uniform_ladders
 from polykv_search.plan.names import Metric
 
 
@@ -54,3 +58,19 @@ def choose_rungs(plan_files: Sequence[tuple[str, PlanFile]],
         plans.append(replace(plan, search=replace(plan.search, notes=notes)))
         choices.append(Choice(budget=budget, chosen=name, measured=measured))
     return plans, choices
+
+
+def choose_among(lm: LoadedModel, named: list[tuple[str, PlanFile]], uniform: Sequence[str],
+                 samples: Sequence[Sample], *, metric: Metric,
+                 progress: Progress | None = None) -> tuple[PlanFile, list[Choice], int]:
+    """`choose` on a loaded model: the named files (checked against the model) and a uniform ladder per policy in
+    `uniform` measured on `samples` at every budget any file holds. Returns the chosen ladder, the choices and how
+    many samples measured them."""
+    for _, plan_file in named:
+        plan_file.check_model(lm.info)
+    budgets = sorted({b for _, f in named for b in f.budgets})
+    named = named + uniform_ladders(lm.info, list(uniform), budgets)
+    measure = RungMeasure(lm, list(samples), [f for _, f in named], metric=metric, stage="choose",
+                          budgets=len(budgets), progress=progress)
+    chosen, choices = choose_rungs(named, measure, metric=metric, tie_break="lost" if metric == "task" else None)
+    return PlanFile.build(lm.info, chosen), choices, measure.samples

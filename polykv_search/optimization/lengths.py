@@ -66,6 +66,27 @@ def length_ranges(calibrated: Sequence[tuple[int, int]], *, strict: bool = False
     return ranges
 
 
+def shortest_first(profiles: Sequence[Profile], *, strict: bool = False) -> tuple[list[int], list[ContextRange]]:
+    """The calibration splits' order by their samples' lengths, shortest first, and the prompt lengths each serves
+    in that order (`length_ranges`). One split that does not record its lengths serves every length; several are
+    refused, since they cannot be ordered."""
+    lengths = [calibrated_lengths(p) for p in profiles]
+    order = sorted(range(len(profiles)), key=lambda k: lengths[k] or (0, 0))
+    if not all(lengths):
+        if len(profiles) > 1:
+            raise ConfigError("a profile does not record its samples' context lengths; re-run calibrate to plan by "
+                              "length")
+        return order, [ContextRange()]
+    return order, length_ranges([lengths[k] for k in order], strict=strict)  # type: ignore[misc]
+
+
+def split_folders(out: Path, splits: Sequence[DataSpec]) -> list[Path]:
+    """Where each calibration split's files go: the first's to `out` (so a one-split run resumes), each other's to
+    out/calib-<its file's stem, else split<k>>."""
+    return [out] + [out / f"calib-{Path(s).stem if isinstance(s, (str, Path)) else f'split{k + 1}'}"
+                    for k, s in enumerate(splits) if k > 0]
+
+
 def with_context(plan_file: PlanFile, context: ContextRange | None) -> PlanFile:
     """The ladder with every rung serving `context` (None: every length, as before schema 2.1)."""
     return replace(plan_file, plans=tuple(replace(p, context=context) for p in plan_file.plans), schema_version="")

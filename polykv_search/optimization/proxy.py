@@ -10,6 +10,9 @@ import numpy as np
 from scipy.stats import spearmanr
 
 from polykv_search.calibration.profile import Profile
+from polykv_search.data import Sample
+from polykv_search.engine import EndToEndObjective
+from polykv_search.models import LoadedModel
 from polykv_search.plan import LayerPlan, Plan, SearchInfo, budget_total, exact_integer_budgets
 RANDOM = SearchInfo(solver="random", status="heuristic")
 WEAK_PROXY = 0.5  # below this rho the additive proxy is a poor guide: steer to --solver optuna
@@ -71,3 +74,12 @@ def check_proxy(profile: Profile, measure: Callable[[list[Plan]], list[float]], 
     rho, pvalue = spearmanr(predicted, measured)
     return ProxyReport(budget=budget, cost=cost, spearman=float(rho), pvalue=float(pvalue),
                        predicted=predicted, measured=measured)
+
+
+def check_proxy_on(lm: LoadedModel, profile: Profile, samples: Sequence[Sample], *, budget: float,
+                   n_plans: int = 24, cost: str = "mass_lost", seed: int = 0) -> ProxyReport:
+    """`check_proxy` with the measured side the end-to-end KL of each random plan on `samples` (the profile's
+    policies), on a loaded model that the profile is checked against."""
+    profile.check_model(lm.info)
+    objective = EndToEndObjective(lm, list(samples), policies=profile.policies, metric="kl")
+    return check_proxy(profile, objective.many, budget=budget, n_plans=n_plans, cost=cost, seed=seed)
