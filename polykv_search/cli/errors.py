@@ -20,12 +20,13 @@ def debug_enabled() -> bool:
     return os.environ.get("POLYKV_DEBUG", "") not in ("", "0")
 
 
-HOLD = "polykv_hold"  # a log record with this extra set (models/loading.py: the device line) waits for work to start
+HOLD = "polykv_hold"  # a record with this extra set (the device line, a data warning) waits for work to start
 
 
 class HoldingHandler(logging.Handler):
-    """Passes records to `inner`, except those flagged HOLD (the device a model loaded on): they wait for the next
-    record, the first progress line or a successful end, and a refusal drops them, so bad input stays one line."""
+    """Passes records to `inner`, except those flagged HOLD (the device a model loaded on, a warning about the data
+    read before the model loads): they wait for the next record, the first progress line or a successful end, and
+    a refusal drops them, so bad input stays one line."""
 
     def __init__(self, inner: logging.Handler) -> None:
         super().__init__()

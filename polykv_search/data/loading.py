@@ -132,7 +132,9 @@ def _warn_unknown_tasks(samples: list[Sample]) -> None:
             _warned_tasks.add(task)
             logger.warning("task %r is not a built-in task: %s (name a built-in task in the row's "
                            "`dataset`/`task`, or give kvpress-form rows with their own instructions)",
-                           task, " and ".join(fallbacks))
+                           task, " and ".join(fallbacks),
+                           extra={"polykv_hold": True})  # the command line says it when work starts: a refusal
+                                                         # of another input (say, the model) stays one line
 
 
 def _check_column_map(column_map: Mapping[str, str]) -> None:

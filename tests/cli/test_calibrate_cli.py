@@ -7,6 +7,7 @@ import pytest
 
 from polykv_search.calibration.profile import Profile
 from polykv_search.cli import main
+from polykv_search.data import loading
 from tests.conftest import interruptible, sample_rows, write_jsonl
 
 
@@ -72,6 +73,7 @@ CASES = ["unknown model", "missing folder", "unreadable gguf", "missing data", "
 @pytest.mark.parametrize("case", CASES)
 def test_bad_input_is_one_line_exit_2_and_nothing_written(case, monkeypatch, capsys, tiny_dir, tmp_path):
     monkeypatch.delenv("POLYKV_DEBUG", raising=False)
+    monkeypatch.setattr(loading, "_warned_tasks", set())  # the rows' task warns, as in a fresh process
     args, expected = bad_cases(tmp_path, tiny_dir)[case]
     out_dir = tmp_path / "out"
     code, _, err = run_cli(monkeypatch, capsys, "calibrate", *args, "--out", out_dir)
@@ -81,6 +83,17 @@ def test_bad_input_is_one_line_exit_2_and_nothing_written(case, monkeypatch, cap
     assert expected.lower() in lines[0].lower()
     assert "Traceback" not in err
     assert not (out_dir / "profile.safetensors").exists()
+
+
+def test_a_data_warning_is_said_once_work_starts(monkeypatch, capsys, tiny_dir, tmp_path):
+    """Held back while the inputs are checked (so a refusal stays one line), said when calibration starts."""
+    monkeypatch.setattr(loading, "_warned_tasks", set())
+    data = write_jsonl(tmp_path / "d.jsonl", sample_rows(1))
+    monkeypatch.setattr(sys, "argv", ["polykv-search", "calibrate", "--model", str(tiny_dir), "--data", str(data),
+                                      "--out", str(tmp_path / "o"), "--budgets", "8,16", "--window", "16", "--json"])
+    main()
+    err = capsys.readouterr().err
+    assert err.count("is not a built-in task") == 1, err
 
 
 def test_debug_variable_shows_the_traceback(monkeypatch, capsys, tmp_path):
