@@ -4,12 +4,16 @@ Keeping the top-b tokens of a ranking is what kvpress keeps at b, for every b (t
 is `catalog.py`, which needs neither torch nor kvpress). StreamingLLM's kvpress `score` marks tokens only for the
 ratio it was built with, so it is ranked by kvpress's rule itself (sinks first, then by recency); the "+recent"
 policies interleave that order with a scorer's order, skipping tokens already taken: the heavy-hitter + recent
-split of the original H2O paper, made budget-independent so one ranking still serves every budget. Tests check
-top-b equals kvpress at each b.
+split of the original H2O paper, made budget-independent so one ranking still serves every budget. A press that
+draws a random sketch from torch's global RNG (Compactor's leverage) scores with it seeded per layer and restored
+after, so every stage ranks alike; where kvpress's scores tie by construction (LagKV), the newest token goes first.
+Tests check top-b equals kvpress at each b.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from typing import Any
 
 import kvpress
@@ -39,10 +43,33 @@ def rank_scores(name: str, press: ScorerPress, module: torch.nn.Module, hidden_s
         n_sink = getattr(press, "n_sink", N_SINK_RECENT)
         order = sink_recency_order(keys.shape[2], n_sink, device=keys.device)  # (T,) place in the keep order
         return (keys.shape[2] - order).float().expand(*keys.shape[:2], -1)  # (B, H_kv, T), higher kept first
-    scores = press.score(module, hidden_states, keys, values, attentions, kwargs).float()
+    seeded = seeded_rng(spec.seed + module.layer_idx, keys.device) if spec.seed is not None else nullcontext()
+    with seeded:
+        scores = press.score(module, hidden_states, keys, values, attentions, kwargs).float()
     if spec.ranking == "with_recent":
         return interleave_with_recent(scores, N_SINK_RECENT)
+    if spec.ranking == "score_ties_newest":
+        return ties_newest_first(scores)
     return scores
+
+
+@contextmanager
+def seeded_rng(seed: int, device: torch.device) -> Iterator[None]:
+    """torch's global RNG (and `device`'s, off the CPU) seeded for the block, and as it was after it."""
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
+
+
+def ties_newest_first(scores: torch.Tensor) -> torch.Tensor:
+    """Scores (..., T) -> distinct scores in the same order, equal scores ordered newest token first; every top-b of
+    the result is a top-b of `scores`."""
+    n = scores.shape[-1]
+    by_score = scores.flip(-1).argsort(dim=-1, descending=True, stable=True)  # (..., T) newest first among equals
+    place = torch.empty_like(by_score).scatter_(-1, n - 1 - by_score,
+                                                torch.arange(n, device=scores.device).expand_as(by_score))
+    return (n - place).float()  # (..., T), higher kept first
 
 
 def sink_recency_order(n: int, n_sink: int, *, device: torch.device | str = "cpu") -> torch.Tensor:

@@ -16,7 +16,8 @@ from polykv_search.policies.presses import make_press
 def test_each_press_has_the_parameters_types_and_defaults_of_the_kvpress_dataclass(press_name):
     press = getattr(kvpress, press_name)
     hints = typing.get_type_hints(press)
-    fields = {f.name: f for f in dataclasses.fields(press) if f.init and f.name != RATIO_FIELD}
+    fields = {f.name: f for f in dataclasses.fields(press) if f.init and f.name != RATIO_FIELD
+              and not f.name.startswith("_")}  # private: CompactorPress's sub-presses, built in __post_init__
     assert set(fields) == set(PRESS_PARAMETERS[press_name])
     for name, (kinds, default) in PRESS_PARAMETERS[press_name].items():
         assert fields[name].default == default, name
@@ -29,7 +30,8 @@ def test_registered_parameters_build_the_press_and_are_all_written(name):
     params = policy_params(name)
     press = make_press(name)
     assert type(press).__name__ == POLICIES[name].press
-    assert params == {f.name: getattr(press, f.name) for f in dataclasses.fields(press) if f.name != RATIO_FIELD}
+    assert params == {f.name: getattr(press, f.name) for f in dataclasses.fields(press)
+                      if f.name != RATIO_FIELD and not f.name.startswith("_")}
     assert scorer_key(name, params) == name  # the registered ones name the policy alone
 
 
@@ -45,3 +47,18 @@ def test_other_parameters_are_another_ranking_and_bad_ones_are_named():
         policy_params("snapkv", windw=3)
     with pytest.raises(ConfigError, match="known policies"):
         check_policy_names(["snapkv", "nope"])
+
+
+def test_a_literal_parameter_takes_its_values_only():
+    assert params_problems("curdkv", {"leverage_type": "kv_avg"}, where="p") == []
+    problems = params_problems("curdkv", {"leverage_type": "kv_sum"}, where="p")
+    assert problems == ["p.leverage_type: 'kv_sum' is not accepted by CURPress; give one of 'key', 'value', 'kv_avg', "
+                        "'kv_product'"]
+
+
+def test_the_defaults_are_the_policies_registered_before_36():
+    """Registering a kvpress scorer changes no default: calibrate, evaluate and the guard use these twelve."""
+    from polykv_search.policies import DEFAULT_POLICIES
+
+    assert len(DEFAULT_POLICIES) == 12 and set(DEFAULT_POLICIES) < set(POLICIES)
+    assert not {"lagkv", "curdkv", "leverage", "noncausal_attention", "compactor", "capkv"} & set(DEFAULT_POLICIES)

@@ -6,8 +6,8 @@ from transformers import DynamicCache
 
 from polykv_search.calibration.capture import LayerCapture
 from polykv_search.errors import ConfigError
-from polykv_search.policies import N_SINK_RECENT, POLICIES, check_policy_names
-from polykv_search.policies.presses import interleave_with_recent, make_press
+from polykv_search.policies import N_SINK_RECENT, POLICIES, REFUSED, check_policy_names
+from polykv_search.policies.presses import interleave_with_recent, make_press, rank_scores, ties_newest_first
 from tests.conftest import tiny_loaded
 
 T = 120
@@ -106,3 +106,49 @@ def test_with_recent_policy_interleaves_its_base_scorer(name):
         lm.model(input_ids=ids, past_key_values=DynamicCache(config=lm.model.config), use_cache=True)
     for rankings in capture.rankings().values():
         torch.testing.assert_close(rankings[name], interleave_with_recent(rankings[base], N_SINK_RECENT))
+
+
+def test_a_press_drawing_a_sketch_ranks_alike_every_time_and_leaves_the_rng_as_it_was():
+    """Compactor's leverage draws a Gaussian sketch from torch's global RNG in every `score`: unseeded, calibrate and
+    evaluate would rank differently. Seeded to seed + layer index it is kvpress's own score under that seed. (On the
+    tiny model a sketch wider than the head (16) changes nothing, so this one is narrower.)"""
+    lm = tiny_loaded("llama", seed=1, attn="sdpa")
+    ids = torch.randint(3, 60, (1, T), generator=torch.Generator().manual_seed(3))
+    recorded = {}
+
+    def record(module, args, kwargs, output):
+        layer = kwargs["past_key_values"].layers[module.layer_idx]
+        recorded[module.layer_idx] = (module, kwargs["hidden_states"], layer.keys, layer.values, kwargs)
+
+    handle = lm.model.model.layers[1].self_attn.register_forward_hook(record, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            lm.model(input_ids=ids, past_key_values=DynamicCache(config=lm.model.config), use_cache=True)
+    finally:
+        handle.remove()
+    module, hidden, keys, values, kwargs = recorded[1]
+    press = make_press("leverage", sketch_dimension=4)
+    assert not torch.equal(press.score(module, hidden, keys, values, None, kwargs),
+                           press.score(module, hidden, keys, values, None, kwargs))  # kvpress's: a new sketch each call
+    state = torch.get_rng_state()
+    first = rank_scores("leverage", press, module, hidden, keys, values, None, kwargs)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert torch.equal(rank_scores("leverage", press, module, hidden, keys, values, None, kwargs), first)
+    torch.manual_seed(POLICIES["leverage"].seed + 1)
+    assert torch.equal(first, press.score(module, hidden, keys, values, None, kwargs).float())
+
+
+def test_ties_are_ranked_newest_first_and_every_top_b_is_a_top_b_of_the_scores():
+    scores = torch.tensor([[3.0, 1.0, 3.0, 2.0, 1.0, 3.0]])
+    ranking = ties_newest_first(scores)
+    assert ranking[0].argsort(descending=True).tolist() == [5, 2, 0, 3, 4, 1]
+    for b in range(1, 7):
+        assert sorted(scores[0, ranking[0].topk(b).indices].tolist()) == sorted(scores[0].topk(b).values.tolist())
+
+
+@pytest.mark.parametrize("name", sorted(REFUSED))
+def test_a_press_polykv_does_not_run_is_refused_with_its_reason(name):
+    with pytest.raises(ConfigError, match=rf"^policy '{name}' is not available: .+; polykv-search runs offline, "
+                                          r"with the registered policies: snapkv, streaming"):
+        check_policy_names(["snapkv", name])
+    assert name not in POLICIES
