@@ -254,3 +254,24 @@ def test_new_scorers_keep_what_their_kvpress_press_keeps(family, name):
                 tied = sorted((scores == boundary).nonzero().flatten().tolist())
                 assert above <= theirs[idx][head] <= above | set(tied), (name, n_kept, idx, head)
                 assert ours == above | set(tied[len(tied) - (n_kept - len(above)):]), (name, n_kept, idx, head)
+
+
+def test_the_engine_equals_kvpress_pipeline_with_plan_press_on_the_new_scorers(family):
+    """A plan of the #36 scorers, per layer and per KV head: the engine's kept tokens and answer are PlanPress's in
+    kvpress's pipeline (the seeded presses rank alike in both)."""
+    lm, samples = family
+    n, heads = lm.info.num_layers, lm.info.num_kv_heads
+    per_layer = plan_of(lm.info, [NEW_SCORERS[i % len(NEW_SCORERS)] for i in range(n)], [14 + 9 * i for i in range(n)])
+    per_head = Plan.build(lm.info, search=TEST, layers=[LayerPlan(index=i, policy=None, heads=tuple(
+        HeadPlan.of(NEW_SCORERS[(i + h) % len(NEW_SCORERS)], 6 + 30 * h) for h in range(heads)))
+        for i in lm.info.compressible_layers])
+    pipe = KVPressTextGenerationPipeline(model=lm.model, tokenizer=lm.tokenizer)
+    for plan in (per_layer, per_head):
+        engine = PrefillEngine.for_plans(lm, [plan])
+        state = engine.prefill(samples[0])
+        press = PlanPress(plan)
+        assert engine.run(state, plan).answer == kvpress_answer(pipe, state, press)
+        for layer, kept in engine.kept_indices(state, plan).items():
+            theirs = press.kept_indices[layer]
+            theirs = [theirs[0, h] for h in range(theirs.shape[1])] if torch.is_tensor(theirs) else theirs
+            assert all(torch.equal(a, b) for a, b in zip(kept, theirs)), layer
