@@ -46,6 +46,7 @@ PRESS_PARAMETERS: dict[str, dict[str, tuple[tuple[type, ...], Any]]] = {
                        "sketch_dimension": ((int,), 48), "blending": ((float, type(None)), None)},
     "CapPress": {"tau": ((float,), 5.0), "n_future_positions": ((int,), 512), "n_sink": ((int,), 4),
                  "epsilon": ((float,), 1e-6)},
+    "CriticalKVPress": {"epsilon": ((float,), 1e-4), "first_stage_ratio": ((float,), 0.5)},  # and `press`: `inner`
 }
 
 
@@ -57,10 +58,13 @@ class PolicySpec:
     params: dict[str, Any] = field(default_factory=dict)  # registered values, overriding kvpress's defaults
     needs_attentions: bool = False  # the scorer reads the prefill attention (H2O's column sums)
     ranking: str = "score"  # "score": kvpress score; "sink_recency": StreamingLLM's rule; "with_recent": interleaved;
-    # "score_ties_newest": kvpress score, equal scores ranked newest token first (kvpress's top-k leaves them unordered)
+    # "score_ties_newest": kvpress score, equal scores ranked newest token first (kvpress's top-k leaves them unordered);
+    # "critical": CriticalKV's two stages as one keep order (its kvpress score depends on the budget)
     description: str = ""
     base: str | None = None  # "with_recent": the policy whose scores are interleaved (same press and parameters)
     seed: int | None = None  # the press draws from torch's global RNG: seeded to seed + layer index while it scores
+    inner: str | None = None  # a wrapper press (CriticalKV): the kvpress scorer it wraps, built with `inner_params`
+    inner_params: dict[str, Any] = field(default_factory=dict)  # every parameter of `inner`, fixed by the name
 
 
 POLICIES: dict[str, PolicySpec] = {
@@ -106,6 +110,18 @@ POLICIES: dict[str, PolicySpec] = {
                                         "(Compactor)"),
     "capkv": PolicySpec("CapPress", description="4 sinks, then alignment with the mean past query x the value's "
                                                 "leverage in the capacity matrix (CAPKV)"),
+    # CriticalKV keeps half its budget by the scorer it wraps, the other half by that score x the L1 norm of the
+    # value's output projection; kvpress computes the split from the budget, the ranking is the same keep order.
+    "critical_snapkv": PolicySpec("CriticalKVPress", {"epsilon": 1e-4, "first_stage_ratio": 0.5}, ranking="critical",
+                                  inner="SnapKVPress", inner_params={"window_size": 64, "kernel_size": 5},
+                                  description="half the budget by SnapKV, half by SnapKV x |value W_o|_1 "
+                                              "(CriticalKV)"),
+    "critical_expected_attention": PolicySpec(
+        "CriticalKVPress", {"epsilon": 1e-4, "first_stage_ratio": 0.5}, ranking="critical",
+        inner="ExpectedAttentionPress", inner_params={"n_future_positions": 512, "n_sink": 4, "use_covariance": True,
+                                                      "use_vnorm": False, "epsilon": 0.0},
+        description="half the budget by ExpectedAttention (no value norm, as kvpress advises), half by it x "
+                    "|value W_o|_1 (CriticalKV)"),
 }
 # The policies calibrate, evaluate and the guard use when none are named: those registered before #36.
 DEFAULT_POLICIES: tuple[str, ...] = (

@@ -30,8 +30,14 @@ def press_class(name: str) -> type[ScorerPress]:
 
 def make_press(name: str, *, compression_ratio: float = 0.0, **overrides: Any) -> ScorerPress:
     """Build the kvpress press for policy `name` (overrides replace registered parameters; ConfigError names an
-    unknown or mistyped one)."""
-    return press_class(name)(compression_ratio=compression_ratio, **policy_params(name, **overrides))
+    unknown or mistyped one). A wrapper (CriticalKV) wraps its registered scorer."""
+    params = policy_params(name, **overrides)
+    spec = POLICIES[name]
+    if spec.inner is None:
+        return press_class(name)(compression_ratio=compression_ratio, **params)
+    press = press_class(name)(getattr(kvpress, spec.inner)(**spec.inner_params), **params)
+    press.compression_ratio = compression_ratio
+    return press
 
 
 def rank_scores(name: str, press: ScorerPress, module: torch.nn.Module, hidden_states: torch.Tensor,
@@ -43,6 +49,10 @@ def rank_scores(name: str, press: ScorerPress, module: torch.nn.Module, hidden_s
         n_sink = getattr(press, "n_sink", N_SINK_RECENT)
         order = sink_recency_order(keys.shape[2], n_sink, device=keys.device)  # (T,) place in the keep order
         return (keys.shape[2] - order).float().expand(*keys.shape[:2], -1)  # (B, H_kv, T), higher kept first
+    if spec.ranking == "critical":  # CriticalKV's own score depends on the budget; its stages' scores do not
+        first = press.press.score(module, hidden_states, keys, values, attentions, kwargs)  # (B, H_kv, T)
+        second = (first + press.epsilon) * press.vwl1norm(values, module)  # (B, H_kv, T), as kvpress computes it
+        return critical_order(first.float(), second.float(), press.first_stage_ratio)
     seeded = seeded_rng(spec.seed + module.layer_idx, keys.device) if spec.seed is not None else nullcontext()
     with seeded:
         scores = press.score(module, hidden_states, keys, values, attentions, kwargs).float()
@@ -87,3 +97,36 @@ def interleave_with_recent(scores: torch.Tensor, n_sink: int) -> torch.Tensor:
     place = torch.empty_like(by_score).scatter_(-1, by_score, torch.arange(n, device=scores.device).expand_as(by_score))
     first = torch.minimum(2 * recency, 2 * place + 1)  # (..., T) position in the interleaved sequence
     return (2 * n - first).float()
+
+
+def critical_order(first: torch.Tensor, second: torch.Tensor, first_stage_ratio: float) -> torch.Tensor:
+    """CriticalKV's keep order as scores (B, H_kv, T): at budget b, kvpress keeps the m = max(1, int(b x ratio)) best
+    tokens by `first`, then the best by `second` among the others up to b. m grows by at most one a step, so these
+    sets are nested: step b adds the next token by `first` when m grows and it is not kept yet, else the next token
+    by `second` not kept yet (ties: earlier token first). One pass over T per head (Python, O(T))."""
+    *lead, n = first.shape
+    by_first = first.argsort(dim=-1, descending=True, stable=True).reshape(-1, n).tolist()
+    by_second = second.argsort(dim=-1, descending=True, stable=True).reshape(-1, n).tolist()
+    grows = [False] * (n + 1)  # grows[b]: m(b) > m(b - 1)
+    previous = 0
+    for b in range(1, n + 1):
+        m = max(1, int(b * first_stage_ratio)) if first_stage_ratio > 0 else 0
+        grows[b], previous = m > previous, m
+    places = []
+    for order_a, order_b in zip(by_first, by_second):
+        place = [0] * n
+        taken = bytearray(n)
+        a = c = 0
+        for b in range(1, n + 1):
+            if grows[b] and a < n:
+                token, a = order_a[a], a + 1
+                if not taken[token]:
+                    taken[token], place[token] = 1, b
+                    continue
+            while taken[order_b[c]]:
+                c += 1
+            token = order_b[c]
+            taken[token], place[token] = 1, b
+        places.append(place)
+    place = torch.tensor(places, device=first.device).reshape(*lead, n)  # (B, H_kv, T), 1 = kept first
+    return (n + 1 - place).float()

@@ -7,7 +7,13 @@ from transformers import DynamicCache
 from polykv_search.calibration.capture import LayerCapture
 from polykv_search.errors import ConfigError
 from polykv_search.policies import N_SINK_RECENT, POLICIES, REFUSED, check_policy_names
-from polykv_search.policies.presses import interleave_with_recent, make_press, rank_scores, ties_newest_first
+from polykv_search.policies.presses import (
+    critical_order,
+    interleave_with_recent,
+    make_press,
+    rank_scores,
+    ties_newest_first,
+)
 from tests.conftest import tiny_loaded
 
 T = 120
@@ -30,7 +36,9 @@ def kvpress_kept(lm, name, n_kept, ids):
     return kept
 
 
-KVPRESS_ONLY = [p for p in POLICIES if POLICIES[p].ranking != "with_recent"]  # those kvpress runs on its own
+# Those kvpress runs on its own. Not CriticalKV around SnapKV: below 128 tokens its first stage takes some of SnapKV's
+# 64 tied window tokens, which ones is kvpress's top-k's choice (tests/test_families.py checks it above 128 tokens).
+KVPRESS_ONLY = [p for p in POLICIES if POLICIES[p].ranking != "with_recent" and p != "critical_snapkv"]
 
 
 @pytest.mark.parametrize("name", [p for p in KVPRESS_ONLY if p != "random"] + ["random"])
@@ -152,3 +160,22 @@ def test_a_press_polykv_does_not_run_is_refused_with_its_reason(name):
                                           r"with the registered policies: snapkv, streaming"):
         check_policy_names(["snapkv", name])
     assert name not in POLICIES
+
+
+@pytest.mark.parametrize("ratio", [0.5, 0.3, 1.0, 0.0])
+def test_critical_order_keeps_at_every_budget_what_criticalkv_keeps(ratio):
+    """CriticalKV at budget b: the m = max(1, int(b x ratio)) best by the first score, then the best by the second
+    among the others up to b (kvpress's rule, written out with ties broken earlier token first)."""
+    gen = torch.Generator().manual_seed(7)
+    n = 41
+    first = torch.randint(0, 9, (2, n), generator=gen).float()  # ties on purpose
+    second = torch.rand(2, n, generator=gen)
+    ranking = critical_order(first, second, ratio)
+    for head in range(2):
+        by_first = sorted(range(n), key=lambda i: (-first[head, i].item(), i))
+        by_second = sorted(range(n), key=lambda i: (-second[head, i].item(), i))
+        for b in range(1, n + 1):
+            m = max(1, int(b * ratio)) if ratio > 0 else 0
+            stage_one = by_first[:m]
+            expected = set(stage_one) | set([t for t in by_second if t not in stage_one][:b - m])
+            assert set(ranking[head].topk(b).indices.tolist()) == expected, (ratio, head, b)
