@@ -92,11 +92,11 @@ POLICIES: dict[str, PolicySpec] = {
     # Registered for #36, not among the defaults (calibrate's, evaluate's and the guard's): whether they help is a
     # later, measured step.
     "lagkv": PolicySpec("LagKVPress", {"n_sink": 4, "lag_size": 128}, ranking="score_ties_newest",
-                        description="4 sinks and the last partition, then each 128-token partition's tokens by how "
-                                    "far their keys and values stray from the next partition's range (LagKV)"),
+                        description="4 sinks and the last partition, then each 128-token partition's tokens by the "
+                                    "spread of their keys and values scaled to the next partition's range (LagKV)"),
     "curdkv": PolicySpec("CURPress", {"num_sinks": 4}, seed=0,
-                         description="4 sinks, then key norm x value norm normalized in 16-token windows (CurDKV's "
-                                     "approximate leverage)"),
+                         description="4 sinks, then squared key norm x squared value norm, each normalized in "
+                                     "16-token windows (CurDKV's approximate leverage)"),
     "leverage": PolicySpec("LeverageScorePress", {"sketch_dimension": 48}, seed=0,
                            description="statistical leverage of the pre-RoPE keys under a random sketch (Compactor's "
                                        "geometric score alone)"),
