@@ -29,6 +29,17 @@ def test_calibrate_writes_profile_and_heatmap(monkeypatch, capsys, tiny_dir, tmp
     assert (tmp_path / "o" / "signals.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_the_scorers_registered_for_36_calibrate_when_named(monkeypatch, capsys, tiny_dir, tmp_path):
+    names = "lagkv,curdkv,leverage,noncausal_attention,compactor,capkv,critical_snapkv,critical_expected_attention"
+    data = write_jsonl(tmp_path / "d.jsonl", sample_rows(1))
+    monkeypatch.setattr(sys, "argv", ["polykv-search", "calibrate", "--model", str(tiny_dir), "--data", str(data),
+                                      "--out", str(tmp_path / "o"), "--budgets", "8,16,64", "--window", "16",
+                                      "--policies", names, "--json"])
+    main()
+    profile = Profile.load(json.loads(capsys.readouterr().out)["profile"])
+    assert list(profile.policies) == names.split(",") and profile.num_samples == 1
+
+
 def test_long_sample_is_truncated_with_a_warning(monkeypatch, capsys, tiny_dir, tmp_path):
     data = write_jsonl(tmp_path / "d.jsonl", sample_rows(1, words=600))
     monkeypatch.setattr(sys, "argv", ["polykv-search", "calibrate", "--model", str(tiny_dir), "--data", str(data),
