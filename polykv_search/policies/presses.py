@@ -20,6 +20,7 @@ import kvpress
 import torch
 from kvpress import ScorerPress
 
+from polykv_search.errors import ConfigError
 from polykv_search.policies.catalog import N_SINK_RECENT, POLICIES, policy_params
 
 
@@ -35,6 +36,9 @@ def make_press(name: str, *, compression_ratio: float = 0.0, **overrides: Any) -
     spec = POLICIES[name]
     if spec.inner is None:
         return press_class(name)(compression_ratio=compression_ratio, **params)
+    if spec.ranking == "critical" and not 0 <= params["first_stage_ratio"] <= 1:  # else its stage grows faster
+        raise ConfigError(f"policy {name!r}: first_stage_ratio {params['first_stage_ratio']} is outside [0, 1]; "
+                          "give the share of the budget its first stage keeps")
     press = press_class(name)(getattr(kvpress, spec.inner)(**spec.inner_params), **params)
     press.compression_ratio = compression_ratio
     return press

@@ -72,6 +72,8 @@ def test_unknown_policy_lists_the_known_ones():
 def test_bad_press_parameter_is_named():
     with pytest.raises(ConfigError, match="window_siz"):
         make_press("snapkv", window_siz=3)
+    with pytest.raises(ConfigError, match=r"first_stage_ratio 1.5 is outside \[0, 1\]"):
+        make_press("critical_snapkv", first_stage_ratio=1.5)
 
 
 def _interleaved_reference(scores: list[float], n_sink: int) -> list[int]:
