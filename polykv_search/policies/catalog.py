@@ -173,8 +173,7 @@ def check_policy_names(names: Sequence[str]) -> list[str]:
 
 def refusal(name: str) -> str:
     """One line: why refused policy `name` is not run, and what is."""
-    return (f"policy {name!r} is not available: {REFUSED[name]}; polykv-search runs offline, with the registered "
-            f"policies: {', '.join(POLICIES)}")
+    return f"policy {name!r} is not available: {REFUSED[name]}; registered policies: {', '.join(POLICIES)}"
 
 
 def policy_params(name: str, **overrides: Any) -> dict[str, Any]:
