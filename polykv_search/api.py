@@ -215,7 +215,7 @@ def run(model: ModelSpec = DEFAULT_MODEL, *, budgets: float | Sequence[float] = 
     `config.policies` alone: that one set; optimization/policy_sets.py). `guard` (the default): per budget, the best
     set's rung is kept only where its cross-fitted task score on the `calib` samples is at least that of every
     uniform policy in `compare`, else the best of them takes its place (optimization/guard.py; the first set's
-    ladder stays in plan_optimized.json). `compare` (default: every registered policy) is also the uniform
+    ladder stays in plan_optimized.json). `compare` (default: DEFAULT_POLICIES) is also the uniform
     policies the evaluation scores. The loading options (`column_map`, `max_context_tokens`, `trust_remote_code`,
     `revision`) are calibrate's and evaluate's.
 

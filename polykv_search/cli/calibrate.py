@@ -47,7 +47,8 @@ def calibrate(
     model: ModelOpt = DEFAULT_MODEL,
     data: DataOpt = None,
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Output folder (default: outputs/<model>)")] = None,
-    policies: Annotated[str | None, typer.Option(help="Comma-separated policies (default: all registered).")] = None,
+    policies: Annotated[str | None, typer.Option(help="Comma-separated policies (default: the twelve default ones; "
+                                                 "docs/commands.md, Policies).")] = None,
     grid: GridOpt = None,
     budgets: Annotated[str | None, typer.Option("--budgets", hidden=True, help="The old name of --grid.")] = None,
     window: Annotated[int, typer.Option(help="Observation window (queries) for CAKE's entropy/variance.",

@@ -45,7 +45,8 @@ def evaluate(
     data: DataOpt = None,
     budgets: Annotated[str | None, typer.Option(help="Budgets to compare at (default: the plans' budgets, "
                                                 "else 64,128,256,512); plan rungs at other budgets are skipped.")] = None,
-    policies: Annotated[str | None, typer.Option(help="Uniform policies to compare (default: all).")] = None,
+    policies: Annotated[str | None, typer.Option(help="Uniform policies to compare (default: the twelve default "
+                                                 "ones).")] = None,
     allocators: Annotated[str, typer.Option(help="Known allocators to compare with: pyramidkv and cake (a budget per "
                                             "layer), adakv (per KV head, from each sample's scores), or none.")] =
     "pyramidkv,cake,adakv",

@@ -74,7 +74,8 @@ def run(
     weighting: WeightingOpt = "mean",
     policies: Annotated[str | None, typer.Option(help="Policies calibrated; without --policy-set, the plan's "
                                                  "candidates, one set (default: every policy of the default sets "
-                                                 "with --cost head_fisher, all registered per layer).")] = None,
+                                                 "with --cost head_fisher, the twelve default ones per "
+                                                 "layer).")] = None,
     policy_set: Annotated[list[str] | None, typer.Option(
         "--policy-set", help="Candidate policies of one plan, a comma list ('all': every --policies); repeatable: "
         "a plan per set, and the guard keeps per budget the one that measures best on the calibration samples, if "
@@ -90,7 +91,7 @@ def run(
     storage: StorageOpt = None,
     grid: GridOpt = None,
     compare: Annotated[str | None, typer.Option(help="Uniform policies the guard and the evaluation compare the "
-                                                "plan with (default: all registered).")] = None,
+                                                "plan with (default: the twelve default ones).")] = None,
     allocators: Annotated[str, typer.Option(help="Known allocators the evaluation also scores: pyramidkv, cake, "
                                             "adakv, or none.")] = "pyramidkv,cake,adakv",
     max_calib_samples: Annotated[int | None, typer.Option(min=1, help="Calibrate on N samples, taken in turn from each "

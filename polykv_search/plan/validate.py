@@ -14,7 +14,7 @@ from jsonschema import Draft202012Validator
 from polykv_search.errors import PlanError
 from polykv_search.plan.rounding import budget_total
 from polykv_search.plan.schema import PLAN_SCHEMA, READABLE_MAJORS, UNIT_PER_HEAD, UNIT_PER_LAYER
-from polykv_search.policies.catalog import POLICIES, params_problems
+from polykv_search.policies.catalog import POLICIES, REFUSED, params_problems, refusal
 
 if TYPE_CHECKING:
     from polykv_search.models.info import ModelInfo
@@ -314,6 +314,8 @@ def _policy_problems(layer: dict[str, Any], *, where: str) -> list[str]:
     policy = layer.get("policy")
     if not isinstance(policy, str) or not policy:
         return []
+    if policy in REFUSED:
+        return [f"{where}.{refusal(policy)}"]
     if policy not in POLICIES:
         return [f"{where}.policy {policy!r} is not a registered policy; known policies: {', '.join(POLICIES)}"]
     params = layer.get("params")

@@ -10,6 +10,7 @@ from polykv_search.policies.catalog import (
     PER_HEAD_POLICIES,
     PER_HEAD_POLICY_SETS,
     POLICIES,
+    REFUSED,
     PolicySpec,
     check_policy_names,
     params_problems,
@@ -18,4 +19,4 @@ from polykv_search.policies.catalog import (
 )
 
 __all__ = ["DEFAULT_POLICIES", "N_SINK_RECENT", "PER_HEAD_POLICIES", "PER_HEAD_POLICY_SETS", "POLICIES", "PolicySpec",
-           "check_policy_names", "params_problems", "policy_params", "scorer_key"]
+           "REFUSED", "check_policy_names", "params_problems", "policy_params", "scorer_key"]

@@ -30,6 +30,17 @@ def test_calibrate_writes_profile_and_heatmap(monkeypatch, capsys, tiny_dir, tmp
     assert (tmp_path / "o" / "signals.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_the_scorers_registered_for_36_calibrate_when_named(monkeypatch, capsys, tiny_dir, tmp_path):
+    names = "lagkv,curdkv,leverage,noncausal_attention,compactor,capkv,critical_snapkv,critical_expected_attention"
+    data = write_jsonl(tmp_path / "d.jsonl", sample_rows(1))
+    monkeypatch.setattr(sys, "argv", ["polykv-search", "calibrate", "--model", str(tiny_dir), "--data", str(data),
+                                      "--out", str(tmp_path / "o"), "--budgets", "8,16,64", "--window", "16",
+                                      "--policies", names, "--json"])
+    main()
+    profile = Profile.load(json.loads(capsys.readouterr().out)["profile"])
+    assert list(profile.policies) == names.split(",") and profile.num_samples == 1
+
+
 def test_long_sample_is_truncated_with_a_warning(monkeypatch, capsys, tiny_dir, tmp_path):
     data = write_jsonl(tmp_path / "d.jsonl", sample_rows(1, words=600))
     monkeypatch.setattr(sys, "argv", ["polykv-search", "calibrate", "--model", str(tiny_dir), "--data", str(data),
@@ -218,3 +229,34 @@ def test_usage_errors_are_one_line_and_exit_2(monkeypatch, capsys, args):
 def test_no_arguments_show_the_help(monkeypatch, capsys):
     code, out, err = run_cli(monkeypatch, capsys)
     assert code == 2 and "calibrate" in out + err
+
+
+@pytest.mark.parametrize("name", ["qfilter", "kvzap", "fastkvzip", "expected_attention_stats", "dms", "kvzip"])
+def test_a_kvpress_press_polykv_does_not_run_is_refused_in_one_line_before_the_model_loads(monkeypatch, capsys,
+                                                                                           tmp_path, name):
+    import polykv_search.api as api
+
+    def load(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(api, "resolve_model", load)
+    data = write_jsonl(tmp_path / "d.jsonl", sample_rows(1))
+    code, _, err = run_cli(monkeypatch, capsys, "calibrate", "--model", tmp_path / "m", "--data", data,
+                           "--policies", f"snapkv,{name}", "--out", tmp_path / "out")
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2 and len(lines) == 1, err
+    assert f"policy {name!r} is not available: " in lines[0] and "registered policies: snapkv" in lines[0]
+    if name in ("qfilter", "kvzap", "fastkvzip", "expected_attention_stats"):
+        assert "from the Hugging Face hub" in lines[0]  # it says it needs downloaded weights or statistics
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_unknown_policy_lists_the_registered_ones(monkeypatch, capsys, tmp_path):
+    data = write_jsonl(tmp_path / "d.jsonl", sample_rows(1))
+    code, _, err = run_cli(monkeypatch, capsys, "calibrate", "--model", tmp_path / "m", "--data", data,
+                           "--policies", "snapkv,lagkvv", "--out", tmp_path / "out")
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2 and len(lines) == 1, err
+    assert "unknown policy 'lagkvv'; known policies: snapkv, streaming" in lines[0]
+    assert all(name in lines[0] for name in ("lagkv", "curdkv", "leverage", "noncausal_attention", "compactor",
+                                             "capkv"))

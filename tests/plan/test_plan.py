@@ -178,6 +178,14 @@ def test_unknown_policy_lists_the_known_ones(llama):
                in p for p in found), found
 
 
+def test_a_refused_kvpress_press_in_a_plan_says_why(llama):
+    def change(obj):
+        obj["plans"][0]["layers"][4]["policy"] = "qfilter"
+    found = problems_of(mutate(llama, change))
+    assert any(p.startswith("$.plans[0].layers[4].policy 'qfilter' is not available: QFilterPress loads Q-filters")
+               and "from the Hugging Face hub" in p for p in found), found
+
+
 @pytest.mark.parametrize(("params", "expected"), [
     ({"window_size": 64, "kernel_size": 5, "windw": 3}, "SnapKVPress (policy 'snapkv') has no parameter 'windw'"),
     ({"window_size": "64"}, "params.window_size: '64' is not a valid int for SnapKVPress"),

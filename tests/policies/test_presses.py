@@ -6,8 +6,14 @@ from transformers import DynamicCache
 
 from polykv_search.calibration.capture import LayerCapture
 from polykv_search.errors import ConfigError
-from polykv_search.policies import N_SINK_RECENT, POLICIES, check_policy_names
-from polykv_search.policies.presses import interleave_with_recent, make_press
+from polykv_search.policies import N_SINK_RECENT, POLICIES, REFUSED, check_policy_names
+from polykv_search.policies.presses import (
+    critical_order,
+    interleave_with_recent,
+    make_press,
+    rank_scores,
+    ties_newest_first,
+)
 from tests.conftest import tiny_loaded
 
 T = 120
@@ -30,7 +36,9 @@ def kvpress_kept(lm, name, n_kept, ids):
     return kept
 
 
-KVPRESS_ONLY = [p for p in POLICIES if POLICIES[p].ranking != "with_recent"]  # those kvpress runs on its own
+# Those kvpress runs on its own. Not CriticalKV around SnapKV: below 128 tokens its first stage takes some of SnapKV's
+# 64 tied window tokens, which ones is kvpress's top-k's choice (tests/test_families.py checks it above 128 tokens).
+KVPRESS_ONLY = [p for p in POLICIES if POLICIES[p].ranking != "with_recent" and p != "critical_snapkv"]
 
 
 @pytest.mark.parametrize("name", [p for p in KVPRESS_ONLY if p != "random"] + ["random"])
@@ -64,6 +72,8 @@ def test_unknown_policy_lists_the_known_ones():
 def test_bad_press_parameter_is_named():
     with pytest.raises(ConfigError, match="window_siz"):
         make_press("snapkv", window_siz=3)
+    with pytest.raises(ConfigError, match=r"first_stage_ratio 1.5 is outside \[0, 1\]"):
+        make_press("critical_snapkv", first_stage_ratio=1.5)
 
 
 def _interleaved_reference(scores: list[float], n_sink: int) -> list[int]:
@@ -106,3 +116,68 @@ def test_with_recent_policy_interleaves_its_base_scorer(name):
         lm.model(input_ids=ids, past_key_values=DynamicCache(config=lm.model.config), use_cache=True)
     for rankings in capture.rankings().values():
         torch.testing.assert_close(rankings[name], interleave_with_recent(rankings[base], N_SINK_RECENT))
+
+
+def test_a_press_drawing_a_sketch_ranks_alike_every_time_and_leaves_the_rng_as_it_was():
+    """Compactor's leverage draws a Gaussian sketch from torch's global RNG in every `score`: unseeded, calibrate and
+    evaluate would rank differently. Seeded to seed + layer index it is kvpress's own score under that seed. (On the
+    tiny model a sketch wider than the head (16) changes nothing, so this one is narrower.)"""
+    lm = tiny_loaded("llama", seed=1, attn="sdpa")
+    ids = torch.randint(3, 60, (1, T), generator=torch.Generator().manual_seed(3))
+    recorded = {}
+
+    def record(module, args, kwargs, output):
+        layer = kwargs["past_key_values"].layers[module.layer_idx]
+        recorded[module.layer_idx] = (module, kwargs["hidden_states"], layer.keys, layer.values, kwargs)
+
+    handle = lm.model.model.layers[1].self_attn.register_forward_hook(record, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            lm.model(input_ids=ids, past_key_values=DynamicCache(config=lm.model.config), use_cache=True)
+    finally:
+        handle.remove()
+    module, hidden, keys, values, kwargs = recorded[1]
+    press = make_press("leverage", sketch_dimension=4)
+    assert not torch.equal(press.score(module, hidden, keys, values, None, kwargs),
+                           press.score(module, hidden, keys, values, None, kwargs))  # kvpress's: a new sketch each call
+    state = torch.get_rng_state()
+    first = rank_scores("leverage", press, module, hidden, keys, values, None, kwargs)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert torch.equal(rank_scores("leverage", press, module, hidden, keys, values, None, kwargs), first)
+    torch.manual_seed(POLICIES["leverage"].seed + 1)
+    assert torch.equal(first, press.score(module, hidden, keys, values, None, kwargs).float())
+
+
+def test_ties_are_ranked_newest_first_and_every_top_b_is_a_top_b_of_the_scores():
+    scores = torch.tensor([[3.0, 1.0, 3.0, 2.0, 1.0, 3.0]])
+    ranking = ties_newest_first(scores)
+    assert ranking[0].argsort(descending=True).tolist() == [5, 2, 0, 3, 4, 1]
+    for b in range(1, 7):
+        assert sorted(scores[0, ranking[0].topk(b).indices].tolist()) == sorted(scores[0].topk(b).values.tolist())
+
+
+@pytest.mark.parametrize("name", sorted(REFUSED))
+def test_a_press_polykv_does_not_run_is_refused_with_its_reason(name):
+    with pytest.raises(ConfigError, match=rf"^policy '{name}' is not available: .+; registered policies: snapkv, "
+                                          r"streaming, "):
+        check_policy_names(["snapkv", name])
+    assert name not in POLICIES
+
+
+@pytest.mark.parametrize("ratio", [0.5, 0.3, 1.0, 0.0])
+def test_critical_order_keeps_at_every_budget_what_criticalkv_keeps(ratio):
+    """CriticalKV at budget b: the m = max(1, int(b x ratio)) best by the first score, then the best by the second
+    among the others up to b (kvpress's rule, written out with ties broken earlier token first)."""
+    gen = torch.Generator().manual_seed(7)
+    n = 41
+    first = torch.randint(0, 9, (2, n), generator=gen).float()  # ties on purpose
+    second = torch.rand(2, n, generator=gen)
+    ranking = critical_order(first, second, ratio)
+    for head in range(2):
+        by_first = sorted(range(n), key=lambda i: (-first[head, i].item(), i))
+        by_second = sorted(range(n), key=lambda i: (-second[head, i].item(), i))
+        for b in range(1, n + 1):
+            m = max(1, int(b * ratio)) if ratio > 0 else 0
+            stage_one = by_first[:m]
+            expected = set(stage_one) | set([t for t in by_second if t not in stage_one][:b - m])
+            assert set(ranking[head].topk(b).indices.tolist()) == expected, (ratio, head, b)
