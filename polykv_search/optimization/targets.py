@@ -2,7 +2,9 @@
 
     kvpress        any plan (the default)
     trtllm         the per-layer problem with the streaming policy only, each budget above its sinks: one
-                   StreamingLLM window per layer (TensorRT-LLM's max_attention_window, sink_token_length)
+                   StreamingLLM window per layer (TensorRT-LLM's max_attention_window, sink_token_length); with a
+                   per-head cost (head_fisher, head_kl) a layer's cost at a window is the sum of its KV heads'
+                   StreamingLLM costs at that window
     duo-attention  per KV head, StreamingLLM at one shared window W or the whole context (DuoAttention)
 
 duo-attention assumes the profile's top grid level T holds the whole context: a full head is counted at T tokens
@@ -45,10 +47,7 @@ def check_target(config: Any) -> None:
         return
     if config.solver not in ("dp", "ilp"):
         raise ConfigError(f"--target {target} solves exactly for what the engine expresses: use --solver dp or ilp")
-    per_head = config.cost in HEAD_COST_KINDS
-    if target == TRTLLM and per_head:
-        raise ConfigError(f"--target trtllm gives all KV heads of a layer one window: --cost {config.cost} is per KV "
-                          "head; use a per-layer cost (mass_lost, out_err, layer_kl, layer_nll)")
+    per_head = config.cost in HEAD_COST_KINDS  # trtllm: summed over each layer's KV heads (trtllm_plan)
     if target == DUO_ATTENTION and not per_head:
         raise ConfigError(f"--target duo-attention chooses per KV head: --cost {config.cost} is per layer; use "
                           f"--cost {' or '.join(HEAD_COST_KINDS)} (calibrate --head-kl)")
@@ -67,6 +66,31 @@ def restrict_to_target(config: OptimizeConfig) -> OptimizeConfig:
     if config.target != TRTLLM:
         return config
     return replace(config, policies=(STREAMING,), floor=max(config.floor, N_SINK + 1))
+
+
+def layer_streaming_costs(profile: Profile, config: OptimizeConfig) -> np.ndarray:
+    """Per compressible layer and grid level, the cost of one StreamingLLM window on the whole layer from a per-head
+    profile: the sum over the layer's KV heads of each head's `config.cost` streaming at that window (each measured
+    with that head alone compressed, so the sum is the same additive proxy the per-head plans solve): (L_c, G)."""
+    if STREAMING not in profile.policies:
+        raise ConfigError(f"--target {config.target} needs the profile's streaming costs; it has "
+                          f"{', '.join(profile.policies)}: re-run calibrate with streaming among --policies")
+    table = profile.head_costs(config.cost, config.weighting).double().numpy()  # (L, H_kv, P, G)
+    layers = profile.model.compressible_layers
+    return table[layers][:, :, profile.policies.index(STREAMING)].sum(axis=1)  # (L_c, G)
+
+
+def trtllm_plan(profile: Profile, average: float, *, config: OptimizeConfig, cap: int, signature: str | None) -> Plan:
+    """The cheapest plan of one StreamingLLM window per layer at `average` tokens per layer, on a per-head cost
+    summed per layer (`layer_streaming_costs`), solved exactly; windows above the sinks (`restrict_to_target`)."""
+    layers = profile.model.compressible_layers
+    costs = layer_streaming_costs(profile, config)  # (L_c, G)
+    problem = Problem(costs[:, None, :], profile.budgets, layers, [STREAMING], total=budget_total(average, len(layers)),
+                      floor=config.floor, cap=cap)
+    allocation = solve(problem, solver=config.solver, time_limit=config.time_limit, mip_gap=config.mip_gap)
+    notes = (f"trtllm: one StreamingLLM window per layer ({N_SINK} sinks), cost {config.cost} ({config.weighting}) "
+             f"of the layer's {profile.model.num_kv_heads} KV heads streaming at that window, summed")
+    return allocation.to_plan(profile.model, average_budget=average, profile_signature=signature, notes=notes)
 
 
 def duo_attention_plan(profile: Profile, average: float, *, config: OptimizeConfig, cap: int,
