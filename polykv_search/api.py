@@ -42,6 +42,7 @@ from polykv_search.optimization.lengths import (LengthRun, by_length, calibrated
                                                 shortest_first, split_folders, with_context)
 from polykv_search.optimization.proxy import ProxyReport, check_proxy_on
 from polykv_search.optimization.run import OptimizeConfig, check_budgets, optimize_profile
+from polykv_search.optimization.targets import check_target_budgets
 from polykv_search.plan import ContextRange, PlanFile
 from polykv_search.plan.named import named_plan_files, only_budgets
 from polykv_search.plan.names import Metric
@@ -225,7 +226,10 @@ def run(model: ModelSpec = DEFAULT_MODEL, *, budgets: float | Sequence[float] = 
     the prompt's length). The first split's files go to `out_dir`, the others' to `out_dir/calib-<name>/`. With the
     default splits, a model that cannot read 8k tokens is calibrated on calib.jsonl alone, saying so.
     `strict_lengths`: the plan refuses prompts far longer than its longest split instead of serving them with its
-    last rung."""
+    last rung.
+
+    `config.target` trtllm or duo-attention: calibrates the streaming costs alone, optimizes within the engine's
+    form, and the guard holds each rung to the engine's own setting at that budget (optimization/targets.py)."""
     config = config.validated()
     budgets = check_budgets(budgets)
     policies, policy_sets = candidate_sets(config, policies, policy_sets, guard=guard)
@@ -265,6 +269,7 @@ def _run_locked(lm: LoadedModel, *, budgets: list[float], splits: list[DataSpec]
                 progress: Progress | None) -> RunResult:
     calibration_config = calibration_for_cost(config.cost, budgets=budgets, policies=policies, grid=grid,
                                               max_context_tokens=max_context_tokens)
+    check_target_budgets(config, budgets, calibration_config.budgets, lm.info)  # refused before calibrating
     folders = split_folders(out, splits)
     calibrations = [calibrate(lm, split, config=calibration_config, out_dir=folder, max_samples=max_calib_samples,
                               column_map=column_map, resume=not fresh, progress=progress)

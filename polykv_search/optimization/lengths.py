@@ -22,6 +22,7 @@ from polykv_search.models import LoadedModel
 from polykv_search.optimization.crossfit import crossfit_obstacle
 from polykv_search.optimization.guard import GuardRung, guard_plan
 from polykv_search.optimization.run import OptimizeConfig
+from polykv_search.optimization.targets import engine_settings
 from polykv_search.plan import Plan, PlanFile
 from polykv_search.plan.plan import FAR_BEYOND_CALIBRATION, ContextRange
 
@@ -113,8 +114,8 @@ def guard_each_length(lm: LoadedModel, ladders: Sequence[PlanFile], parts: Seque
                       max_samples: int | None, column_map: Mapping[str, str] | None,
                       max_context_tokens: int | None, progress: Progress | None) -> PlanFile:
     """The guard (optimization/guard.py) of each split's ladder on that split's samples and profile, cross-fitted
-    where it can be, its cache in the split's folder; `parts` get what each guard measured. Returns the guarded
-    ladders as one ladder by length."""
+    where it can be, against `policies` (a target plan: the engine's own settings), its cache in the split's
+    folder; `parts` get what each guard measured. Returns the guarded ladders as one ladder by length."""
     guarded = []
     for part, ladder, split, folder in zip(parts, ladders, splits, folders):
         samples, _ = resolve_samples(split, max_samples=max_samples, column_map=column_map)
@@ -130,7 +131,8 @@ def guard_each_length(lm: LoadedModel, ladders: Sequence[PlanFile], parts: Seque
             logger.info("guard: prompts of %s", part.context.describe())
         from_profile = ({"profile": profile, "config": config, "policy_sets": policy_sets[1:]}
                         if not obstacle or policy_sets else {})
-        kept, part.guard, part.guard_samples = guard_plan(lm, ladder, samples, policies=policies, progress=progress,
+        kept, part.guard, part.guard_samples = guard_plan(lm, ladder, samples, progress=progress,
+                                                          policies=engine_settings(config.target) or policies,
                                                           cache=folder / "guard.json", crossfit=not obstacle,
                                                           max_context_tokens=max_context_tokens, **from_profile)
         guarded.append(kept)

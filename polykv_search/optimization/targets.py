@@ -17,7 +17,9 @@ heads' budgets sum to the total exactly, as in every plan.
 
 from __future__ import annotations
 
+import math
 import time
+from collections.abc import Sequence
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
@@ -32,10 +34,24 @@ from polykv_search.plan import HeadPlan, LayerPlan, Plan, SearchInfo, budget_tot
 from polykv_search.policies import policy_params
 
 if TYPE_CHECKING:
+    from polykv_search.models.info import ModelInfo
     from polykv_search.optimization.run import OptimizeConfig
 
 STREAMING = "streaming"
 N_SINK = int(policy_params(STREAMING)["n_sink"])  # every plan of a target uses the registered sinks
+
+
+# What TensorRT-LLM and DuoAttention run without a plan, at the memory of a plan of average budget B: one StreamingLLM
+# window of B tokens with the same sinks on every layer (TensorRT-LLM), every KV head streaming at that window
+# (DuoAttention): both the uniform streaming plan at B. Of the grid's other windows, a smaller one keeps a subset of
+# its tokens (the sinks and fewer recent ones) and a larger one holds more memory than the plan, so per budget this
+# one setting stands for the engine's own best at equal memory (the guard's and the report's engine baseline).
+ENGINE_SETTINGS: dict[str, tuple[str, ...]] = {TRTLLM: (STREAMING,), DUO_ATTENTION: (STREAMING,)}
+
+
+def engine_settings(target: str) -> list[str]:
+    """The uniform policies standing for what `target`'s engine runs without a plan (none for kvpress: any plan)."""
+    return list(ENGINE_SETTINGS.get(target, ()))
 
 
 def check_target(config: Any) -> None:
@@ -59,6 +75,58 @@ def check_target(config: Any) -> None:
     if dropped:
         kept = "per layer" if target == TRTLLM else "or full heads"
         raise ConfigError(f"--target {target} keeps StreamingLLM only ({kept}); drop {', '.join(dropped)}")
+
+
+def check_target_budgets(config: OptimizeConfig, budgets: Sequence[float], grid: Sequence[int],
+                         info: ModelInfo) -> None:
+    """ConfigError, in one line naming the feasible averages, for a budget `config.target` cannot express on a
+    profile of `grid` (run calls it before calibrating): trtllm, one window per layer between the grid's lowest level
+    above the sinks and its highest; duo-attention, a whole number, a window of the grid exactly or enough for a
+    full head beside the shared lowest window, and at most the top level (the whole context)."""
+    if config.target == KVPRESS:
+        return
+    grid = sorted(int(level) for level in grid)
+    fits = [w for w in grid if w > N_SINK and w >= config.floor and (config.cap is None or w <= config.cap)]
+    name = f"--target {config.target}"
+    if config.target == TRTLLM:
+        layers = len(info.compressible_layers)
+        bad = [b for b in budgets if not fits or not layers * fits[0] <= budget_total(b, layers) <= layers * fits[-1]]
+        if bad:
+            feasible = f"{fits[0]} to {fits[-1]} tokens per layer" if fits else "none"
+            raise ConfigError(f"{name} cannot spend --budget {', '.join(f'{b:g}' for b in bad)} as one StreamingLLM "
+                              f"window per layer on the grid {grid}: the feasible averages are {feasible} (windows "
+                              f"above the {N_SINK} sinks, within --floor / --cap); choose budgets in that range or "
+                              "calibrate another --grid")
+        return
+    slots, top = len(info.compressible_layers) * info.num_kv_heads, grid[-1]
+    bad = [b for b in budgets if not float(b).is_integer() or b > top or
+           not duo_windows(budget_total(b, slots), slots, grid, floor=config.floor, cap=config.cap)]
+    if bad:
+        windows = [w for w in fits if w < top]
+        feasible = (f"the windows {', '.join(map(str, windows))} exactly, or any whole number from "
+                    f"{math.ceil(windows[0] + (top - windows[0]) / slots)} to {top}" if windows else "none")
+        raise ConfigError(f"{name} cannot spend --budget {', '.join(f'{b:g}' for b in bad)} as one StreamingLLM "
+                          f"window shared by the {slots} KV heads plus full heads of {top} tokens (the top level of "
+                          f"the grid {grid}, counted as the whole context): the feasible averages per KV head are "
+                          f"{feasible}; choose one of those or calibrate another --grid")
+
+
+def duo_windows(total: int, slots: int, grid: Sequence[int], *, floor: int,
+                cap: int | None) -> list[tuple[int, int, int, int]]:
+    """(grid index, window W, full heads k, tokens left over) for each window of the grid (all but its top level T)
+    that a duo-attention plan of `total` tokens over `slots` KV heads can use: W above the sinks and within floor
+    and cap, S W <= total, k = (total - S W) // (T - W), and a total between S W and one full head more skipped
+    (W cannot spend it exactly)."""
+    top, out = grid[-1], []
+    for g, window in enumerate(grid[:-1]):
+        spare = total - slots * window
+        if window <= N_SINK or window < floor or (cap is not None and window > cap) or spare < 0:
+            continue
+        n_full = min(spare // (top - window), slots)
+        left = spare - n_full * (top - window)
+        if not left or n_full:
+            out.append((g, window, n_full, left))
+    return out
 
 
 def restrict_to_target(config: OptimizeConfig) -> OptimizeConfig:
@@ -107,14 +175,7 @@ def duo_attention_plan(profile: Profile, average: float, *, config: OptimizeConf
     grid, slots = list(profile.budgets), len(layers) * heads
     top, total = grid[-1], budget_total(average, slots)
     tried: dict[int, tuple[Any, int, int]] = {}  # W -> (allocation, full heads, tokens left over)
-    for g, window in enumerate(grid[:-1]):
-        spare = total - slots * window
-        if window <= N_SINK or window < config.floor or window > cap or spare < 0:
-            continue
-        n_full = min(spare // (top - window), slots)
-        left = spare - n_full * (top - window)
-        if left and not n_full:
-            continue  # the total is between S W and one full head more: W cannot spend it exactly
+    for g, window, n_full, left in duo_windows(total, slots, grid, floor=config.floor, cap=cap):
         two = np.stack([costs[:, g], costs[:, -1]], axis=1)[:, None, :]  # (S, 1, 2): streaming at W, full
         problem = Problem(two, (1, 2), range(slots), [STREAMING], total=slots + n_full)  # budget 2 = a full head
         tried[window] = (solve(problem, solver=config.solver, time_limit=config.time_limit, mip_gap=config.mip_gap),
