@@ -31,7 +31,8 @@ from polykv_search.data import DataSpec, resolve_samples
 from polykv_search.engine import EndToEndObjective
 from polykv_search.engine.progress import Progress
 from polykv_search.errors import ConfigError
-from polykv_search.evaluation import ALLOCATORS, Report, build_methods, check_allocators, score_methods, summarize
+from polykv_search.evaluation import (ALLOCATORS, Report, build_methods, check_allocators, check_targets,
+                                      score_methods, summarize)
 from polykv_search.io import file_sha256
 from polykv_search.models import DEFAULT_DEVICE, DEFAULT_MODEL, LoadedModel, ModelSpec, model_slug, resolve_model
 from polykv_search.optimization.choose import Choice, choose_among
@@ -158,13 +159,16 @@ def evaluate(model: ModelSpec = DEFAULT_MODEL, data: DataSpec = EVALUATION_DATA,
              max_samples: int | None = None, max_context_tokens: int | None = None, with_kl: bool = True,
              batch_size: int = 16, column_map: Mapping[str, str] | None = None, resume: bool = False,
              device: str = DEFAULT_DEVICE, dtype: str = "auto", trust_remote_code: bool = False,
-             revision: str | None = None, progress: Progress | None = None) -> Report:
+             revision: str | None = None, progress: Progress | None = None,
+             targets: Mapping[str, str] | None = None) -> Report:
     """Answer held-out samples with the full cache, every uniform policy, PyramidKV and CAKE (CAKE needs a
     `profile`) and Ada-KV (`allocators`) at each budget, and the given plans at their own budgets; score each
     answer by its task's metric; gap recovery R per budget. `plans`: name -> plan file (or paths, named by their
     stem). `budgets` default: the plans' budgets, else 64, 128, 256, 512; plan rungs at other budgets are left
-    out. Writes the checkpoints and the report (json, md, png) under `out_dir` (default outputs/<model>/eval)."""
+    out. `targets` (plan name -> trtllm or duo-attention): those plans' R against the engine's own setting too.
+    Writes the checkpoints and the report (json, md, png) under `out_dir` (default outputs/<model>/eval)."""
     named = named_plan_files(plans)
+    targets = check_targets(targets, [name for name, _ in named])
     if budgets is not None:
         grid = check_budgets(budgets)
         named = [(name, only_budgets(name, plan_file, grid)) for name, plan_file in named]
@@ -184,7 +188,8 @@ def evaluate(model: ModelSpec = DEFAULT_MODEL, data: DataSpec = EVALUATION_DATA,
         if loaded_profile is not None:
             loaded_profile.check_model(lm.info)
         methods = build_methods(lm.info, budgets=grid, uniform_policies=uniform, allocators=allocators,
-                                allocator_policy=allocator_policy, profile=loaded_profile, plans=named)
+                                allocator_policy=allocator_policy, profile=loaded_profile, plans=named,
+                                targets=targets)
         step = (lambda done, total: progress("evaluate", done, total, f"{len(methods) + 1} methods per sample")) \
             if progress else None
         results = score_methods(lm, samples, methods, out_dir=out, resume=resume, with_kl=with_kl,
@@ -294,8 +299,8 @@ def _run_locked(lm: LoadedModel, *, budgets: list[float], splits: list[DataSpec]
                                       progress=progress)
     plan_path = plan_file.save(out / "plan.json")
     allocation_png(plan_file, out / "plan.png")
-    report = evaluate(lm, eval_data, plans={"plan": plan_file}, budgets=budgets, policies=compare,
-                      allocators=allocators, profile=calibrations[0].profile, out_dir=out / "eval",
+    report = evaluate(lm, eval_data, plans={"plan": plan_file}, targets={"plan": config.target}, budgets=budgets,
+                      policies=compare, allocators=allocators, profile=calibrations[0].profile, out_dir=out / "eval",
                       max_samples=max_eval_samples, max_context_tokens=max_context_tokens, column_map=column_map,
                       resume=not fresh, progress=progress)
     first = parts[0]

@@ -4,6 +4,8 @@ refuses a budget the target cannot express in one line before calibrating."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 import polykv_search as pk
@@ -47,6 +49,18 @@ def test_run_for_trtllm_calibrates_streaming_and_guards_against_one_window(trtll
             pk.uniform_plan(trtllm_run.plan_file.model, policy="streaming", budget=choice.budget)
         assert rung.layers == expected.layers
         assert choice.measured["plan"] <= choice.measured["streaming"] or not choice.kept_plan
+    report = trtllm_run.report  # R against the engine's own setting beside R against the best uniform policy
+    rows = report.recovery_of("plan")
+    assert [r.budget for r in rows] == [12, 16]
+    for r in rows:
+        engine = report.methods[f"streaming@{r.budget}"].score
+        assert (r.target, r.engine_setting, r.engine_score) == ("trtllm", "streaming", engine)
+        assert r.best_uniform in ("snapkv", "streaming")
+        gap = report.full_score - engine
+        assert r.R_engine == (pytest.approx((r.score - engine) / gap) if gap > 1e-12 else None)
+    saved = json.loads(report.files["json"].read_text())["recovery"]
+    assert [r["engine_setting"] for r in saved if r["method"] == "plan"] == ["streaming", "streaming"]
+    assert "R_engine" in report.files["markdown"].read_text()
     for budget in (12, 16):  # the written file loads where it did
         out = tmp_path / f"kv{budget}.json"
         assert export_plan(trtllm_run.plan_path, to="trtllm", out=out, budget=budget).is_file()
