@@ -19,6 +19,7 @@ from polykv_search.data import DataSpec, resolve_samples
 from polykv_search.engine.progress import Progress
 from polykv_search.errors import ConfigError
 from polykv_search.models import LoadedModel
+from polykv_search.models.info import ModelInfo
 from polykv_search.optimization.crossfit import crossfit_obstacle
 from polykv_search.optimization.guard import GuardRung, guard_plan
 from polykv_search.optimization.run import OptimizeConfig
@@ -79,6 +80,32 @@ def shortest_first(profiles: Sequence[Profile], *, strict: bool = False) -> tupl
                               "length")
         return order, [ContextRange()]
     return order, length_ranges([lengths[k] for k in order], strict=strict)  # type: ignore[misc]
+
+
+def calibration_splits(calib: DataSpec | None, calib_splits: Sequence[DataSpec] | None, *,
+                       default: Sequence[DataSpec], max_samples: int | None = None,
+                       column_map: Mapping[str, str] | None = None) -> list[DataSpec]:
+    """`run`'s calibration splits: `calib` alone, else `calib_splits`, else `default`; ConfigError when both are given
+    or none is, and each split is read once here, so a missing or empty one is refused before any work."""
+    if calib is not None and calib_splits is not None:
+        raise ConfigError("give the calibration data as calib (one split) or calib_splits (one per range of prompt "
+                          "lengths), not both")
+    splits = [calib] if calib is not None else list(calib_splits if calib_splits is not None else default)
+    if not splits:
+        raise ConfigError("calib_splits is empty; give at least one calibration split")
+    for split in splits:
+        resolve_samples(split, max_samples=max_samples, column_map=column_map)
+    return splits
+
+
+def readable_splits(splits: list[DataSpec], info: ModelInfo, *, defaulted: bool, long_context: int) -> list[DataSpec]:
+    """The default splits (`defaulted`) without their last, long one when the model reads fewer than `long_context`
+    tokens, saying so; otherwise `splits` as given."""
+    if defaulted and info.max_context and info.max_context < long_context and len(splits) > 1:
+        logger.info("calibrating on %s only: %s reads %d tokens, fewer than %s needs", splits[0], info.model_id,
+                    info.max_context, splits[-1])
+        return splits[:1]
+    return splits
 
 
 def split_folders(out: Path, splits: Sequence[DataSpec]) -> list[Path]:
