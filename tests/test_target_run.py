@@ -99,6 +99,9 @@ def test_run_for_duo_attention_writes_a_pattern_the_engine_reads(tiny_llama, fil
     assert set(choice.measured) == {"plan", "streaming"}
     pattern = DuoPattern.read(export_plan(result.plan_path, to="duo-attention", out=tmp_path / "duo", context=400))
     assert (pattern.sink_size, pattern.recent_size) == (4, 12)  # every head at the window 16, or full
+    engine = pk.PlanFile.build(tiny_llama.info, [pk.uniform_plan(tiny_llama.info, policy="streaming", budget=16)])
+    own = DuoPattern.read(export_plan(engine, to="duo-attention", out=tmp_path / "own", context=400))
+    assert own.head_compression_ratio == 1.0 and own.recent_size == 12  # the guard's fallback exports too
 
 
 @pytest.mark.parametrize(("target", "budget", "grid", "match"), [
