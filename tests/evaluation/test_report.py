@@ -68,3 +68,19 @@ def test_a_plan_made_for_an_engine_gets_r_against_the_engines_own_setting():
         for key in ("target", "engine_setting", "engine_score", "R_engine", "R_engine_90"):
             r.pop(key)
     assert type(report).from_dict(legacy).recovery[0].R_engine is None
+
+
+def test_runs_summary_lines_give_r_against_the_engine_for_a_target_plan():
+    from polykv_search.cli.render import recovery_lines
+    from polykv_search.evaluation import Recovery, Report
+
+    common = dict(budget=64, family="plan", score=0.5, best_uniform="snapkv", best_uniform_score=0.375,
+                  full_score=1.0, R=0.2, R_90=[0.1, 0.3], kl=None, best_uniform_kl=None)
+    report = Report(tasks=["a"], methods={}, budgets=[64], samples=8, recovery=[
+        Recovery(method="trt", target="trtllm", engine_setting="streaming", engine_score=0.125, R_engine=0.4286,
+                 R_engine_90=[0.3, 0.5], **common),
+        Recovery(method="any", **common)])
+    trt, = [line for line in recovery_lines(report, "trt") if "own setting" in line]
+    assert trt == ("R against trtllm's own setting at 64 tokens/layer: 0.429 (streaming 0.125, 90% bootstrap "
+                   "[+0.30, +0.50])")
+    assert len(recovery_lines(report, "trt")) == 2 and len(recovery_lines(report, "any")) == 1
