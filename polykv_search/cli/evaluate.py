@@ -35,6 +35,7 @@ from polykv_search.cli.options import (
     parse_str_list,
 )
 from polykv_search.cli.render import progress_bars
+from polykv_search.errors import ConfigError
 
 DEFAULT_EVAL = "calibration_data/eval.jsonl"
 
@@ -99,6 +100,8 @@ def evaluate(
 
 def parse_targets(values: list[str] | None, plans: list[Path] | None) -> dict[str, str]:
     """--target values as plan name -> target: NAME=TARGET, or TARGET alone for every --plan (named by its stem)."""
+    if values and not plans:
+        raise ConfigError(f"--target {values[0]} marks a plan made for an engine; give the plan with --plan")
     targets: dict[str, str] = {}
     for value in values or []:
         name, sep, target = value.partition("=")

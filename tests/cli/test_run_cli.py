@@ -116,3 +116,8 @@ def test_evaluate_refuses_a_target_for_a_plan_it_was_not_given_before_loading_th
             main()
         err = capsys.readouterr().err
         assert exit_info.value.code == 2 and said in err and len(err.strip().splitlines()) == 1
+    monkeypatch.setattr(sys, "argv", ["polykv-search", "evaluate", "--model", str(tmp_path / "absent"), "--target",
+                                      "trtllm"])
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    assert exit_info.value.code == 2 and "give the plan with --plan" in capsys.readouterr().err
