@@ -16,7 +16,6 @@ A model is an embedded alias, a .gguf file, a local folder, a hub id, or a `Load
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -31,23 +30,24 @@ from polykv_search.data import DataSpec, resolve_samples
 from polykv_search.engine import EndToEndObjective
 from polykv_search.engine.progress import Progress
 from polykv_search.errors import ConfigError
-from polykv_search.evaluation import ALLOCATORS, Report, build_methods, check_allocators, score_methods, summarize
+from polykv_search.evaluation import (ALLOCATORS, Report, build_methods, check_allocators, check_targets,
+                                      score_methods, summarize)
 from polykv_search.io import file_sha256
 from polykv_search.models import DEFAULT_DEVICE, DEFAULT_MODEL, LoadedModel, ModelSpec, model_slug, resolve_model
 from polykv_search.optimization.choose import Choice, choose_among
 from polykv_search.optimization.figures import allocation_png
 from polykv_search.optimization.guard import GuardRung, guard_plan
 from polykv_search.optimization.policy_sets import candidate_sets
-from polykv_search.optimization.lengths import (LengthRun, by_length, calibrated_lengths, guard_each_length,
-                                                shortest_first, split_folders, with_context)
+from polykv_search.optimization.lengths import (LengthRun, by_length, calibrated_lengths, calibration_splits,
+                                                guard_each_length, readable_splits, shortest_first, split_folders,
+                                                with_context)
 from polykv_search.optimization.proxy import ProxyReport, check_proxy_on
 from polykv_search.optimization.run import OptimizeConfig, check_budgets, optimize_profile
+from polykv_search.optimization.targets import check_target_budgets
 from polykv_search.plan import ContextRange, PlanFile
 from polykv_search.plan.named import named_plan_files, only_budgets
 from polykv_search.plan.names import Metric
 from polykv_search.policies import DEFAULT_POLICIES, check_policy_names
-
-logger = logging.getLogger(__name__)
 
 CALIBRATION_DATA = "calibration_data/calib.jsonl"
 LONG_CALIBRATION_DATA = "calibration_data/calib_long.jsonl"  # 6k-8k tokens: `run`'s second length bucket
@@ -157,13 +157,16 @@ def evaluate(model: ModelSpec = DEFAULT_MODEL, data: DataSpec = EVALUATION_DATA,
              max_samples: int | None = None, max_context_tokens: int | None = None, with_kl: bool = True,
              batch_size: int = 16, column_map: Mapping[str, str] | None = None, resume: bool = False,
              device: str = DEFAULT_DEVICE, dtype: str = "auto", trust_remote_code: bool = False,
-             revision: str | None = None, progress: Progress | None = None) -> Report:
+             revision: str | None = None, progress: Progress | None = None,
+             targets: Mapping[str, str] | None = None) -> Report:
     """Answer held-out samples with the full cache, every uniform policy, PyramidKV and CAKE (CAKE needs a
     `profile`) and Ada-KV (`allocators`) at each budget, and the given plans at their own budgets; score each
     answer by its task's metric; gap recovery R per budget. `plans`: name -> plan file (or paths, named by their
     stem). `budgets` default: the plans' budgets, else 64, 128, 256, 512; plan rungs at other budgets are left
-    out. Writes the checkpoints and the report (json, md, png) under `out_dir` (default outputs/<model>/eval)."""
+    out. `targets` (plan name -> trtllm or duo-attention): those plans' R against the engine's own setting too.
+    Writes the checkpoints and the report (json, md, png) under `out_dir` (default outputs/<model>/eval)."""
     named = named_plan_files(plans)
+    targets = check_targets(targets, [name for name, _ in named])
     if budgets is not None:
         grid = check_budgets(budgets)
         named = [(name, only_budgets(name, plan_file, grid)) for name, plan_file in named]
@@ -183,7 +186,8 @@ def evaluate(model: ModelSpec = DEFAULT_MODEL, data: DataSpec = EVALUATION_DATA,
         if loaded_profile is not None:
             loaded_profile.check_model(lm.info)
         methods = build_methods(lm.info, budgets=grid, uniform_policies=uniform, allocators=allocators,
-                                allocator_policy=allocator_policy, profile=loaded_profile, plans=named)
+                                allocator_policy=allocator_policy, profile=loaded_profile, plans=named,
+                                targets=targets)
         step = (lambda done, total: progress("evaluate", done, total, f"{len(methods) + 1} methods per sample")) \
             if progress else None
         results = score_methods(lm, samples, methods, out_dir=out, resume=resume, with_kl=with_kl,
@@ -200,9 +204,9 @@ def run(model: ModelSpec = DEFAULT_MODEL, *, budgets: float | Sequence[float] = 
         policies: Sequence[str] | None = None, policy_sets: Sequence[Sequence[str]] | None = None,
         grid: Sequence[int] | None = None, compare: Sequence[str] | None = None,
         allocators: Sequence[str] = ALLOCATORS, config: OptimizeConfig = OptimizeConfig(cost=HEAD_FISHER),
-        max_calib_samples: int | None = None,
-        max_eval_samples: int | None = None, out_dir: str | Path | None = None, fresh: bool = False,
-        guard: bool = True, column_map: Mapping[str, str] | None = None, max_context_tokens: int | None = None,
+        max_calib_samples: int | None = None, max_eval_samples: int | None = None, out_dir: str | Path | None = None,
+        fresh: bool = False, guard: bool = True, column_map: Mapping[str, str] | None = None,
+        max_context_tokens: int | None = None,
         device: str = DEFAULT_DEVICE, dtype: str = "auto", trust_remote_code: bool = False, revision: str | None = None,
         progress: Progress | None = None) -> RunResult:
     """The whole job on one model: calibrate on `calib`, optimize a plan per budget, evaluate it on the held-out
@@ -216,8 +220,10 @@ def run(model: ModelSpec = DEFAULT_MODEL, *, budgets: float | Sequence[float] = 
     set's rung is kept only where its cross-fitted task score on the `calib` samples is at least that of every
     uniform policy in `compare`, else the best of them takes its place (optimization/guard.py; the first set's
     ladder stays in plan_optimized.json). `compare` (default: DEFAULT_POLICIES) is also the uniform
-    policies the evaluation scores. The loading options (`column_map`, `max_context_tokens`, `trust_remote_code`,
-    `revision`) are calibrate's and evaluate's.
+    policies the evaluation scores. `config.target` trtllm or duo-attention: the streaming costs alone, plans in the
+    engine's form, each rung guarded against the engine's own setting at its budget (optimization/targets.py). The
+    loading options (`column_map`, `max_context_tokens`, `trust_remote_code`, `revision`) are calibrate's and
+    evaluate's.
 
     Prompt lengths: `calib_splits` (default CALIBRATION_SPLITS: calib.jsonl, 1.1k-3.9k tokens, and calib_long.jsonl,
     6k-8k; `calib`: one split alone) are calibrated, optimized and guarded each on its own, and the plan holds, per
@@ -231,26 +237,16 @@ def run(model: ModelSpec = DEFAULT_MODEL, *, budgets: float | Sequence[float] = 
     policies, policy_sets = candidate_sets(config, policies, policy_sets, guard=guard)
     resolve_samples(eval_data, max_samples=max_eval_samples, column_map=column_map)  # refused before any work
     allocators = check_allocators(allocators)
-    if calib is not None and calib_splits is not None:
-        raise ConfigError("give the calibration data as calib (one split) or calib_splits (one per range of prompt "
-                          "lengths), not both")
-    splits = [calib] if calib is not None else list(calib_splits if calib_splits is not None else CALIBRATION_SPLITS)
-    if not splits:
-        raise ConfigError("calib_splits is empty; give at least one calibration split")
-    for split in splits:  # a missing or empty split is refused before any work
-        resolve_samples(split, max_samples=max_calib_samples, column_map=column_map)
+    splits = calibration_splits(calib, calib_splits, default=CALIBRATION_SPLITS, max_samples=max_calib_samples,
+                                column_map=column_map)  # a missing or empty split is refused before any work
     out = Path(out_dir) if out_dir is not None else default_out_dir(model)
     with folder_lock(out):  # a second run on the folder is refused before the model loads
         lm = resolve_model(model, device=device, dtype=dtype, trust_remote_code=trust_remote_code,
                            revision=revision)
-        short_model = bool(lm.info.max_context) and lm.info.max_context < LONG_CALIBRATION_CONTEXT
-        if calib is None and calib_splits is None and short_model:
-            logger.info("calibrating on %s only: %s reads %d tokens, fewer than %s needs", CALIBRATION_DATA,
-                        lm.info.model_id, lm.info.max_context, LONG_CALIBRATION_DATA)
-            splits = splits[:1]
-        return _run_locked(lm, budgets=budgets, splits=splits, strict_lengths=strict_lengths,
-                           eval_data=eval_data, policies=policies,
-                           policy_sets=policy_sets, grid=grid,
+        splits = readable_splits(splits, lm.info, defaulted=calib is None and calib_splits is None,
+                                 long_context=LONG_CALIBRATION_CONTEXT)
+        return _run_locked(lm, budgets=budgets, splits=splits, strict_lengths=strict_lengths, eval_data=eval_data,
+                           policies=policies, policy_sets=policy_sets, grid=grid,
                            compare=check_policy_names(list(compare)) if compare else list(DEFAULT_POLICIES),
                            allocators=allocators, config=config, max_calib_samples=max_calib_samples,
                            max_eval_samples=max_eval_samples, out=out, fresh=fresh, guard=guard,
@@ -265,6 +261,7 @@ def _run_locked(lm: LoadedModel, *, budgets: list[float], splits: list[DataSpec]
                 progress: Progress | None) -> RunResult:
     calibration_config = calibration_for_cost(config.cost, budgets=budgets, policies=policies, grid=grid,
                                               max_context_tokens=max_context_tokens)
+    check_target_budgets(config, budgets, calibration_config.budgets, lm.info)  # refused before calibrating
     folders = split_folders(out, splits)
     calibrations = [calibrate(lm, split, config=calibration_config, out_dir=folder, max_samples=max_calib_samples,
                               column_map=column_map, resume=not fresh, progress=progress)
@@ -289,8 +286,8 @@ def _run_locked(lm: LoadedModel, *, budgets: list[float], splits: list[DataSpec]
                                       progress=progress)
     plan_path = plan_file.save(out / "plan.json")
     allocation_png(plan_file, out / "plan.png")
-    report = evaluate(lm, eval_data, plans={"plan": plan_file}, budgets=budgets, policies=compare,
-                      allocators=allocators, profile=calibrations[0].profile, out_dir=out / "eval",
+    report = evaluate(lm, eval_data, plans={"plan": plan_file}, targets={"plan": config.target}, budgets=budgets,
+                      policies=compare, allocators=allocators, profile=calibrations[0].profile, out_dir=out / "eval",
                       max_samples=max_eval_samples, max_context_tokens=max_context_tokens, column_map=column_map,
                       resume=not fresh, progress=progress)
     first = parts[0]

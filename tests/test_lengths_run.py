@@ -118,3 +118,16 @@ def test_an_engine_export_asks_which_length(two_rungs, tmp_path):
     export_plan(two_rungs, to="trtllm", out=tmp_path / "t.json", budget=16, context=600)
     copied = PlanFile.load(export_plan(two_rungs, to="kvpress", out=tmp_path / "k.json", budget=16))
     assert copied == two_rungs  # kvpress reads the plan file: both rungs travel
+
+
+def test_a_model_that_cannot_read_the_long_split_is_calibrated_on_the_default_short_one(caplog):
+    from polykv_search.optimization.lengths import readable_splits
+    from tests.plan.factories import llama_like, with_layer_types
+
+    splits = ["calib.jsonl", "calib_long.jsonl"]
+    short = with_layer_types(["full_attention"] * 2)  # reads 4,096 tokens
+    with caplog.at_level("INFO"):
+        assert readable_splits(splits, short, defaulted=True, long_context=8192) == ["calib.jsonl"]
+    assert any("calibrating on calib.jsonl only" in r.getMessage() for r in caplog.records)
+    assert readable_splits(splits, short, defaulted=False, long_context=8192) == splits  # the user's splits stay
+    assert readable_splits(splits, llama_like(), defaulted=True, long_context=8192) == splits  # it reads 8,192

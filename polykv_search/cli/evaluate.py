@@ -3,6 +3,7 @@
     polykv-search evaluate --plan outputs/smollm2-135m/plan.json           # budgets taken from the plan
     polykv-search evaluate --budgets 64,128,256,512 --max-samples 20       # baselines only
     polykv-search evaluate --model gemma3-270m --plan p.json --data calibration_data/eval_alt.jsonl --resume
+    polykv-search evaluate --plan trtllm.json --target trtllm              # R against TensorRT-LLM's one window too
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from polykv_search.cli.options import (
     parse_str_list,
 )
 from polykv_search.cli.render import progress_bars
+from polykv_search.errors import ConfigError
 
 DEFAULT_EVAL = "calibration_data/eval.jsonl"
 
@@ -51,6 +53,10 @@ def evaluate(
                                             "layer), adakv (per KV head, from each sample's scores), or none.")] =
     "pyramidkv,cake,adakv",
     allocator_policy: Annotated[str, typer.Option(help="Policy used by the allocators.")] = "snapkv",
+    target: Annotated[list[str] | None, typer.Option(help="A plan made for an engine, as NAME=TARGET (NAME: the "
+                                                     "plan file's stem) or TARGET for every --plan (trtllm, "
+                                                     "duo-attention): its R against the engine's own setting "
+                                                     "(uniform streaming at that budget) too; repeatable.")] = None,
     profile: Annotated[Path | None, typer.Option(help="Profile for CAKE's signals (default: "
                                                  "outputs/<model>/profile.safetensors if present).")] = None,
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Output folder (default: outputs/<model>/eval)")] = None,
@@ -73,7 +79,7 @@ def evaluate(
     profile_path = profile or Path("outputs") / model_slug(model) / "profile.safetensors"
     out_dir = out or Path("outputs") / model_slug(model) / "eval"
     with progress_bars() as progress:
-        report = pk.evaluate(model, data or [DEFAULT_EVAL], plans=plan or [],
+        report = pk.evaluate(model, data or [DEFAULT_EVAL], plans=plan or [], targets=parse_targets(target, plan),
                              budgets=parse_budget_list(budgets, option="--budgets") if budgets else None,
                              policies=parse_str_list(policies) if policies else None,
                              allocators=parse_allocators(allocators), allocator_policy=allocator_policy,
@@ -91,3 +97,17 @@ def evaluate(
     err_console.print(report.markdown(), markup=False, highlight=False)
     for kind, path in report.files.items():
         typer.echo(f"{kind}: {path}")
+
+
+def parse_targets(values: list[str] | None, plans: list[Path] | None) -> dict[str, str]:
+    """--target values as plan name -> target: NAME=TARGET, or TARGET alone for every --plan (named by its stem)."""
+    if values and not plans:
+        raise ConfigError(f"--target {values[0]} marks a plan made for an engine; give the plan with --plan")
+    targets: dict[str, str] = {}
+    for value in values or []:
+        name, sep, target = value.partition("=")
+        if sep:
+            targets[name.strip()] = target.strip()
+        else:
+            targets.update({path.stem: value.strip() for path in plans or []})
+    return targets

@@ -97,9 +97,9 @@ def optimize(
     tie: TieOpt = None,
     only: OnlyOpt = None,
     target: Annotated[str, typer.Option(help="Engine the plans must fit as they are: kvpress (any plan), trtllm "
-                                        "(StreamingLLM windows per layer) or duo-attention (per KV head, "
-                                        "StreamingLLM at one window or full; needs --cost head_fisher or "
-                                        "head_kl). Then "
+                                        "(StreamingLLM windows per layer; a per-head cost is summed over each "
+                                        "layer's KV heads) or duo-attention (per KV head, StreamingLLM at one window "
+                                        "or full; needs --cost head_fisher or head_kl). Then "
                                         "`polykv-search export --to TARGET`.")] = "kvpress",
     time_limit: Annotated[float, typer.Option(help="ilp: seconds before HiGHS stops.", rich_help_panel=ILP)] = 10.0,
     gap: Annotated[float, typer.Option(help="ilp: relative MIP gap to stop at.", rich_help_panel=ILP)] = 1e-6,

@@ -211,6 +211,11 @@ def recovery_lines(report: Report, method: str) -> list[str]:
         lines.append(f"R at {r.budget:g} tokens/layer: {r.R if r.R is None else round(r.R, 3)} "
                      f"({method} {r.score:.3f}, best uniform {r.best_uniform} {r.best_uniform_score:.3f}, "
                      f"full {r.full_score:.3f}{interval})")
+        if r.target:
+            interval = f", 90% bootstrap [{r.R_engine_90[0]:+.2f}, {r.R_engine_90[1]:+.2f}]" if r.R_engine_90 else ""
+            lines.append(f"R against {r.target}'s own setting at {r.budget:g} tokens/layer: "
+                         f"{r.R_engine if r.R_engine is None else round(r.R_engine, 3)} ({r.engine_setting} "
+                         f"{r.engine_score:.3f}{interval})")
     return lines
 
 

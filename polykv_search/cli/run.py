@@ -4,6 +4,7 @@ held-out eval split — with everything under outputs/<model>/ and the compariso
     polykv-search run                                    # smollm2-135m at 128 tokens per layer, per KV head
     polykv-search run --model gemma3-270m --budget 64,128,256,512
     polykv-search run --budget 128 --cost mass_lost      # per layer, from the attention mass (the fastest)
+    polykv-search run --budget 64,128,256 --target trtllm  # StreamingLLM windows per layer, guarded against one window
     polykv-search run --budget 64,128,256,512 --cost layer_kl --max-calib-samples 12 \\
         --policies streaming,snapkv,h2o_recent,tova_recent,expected_attention_recent \\
         --grid 16,32,64,128,256,512,1024,2048           # the per-layer KL cost (slower calibration)
@@ -89,6 +90,12 @@ def run(
     only: OnlyOpt = None,
     n_trials: NTrialsOpt = 40,
     storage: StorageOpt = None,
+    target: Annotated[str, typer.Option(help="Engine the plan must fit as it is: kvpress (any plan), trtllm (a "
+                                        "StreamingLLM window per layer) or duo-attention (per KV head, StreamingLLM "
+                                        "at one window or full). Calibrates streaming alone; the guard holds each "
+                                        "rung to the engine's own setting (uniform streaming at that budget), and "
+                                        "the report gives R against it. Then `polykv-search export --to TARGET`.")
+                      ] = "kvpress",
     grid: GridOpt = None,
     compare: Annotated[str | None, typer.Option(help="Uniform policies the guard and the evaluation compare the "
                                                 "plan with (default: the twelve default ones).")] = None,
@@ -129,7 +136,7 @@ def run(
 
     config = pk.OptimizeConfig(solver=solver, cost=cost, weighting=weighting, metric=metric, floor=floor, cap=cap,
                                max_policies=max_policies, tied=parse_tied(tie), allowed=parse_allowed(only),
-                               n_trials=n_trials, storage=storage).validated()
+                               n_trials=n_trials, storage=storage, target=target).validated()
     with progress_bars() as progress:
         result = pk.run(model, budgets=parse_budget_list(budget), eval_data=eval_data,
                         calib_splits=[str(path) for path in calib] if calib else None, strict_lengths=strict_lengths,

@@ -4,14 +4,16 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
 
 from polykv_search.calibration.profile import Profile
 from polykv_search.engine import PrefillState
 from polykv_search.errors import ConfigError
+from polykv_search.export import KVPRESS, TARGETS
 from polykv_search.models.info import ModelInfo
 from polykv_search.optimization.allocators import adakv_plan, cake_plan, pyramidkv_plan
+from polykv_search.optimization.targets import engine_settings
 from polykv_search.plan import Plan, PlanFile, uniform_plan
 from polykv_search.plan.plan import rung_for_length
 
@@ -40,6 +42,8 @@ class Method:
     budget: float | None = None  # the average budget of an `allocate` method
     policy: str | None = None  # the ranking an `allocate` method needs scored
     rungs: tuple[Plan, ...] = ()  # a plan's rungs at one budget, one per range of prompt lengths (schema 2.1)
+    target: str | None = None  # the engine a plan was made for (trtllm, duo-attention): its R against that engine too
+    engine: tuple[str, ...] = ()  # the uniform policies standing for the target engine's own setting
 
     @property
     def plans(self) -> list[Plan]:
@@ -66,10 +70,29 @@ class Method:
 FULL = Method("full", "full", None)
 
 
+def check_targets(targets: Mapping[str, str] | None, names: Sequence[str]) -> dict[str, str]:
+    """plan name -> engine target (trtllm, duo-attention) for the plans made for an engine; kvpress (any plan) is
+    left out. ConfigError for a name that is not one of the plans or a target that is not known."""
+    targets = dict(targets or {})
+    unknown = [name for name in targets if name not in names]
+    if unknown:
+        raise ConfigError(f"--target names plan {', '.join(unknown)}, which is not among the plans "
+                          f"({', '.join(names) or 'none'}); give NAME=TARGET with a plan's name (its file's stem)")
+    bad = [t for t in targets.values() if t not in TARGETS]
+    if bad:
+        raise ConfigError(f"--target {', '.join(bad)} is not one of {', '.join(TARGETS)}")
+    return {name: target for name, target in targets.items() if target != KVPRESS}
+
+
 def build_methods(info: ModelInfo, *, budgets: Sequence[float], uniform_policies: Sequence[str],
                   allocators: Sequence[str], allocator_policy: str, profile: Profile | None,
-                  plans: Sequence[tuple[str, PlanFile]]) -> list[Method]:
-    """Every method to score (the full cache aside): the baselines at every budget, the given plans at their own."""
+                  plans: Sequence[tuple[str, PlanFile]], targets: Mapping[str, str] | None = None) -> list[Method]:
+    """Every method to score (the full cache aside): the baselines at every budget, the given plans at their own.
+    A plan with a target (`targets`: plan name -> trtllm or duo-attention) also carries the engine's own setting
+    (optimization/targets.py ENGINE_SETTINGS), which is scored as a uniform policy whether asked for or not."""
+    targets = check_targets(targets, [name for name, _ in plans])
+    engine = {name: tuple(engine_settings(target)) for name, target in targets.items()}
+    uniform_policies = list(dict.fromkeys([*uniform_policies, *(p for ps in engine.values() for p in ps)]))
     out = []
     for budget in budgets:
         for policy in uniform_policies:
@@ -85,7 +108,8 @@ def build_methods(info: ModelInfo, *, budgets: Sequence[float], uniform_policies
                 logger.info("Ada-KV is left out at the fractional budget %s", budget)
     for name, plan_file in plans:
         for budget in plan_file.budgets:
-            out.append(plan_method(name, plan_file.rungs_for(budget)))
+            out.append(replace(plan_method(name, plan_file.rungs_for(budget)), target=targets.get(name),
+                               engine=engine.get(name, ())))
     return out
 
 

@@ -2,7 +2,9 @@
 a Markdown table and a PNG of score against budget.
 
 R = (S_plan - S_best_uniform) / (S_full - S_best_uniform), all on the same samples; S is the mean over tasks
-of the per-task mean score (LongBench's convention), S_best_uniform the best single policy at that budget.
+of the per-task mean score (LongBench's convention), S_best_uniform the best single policy at that budget. A plan
+made for an engine (trtllm, duo-attention) also gets R_engine, the same with the engine's own setting in place of
+the best uniform policy.
 Each R comes with a 90% paired bootstrap interval: the samples are redrawn with replacement within each task
 (the best uniform policy stays the one chosen on all samples), so a difference inside it is noise.
 """
@@ -53,6 +55,12 @@ class Recovery:
     R_90: list[float] | None  # noqa: N815
     kl: float | None
     best_uniform_kl: float | None
+    # a plan made for an engine (run --target, evaluate --target): R against that engine's own setting at the budget
+    target: str | None = None  # trtllm or duo-attention
+    engine_setting: str | None = None  # the uniform policy standing for the engine's own setting (streaming)
+    engine_score: float | None = None
+    R_engine: float | None = None  # noqa: N815
+    R_engine_90: list[float] | None = None  # noqa: N815
 
 
 # Context-length buckets R is reported in when the samples span several (and no plan brings its own ranges).
@@ -184,9 +192,25 @@ def _summary(results: Sequence[ScoredResult], methods: Sequence[Method], *, kv_s
             interval = _bootstrap_r(by_method, key, best_key) if r is not None else None
             recovery.append(Recovery(budget=budget, method=row.method, family=row.family, score=row.score,
                                      best_uniform=uniform[best_key].method, best_uniform_score=best, full_score=full,
-                                     R=r, R_90=interval, kl=row.kl, best_uniform_kl=uniform[best_key].kl))
+                                     R=r, R_90=interval, kl=row.kl, best_uniform_kl=uniform[best_key].kl,
+                                     **_against_engine(info.get(key), key, row.score, uniform, full, by_method)))
     return Report(tasks=tasks, methods=rows, recovery=recovery, budgets=budgets,
                   samples=len({r.sample_id for r in results}), results=list(results))
+
+
+def _against_engine(method: Method | None, key: str, score: float, uniform: dict[str, MethodScore],
+                    full: float | None, by_method: dict[str, list[ScoredResult]]) -> dict[str, Any]:
+    """For a plan made for an engine: the engine's own setting at its budget (the best scored of `method.engine`),
+    its score, and R against it, with its interval; nothing for any other method."""
+    scored = [k for k in uniform if method is not None and uniform[k].method in method.engine]
+    if method is None or not method.target or not scored:
+        return {}
+    engine_key = max(scored, key=lambda k: uniform[k].score)
+    engine = uniform[engine_key].score
+    gap = (full - engine) if full is not None else None
+    r = (score - engine) / gap if gap and gap > 1e-12 else None
+    return {"target": method.target, "engine_setting": uniform[engine_key].method, "engine_score": engine,
+            "R_engine": r, "R_engine_90": _bootstrap_r(by_method, key, engine_key) if r is not None else None}
 
 
 def _bootstrap_r(by_method: dict[str, list[ScoredResult]], key: str, best_key: str, *, rounds: int = 2000,
@@ -249,6 +273,18 @@ def markdown(report: Report) -> str:
             interval = f"[{r.R_90[0]:+.2f}, {r.R_90[1]:+.2f}]" if r.R_90 else "-"
             lines.append(f"| {r.budget} | {r.method} | {_fmt(r.score)} | {r.best_uniform} | "
                          f"{_fmt(r.best_uniform_score)} | {_fmt(r.full_score)} | {_fmt(r.R, 2)} | {interval} |")
+    engine_rows = [r for r in report.recovery if r.target]
+    if engine_rows:
+        lines += ["", "Plans made for an engine: R_engine = (S - S_engine) / (S_full - S_engine), S_engine the "
+                  "engine's own setting at the same budget (what it runs without a plan), beside R against the best "
+                  "uniform policy:", "",
+                  "| budget | method | target | score | engine setting | its score | full | R_engine | R_engine 90% "
+                  "| R (best uniform) |", "|---|---|---|---|---|---|---|---|---|---|"]
+        for r in engine_rows:
+            interval = f"[{r.R_engine_90[0]:+.2f}, {r.R_engine_90[1]:+.2f}]" if r.R_engine_90 else "-"
+            lines.append(f"| {r.budget} | {r.method} | {r.target} | {_fmt(r.score)} | {r.engine_setting} | "
+                         f"{_fmt(r.engine_score)} | {_fmt(r.full_score)} | {_fmt(r.R_engine, 2)} | {interval} | "
+                         f"{_fmt(r.R, 2)} |")
     if report.by_length:
         lines += ["", "R per context length (tokens compressed at prefill; each bucket its own full cache and best "
                   "uniform policy):", "",

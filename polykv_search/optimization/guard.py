@@ -30,6 +30,7 @@ from polykv_search.optimization.crossfit import DEFAULT_FOLDS, fold_plans
 from polykv_search.optimization.measure import RungMeasure
 from polykv_search.optimization.policy_sets import refuse_sets_end_to_end, set_names
 from polykv_search.optimization.run import OptimizeConfig, optimize_profile
+from polykv_search.optimization.targets import engine_settings
 from polykv_search.plan import Plan, PlanFile, load_plan, uniform_ladders
 from polykv_search.plan.names import Metric
 from polykv_search.policies import DEFAULT_POLICIES, check_policy_names
@@ -115,7 +116,7 @@ def guard_rungs(plan_file: PlanFile, uniform: Sequence[tuple[str, PlanFile]],
 
 
 def guard_plan(model: ModelSpec, plan_file: PlanFile | str | Path, samples: DataSpec, *,
-               policies: Sequence[str] = DEFAULT_POLICIES, profile: Profile | str | Path | None = None,
+               policies: Sequence[str] | None = None, profile: Profile | str | Path | None = None,
                config: OptimizeConfig | None = None, policy_sets: Sequence[Sequence[str]] = (),
                crossfit: bool = True, folds: int = DEFAULT_FOLDS, cache: str | Path | None = None,
                device: str = DEFAULT_DEVICE, dtype: str = "auto", max_context_tokens: int | None = None,
@@ -123,6 +124,9 @@ def guard_plan(model: ModelSpec, plan_file: PlanFile | str | Path, samples: Data
     """Per budget, the plan's rung where its task score on `samples` (calibration data, never the evaluation
     set) is at least every uniform policy's in `policies`, else the best of those policies (ties by the share
     of the output lost). Returns the guarded plan file, what was measured per budget, and the samples scored.
+    `policies` default: every registered policy, or, for a `config` with an engine target (trtllm, duo-attention),
+    the settings that engine runs without a plan (optimization/targets.py ENGINE_SETTINGS), the only ones it may
+    take the plan's place.
 
     With the `profile` and `config` the plan was optimized from, the guard cross-fits (`run` does; `crossfit`
     False measures in-sample): each sample is answered by the plan optimized without its fold of the samples
@@ -134,7 +138,12 @@ def guard_plan(model: ModelSpec, plan_file: PlanFile | str | Path, samples: Data
     when the model, plans, samples and policies are the same (an interrupted `run` does not measure again).
     `max_context_tokens`: prompts truncated (middle) to this many tokens, as calibrate and evaluate do."""
     plan_file = load_plan(plan_file) if isinstance(plan_file, (str, Path)) else plan_file
-    policies = check_policy_names(list(policies))
+    engine = engine_settings(config.target) if config is not None else []
+    policies = check_policy_names(list(policies)) if policies is not None else engine or list(DEFAULT_POLICIES)
+    beyond = [p for p in policies if engine and p not in engine]
+    if beyond and config is not None:
+        raise ConfigError(f"--target {config.target} runs {', '.join(engine)} without a plan: the guard's uniform "
+                          f"{', '.join(beyond)} is no setting of that engine; leave the policies to the target")
     if (profile is None) != (config is None):
         raise ConfigError("the guard cross-fits from the profile and the optimize config the plan was made with: "
                           "pass both, or neither to measure the plan as it is")

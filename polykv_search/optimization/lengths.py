@@ -19,9 +19,11 @@ from polykv_search.data import DataSpec, resolve_samples
 from polykv_search.engine.progress import Progress
 from polykv_search.errors import ConfigError
 from polykv_search.models import LoadedModel
+from polykv_search.models.info import ModelInfo
 from polykv_search.optimization.crossfit import crossfit_obstacle
 from polykv_search.optimization.guard import GuardRung, guard_plan
 from polykv_search.optimization.run import OptimizeConfig
+from polykv_search.optimization.targets import engine_settings
 from polykv_search.plan import Plan, PlanFile
 from polykv_search.plan.plan import FAR_BEYOND_CALIBRATION, ContextRange
 
@@ -80,6 +82,32 @@ def shortest_first(profiles: Sequence[Profile], *, strict: bool = False) -> tupl
     return order, length_ranges([lengths[k] for k in order], strict=strict)  # type: ignore[misc]
 
 
+def calibration_splits(calib: DataSpec | None, calib_splits: Sequence[DataSpec] | None, *,
+                       default: Sequence[DataSpec], max_samples: int | None = None,
+                       column_map: Mapping[str, str] | None = None) -> list[DataSpec]:
+    """`run`'s calibration splits: `calib` alone, else `calib_splits`, else `default`; ConfigError when both are given
+    or none is, and each split is read once here, so a missing or empty one is refused before any work."""
+    if calib is not None and calib_splits is not None:
+        raise ConfigError("give the calibration data as calib (one split) or calib_splits (one per range of prompt "
+                          "lengths), not both")
+    splits = [calib] if calib is not None else list(calib_splits if calib_splits is not None else default)
+    if not splits:
+        raise ConfigError("calib_splits is empty; give at least one calibration split")
+    for split in splits:
+        resolve_samples(split, max_samples=max_samples, column_map=column_map)
+    return splits
+
+
+def readable_splits(splits: list[DataSpec], info: ModelInfo, *, defaulted: bool, long_context: int) -> list[DataSpec]:
+    """The default splits (`defaulted`) without their last, long one when the model reads fewer than `long_context`
+    tokens, saying so; otherwise `splits` as given."""
+    if defaulted and info.max_context and info.max_context < long_context and len(splits) > 1:
+        logger.info("calibrating on %s only: %s reads %d tokens, fewer than %s needs", splits[0], info.model_id,
+                    info.max_context, splits[-1])
+        return splits[:1]
+    return splits
+
+
 def split_folders(out: Path, splits: Sequence[DataSpec]) -> list[Path]:
     """Where each calibration split's files go: the first's to `out` (so a one-split run resumes), each other's to
     out/calib-<its file's stem, else split<k>>."""
@@ -113,8 +141,8 @@ def guard_each_length(lm: LoadedModel, ladders: Sequence[PlanFile], parts: Seque
                       max_samples: int | None, column_map: Mapping[str, str] | None,
                       max_context_tokens: int | None, progress: Progress | None) -> PlanFile:
     """The guard (optimization/guard.py) of each split's ladder on that split's samples and profile, cross-fitted
-    where it can be, its cache in the split's folder; `parts` get what each guard measured. Returns the guarded
-    ladders as one ladder by length."""
+    where it can be, against `policies` (a target plan: the engine's own settings), its cache in the split's
+    folder; `parts` get what each guard measured. Returns the guarded ladders as one ladder by length."""
     guarded = []
     for part, ladder, split, folder in zip(parts, ladders, splits, folders):
         samples, _ = resolve_samples(split, max_samples=max_samples, column_map=column_map)
@@ -130,7 +158,8 @@ def guard_each_length(lm: LoadedModel, ladders: Sequence[PlanFile], parts: Seque
             logger.info("guard: prompts of %s", part.context.describe())
         from_profile = ({"profile": profile, "config": config, "policy_sets": policy_sets[1:]}
                         if not obstacle or policy_sets else {})
-        kept, part.guard, part.guard_samples = guard_plan(lm, ladder, samples, policies=policies, progress=progress,
+        kept, part.guard, part.guard_samples = guard_plan(lm, ladder, samples, progress=progress,
+                                                          policies=engine_settings(config.target) or policies,
                                                           cache=folder / "guard.json", crossfit=not obstacle,
                                                           max_context_tokens=max_context_tokens, **from_profile)
         guarded.append(kept)

@@ -7,7 +7,9 @@ from collections.abc import Sequence
 
 from polykv_search.calibration.profile import HEAD_FISHER
 from polykv_search.errors import ConfigError
+from polykv_search.export import KVPRESS
 from polykv_search.optimization.run import OptimizeConfig
+from polykv_search.optimization.targets import STREAMING
 from polykv_search.policies import PER_HEAD_POLICY_SETS, check_policy_names
 
 
@@ -16,8 +18,17 @@ def candidate_sets(config: OptimizeConfig, policies: Sequence[str] | None,
                    ) -> tuple[list[str] | None, list[list[str]]]:
     """(the policies `run` calibrates, None for the mode's default; the candidate sets its guard chooses between,
     empty for one plan). `--cost head_fisher` defaults to PER_HEAD_POLICY_SETS when no candidates are given at all
-    (with the guard off, to the first set alone). Every set must be among the calibrated policies and name every
-    policy `--only` restricts; ConfigError otherwise."""
+    (with the guard off, to the first set alone); an engine target (trtllm, duo-attention), to streaming alone.
+    Every set must be among the calibrated policies and name every policy `--only` restricts; ConfigError
+    otherwise."""
+    if config.target != KVPRESS:  # an engine target plans StreamingLLM only: calibrate what it reads
+        if policy_sets:
+            raise ConfigError(f"--target {config.target} plans StreamingLLM only; drop --policy-set")
+        chosen = check_policy_names(list(policies)) if policies else [STREAMING]
+        if STREAMING not in chosen:
+            raise ConfigError(f"--target {config.target} plans from the streaming costs; add streaming to --policies "
+                              f"({', '.join(chosen)}) or drop --policies")
+        return chosen, []
     if policy_sets is None:
         defaults = config.cost == HEAD_FISHER and policies is None and config.policies is None
         policy_sets = (PER_HEAD_POLICY_SETS if guard else PER_HEAD_POLICY_SETS[:1]) if defaults else ()

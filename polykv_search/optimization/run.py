@@ -32,9 +32,11 @@ from polykv_search.optimization.select import candidate_plans, select_plan
 from polykv_search.optimization.solve import solve
 from polykv_search.optimization.targets import (
     DUO_ATTENTION,
+    TRTLLM,
     check_target,
     duo_attention_plan,
     restrict_to_target,
+    trtllm_plan,
 )
 from polykv_search.plan import HeadPlan, LayerPlan, Plan, PlanFile, SearchInfo, budget_total
 from polykv_search.policies import check_policy_names
@@ -161,6 +163,9 @@ def optimize_profile(profile: Profile, budgets: Sequence[float], *, config: Opti
             continue
         if config.target == DUO_ATTENTION:
             plans.append(duo_attention_plan(profile, average, config=config, cap=cap, signature=profile_signature))
+            continue
+        if config.target == TRTLLM and config.cost in HEAD_COST_KINDS:
+            plans.append(trtllm_plan(profile, average, config=config, cap=cap, signature=profile_signature))
             continue
         if config.cost in HEAD_COST_KINDS:
             plans.append(_per_head(profile, average, config=config, names=names, cap=cap,

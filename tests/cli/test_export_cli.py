@@ -25,6 +25,7 @@ def test_export_writes_the_target_file_or_refuses_in_one_line(monkeypatch, capsy
 
 
 def test_optimize_refuses_a_target_the_cost_cannot_serve_before_reading_the_profile(monkeypatch, capsys, tmp_path):
-    code, _, err = run_cli(monkeypatch, capsys, "optimize", "--target", "trtllm", "--cost", "head_kl", "--profile",
-                           tmp_path / "absent.safetensors")
-    assert code == 2 and "--target trtllm" in err and "per KV head" in err and len(err.strip().splitlines()) == 1
+    code, _, err = run_cli(monkeypatch, capsys, "optimize", "--target", "duo-attention", "--cost", "mass_lost",
+                           "--profile", tmp_path / "absent.safetensors")
+    assert code == 2 and "--target duo-attention" in err and "per KV head" in err
+    assert len(err.strip().splitlines()) == 1

@@ -3,6 +3,8 @@
 import json
 import sys
 
+import pytest
+
 from polykv_search.calibration.profile import Profile
 from polykv_search.cli import main
 from polykv_search.plan import PlanFile
@@ -82,3 +84,40 @@ def test_run_refuses_policy_set_all_without_policies(monkeypatch, capsys, tiny_d
         raise AssertionError("run accepted --policy-set all without --policies")
     assert "--policy-set all means every --policies" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_run_refuses_a_window_the_target_cannot_express_in_one_line_before_calibrating(monkeypatch, capsys, tiny_dir,
+                                                                                        tmp_path):
+    calib = write_jsonl(tmp_path / "c.jsonl", sample_rows(2, words=200))
+    held_out = write_jsonl(tmp_path / "e.jsonl", sample_rows(1, words=200))
+    monkeypatch.setattr(sys, "argv", ["polykv-search", "run", "--model", str(tiny_dir), "--budget", "16,4096",
+                                      "--calib", str(calib), "--eval", str(held_out), "--out", str(tmp_path / "o"),
+                                      "--target", "trtllm", "--grid", "8,16,32,64"])
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    err = capsys.readouterr().err
+    [line] = [line for line in err.strip().splitlines() if not line.startswith("WARNING")]  # the data's task notes
+    assert exit_info.value.code == 2 and line.startswith("error")
+    assert "--target trtllm cannot spend --budget 4096" in err and "feasible averages are 8 to 64" in err
+    assert not (tmp_path / "o" / "profile.safetensors").exists()
+
+
+def test_evaluate_refuses_a_target_for_a_plan_it_was_not_given_before_loading_the_model(monkeypatch, capsys,
+                                                                                       tmp_path):
+    from tests.conftest import tiny_loaded
+    from tests.plans import uniform_of
+
+    plan = PlanFile.build(tiny_loaded("llama").info, [uniform_of(tiny_loaded("llama").info, "streaming", 16)])
+    path = plan.save(tmp_path / "trt.json")
+    for target, said in (("other=trtllm", "not among the plans (trt)"), ("vllm", "not one of kvpress")):
+        monkeypatch.setattr(sys, "argv", ["polykv-search", "evaluate", "--model", str(tmp_path / "absent"),
+                                          "--plan", str(path), "--target", target, "--out", str(tmp_path / "ev")])
+        with pytest.raises(SystemExit) as exit_info:
+            main()
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and said in err and len(err.strip().splitlines()) == 1
+    monkeypatch.setattr(sys, "argv", ["polykv-search", "evaluate", "--model", str(tmp_path / "absent"), "--target",
+                                      "trtllm"])
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    assert exit_info.value.code == 2 and "give the plan with --plan" in capsys.readouterr().err

@@ -34,3 +34,53 @@ def test_recovery_and_its_interval():
     assert "R 90% bootstrap" in report.markdown()
     assert report.recovery_of("plan") == [rows["plan"]]
     assert type(report).from_dict(report.to_dict()) == report  # the JSON round-trips
+
+
+def test_a_plan_made_for_an_engine_gets_r_against_the_engines_own_setting():
+    full = {"a": [1, 1, 1, 1], "b": [1, 1, 1, 1]}
+    snapkv = {"a": [1, 0, 1, 0], "b": [1, 0, 0, 0]}  # the best uniform policy overall
+    streaming = {"a": [0, 0, 1, 0], "b": [0, 0, 0, 0]}  # the engine's own setting
+    plan = {"a": [1, 0, 1, 0], "b": [1, 0, 1, 0]}
+    results = (_rows("full", full) + _rows("snapkv@64", snapkv) + _rows("streaming@64", streaming)
+               + _rows("trt@64", plan) + _rows("any@64", plan))
+    info = tiny_loaded("llama").info
+    methods = [Method("snapkv", "uniform", uniform_of(info, "snapkv", 64)),
+               Method("streaming", "uniform", uniform_of(info, "streaming", 64)),
+               Method("trt", "plan", uniform_of(info, "streaming", 64), target="trtllm", engine=("streaming",)),
+               Method("any", "plan", uniform_of(info, "snapkv", 64))]
+    report = summarize(results, methods)
+    rows = {r.method: r for r in report.recovery}
+    s_full, s_snap, s_stream, s_plan = 1.0, 3 / 8, 1 / 8, 4 / 8
+    trt = rows["trt"]
+    assert trt.best_uniform == "snapkv" and trt.R == pytest.approx((s_plan - s_snap) / (s_full - s_snap))
+    assert (trt.target, trt.engine_setting) == ("trtllm", "streaming")
+    assert trt.engine_score == pytest.approx(s_stream)
+    assert trt.R_engine == pytest.approx((s_plan - s_stream) / (s_full - s_stream))
+    assert trt.R_engine_90 and trt.R_engine_90[0] <= trt.R_engine <= trt.R_engine_90[1]
+    assert rows["any"].target is None and rows["any"].R_engine is None  # a plan made for no engine
+    text = report.markdown()
+    assert "R_engine" in text
+    assert f"| 64 | trt | trtllm | 0.500 | streaming | 0.125 | 1.000 | {trt.R_engine:.2f} |" in text
+    assert "| any | " not in text.split("R_engine =")[1]
+    assert type(report).from_dict(report.to_dict()) == report
+    legacy = report.to_dict()  # a report.json written before the engine fields still loads
+    for r in legacy["recovery"]:
+        for key in ("target", "engine_setting", "engine_score", "R_engine", "R_engine_90"):
+            r.pop(key)
+    assert type(report).from_dict(legacy).recovery[0].R_engine is None
+
+
+def test_runs_summary_lines_give_r_against_the_engine_for_a_target_plan():
+    from polykv_search.cli.render import recovery_lines
+    from polykv_search.evaluation import Recovery, Report
+
+    common = dict(budget=64, family="plan", score=0.5, best_uniform="snapkv", best_uniform_score=0.375,
+                  full_score=1.0, R=0.2, R_90=[0.1, 0.3], kl=None, best_uniform_kl=None)
+    report = Report(tasks=["a"], methods={}, budgets=[64], samples=8, recovery=[
+        Recovery(method="trt", target="trtllm", engine_setting="streaming", engine_score=0.125, R_engine=0.4286,
+                 R_engine_90=[0.3, 0.5], **common),
+        Recovery(method="any", **common)])
+    trt, = [line for line in recovery_lines(report, "trt") if "own setting" in line]
+    assert trt == ("R against trtllm's own setting at 64 tokens/layer: 0.429 (streaming 0.125, 90% bootstrap "
+                   "[+0.30, +0.50])")
+    assert len(recovery_lines(report, "trt")) == 2 and len(recovery_lines(report, "any")) == 1

@@ -1,6 +1,8 @@
 """optimize --target: trtllm plans are per-layer StreamingLLM windows and duo-attention plans are StreamingLLM at one
 window or full per KV head, both exact, spending the budget exactly, and exporting cleanly; other options refused."""
 
+import itertools
+
 import numpy as np
 import pytest
 
@@ -9,6 +11,7 @@ from polykv_search.data import load_samples
 from polykv_search.errors import ConfigError
 from polykv_search.export import DuoPattern, duo_attention_pattern, export_plan, trtllm_kv_cache_config
 from polykv_search.optimization.run import OptimizeConfig, optimize_profile
+from polykv_search.optimization.targets import layer_streaming_costs
 from polykv_search.plan import PlanFile
 from tests.conftest import sample_rows, tiny_loaded, write_jsonl
 
@@ -34,6 +37,26 @@ def test_trtllm_plans_are_streaming_windows_per_layer_that_export(profile, tmp_p
         config = trtllm_kv_cache_config(plan, model=plans.model)
         assert list(config.max_attention_window) == plan.budgets and config.sink_token_length == 4
     assert export_plan(plans, to="trtllm", out=tmp_path / "kv.json", budget=30).is_file()
+
+
+def test_trtllm_windows_from_a_per_head_cost_sum_each_layers_heads(profile, tmp_path):
+    config = OptimizeConfig(target="trtllm", cost="head_kl")
+    plans = optimize_profile(profile, [12, 30], config=config)
+    costs = layer_streaming_costs(profile, config)  # (L_c, G)
+    heads = profile.head_costs("head_kl").double().numpy()[:, :, profile.policies.index("streaming")]  # (L, H, G)
+    assert costs == pytest.approx(heads.sum(axis=1))  # every layer of the tiny llama is compressible
+    levels, curves = np.array(GRID[:3], dtype=float), np.minimum.accumulate(costs[:, :3], axis=1)  # 400: above the cap
+    for plan, budget in zip(plans.plans, (12, 30)):
+        assert {layer.policy for layer in plan.layers} == {"streaming"} and not plan.per_head
+        assert plan.constraint.total == plan.constraint.total_realised == budget * 3
+        assert "summed" in plan.search.notes and "head_kl" in plan.search.notes
+        # the objective is the summed curves read at the chosen windows, and no other split of the total beats it
+        read = [np.interp(layer.budget, levels, curves[i]) for i, layer in enumerate(plan.layers)]
+        assert plan.search.objective == pytest.approx(sum(read), rel=1e-9, abs=1e-12)
+        brute = min(sum(np.interp(b, levels, curves[i]) for i, b in enumerate(split))
+                    for split in itertools.product(range(8, 33), repeat=3) if sum(split) == budget * 3)
+        assert plan.search.objective == pytest.approx(brute, rel=1e-9, abs=1e-12)
+    assert export_plan(plans, to="trtllm", out=tmp_path / "kv.json", budget=12).is_file()
 
 
 def test_duo_attention_plans_are_exact_and_export(profile, tmp_path):
@@ -71,7 +94,6 @@ def plan_file_of(profile, plan):
 
 
 @pytest.mark.parametrize(("options", "match"), [
-    ({"target": "trtllm", "cost": "head_kl"}, "per KV head"),
     ({"target": "duo-attention"}, "chooses per KV head"),
     ({"target": "trtllm", "solver": "select"}, "--solver dp or ilp"),
     ({"target": "trtllm", "policies": ("snapkv",)}, "drop --policies"),

@@ -1,0 +1,132 @@
+"""`run --target` on a tiny model: calibrates the streaming costs alone, optimizes within the engine's form, guards
+each rung against the engine's own setting (uniform streaming at that budget), writes a file the engine loads, and
+refuses a budget the target cannot express in one line before calibrating."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+import polykv_search as pk
+from polykv_search.errors import ConfigError
+from polykv_search.export import DuoPattern, export_plan
+from polykv_search.optimization import guard as guard_module
+from polykv_search.optimization.measure import RungMeasure
+from polykv_search.optimization.targets import check_target_budgets
+from tests.conftest import sample_rows, write_jsonl
+
+GRID = (8, 16, 32)
+DUO_GRID = (8, 16, 32, 400)  # 400: above every context, the level a full head is counted at
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("target-run")
+    return (write_jsonl(tmp / "calib.jsonl", sample_rows(2, words=150)),
+            write_jsonl(tmp / "eval.jsonl", sample_rows(2, words=150, seed=4)), tmp)
+
+
+@pytest.fixture(scope="module")
+def trtllm_run(tiny_llama, files):
+    calib, held_out, tmp = files
+    return pk.run(tiny_llama, budgets=[12, 16], calib=calib, eval_data=held_out, grid=GRID,
+                  compare=["snapkv", "streaming"], allocators=[], out_dir=tmp / "trtllm",
+                  config=pk.OptimizeConfig(cost="head_fisher", target="trtllm"))
+
+
+def test_run_for_trtllm_calibrates_streaming_and_guards_against_one_window(trtllm_run, tmp_path):
+    profile = trtllm_run.calibration.profile
+    assert profile.policies == ["streaming"] and "head_fisher" in profile.cost_kinds  # what the target reads
+    optimized = pk.load_plan(trtllm_run.out_dir / "plan_optimized.json")
+    for rung in optimized.plans:  # per layer, StreamingLLM windows from the heads' costs summed per layer
+        assert not rung.per_head and {layer.policy for layer in rung.layers} == {"streaming"}
+        assert "summed" in rung.search.notes
+    assert [set(c.measured) for c in trtllm_run.guard] == [{"plan", "streaming"}] * 2  # the engine's setting only
+    assert all("fold" in c.reason for c in trtllm_run.guard)  # cross-fitted, as the default guard
+    for choice, rung in zip(trtllm_run.guard, trtllm_run.plan_file.plans):
+        expected = optimized.plan_for(choice.budget) if choice.kept_plan else \
+            pk.uniform_plan(trtllm_run.plan_file.model, policy="streaming", budget=choice.budget)
+        assert rung.layers == expected.layers
+        assert choice.measured["plan"] <= choice.measured["streaming"] or not choice.kept_plan
+    report = trtllm_run.report  # R against the engine's own setting beside R against the best uniform policy
+    rows = report.recovery_of("plan")
+    assert [r.budget for r in rows] == [12, 16]
+    for r in rows:
+        engine = report.methods[f"streaming@{r.budget}"].score
+        assert (r.target, r.engine_setting, r.engine_score) == ("trtllm", "streaming", engine)
+        assert r.best_uniform in ("snapkv", "streaming")
+        gap = report.full_score - engine
+        assert r.R_engine == (pytest.approx((r.score - engine) / gap) if gap > 1e-12 else None)
+    saved = json.loads(report.files["json"].read_text())["recovery"]
+    assert [r["engine_setting"] for r in saved if r["method"] == "plan"] == ["streaming", "streaming"]
+    assert "R_engine" in report.files["markdown"].read_text()
+    for budget in (12, 16):  # the written file loads where it did
+        out = tmp_path / f"kv{budget}.json"
+        assert export_plan(trtllm_run.plan_path, to="trtllm", out=out, budget=budget).is_file()
+
+
+def test_the_guard_writes_the_engine_setting_where_the_target_plan_measures_worse(tiny_llama, trtllm_run, files,
+                                                                                  monkeypatch):
+    calib, _, _ = files
+
+    class PlanMeasuresWorse(RungMeasure):  # the optimized rung (the first candidate) loses a whole point of task
+        def __call__(self, plans, plans_for=None):
+            values = super().__call__(plans, plans_for)
+            return [dict(values[0], task=values[0]["task"] + 1.0), *values[1:]]
+
+    monkeypatch.setattr(guard_module, "RungMeasure", PlanMeasuresWorse)
+    config = pk.OptimizeConfig(cost="head_fisher", target="trtllm")
+    optimized = pk.load_plan(trtllm_run.out_dir / "plan_optimized.json")
+    guarded, rungs, _ = pk.guard_plan(tiny_llama, optimized, calib, profile=trtllm_run.calibration.profile,
+                                      config=config)  # policies default to the target's engine settings
+    assert [r.chosen for r in rungs] == ["streaming", "streaming"] and not any(r.kept_plan for r in rungs)
+    for rung in guarded.plans:
+        assert rung.layers == pk.uniform_plan(optimized.model, policy="streaming", budget=rung.average_budget).layers
+        assert "worse than uniform streaming" in rung.search.notes
+    with pytest.raises(ConfigError, match="no setting of that engine"):
+        pk.guard_plan(tiny_llama, optimized, calib, policies=["snapkv"], profile=trtllm_run.calibration.profile,
+                      config=config)
+
+
+def test_run_for_duo_attention_writes_a_pattern_the_engine_reads(tiny_llama, files, tmp_path):
+    calib, held_out, tmp = files
+    result = pk.run(tiny_llama, budgets=16, calib=calib, eval_data=held_out, grid=DUO_GRID, compare=["streaming"],
+                    allocators=[], out_dir=tmp / "duo", config=pk.OptimizeConfig(cost="head_fisher",
+                                                                                  target="duo-attention"))
+    assert result.calibration.profile.policies == ["streaming"]
+    [choice] = result.guard
+    assert set(choice.measured) == {"plan", "streaming"}
+    pattern = DuoPattern.read(export_plan(result.plan_path, to="duo-attention", out=tmp_path / "duo", context=400))
+    assert (pattern.sink_size, pattern.recent_size) == (4, 12)  # every head at the window 16, or full
+    engine = pk.PlanFile.build(tiny_llama.info, [pk.uniform_plan(tiny_llama.info, policy="streaming", budget=16)])
+    own = DuoPattern.read(export_plan(engine, to="duo-attention", out=tmp_path / "own", context=400))
+    assert own.head_compression_ratio == 1.0 and own.recent_size == 12  # the guard's fallback exports too
+
+
+@pytest.mark.parametrize(("target", "budget", "grid", "match"), [
+    ("trtllm", 64, GRID, r"--budget 64 .* the feasible averages are 8 to 32 tokens per layer"),
+    ("trtllm", 4, GRID, r"--budget 4 .* 8 to 32"),
+    ("duo-attention", 10, DUO_GRID, r"--budget 10 .* the windows 8, 16, 32 exactly, or any whole number from 74 "
+                                    "to 400"),
+    ("duo-attention", 500, DUO_GRID, r"--budget 500 "),
+    ("duo-attention", 16.5, DUO_GRID, r"--budget 16.5 "),
+])
+def test_a_budget_the_target_cannot_express_is_refused_before_calibrating(tiny_llama, files, target, budget, grid,
+                                                                          match):
+    calib, held_out, tmp = files
+    out = tmp / f"refused-{target}-{budget}"
+    with pytest.raises(ConfigError, match=match) as refused:
+        pk.run(tiny_llama, budgets=budget, calib=calib, eval_data=held_out, grid=grid, allocators=[], out_dir=out,
+               config=pk.OptimizeConfig(cost="head_fisher", target=target))
+    assert "\n" not in str(refused.value)
+    assert not (out / "profile.safetensors").exists()  # nothing calibrated
+
+
+def test_feasible_budgets_pass_the_check(tiny_llama):
+    info = tiny_llama.info  # 3 layers x 2 KV heads: 6 slots
+    check_target_budgets(pk.OptimizeConfig(target="trtllm"), [8, 12.5, 32], GRID, info)
+    check_target_budgets(pk.OptimizeConfig(target="duo-attention", cost="head_kl"), [8, 16, 32, 74, 400], DUO_GRID,
+                         info)
+    with pytest.raises(ConfigError, match="--budget 73"):
+        check_target_budgets(pk.OptimizeConfig(target="duo-attention", cost="head_kl"), [73], DUO_GRID, info)
