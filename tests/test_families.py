@@ -46,10 +46,11 @@ def per_head_plan(lm) -> Plan:
         HeadPlan.of(("snapkv", "tova")[h % 2], 6 + 30 * h) for h in range(heads))) for i in lm.info.compressible_layers])
 
 
-def test_the_engine_equals_kvpress_pipeline_with_plan_press(family):
-    lm, samples = family
+def assert_engine_equals_pipeline(lm, plans, samples):
+    """Each plan's answer and kept tokens per layer and KV head from the engine equal PlanPress's in kvpress's
+    pipeline, on every sample."""
     pipe = KVPressTextGenerationPipeline(model=lm.model, tokenizer=lm.tokenizer)
-    for plan in (mixed_plan(lm), per_head_plan(lm)):
+    for plan in plans:
         engine = PrefillEngine.for_plans(lm, [plan])
         for sample in samples:
             state = engine.prefill(sample)
@@ -59,6 +60,11 @@ def test_the_engine_equals_kvpress_pipeline_with_plan_press(family):
                 theirs = press.kept_indices[layer]
                 theirs = [theirs[0, h] for h in range(theirs.shape[1])] if torch.is_tensor(theirs) else theirs
                 assert all(torch.equal(a, b) for a, b in zip(kept, theirs)), layer
+
+
+def test_the_engine_equals_kvpress_pipeline_with_plan_press(family):
+    lm, samples = family
+    assert_engine_equals_pipeline(lm, (mixed_plan(lm), per_head_plan(lm)), samples)
 
 
 def test_polykv_attention_is_sdpa_on_uncompressed_caches(family):
@@ -267,13 +273,4 @@ def test_the_engine_equals_kvpress_pipeline_with_plan_press_on_the_new_scorers(f
     per_head = Plan.build(lm.info, search=TEST, layers=[LayerPlan(index=i, policy=None, heads=tuple(
         HeadPlan.of(NEW_SCORERS[(i + h) % len(NEW_SCORERS)], 6 + 30 * h) for h in range(heads)))
         for i in lm.info.compressible_layers])
-    pipe = KVPressTextGenerationPipeline(model=lm.model, tokenizer=lm.tokenizer)
-    for plan in (per_layer, per_head):
-        engine = PrefillEngine.for_plans(lm, [plan])
-        state = engine.prefill(samples[0])
-        press = PlanPress(plan)
-        assert engine.run(state, plan).answer == kvpress_answer(pipe, state, press)
-        for layer, kept in engine.kept_indices(state, plan).items():
-            theirs = press.kept_indices[layer]
-            theirs = [theirs[0, h] for h in range(theirs.shape[1])] if torch.is_tensor(theirs) else theirs
-            assert all(torch.equal(a, b) for a, b in zip(kept, theirs)), layer
+    assert_engine_equals_pipeline(lm, (per_layer, per_head), samples[:1])

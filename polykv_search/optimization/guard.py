@@ -141,7 +141,7 @@ def guard_plan(model: ModelSpec, plan_file: PlanFile | str | Path, samples: Data
     engine = engine_settings(config.target) if config is not None else []
     policies = check_policy_names(list(policies)) if policies is not None else engine or list(DEFAULT_POLICIES)
     beyond = [p for p in policies if engine and p not in engine]
-    if beyond and config is not None:
+    if beyond:  # only an engine target has settings, so config is given
         raise ConfigError(f"--target {config.target} runs {', '.join(engine)} without a plan: the guard's uniform "
                           f"{', '.join(beyond)} is no setting of that engine; leave the policies to the target")
     if (profile is None) != (config is None):
