@@ -25,10 +25,12 @@ setup: $(VENV)/.installed
 # cores: 18 calibration samples (3 a task) of the short split only (the 6k-8k split, which the default command also
 # calibrates, would triple the time), 18 held-out ones (3 a task), five uniform policies to beat; the known
 # allocators (PyramidKV, CAKE, Ada-KV) are left to the full command of the README, whose evaluation they lengthen
-# by half. bfloat16: about 1.5x faster prefills than float32 on CPUs with AVX512-BF16 (docs/measurements.md)
+# by half. bfloat16 where the CPU computes it natively (AVX512-BF16 or AMX: about 1.5x faster prefills than
+# float32, docs/measurements.md), float32 elsewhere (an AVX2-only CPU emulates bfloat16 about 5x slower).
 DEMO_COMPARE := streaming,snapkv,h2o_recent,tova_recent,expected_attention_recent
+DEMO_DTYPE ?= $(shell grep -q -m1 -E 'avx512_bf16|amx_bf16' /proc/cpuinfo 2>/dev/null && echo bfloat16 || echo float32)
 demo: setup
-	$(VENV)/bin/polykv-search run --model smollm2-135m --budget 128,512 --dtype bfloat16 \
+	$(VENV)/bin/polykv-search run --model smollm2-135m --budget 128,512 --dtype $(DEMO_DTYPE) \
 	    --calib calibration_data/calib.jsonl --max-calib-samples 18 \
 	    --max-eval-samples 18 --compare $(DEMO_COMPARE) --allocators none
 
