@@ -45,7 +45,8 @@ from polykv_search.optimization.proxy import ProxyReport, check_proxy_on
 from polykv_search.optimization.run import OptimizeConfig, check_budgets, optimize_profile
 from polykv_search.optimization.targets import check_target_budgets
 from polykv_search.plan import ContextRange, PlanFile
-from polykv_search.plan.named import named_plan_files, only_budgets
+from polykv_search.plan.plan import setting_name
+from polykv_search.plan.named import named_plan_files, only_budgets, warn_other_setting
 from polykv_search.plan.names import Metric
 from polykv_search.policies import DEFAULT_POLICIES, check_policy_names
 
@@ -123,16 +124,21 @@ def calibrate(model: ModelSpec = DEFAULT_MODEL, data: DataSpec = CALIBRATION_DAT
 def optimize(profile: Profile | str | Path, *, budgets: float | Sequence[float],
              config: OptimizeConfig = OptimizeConfig(), model: ModelSpec | None = None, data: DataSpec | None = None,
              max_samples: int | None = None, device: str = DEFAULT_DEVICE, dtype: str = "auto",
-             progress: Progress | None = None) -> PlanFile:
+             progress: Progress | None = None, question_aware: bool | None = None) -> PlanFile:
     """One plan per average budget (tokens per compressible layer) from a profile: a ladder, returned unsaved
     (`PlanFile.save` writes it). The end-to-end solvers (select, optuna) measure plans on calibration samples:
-    `model` (default: the profile's) and `data` (default: the profile's calibration data)."""
+    `model` (default: the profile's) and `data` (default: the profile's calibration data). The plan is made for
+    the setting the profile was calibrated in; `question_aware` (None: that one) is refused when it differs."""
     config = config.validated()
     budgets = check_budgets(budgets)
     signature = None
     if not isinstance(profile, Profile):
         signature = file_sha256(profile) if Path(profile).is_file() else None
         profile = Profile.load(profile)
+    if question_aware is not None and question_aware != profile.meta.question_aware:
+        raise ConfigError(f"the profile was calibrated {setting_name(profile.meta.question_aware)}, so its plans "
+                          f"are too; calibrate {'with' if question_aware else 'without'} --question-aware for a "
+                          f"{setting_name(question_aware)} plan")
     objective = None
     if config.end_to_end:
         lm = resolve_model(model if model is not None else profile.model.model_id, device=device, dtype=dtype)
@@ -141,7 +147,8 @@ def optimize(profile: Profile | str | Path, *, budgets: float | Sequence[float],
         samples, _ = resolve_samples(sources, max_samples=max_samples)
         if progress:
             progress("optimize", 0, len(samples), f"prefilling {len(samples)} calibration samples")
-        objective = EndToEndObjective(lm, samples, policies=profile.policies, metric=config.metric)
+        objective = EndToEndObjective(lm, samples, policies=profile.policies, metric=config.metric,
+                                      question_aware=profile.meta.question_aware)
     message = (lambda text: progress("optimize", 0, 0, text)) if progress else None
     ladder = optimize_profile(profile, budgets, config=config, objective=objective, profile_signature=signature,
                               progress=message)
@@ -158,14 +165,17 @@ def evaluate(model: ModelSpec = DEFAULT_MODEL, data: DataSpec = EVALUATION_DATA,
              batch_size: int = 16, column_map: Mapping[str, str] | None = None, resume: bool = False,
              device: str = DEFAULT_DEVICE, dtype: str = "auto", trust_remote_code: bool = False,
              revision: str | None = None, progress: Progress | None = None,
-             targets: Mapping[str, str] | None = None) -> Report:
+             targets: Mapping[str, str] | None = None, question_aware: bool = False) -> Report:
     """Answer held-out samples with the full cache, every uniform policy, PyramidKV and CAKE (CAKE needs a
     `profile`) and Ada-KV (`allocators`) at each budget, and the given plans at their own budgets; score each
     answer by its task's metric; gap recovery R per budget. `plans`: name -> plan file (or paths, named by their
     stem). `budgets` default: the plans' budgets, else 64, 128, 256, 512; plan rungs at other budgets are left
     out. `targets` (plan name -> trtllm or duo-attention): those plans' R against the engine's own setting too.
-    Writes the checkpoints and the report (json, md, png) under `out_dir` (default outputs/<model>/eval)."""
+    `question_aware`: every method compresses the question with the context (kvpress's second setting); a plan
+    made for the other setting is said so once. Writes the checkpoints and the report (json, md, png) under
+    `out_dir` (default outputs/<model>/eval)."""
     named = named_plan_files(plans)
+    warn_other_setting(named, question_aware)
     targets = check_targets(targets, [name for name, _ in named])
     if budgets is not None:
         grid = check_budgets(budgets)
@@ -191,9 +201,12 @@ def evaluate(model: ModelSpec = DEFAULT_MODEL, data: DataSpec = EVALUATION_DATA,
         step = (lambda done, total: progress("evaluate", done, total, f"{len(methods) + 1} methods per sample")) \
             if progress else None
         results = score_methods(lm, samples, methods, out_dir=out, resume=resume, with_kl=with_kl,
-                                batch_size=batch_size, max_context_tokens=max_context_tokens, progress=step)
+                                batch_size=batch_size, max_context_tokens=max_context_tokens, progress=step,
+                                question_aware=question_aware)
         report = summarize(results, methods, kv_slots=len(lm.info.compressible_layers) * lm.info.num_kv_heads)
-        title = f"{lm.info.model_id} on {', '.join(Path(s).name for s in sources) or f'{len(samples)} samples'}"
+        report.question_aware = question_aware
+        title = f"{lm.info.model_id} on {', '.join(Path(s).name for s in sources) or f'{len(samples)} samples'}" + \
+            (" (question-aware)" if question_aware else "")
         report.save(out, title=title)
         return report
 
@@ -206,7 +219,7 @@ def run(model: ModelSpec = DEFAULT_MODEL, *, budgets: float | Sequence[float] = 
         allocators: Sequence[str] = ALLOCATORS, config: OptimizeConfig = OptimizeConfig(cost=HEAD_FISHER),
         max_calib_samples: int | None = None, max_eval_samples: int | None = None, out_dir: str | Path | None = None,
         fresh: bool = False, guard: bool = True, column_map: Mapping[str, str] | None = None,
-        max_context_tokens: int | None = None,
+        max_context_tokens: int | None = None, question_aware: bool = False,
         device: str = DEFAULT_DEVICE, dtype: str = "auto", trust_remote_code: bool = False, revision: str | None = None,
         progress: Progress | None = None) -> RunResult:
     """The whole job on one model: calibrate on `calib`, optimize a plan per budget, evaluate it on the held-out
@@ -231,7 +244,8 @@ def run(model: ModelSpec = DEFAULT_MODEL, *, budgets: float | Sequence[float] = 
     the prompt's length). The first split's files go to `out_dir`, the others' to `out_dir/calib-<name>/`. With the
     default splits, a model that cannot read 8k tokens is calibrated on calib.jsonl alone, saying so.
     `strict_lengths`: the plan refuses prompts far longer than its longest split instead of serving them with its
-    last rung."""
+    last rung. `question_aware`: every stage prompts with the question compressed with the context (kvpress's
+    second setting), and the plan records it."""
     config = config.validated()
     budgets = check_budgets(budgets)
     policies, policy_sets = candidate_sets(config, policies, policy_sets, guard=guard)
@@ -250,7 +264,8 @@ def run(model: ModelSpec = DEFAULT_MODEL, *, budgets: float | Sequence[float] = 
                            compare=check_policy_names(list(compare)) if compare else list(DEFAULT_POLICIES),
                            allocators=allocators, config=config, max_calib_samples=max_calib_samples,
                            max_eval_samples=max_eval_samples, out=out, fresh=fresh, guard=guard,
-                           column_map=column_map, max_context_tokens=max_context_tokens, progress=progress)
+                           column_map=column_map, max_context_tokens=max_context_tokens, progress=progress,
+                           question_aware=question_aware)
 
 
 def _run_locked(lm: LoadedModel, *, budgets: list[float], splits: list[DataSpec], strict_lengths: bool,
@@ -258,9 +273,10 @@ def _run_locked(lm: LoadedModel, *, budgets: list[float], splits: list[DataSpec]
                 grid: Sequence[int] | None, compare: list[str], allocators: list[str], config: OptimizeConfig,
                 max_calib_samples: int | None, max_eval_samples: int | None, out: Path, fresh: bool, guard: bool,
                 column_map: Mapping[str, str] | None, max_context_tokens: int | None,
-                progress: Progress | None) -> RunResult:
-    calibration_config = calibration_for_cost(config.cost, budgets=budgets, policies=policies, grid=grid,
-                                              max_context_tokens=max_context_tokens)
+                progress: Progress | None, question_aware: bool) -> RunResult:
+    calibration_config = replace(calibration_for_cost(config.cost, budgets=budgets, policies=policies, grid=grid,
+                                                      max_context_tokens=max_context_tokens),
+                                 question_aware=question_aware)
     check_target_budgets(config, budgets, calibration_config.budgets, lm.info)  # refused before calibrating
     folders = split_folders(out, splits)
     calibrations = [calibrate(lm, split, config=calibration_config, out_dir=folder, max_samples=max_calib_samples,
@@ -289,7 +305,7 @@ def _run_locked(lm: LoadedModel, *, budgets: list[float], splits: list[DataSpec]
     report = evaluate(lm, eval_data, plans={"plan": plan_file}, targets={"plan": config.target}, budgets=budgets,
                       policies=compare, allocators=allocators, profile=calibrations[0].profile, out_dir=out / "eval",
                       max_samples=max_eval_samples, max_context_tokens=max_context_tokens, column_map=column_map,
-                      resume=not fresh, progress=progress)
+                      resume=not fresh, progress=progress, question_aware=question_aware)
     first = parts[0]
     return RunResult(out_dir=out, calibration=calibrations[0], plan_file=plan_file, plan_path=plan_path,
                      report=report, guard=first.guard, guard_samples=first.guard_samples, by_length=parts)

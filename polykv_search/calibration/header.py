@@ -72,6 +72,12 @@ class ProfileHeader:
                    merged_from=tuple(header.get("merged_from") or ()))
 
     @property
+    def question_aware(self) -> bool:
+        """Whether the samples were prompted with the question compressed with the context (calibrate
+        --question-aware); profiles that do not record it were not."""
+        return bool(self.options.get("question_aware", False))
+
+    @property
     def sample_ids(self) -> list[str | None]:
         return [s.id for s in self.samples]
 

@@ -11,7 +11,7 @@ import platform
 import time
 import zlib
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
@@ -81,6 +81,7 @@ class CalibrationConfig:
     around: tuple[int, ...] = ()  # operating points: probes with every other layer at this uniform budget
     around_policy: str | None = None  # the background's policy (None: the best uniform one on the samples)
     around_plan: str | None = None  # or: a plan file whose rungs at the --around budgets are the backgrounds
+    question_aware: bool = False  # the question prefilled and compressed with the context (kvpress's second setting)
 
     def validated(self) -> CalibrationConfig:
         policies = tuple(check_policy_names(list(self.policies)))
@@ -111,12 +112,8 @@ class CalibrationConfig:
             if not around:  # every whole-token rung of the plan
                 around = tuple(sorted(int(b) for b in PlanFile.load(self.around_plan).budgets
                                       if float(b).is_integer()))
-        return CalibrationConfig(policies=policies, budgets=tuple(sorted({int(b) for b in self.budgets})),
-                                 window=self.window, n_sink=self.n_sink, recent=self.recent,
-                                 max_context_tokens=self.max_context_tokens, layer_kl=self.layer_kl,
-                                 head_kl=self.head_kl, head_fisher=self.head_fisher, draws=self.draws,
-                                 probe_above=float(self.probe_above), probe_share=float(self.probe_share),
-                                 around=around, around_policy=self.around_policy, around_plan=self.around_plan)
+        return replace(self, policies=policies, budgets=tuple(sorted({int(b) for b in self.budgets})),
+                       probe_above=float(self.probe_above), probe_share=float(self.probe_share), around=around)
 
 
 @dataclass
@@ -184,7 +181,7 @@ def _calibrate_locked(lm: LoadedModel, samples: Sequence[Sample], *, config: Cal
     probe = None
     if config.layer_kl or config.head_kl or config.around or _probes_fisher(config):
         # scores nothing: calibrate's prefill hands it the rankings
-        probe = PrefillEngine(lm, max_context_tokens=max_ctx)
+        probe = PrefillEngine(lm, max_context_tokens=max_ctx, question_aware=config.question_aware)
     backgrounds = _backgrounds(lm, samples, config, ckpt_dir, max_ctx, resume=resume) if config.around else []
     started = time.perf_counter()
     records: list[SampleRecord] = []
@@ -201,7 +198,7 @@ def _calibrate_locked(lm: LoadedModel, samples: Sequence[Sample], *, config: Cal
                                                 layer_kl=config.layer_kl, head_kl=config.head_kl,
                                                 draws=config.draws if config.head_fisher else 0,
                                                 fisher_probes=(config.probe_above, config.probe_share),
-                                                backgrounds=backgrounds)
+                                                backgrounds=backgrounds, question_aware=config.question_aware)
                 _save_checkpoint(ckpt, record, result, run_digest)
             result.seconds = time.perf_counter() - t0
             results.append(result)
@@ -248,7 +245,8 @@ def _backgrounds(lm: LoadedModel, samples: Sequence[Sample], config: Calibration
     else:
         logger.info("choosing the --around backgrounds: one prefill per sample, %d uniform rows each",
                     len(config.around) * len(config.policies))
-        engine = PrefillEngine(lm, scorers=config.policies, max_context_tokens=max_ctx)
+        engine = PrefillEngine(lm, scorers=config.policies, max_context_tokens=max_ctx,
+                               question_aware=config.question_aware)
         chosen = choose_backgrounds(engine, samples, info=lm.info, budgets=config.around, policies=config.policies)
     write_sealed_json(path, {"backgrounds": chosen})
     return chosen
@@ -257,9 +255,9 @@ def _backgrounds(lm: LoadedModel, samples: Sequence[Sample], config: Calibration
 def _calibrate_one(lm: LoadedModel, capture: LayerCapture, sample: Sample, index: int, max_ctx: int,
                    min_context: int, *, probe=None, layer_kl: bool = True, head_kl: bool = False,
                    draws: int = 0, fisher_probes: tuple[float, float] = (math.inf, 0.0),
-                   backgrounds: Sequence[dict] = (),
+                   backgrounds: Sequence[dict] = (), question_aware: bool = False,
                    ) -> tuple[SampleRecord | None, SampleResult]:
-    parts = build_prompt(sample, lm.tokenizer, max_context_tokens=max_ctx)
+    parts = build_prompt(sample, lm.tokenizer, max_context_tokens=max_ctx, question_aware=question_aware)
     suffix_ids = list(parts.question_ids) + list(parts.answer_ids)
     result = SampleResult(index=index, sample_id=str(sample.id), task=sample.task,
                           context_tokens=len(parts.context_ids), suffix_tokens=len(suffix_ids),
@@ -424,7 +422,8 @@ def _assemble(lm: LoadedModel, config: CalibrationConfig, records: list[SampleRe
         "budgets": list(config.budgets),
         "budget_unit": "context tokens kept per layer",
         "options": {"window": config.window, "n_sink": config.n_sink, "recent": config.recent,
-                    "max_context_tokens": max_ctx, "decoding_queries": "question + reference answer",
+                    "max_context_tokens": max_ctx, "decoding_queries": "end of turn + reference answer" if config.question_aware else "question + reference answer",
+                    **({"question_aware": True} if config.question_aware else {}),
                     "cost_kinds": [*COST_KINDS, *probed],
                     **({"answer_draws": config.draws, "probe_above": config.probe_above,
                         "probe_share": config.probe_share}

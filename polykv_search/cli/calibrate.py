@@ -29,6 +29,7 @@ from polykv_search.cli.options import (
     JsonOpt,
     MaxContextOpt,
     ModelOpt,
+    QuestionAwareOpt,
     RevisionOpt,
     TrustOpt,
     check_out_file,
@@ -94,6 +95,7 @@ def calibrate(
                                                      "policies must be among --policies.",
                                                      rich_help_panel=PROBES)] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the checkpoints of an interrupted run.")] = False,
+    question_aware: QuestionAwareOpt = False,
     shard: Annotated[str | None, typer.Option(help="K/N: calibrate only samples i (of the selection, from 0) with "
                                               "i mod N = K-1, into <out>/shard-K-of-N/; run the N shards anywhere, "
                                               "then `merge-profiles` them.")] = None,
@@ -114,7 +116,8 @@ def calibrate(
         window=window, max_context_tokens=max_context, layer_kl=layer_kl, head_kl=head_kl,
         head_fisher=head_fisher, draws=draws, probe_above=probe_above, probe_share=probe_share,
         around=tuple(parse_int_list(around, option="--around")) if around else (),
-        around_policy=around_policy, around_plan=str(around_plan) if around_plan else None).validated()
+        around_policy=around_policy, around_plan=str(around_plan) if around_plan else None,
+        question_aware=question_aware).validated()
     with progress_bars() as progress:
         run = pk.calibrate(model, data or [DEFAULT_DATA], config=config, out_dir=out, max_samples=max_samples,
                            column_map=parse_column_map(column_map), resume=resume, device=device, dtype=dtype,

@@ -26,6 +26,7 @@ from polykv_search.cli.options import (
     JsonOpt,
     MaxContextOpt,
     ModelOpt,
+    QuestionAwareOpt,
     RevisionOpt,
     TrustOpt,
     model_slug,
@@ -66,6 +67,7 @@ def evaluate(
     batch_size: Annotated[int, typer.Option(help="Methods decoded together per batch.")] = 16,
     column_map: ColumnMapOpt = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run.")] = False,
+    question_aware: QuestionAwareOpt = False,
     device: DeviceOpt = DEFAULT_DEVICE,
     dtype: DtypeOpt = "auto",
     trust_remote_code: TrustOpt = False,
@@ -87,7 +89,7 @@ def evaluate(
                              max_samples=max_samples, max_context_tokens=max_context, with_kl=kl,
                              batch_size=batch_size, column_map=parse_column_map(column_map), resume=resume,
                              device=device, dtype=dtype, trust_remote_code=trust_remote_code, revision=revision,
-                             progress=progress)
+                             progress=progress, question_aware=question_aware)
     if profile is None and not profile_path.exists() and "cake" in parse_allocators(allocators):
         err_console.print(f"note: no profile at {profile_path}; CAKE is left out (run calibrate or pass --profile)")
     if as_json:

@@ -110,6 +110,10 @@ def optimize(
     max_samples: Annotated[int | None, typer.Option(min=1, help="select/optuna: calibration samples measured (default: "
                                                     "all).")] = None,
     seed: Annotated[int, typer.Option(help="Random seed (optuna).", rich_help_panel=OPTUNA)] = 0,
+    question_aware: Annotated[bool | None, typer.Option(
+        "--question-aware/--query-agnostic", help="The setting the plan is for (the question compressed with the "
+        "context, or asked after it); refused when the profile was calibrated in the other (default: the "
+        "profile's).")] = None,
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Plan file (default: outputs/<model>/plan.json)")
                    ] = None,
     device: DeviceOpt = DEFAULT_DEVICE,
@@ -133,7 +137,8 @@ def optimize(
     chosen_model = profile_model(ctx, model, loaded.model.model_id)
     with progress_bars() as progress:
         plan_file = pk.optimize(path, budgets=budgets, config=config, model=chosen_model, data=data,
-                                max_samples=max_samples, device=device, dtype=dtype, progress=progress)
+                                max_samples=max_samples, device=device, dtype=dtype, progress=progress,
+                                question_aware=question_aware)
     out_path = out or Path("outputs") / model_slug(plan_file.model.id) / "plan.json"
     plan_file.save(out_path)
     png = allocation_png(plan_file, out_path.with_suffix(".png"))

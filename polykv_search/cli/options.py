@@ -43,6 +43,9 @@ ColumnMapOpt = Annotated[str | None, typer.Option(help="Rename columns to the ca
                                                   rich_help_panel=LOADING)]
 MaxContextOpt = Annotated[int | None, typer.Option(help="Truncate prompts (middle) to this many tokens (default: the "
                                                    "model context).", rich_help_panel=LOADING)]
+QuestionAwareOpt = Annotated[bool, typer.Option(
+    "--question-aware", help="kvpress's second setting: the question is prefilled and compressed with the context "
+    "(default: asked after compression, query-agnostic). A plan records the setting it was made for.")]
 DeviceOpt = Annotated[str, typer.Option(help="best (cuda when a GPU is visible, else cpu; the line 'device: ...' says "
                                         "which), cpu, cuda, or auto (accelerate's device map across GPUs).")]
 DtypeOpt = Annotated[str, typer.Option(help="auto (float32 on CPU, bfloat16 on GPU), float32, bfloat16, float16.")]

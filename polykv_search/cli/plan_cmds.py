@@ -113,7 +113,7 @@ def baseline(
         signature = file_sha256(profile)
         plans = [cake_plan(info, loaded, policy=policy, budget=b, tau1=tau1, tau2=tau2, max_budget=max_budget,
                            profile_signature=signature) for b in budgets]
-    plan_file = PlanFile.build(info, plans)
+    plan_file = PlanFile.build(info, plans, question_aware=loaded is not None and loaded.meta.question_aware)
     path = plan_file.save(out or Path("outputs/plans") / f"{kind}-{policy}.json")
     err_console.print(plan_table(plan_file, title=f"{kind} baseline, {info.model_id}"))
     typer.echo(str(path))

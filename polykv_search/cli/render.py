@@ -130,7 +130,9 @@ def _duration(seconds: float) -> str:
 
 def plan_table(plan_file: PlanFile, *, title: str = "") -> Table:
     """Layer, type, then policy and budget per ladder rung; the last rows: the solver and the sum."""
-    table = Table(title=title or f"{plan_file.model.id}: policy and tokens per layer")
+    table = Table(title=title or f"{plan_file.model.id}: policy and tokens per layer",
+                  caption="made for the question-aware setting (the question compressed with the context)"
+                  if plan_file.question_aware else None)
     table.add_column("layer", justify="right")
     table.add_column("type")
     for plan in plan_file.plans:

@@ -37,6 +37,7 @@ from polykv_search.cli.options import (
     ModelOpt,
     NTrialsOpt,
     OnlyOpt,
+    QuestionAwareOpt,
     RevisionOpt,
     SolverOpt,
     StorageOpt,
@@ -122,6 +123,7 @@ def run(
                                         "uniform policy on the calibration samples, each answered by the plan "
                                         "optimized without its half of them (else write that policy; the first "
                                         "set's optimized ladder stays in plan_optimized.json).")] = True,
+    question_aware: QuestionAwareOpt = False,
     column_map: ColumnMapOpt = None,
     max_context: MaxContextOpt = None,
     device: DeviceOpt = DEFAULT_DEVICE,
@@ -147,7 +149,7 @@ def run(
                         allocators=parse_allocators(allocators),
                         max_calib_samples=max_calib_samples, max_eval_samples=max_eval_samples, out_dir=out, fresh=fresh,
                         guard=guard, column_map=parse_column_map(column_map), max_context_tokens=max_context,
-                        device=device, dtype=dtype, trust_remote_code=trust_remote_code, revision=revision,
+                        question_aware=question_aware, device=device, dtype=dtype, trust_remote_code=trust_remote_code, revision=revision,
                         progress=progress)
     report = result.report
     if as_json:

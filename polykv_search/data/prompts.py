@@ -1,7 +1,10 @@
 """Per-task prompts split into a compressible context part and an uncompressed question part (kvpress convention).
 
 `build_prompt` renders the whole conversation once (chat template when the tokenizer has one), tokenizes it
-with offsets and cuts the ids where the context text ends; an over-long context is cut in the middle.
+with offsets and cuts the ids where the context text ends; an over-long context is cut in the middle. In the
+question-aware setting (kvpress's evaluation with `compress_questions`) the cut moves to where the user's turn
+ends: the question is prefilled and compressed with the context, and only the end of the turn, the assistant's
+header and the answer prefix follow the compressed cache.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ import logging
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from functools import partial
 from typing import Any
 
 from polykv_search.data.sample import Sample, task_key
@@ -198,8 +202,12 @@ def to_kvpress_form(sample: Sample) -> Sample:
 
 
 def build_prompt(sample: Sample, tokenizer: Any, *, max_context_tokens: int, add_bos: bool | None = None,
-                 template: PromptTemplate | None = None, use_chat_template: bool | None = None) -> PromptParts:
+                 template: PromptTemplate | None = None, use_chat_template: bool | None = None,
+                 question_aware: bool = False) -> PromptParts:
     """Tokenize `sample` as context part + question part, cutting the context in the middle if it is too long.
+
+    `question_aware`: the question (the template's tail) belongs to the compressed part, as kvpress's evaluation
+    with `compress_questions` prompts; the uncompressed part is then the end of the user turn and the answer prefix.
 
     `template=None` uses `template_for_sample`. The prompt (both parts) is kept within
     `max_context_tokens - max_new_tokens`. `add_bos=None` follows the chat template in chat mode and the
@@ -214,14 +222,16 @@ def build_prompt(sample: Sample, tokenizer: Any, *, max_context_tokens: int, add
         raise DataError(f"max_context_tokens {max_context_tokens} leaves no room for the prompt of task "
                         f"{sample.task} (answer room {template.max_new_tokens}); raise max_context_tokens")
     context = sample.context
-    parts = _render(sample, context, tokenizer, template=template, chat=chat, add_bos=add_bos)
+    render = partial(_render, sample, tokenizer=tokenizer, template=template, chat=chat, add_bos=add_bos,
+                     question_aware=question_aware)
+    parts = render(context)
     truncated = False
     for _ in range(8):  # re-tokenising the joined halves can shift a few tokens; converge in a few rounds
         excess = len(parts[0]) + len(parts[1]) - limit
         if excess <= 0:
             break
         context = _cut_middle(context, tokenizer, drop=excess, sample=sample, limit=limit)
-        parts = _render(sample, context, tokenizer, template=template, chat=chat, add_bos=add_bos)
+        parts = render(context)
         truncated = True
     else:
         raise DataError(f"sample {sample.id}: could not fit the prompt in {limit} tokens; raise max_context_tokens")
@@ -234,23 +244,26 @@ def build_prompt(sample: Sample, tokenizer: Any, *, max_context_tokens: int, add
                        sample_id=sample.id, answer_prefix=prefix)
 
 
-def _render(sample: Sample, context: str, tokenizer: Any, *, template: PromptTemplate, chat: bool,
-            add_bos: bool | None) -> tuple[list[int], list[int], list[int], str]:
+def _render(sample: Sample, context: str, *, tokenizer: Any, template: PromptTemplate, chat: bool,
+            add_bos: bool | None, question_aware: bool = False) -> tuple[list[int], list[int], list[int], str]:
     """Return (context_ids, question_ids, answer_ids, answer_prefix) for `context`."""
     tail = template.tail.replace("{input}", sample.question)
     prefix = template.prefix_for(sample.question)
     user = template.head + context + tail
+    compressed = user if question_aware else template.head + context  # the text the cache is compressed over
     if chat:
         text = tokenizer.apply_chat_template([{"role": "user", "content": user}], tokenize=False,
                                              add_generation_prompt=True)
-        context_end = _find_end(text, template.head + context, context)
+        context_end = _find_end(text, compressed, context + tail if question_aware else context)
         text += prefix
     else:
         sep = template.prefix_sep if template.prefix_sep is not None else "\n\n" if "\n" in prefix else " "
         sep = sep if prefix and user and not user[-1].isspace() else ""
         text = user + sep + prefix
-        context_end = len(template.head) + len(context)
+        context_end = len(compressed)
     context_ids, question_ids = _split_ids(tokenizer, text, context_end)
+    if not question_ids and len(context_ids) > 1:  # question-aware plain text without an answer prefix: the last
+        context_ids, question_ids = context_ids[:-1], context_ids[-1:]  # token stays out, so decoding has a query
     bos = _bos_to_add(tokenizer, text, add_bos=add_bos, chat=chat)
     if bos is not None:
         context_ids = [bos, *context_ids]

@@ -80,10 +80,12 @@ class PrefillEngine:
     """Prefill once per sample, then answer or measure any number of plans from that prefill."""
 
     def __init__(self, lm: LoadedModel, *, scorers: Iterable[str | tuple[str, dict]] = (),
-                 max_context_tokens: int | None = None) -> None:
+                 max_context_tokens: int | None = None, question_aware: bool = False) -> None:
         """`scorers`: the rankings the prefill computes, each a registered policy name (its registered parameters)
-        or (policy, params); a plan may only use rankings the engine scored (`for_plans` collects them)."""
+        or (policy, params); a plan may only use rankings the engine scored (`for_plans` collects them).
+        `question_aware`: the question is prefilled and compressed with the context (kvpress's second setting)."""
         self.lm = lm
+        self.question_aware = question_aware
         self.presses: dict[str, object] = {}
         self._names: dict[str, str] = {}  # scorer key -> policy, for keys with other parameters
         for scorer in scorers:
@@ -104,13 +106,14 @@ class PrefillEngine:
 
     @classmethod
     def for_plans(cls, lm: LoadedModel, plans: Iterable[Plan | None], *, policies: Iterable[str] = (),
-                  max_context_tokens: int | None = None) -> PrefillEngine:
+                  max_context_tokens: int | None = None, question_aware: bool = False) -> PrefillEngine:
         """An engine scoring every ranking the plans use (and the registered `policies`)."""
         scorers: dict[str, tuple[str, dict]] = {name: (name, policy_params(name)) for name in policies}
         for plan in plans:
             if plan is not None:
                 scorers.update(plan.scorers)
-        return cls(lm, scorers=list(scorers.values()), max_context_tokens=max_context_tokens)
+        return cls(lm, scorers=list(scorers.values()), max_context_tokens=max_context_tokens,
+                   question_aware=question_aware)
 
     @property
     def scorer_keys(self) -> list[str]:
@@ -120,7 +123,8 @@ class PrefillEngine:
     # -- one prefill per sample ------------------------------------------------------------------
     @torch.inference_mode()
     def prefill(self, sample: Sample) -> PrefillState:
-        parts = build_prompt(sample, self.lm.tokenizer, max_context_tokens=self.max_context)
+        parts = build_prompt(sample, self.lm.tokenizer, max_context_tokens=self.max_context,
+                             question_aware=self.question_aware)
         context = torch.tensor([parts.context_ids], device=self.lm.device)  # (1, T)
         rankings: dict[int, dict[str, torch.Tensor]] = {}
 

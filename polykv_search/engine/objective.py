@@ -42,14 +42,15 @@ class EndToEndObjective:
     def __init__(self, lm: LoadedModel, samples: Sequence[Sample], *,
                  policies: Sequence[str | tuple[str, dict]], max_context_tokens: int | None = None,
                  batch_size: int = 16, metric: Metric = "kl",
-                 on_prefill: Callable[[int, int], None] | None = None) -> None:
+                 on_prefill: Callable[[int, int], None] | None = None, question_aware: bool = False) -> None:
         """`policies`: the rankings the measured plans may use: registered policy names (their registered
         parameters) or (policy, params), as PrefillEngine's `scorers`. `on_prefill(done, total)` is called after
-        each sample's prefill."""
+        each sample's prefill. `question_aware`: the question is compressed with the context."""
         if metric not in METRICS:
             raise ConfigError(f"unknown end-to-end metric {metric!r}; choose one of {', '.join(METRICS)}")
         self.metric = metric
-        self.engine = PrefillEngine(lm, scorers=policies, max_context_tokens=max_context_tokens)
+        self.engine = PrefillEngine(lm, scorers=policies, max_context_tokens=max_context_tokens,
+                                    question_aware=question_aware)
         self.states = []  # one prefill per sample, kept
         for sample in samples:
             self.states.append(self.engine.prefill(sample))

@@ -94,6 +94,7 @@ class Report:
     results: list[ScoredResult] = field(default_factory=list)
     files: dict[str, Path] = field(default_factory=dict)  # where `save` wrote it: json, markdown, png
     by_length: list[LengthBucket] = field(default_factory=list)
+    question_aware: bool = False  # the setting every method was answered in: the question compressed with the context
 
     def recovery_of(self, method: str) -> list[Recovery]:
         """The rows of one method (a plan file's stem, "pyramidkv", "cake"), budget increasing."""
@@ -108,7 +109,7 @@ class Report:
         return {"tasks": list(self.tasks), "methods": {k: asdict(v) for k, v in self.methods.items()},
                 "recovery": [asdict(r) for r in self.recovery], "budgets": list(self.budgets),
                 "samples": self.samples, "results": [asdict(r) for r in self.results],
-                "by_length": [asdict(b) for b in self.by_length]}
+                "by_length": [asdict(b) for b in self.by_length], "question_aware": self.question_aware}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Report:
@@ -116,7 +117,8 @@ class Report:
                    recovery=[Recovery(**r) for r in data["recovery"]], budgets=list(data["budgets"]),
                    samples=int(data["samples"]), results=[ScoredResult(**r) for r in data.get("results", [])],
                    by_length=[LengthBucket(**{**b, "recovery": [Recovery(**r) for r in b["recovery"]]})
-                              for b in data.get("by_length", [])])
+                              for b in data.get("by_length", [])],
+                   question_aware=bool(data.get("question_aware", False)))
 
     def markdown(self) -> str:
         return markdown(self)
@@ -256,7 +258,9 @@ def markdown(report: Report) -> str:
     lines = [f"Samples: {report.samples}. Score = mean over tasks of the per-task mean; KL = mean KL(full || "
              "method) over reference-answer tokens; KV = context tokens kept per compressible layer and KV head (the "
              "entries, counted as they are stored); MB = the whole cache as the runtime allocates it (per-head plans "
-             "in a ragged cache, one length per head).", "",
+             "in a ragged cache, one length per head)." + (
+                 " Question-aware: every method compressed the question with the context (kvpress's "
+                 "compress_questions)." if report.question_aware else ""), "",
              "| method | budget | " + " | ".join(tasks) + " | score | KL | KV | MB |",
              "|---|---|" + "---|" * len(tasks) + "---|---|---|---|"]
     order = sorted(report.methods.items(), key=lambda kv: (kv[1].budget or 0, kv[1].family, kv[0]))

@@ -45,8 +45,10 @@ CHECKPOINT_VERSION = 3  # 2: {"run": digest, "rows": [...]} per sample; 3: ident
 
 def score_methods(lm: LoadedModel, samples: Sequence[Sample], methods: Sequence[Method], *, out_dir: str | Path,
                   resume: bool = False, with_kl: bool = True, batch_size: int = 16,
-                  max_context_tokens: int | None = None, progress: ProgressFn | None = None) -> list[ScoredResult]:
-    """Score the full cache and every method on every sample; one ScoredResult per (sample, method)."""
+                  max_context_tokens: int | None = None, progress: ProgressFn | None = None,
+                  question_aware: bool = False) -> list[ScoredResult]:
+    """Score the full cache and every method on every sample; one ScoredResult per (sample, method).
+    `question_aware`: every method compresses the question with the context (kvpress's second setting)."""
     if not samples:
         raise DataError("the evaluation data set is empty; pass a --data file with at least one row")
     missing = [s.id for s in samples if not s.answers]
@@ -56,18 +58,21 @@ def score_methods(lm: LoadedModel, samples: Sequence[Sample], methods: Sequence[
     out_dir = Path(out_dir)
     with folder_lock(out_dir):
         return _score_locked(lm, samples, methods, out_dir=out_dir, resume=resume, with_kl=with_kl,
-                             batch_size=batch_size, max_context_tokens=max_context_tokens, progress=progress)
+                             batch_size=batch_size, max_context_tokens=max_context_tokens, progress=progress,
+                             question_aware=question_aware)
 
 
 def _score_locked(lm: LoadedModel, samples: Sequence[Sample], methods: Sequence[Method], *, out_dir: Path,
                   resume: bool, with_kl: bool, batch_size: int, max_context_tokens: int | None,
-                  progress: ProgressFn | None) -> list[ScoredResult]:
+                  progress: ProgressFn | None, question_aware: bool) -> list[ScoredResult]:
     ckpt_dir = out_dir / "checkpoints"
-    run_digest = prepare_checkpoints(ckpt_dir, _fingerprint(lm, samples, methods, with_kl, max_context_tokens),
-                                     resume=resume)
+    fingerprint = _fingerprint(lm, samples, methods, with_kl, max_context_tokens)
+    if question_aware:  # absent in query-agnostic runs: their checkpoints stay valid
+        fingerprint["question_aware"] = True
+    run_digest = prepare_checkpoints(ckpt_dir, fingerprint, resume=resume)
     engine = PrefillEngine.for_plans(lm, [p for m in methods for p in m.plans],
                                      policies=[m.policy for m in methods if m.policy],
-                                     max_context_tokens=max_context_tokens)
+                                     max_context_tokens=max_context_tokens, question_aware=question_aware)
     results: list[ScoredResult] = []
     for index, sample in enumerate(samples):
         ckpt = ckpt_dir / f"sample-{index:05d}.json"

@@ -37,7 +37,8 @@ def export_plan(plan: str | Path | PlanFile, *, to: str = KVPRESS, out: str | Pa
         check_writable(out, example="plan.json" if to == KVPRESS else "kv_cache_config.yaml")
     if to == KVPRESS:
         if budget is not None:  # that budget's rungs, one per range of prompt lengths where the file has several
-            return PlanFile(model=plan_file.model, plans=tuple(plan_file.rungs_for(budget))).save(out)
+            return PlanFile(model=plan_file.model, plans=tuple(plan_file.rungs_for(budget)),
+                            question_aware=plan_file.question_aware).save(out)
         return write_atomic(out, source.read_bytes()) if source is not None else plan_file.save(out)
     chosen = pick_plan(plan_file, budget, context)
     if to == DUO_ATTENTION:

@@ -69,8 +69,9 @@ def choose_among(lm: LoadedModel, named: list[tuple[str, PlanFile]], uniform: Se
     for _, plan_file in named:
         plan_file.check_model(lm.info)
     budgets = sorted({b for _, f in named for b in f.budgets})
-    named = named + uniform_ladders(lm.info, list(uniform), budgets)
+    question_aware = any(f.question_aware for _, f in named)  # RungMeasure refuses files of both settings
+    named = named + uniform_ladders(lm.info, list(uniform), budgets, question_aware=question_aware)
     measure = RungMeasure(lm, list(samples), [f for _, f in named], metric=metric, stage="choose",
                           budgets=len(budgets), progress=progress)
     chosen, choices = choose_rungs(named, measure, metric=metric, tie_break="lost" if metric == "task" else None)
-    return PlanFile.build(lm.info, chosen), choices, measure.samples
+    return PlanFile.build(lm.info, chosen, question_aware=question_aware), choices, measure.samples

@@ -158,6 +158,10 @@ def guard_plan(model: ModelSpec, plan_file: PlanFile | str | Path, samples: Data
     if profile is not None and config is not None:
         profile = Profile.load(profile) if isinstance(profile, (str, Path)) else profile
         profile.check_model(lm.info)
+        if profile.meta.question_aware != plan_file.question_aware:
+            raise ConfigError(f"the plan is {plan_file.setting} but the profile was calibrated "
+                              f"{setting_name(profile.meta.question_aware)}; guard a plan with the profile it was "
+                              "optimized from")
         config = config.validated()
         signature = plan_file.plans[0].search.profile_signature if plan_file.plans else None  # the same profile
         for name, chosen in set_names(policy_sets):
@@ -172,7 +176,7 @@ def guard_plan(model: ModelSpec, plan_file: PlanFile | str | Path, samples: Data
             fold_files.append(files)
     where = (f"on calibration samples, each answered by the plan optimized without its fold ({folds} folds)"
              if fold_files else "on calibration samples")
-    uniform = uniform_ladders(lm.info, policies, plan_file.budgets)
+    uniform = uniform_ladders(lm.info, policies, plan_file.budgets, question_aware=plan_file.question_aware)
     others = [(name, f) for name, f, _ in alternatives]
     loaded, _ = resolve_samples(samples)
     key = _cache_key(lm, plan_file, others, loaded, fold_of, fold_files, policies, max_context_tokens)
@@ -219,6 +223,7 @@ def _cache_key(lm: LoadedModel, plan_file: PlanFile, others: Sequence[tuple[str,
                                          [[rungs(f) for f in files] for files in fold_files]],
                                "samples": samples_digest(samples), "policies": list(policies),
                                "guard": GUARD_CACHE_VERSION,
+                               **({"question_aware": True} if plan_file.question_aware else {}),
                                **({"max_context": max_context_tokens} if max_context_tokens else {})})
 
 

@@ -8,6 +8,7 @@ from collections.abc import Callable, Sequence
 from polykv_search.data import Sample
 from polykv_search.engine import EndToEndObjective, Measures
 from polykv_search.engine.progress import Progress
+from polykv_search.errors import ConfigError
 from polykv_search.models import LoadedModel
 from polykv_search.plan import Plan, PlanFile
 from polykv_search.plan.names import Metric
@@ -16,16 +17,22 @@ from polykv_search.plan.names import Metric
 class RungMeasure:
     """The end-to-end objective over `samples` with every scorer the files' rungs use (each sample prefilled once
     when built); called with one budget's rungs (and optionally `plans_for(sample)`, each sample's own candidates
-    in their place), it returns each rung's metrics. `progress` hears of each prefill, then of each budget."""
+    in their place), it returns each rung's metrics. `progress` hears of each prefill, then of each budget. The
+    samples are prompted in the setting the files were made for (all must agree: `PlanFile.question_aware`)."""
 
     def __init__(self, lm: LoadedModel, samples: Sequence[Sample], files: Sequence[PlanFile], *, metric: Metric,
                  stage: str, budgets: int, progress: Progress | None = None,
                  max_context_tokens: int | None = None) -> None:
         scorers = {name: scorer for f in files for rung in f.plans for name, scorer in rung.scorers.items()}
+        settings = {f.question_aware for f in files}
+        if len(settings) > 1:
+            raise ConfigError("the plans to measure were made for different settings (query-agnostic and "
+                              "question-aware); measure each setting's plans on their own")
         self.stage, self.steps, self.progress = stage, len(samples) + budgets, progress
         self._step(0, "prefilling the calibration samples")
         self.objective = EndToEndObjective(
             lm, samples, policies=list(scorers.values()), metric=metric, max_context_tokens=max_context_tokens,
+            question_aware=settings == {True},
             on_prefill=lambda done, _: self._step(done, "prefilling the calibration samples"))
         self.done = len(samples)
 

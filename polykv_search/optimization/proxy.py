@@ -81,5 +81,6 @@ def check_proxy_on(lm: LoadedModel, profile: Profile, samples: Sequence[Sample],
     """`check_proxy` with the measured side the end-to-end KL of each random plan on `samples` (the profile's
     policies), on a loaded model that the profile is checked against."""
     profile.check_model(lm.info)
-    objective = EndToEndObjective(lm, list(samples), policies=profile.policies, metric="kl")
+    objective = EndToEndObjective(lm, list(samples), policies=profile.policies, metric="kl",
+                                  question_aware=profile.meta.question_aware)
     return check_proxy(profile, objective.many, budget=budget, n_plans=n_plans, cost=cost, seed=seed)

@@ -187,7 +187,7 @@ def optimize_profile(profile: Profile, budgets: Sequence[float], *, config: Opti
             plan = _searched(profile, plan, objective, average=average, names=names, cap=cap, config=config,
                              signature=profile_signature)
         plans.append(plan)
-    return PlanFile.build(profile.model, plans)
+    return PlanFile.build(profile.model, plans, question_aware=profile.meta.question_aware)
 
 
 def per_head_problem(profile: Profile, average: float, *, config: OptimizeConfig = OptimizeConfig(cost=HEAD_KL),

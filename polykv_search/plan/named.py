@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 
 from polykv_search.errors import ConfigError
-from polykv_search.plan.plan import PlanFile, load_plan
+from polykv_search.plan.plan import PlanFile, load_plan, setting_name
+
+logger = logging.getLogger(__name__)
 
 
 def named_plan_files(plans: Mapping[str, PlanFile | str | Path] | Sequence[str | Path]) -> list[tuple[str, PlanFile]]:
@@ -19,6 +22,17 @@ def named_plan_files(plans: Mapping[str, PlanFile | str | Path] | Sequence[str |
     if len(set(names)) != len(names):
         raise ConfigError(f"plan files need distinct names, got {', '.join(names)}; rename one of them")
     return named
+
+
+def warn_other_setting(named: Sequence[tuple[str, PlanFile]], question_aware: bool) -> None:
+    """Say once per plan made for the other setting (question compressed with the context, or asked after it)
+    that it is about to be answered in this one: its figures are then not the ones it was made for."""
+    for name, plan_file in named:
+        if plan_file.question_aware != question_aware:
+            flag = "pass --question-aware (question_aware=True)" if plan_file.question_aware else \
+                "drop --question-aware (question_aware=False)"
+            logger.warning("plan %s was made for the %s setting and is answered %s here; %s to answer it as made",
+                           name, plan_file.setting, setting_name(question_aware), flag)
 
 
 def only_budgets(name: str, plan_file: PlanFile, grid: Sequence[float]) -> PlanFile:

@@ -22,6 +22,7 @@ from polykv_search.plan.rounding import budget_total
 from polykv_search.plan.seal import check_plan_checksum
 from polykv_search.plan.schema import (
     LENGTH_VERSION,
+    QUESTION_VERSION,
     PER_HEAD_VERSION,
     PER_LAYER_VERSION,
     UNIT_PER_HEAD,
@@ -353,24 +354,33 @@ class Plan:
 
 @dataclass(frozen=True)
 class PlanFile:
-    """A model and a ladder of plans for it (one per average budget): the file `optimize` writes."""
+    """A model and a ladder of plans for it (one per average budget): the file `optimize` writes.
+    `question_aware`: made for prompts whose question is compressed with the context (kvpress's
+    `compress_questions`); False, the default: the question follows the compressed cache (query-agnostic)."""
 
     model: PlanModel
     plans: tuple[Plan, ...]
     producer: Producer = field(default_factory=Producer)
     schema_version: str = ""  # "": the lowest version that holds the plans (1.0.0 unless one is per head)
+    question_aware: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "plans", tuple(self.plans))
         if not self.schema_version:
-            version = LENGTH_VERSION if any(plan.context is not None for plan in self.plans) else \
+            version = QUESTION_VERSION if self.question_aware else \
+                LENGTH_VERSION if any(plan.context is not None for plan in self.plans) else \
                 PER_HEAD_VERSION if any(plan.per_head for plan in self.plans) else PER_LAYER_VERSION
             object.__setattr__(self, "schema_version", version)
 
     @classmethod
-    def build(cls, model: ModelInfo | PlanModel, plans: Sequence[Plan]) -> PlanFile:
+    def build(cls, model: ModelInfo | PlanModel, plans: Sequence[Plan], *, question_aware: bool = False) -> PlanFile:
         model = model if isinstance(model, PlanModel) else PlanModel.from_info(model)
-        return cls(model=model, plans=tuple(plans))
+        return cls(model=model, plans=tuple(plans), question_aware=question_aware)
+
+    @property
+    def setting(self) -> str:
+        """The prompting setting the plan was made for, in words."""
+        return setting_name(self.question_aware)
 
     @property
     def budgets(self) -> list[float]:
@@ -399,13 +409,16 @@ class PlanFile:
     # -- JSON ----------------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         m = self.model
-        return {
+        out: dict[str, Any] = {
             "schema_version": self.schema_version,
             "producer": {"name": self.producer.name, "version": self.producer.version},
             "model": {"id": m.id, "revision": m.revision, "num_layers": m.num_layers,
                       "layer_types": list(m.layer_types), "num_kv_heads": m.num_kv_heads, "head_dim": m.head_dim},
-            "plans": [plan.to_dict() for plan in self.plans],
         }
+        if self.question_aware:  # absent: query-agnostic, what every file before 2.2 means
+            out["question_aware"] = True
+        out["plans"] = [plan.to_dict() for plan in self.plans]
+        return out
 
     def to_json(self) -> str:
         """Indented JSON with one line per layer entry, so a plan reads (and diffs) layer by layer; sealed with the
@@ -428,7 +441,8 @@ class PlanFile:
                           head_dim=int(m["head_dim"]))
         producer = Producer(name=data["producer"]["name"], version=data["producer"]["version"])
         return cls(model=model, plans=tuple(Plan.from_dict(p) for p in data["plans"]),
-                   producer=producer, schema_version=data["schema_version"])
+                   producer=producer, schema_version=data["schema_version"],
+                   question_aware=bool(data.get("question_aware", False)))
 
     @classmethod
     def from_json(cls, text: str | bytes, *, source: str = "<string>", require_checksum: bool = False) -> PlanFile:
@@ -502,6 +516,11 @@ class PlanFile:
         if problems:
             raise InvalidPlanError(source=str(path), problems=problems)
         return write_atomic(path, text)
+
+
+def setting_name(question_aware: bool) -> str:
+    """'question-aware' (the question compressed with the context) or 'query-agnostic' (asked after compression)."""
+    return "question-aware" if question_aware else "query-agnostic"
 
 
 def rung_for_length(rungs: Sequence[Plan], context_tokens: int | None) -> Plan:

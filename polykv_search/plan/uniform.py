@@ -27,10 +27,12 @@ def uniform_plan(model: ModelInfo | PlanModel, *, policy: str, budget: float,
                            search=SearchInfo(solver="uniform", status="heuristic", seconds=seconds_since(started)))
 
 
-def uniform_ladders(model: ModelInfo | PlanModel, policies: Sequence[str],
-                    budgets: Sequence[float]) -> list[tuple[str, PlanFile]]:
-    """(policy, a uniform plan of it at each budget) for each policy: the single-policy candidates."""
-    return [(policy, PlanFile.build(model, [uniform_plan(model, policy=policy, budget=b) for b in budgets]))
+def uniform_ladders(model: ModelInfo | PlanModel, policies: Sequence[str], budgets: Sequence[float], *,
+                    question_aware: bool = False) -> list[tuple[str, PlanFile]]:
+    """(policy, a uniform plan of it at each budget) for each policy: the single-policy candidates, for prompts in
+    the setting `question_aware` says."""
+    return [(policy, PlanFile.build(model, [uniform_plan(model, policy=policy, budget=b) for b in budgets],
+                                    question_aware=question_aware))
             for policy in policies]
 
 

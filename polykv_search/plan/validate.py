@@ -138,6 +138,9 @@ def _semantic_problems(obj: dict[str, Any], *, model: ModelInfo | None, major: i
         types, name, heads = list(model.layer_types), model.model_id, model.num_kv_heads
     else:
         types, name, heads = block_types, str(block.get("id", "the plan's model")), _as_int(block.get("num_kv_heads"))
+    if obj.get("question_aware") is True and _version_below(obj.get("schema_version"), (2, 2)):
+        problems.append("$.question_aware: a plan for the question-aware setting needs schema_version 2.2 or later; "
+                        "write the file as 2.2.0")
     plans = obj.get("plans")
     if not isinstance(plans, list):
         return problems
@@ -165,14 +168,20 @@ def _semantic_problems(obj: dict[str, Any], *, model: ModelInfo | None, major: i
     return problems
 
 
+def _version_below(version: Any, least: tuple[int, int]) -> bool:
+    """Whether `version` ("M.m.p") is older than `least` (major, minor); False when it is not such a string (the
+    schema says what is wrong with it)."""
+    parts = str(version).split(".")
+    return len(parts) == 3 and all(p.isdigit() for p in parts) and (int(parts[0]), int(parts[1])) < least
+
+
 def _context_span(context: Any, *, where: str, version: Any) -> tuple[tuple[int, float] | None, list[str]]:
     """((min, max) prompt lengths of a rung's `context`, inf for no maximum; None without one), its problems."""
     if context is None:
         return None, []
     if not isinstance(context, dict):
         return None, []  # the schema says what is wrong
-    parts = str(version).split(".")
-    if len(parts) == 3 and all(p.isdigit() for p in parts) and (int(parts[0]), int(parts[1])) < (2, 1):
+    if _version_below(version, (2, 1)):
         return None, [f"{where}: a rung's prompt lengths need schema_version 2.1 or later; write the file as 2.1.0"]
     low, high = _as_int(context.get("min_tokens")), context.get("max_tokens")
     high = float("inf") if high is None else _as_int(high)

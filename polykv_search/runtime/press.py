@@ -40,6 +40,7 @@ from polykv_search.models.anatomy import (
 )
 from polykv_search.models.info import model_info
 from polykv_search.plan import Plan, PlanFile, load_plan
+from polykv_search.plan.named import warn_other_setting
 from polykv_search.plan.plan import rung_for_length
 from polykv_search.policies import POLICIES
 from polykv_search.policies.presses import make_press, rank_scores
@@ -68,13 +69,18 @@ class PlanPress(BasePress):
         self._warned = False
 
     @classmethod
-    def from_file(cls, path: str | Path, *, budget: float | None = None, model: Any = None) -> PlanPress:
+    def from_file(cls, path: str | Path, *, budget: float | None = None, model: Any = None,
+                  question_aware: bool | None = None) -> PlanPress:
         """Load a plan file (validated; checked against `model`'s geometry when given) and pick one budget
-        (default: the file's first), with its rungs for every range of prompt lengths."""
+        (default: the file's first), with its rungs for every range of prompt lengths. `question_aware`: the
+        setting the caller prompts in (the question in the compressed context, as kvpress's `compress_questions`,
+        or passed after it); a plan made for the other setting is said so once (None: not checked)."""
         plan_file = load_plan(path)
         if model is not None:
             plan_file.check_model(model_info(model, model_id=plan_file.model.id,
                                              revision=plan_file.model.revision))
+        if question_aware is not None:
+            warn_other_setting([(Path(path).name, plan_file)], question_aware)
         rungs = plan_file.rungs_for(budget if budget is not None else plan_file.budgets[0])
         return cls(rungs[0], rungs=tuple(rungs))
 

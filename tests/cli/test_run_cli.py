@@ -121,3 +121,31 @@ def test_evaluate_refuses_a_target_for_a_plan_it_was_not_given_before_loading_th
     with pytest.raises(SystemExit) as exit_info:
         main()
     assert exit_info.value.code == 2 and "give the plan with --plan" in capsys.readouterr().err
+
+
+def test_question_aware_from_calibrate_to_evaluate(monkeypatch, capsys, tiny_dir, tmp_path):
+    """calibrate --question-aware records the setting, optimize makes the plan for it (and refuses the other),
+    evaluate --question-aware answers every method in it."""
+    calib = write_jsonl(tmp_path / "c.jsonl", sample_rows(2, words=150))
+    held_out = write_jsonl(tmp_path / "e.jsonl", sample_rows(1, words=150))
+
+    def cli(*args: str) -> None:
+        monkeypatch.setattr(sys, "argv", ["polykv-search", *args])
+        main()
+
+    cli("calibrate", "--model", str(tiny_dir), "--data", str(calib), "--policies", "snapkv,streaming",
+        "--grid", "8,16,32", "--out", str(tmp_path / "p"), "--question-aware", "--json")
+    profile = json.loads(capsys.readouterr().out)["profile"]
+    assert Profile.load(profile).meta.question_aware
+    cli("optimize", "--profile", profile, "--budget", "16", "--cost", "out_err", "--out", str(tmp_path / "plan.json"))
+    assert PlanFile.load(tmp_path / "plan.json").question_aware
+    with pytest.raises(SystemExit) as refused:
+        cli("optimize", "--profile", profile, "--budget", "16", "--cost", "out_err", "--query-agnostic",
+            "--out", str(tmp_path / "other.json"))
+    assert refused.value.code != 0 and "calibrated question-aware" in capsys.readouterr().err
+    assert not (tmp_path / "other.json").exists()
+    cli("evaluate", "--model", str(tiny_dir), "--plan", str(tmp_path / "plan.json"), "--data", str(held_out),
+        "--policies", "streaming", "--allocators", "none", "--out", str(tmp_path / "ev"), "--question-aware",
+        "--json")
+    report = json.loads((tmp_path / "ev" / "report.json").read_text())
+    assert report["question_aware"] is True

@@ -122,3 +122,27 @@ def test_real_smollm2_tokenizer_split_and_digits():
     assert _decode(tokenizer, parts.context_ids).endswith(CONTEXT)
     assert _decode(tokenizer, parts.question_ids).endswith("provided text is")
     assert len(parts.answer_ids) == 7 and parts.max_new_tokens >= 8  # " " + six single-digit tokens
+
+
+def test_question_aware_split_compresses_the_question_with_the_context(chat_tokenizer, plain_tokenizer):
+    """kvpress's compress_questions: the question belongs to the compressed part; the end of the user turn, the
+    assistant header and the answer prefix follow it. The whole prompt is the same token for token."""
+    agnostic = build_prompt(_sample(), chat_tokenizer, max_context_tokens=4096)
+    aware = build_prompt(_sample(), chat_tokenizer, max_context_tokens=4096, question_aware=True)
+    assert aware.prompt_ids == agnostic.prompt_ids and aware.answer_ids == agnostic.answer_ids
+    assert _decode(chat_tokenizer, aware.context_ids).endswith(f"{CONTEXT}\n\n{NEEDLE_Q}")
+    assert _decode(chat_tokenizer, aware.question_ids) == (
+        "<|im_end|>\n<|im_start|>assistant\nThe special magic number for lucky-cat mentioned in the provided text is")
+    plain = build_prompt(_sample(), plain_tokenizer, max_context_tokens=4096, add_bos=True, question_aware=True)
+    assert _decode(plain_tokenizer, plain.context_ids).endswith(f"{CONTEXT}\n\n{NEEDLE_Q}")
+    assert _decode(plain_tokenizer, plain.question_ids).startswith(" The special magic number")
+
+
+def test_question_aware_truncation_keeps_the_question(chat_tokenizer):
+    """A cut context keeps the whole question in the compressed part (the middle of the context goes)."""
+    full = build_prompt(_sample(), chat_tokenizer, max_context_tokens=4096, question_aware=True)
+    cut = build_prompt(_sample(), chat_tokenizer, max_context_tokens=len(full.prompt_ids) - 40 + 12,
+                       question_aware=True)
+    assert cut.truncated and len(cut.prompt_ids) <= len(full.prompt_ids) - 40
+    assert _decode(chat_tokenizer, cut.context_ids).endswith(f"The end.\n\n{NEEDLE_Q}")
+    assert cut.question_ids == full.question_ids
