@@ -52,14 +52,21 @@ def test_run_for_trtllm_calibrates_streaming_and_guards_against_one_window(trtll
     report = trtllm_run.report  # R against the engine's own setting beside R against the best uniform policy
     rows = report.recovery_of("plan")
     assert [r.budget for r in rows] == [12, 16]
-    for r in rows:
-        engine = report.methods[f"streaming@{r.budget}"].score
-        assert (r.target, r.engine_setting, r.engine_score) == ("trtllm", "streaming", engine)
-        assert r.best_uniform in ("snapkv", "streaming")
+    assert all("as TensorRT-LLM runs its windows" in c.reason for c in trtllm_run.guard)
+    kls = {(r.method, r.sample_id): r.kl for r in report.results}
+    for r, choice in zip(rows, trtllm_run.guard):  # the engine's setting: one window, computed as TensorRT-LLM does
+        engine = report.methods[f"trtllm_window@{r.budget}"].score
+        assert (r.target, r.engine_setting, r.engine_score) == ("trtllm", "trtllm_window", engine)
+        assert r.best_uniform in ("snapkv", "streaming")  # the engine's own setting is not a kvpress policy
         gap = report.full_score - engine
         assert r.R_engine == (pytest.approx((r.score - engine) / gap) if gap > 1e-12 else None)
+        windowed = [kls[f"trtllm_window@{r.budget}", s] for s in ("s0", "s1")]
+        evicted = [kls[f"streaming@{r.budget}", s] for s in ("s0", "s1")]
+        assert windowed != pytest.approx(evicted, abs=1e-6)  # a windowed prefill, not eviction after a full one
+        if not choice.kept_plan:  # the guard wrote the engine's window: the same computation, the same answers
+            assert [kls[f"plan@{r.budget}", s] for s in ("s0", "s1")] == windowed
     saved = json.loads(report.files["json"].read_text())["recovery"]
-    assert [r["engine_setting"] for r in saved if r["method"] == "plan"] == ["streaming", "streaming"]
+    assert [r["engine_setting"] for r in saved if r["method"] == "plan"] == ["trtllm_window"] * 2
     assert "R_engine" in report.files["markdown"].read_text()
     for budget in (12, 16):  # the written file loads where it did
         out = tmp_path / f"kv{budget}.json"

@@ -12,6 +12,11 @@ evaluate's comparison all run here.
     state = engine.prefill(sample)
     answers = engine.run_many(state, plans)           # greedy answers and KL, one batch row per plan
     metrics = engine.answer_metrics_many(state, plans)  # teacher-forced only, no decoding
+    windowed = engine.run_windowed(state, plans)      # TensorRT-LLM's computation: a prefill per plan
+
+A per-layer window plan (a `trtllm` target's) can also be answered as TensorRT-LLM computes it: each layer attends
+through a sliding window of its budget in the prefill itself and in every later step, with no sinks
+(`run_windowed`). That prefill depends on the plan, so it costs one prefill per plan and sample.
 
 A plan's layer may keep one policy and budget for all its KV heads or one per head (`LayerPlan.heads`): rows of
 different lengths are padded and the padding hidden per KV head.
@@ -39,6 +44,7 @@ from polykv_search.policies.presses import make_press
 from polykv_search.policies.projections import keeping_query_projections
 from polykv_search.policies.scoring import score_policies
 from polykv_search.runtime.attention import (
+    attention_windows,
     observing_prefill,
     polykv_attention,
     take_observed,
@@ -242,6 +248,62 @@ class PrefillEngine:
                 results.append(Answer(sample_id=str(state.sample.id), task=state.sample.task, answer=answers[row],
                                       kl=kls[row], kept_all_layers=kept_all[row]))
         return results
+
+    @torch.inference_mode()
+    def run_windowed(self, state: PrefillState, plans: Sequence[Plan], *, with_kl: bool = True) -> list[Answer]:
+        """Each per-layer window plan answered as TensorRT-LLM runs `max_attention_window`: layer l's queries see
+        only the W_l newest tokens (itself included) in the context prefill, the question, the teacher-forced
+        answer and the greedy decoding (the window rolls), where W_l is the layer's budget; the plan's sinks are
+        not kept (the engine's attention has no sink term, docs/engines.md "Fidelity"). One prefill of the context
+        per plan; the KL is to `state`'s full cache over the reference answer."""
+        results = []
+        for plan in plans:
+            windows = self.windows_of(plan)
+            kl, first_logits = None, None
+            with polykv_attention(self.lm.model), attention_windows(self.layers, windows):
+                cache = self._windowed_prefill(state)
+                if with_kl and state.full_logprobs is not None and state.parts.answer_ids:
+                    logits = self._suffix_logits(state, cache)  # (1, A + 1, V)
+                    logprobs = torch.log_softmax(logits[:, :-1], dim=-1)
+                    full = state.full_logprobs[None]
+                    kl = float((full.exp() * (full - logprobs)).sum(-1).mean(-1)[0])
+                    if self._rewindable(cache):
+                        for layer in cache.layers:
+                            layer.crop(-len(state.parts.answer_ids))
+                        first_logits = logits[:, 0]
+                    else:  # a sliding layer already dropped what the answer pushed out: prefill again
+                        cache = self._windowed_prefill(state)
+                answer = self._greedy_batch(state, cache, {}, first_logits=first_logits)[0]
+            kept_all = [idx for idx, window in windows.items() if window >= state.n_context]
+            results.append(Answer(sample_id=str(state.sample.id), task=state.sample.task, answer=answer, kl=kl,
+                                  kept_all_layers=kept_all))
+        return results
+
+    def windows_of(self, plan: Plan) -> dict[int, int]:
+        """Per compressed layer, the window a per-layer window plan gives it (its one budget); a layer keeping its
+        whole context has none. ConfigError for a plan whose layer keeps different budgets per KV head or ranks
+        tokens by anything but recency (StreamingLLM): no window expresses it."""
+        windows = {}
+        for idx in self.compressible:
+            layer = plan.layers[idx]
+            choices = layer.head_choices(self.lm.info.num_kv_heads)
+            if choices is None:
+                continue
+            budgets = {c[1] for c in choices if c is not None}
+            policies = {h.policy for h in layer.heads} if layer.heads is not None else {layer.policy}
+            if None in choices or len(budgets) != 1 or policies != {"streaming"}:
+                raise ConfigError(f"layer {idx} of the plan is no attention window (one StreamingLLM budget for "
+                                  "every KV head): only a trtllm plan is answered as TensorRT-LLM computes it")
+            windows[idx] = budgets.pop()
+        return windows
+
+    def _windowed_prefill(self, state: PrefillState) -> DynamicCache:
+        """The context's prefill under the attention windows set by the caller (not the shared full-cache one)."""
+        cache = DynamicCache(config=self.lm.model.config)
+        context = torch.tensor([state.parts.context_ids], device=self.lm.device)
+        self.lm.model.model(input_ids=context, past_key_values=cache, use_cache=True)
+        self.prefills += 1
+        return cache
 
     @torch.inference_mode()
     def kl_many(self, state: PrefillState, plans: Sequence[Plan | None], *, batch_size: int = 16) -> list[float]:

@@ -42,13 +42,19 @@ class EndToEndObjective:
     def __init__(self, lm: LoadedModel, samples: Sequence[Sample], *,
                  policies: Sequence[str | tuple[str, dict]], max_context_tokens: int | None = None,
                  batch_size: int = 16, metric: Metric = "kl",
-                 on_prefill: Callable[[int, int], None] | None = None, question_aware: bool = False) -> None:
+                 on_prefill: Callable[[int, int], None] | None = None, question_aware: bool = False,
+                 windowed: bool = False) -> None:
         """`policies`: the rankings the measured plans may use: registered policy names (their registered
         parameters) or (policy, params), as PrefillEngine's `scorers`. `on_prefill(done, total)` is called after
-        each sample's prefill. `question_aware`: the question is compressed with the context."""
+        each sample's prefill. `question_aware`: the question is compressed with the context. `windowed`: every
+        plan is a per-layer window plan answered as TensorRT-LLM computes it (PrefillEngine.run_windowed: a
+        prefill per plan and sample; "task" objective only)."""
         if metric not in METRICS:
             raise ConfigError(f"unknown end-to-end metric {metric!r}; choose one of {', '.join(METRICS)}")
-        self.metric = metric
+        if windowed and metric != "task":
+            raise ConfigError("plans answered as TensorRT-LLM's windows are measured by their answers: use the "
+                              "task metric")
+        self.metric, self.windowed = metric, windowed
         self.engine = PrefillEngine(lm, scorers=policies, max_context_tokens=max_context_tokens,
                                     question_aware=question_aware)
         self.states = []  # one prefill per sample, kept
@@ -88,7 +94,8 @@ class EndToEndObjective:
             return self.engine.answer_metrics_many(state, plans, batch_size=self.batch_size)
         # one pass per batch: run_many's teacher-forced forward gives the KL (the tie-break's `lost`) and, its
         # cache rewound, starts the greedy decoding; no second cache build or forward
-        answered = self.engine.run_many(state, plans, with_kl=True, batch_size=self.batch_size)
+        answered = (self.engine.run_windowed(state, plans) if self.windowed else
+                    self.engine.run_many(state, plans, with_kl=True, batch_size=self.batch_size))
         return [{"kl": r.kl, "lost": -math.expm1(-r.kl), "task": 1.0 - score_sample(state.sample, r.answer)}
                 for r in answered]
 

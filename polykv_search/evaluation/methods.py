@@ -1,5 +1,9 @@
 """What `evaluate` compares at each budget: the full cache, every uniform policy, the PyramidKV and CAKE allocations
-(a budget per layer), Ada-KV (a budget per KV head, from each sample's scores), and the user's plans."""
+(a budget per layer), Ada-KV (a budget per KV head, from each sample's scores), and the user's plans.
+
+A plan made for TensorRT-LLM (`--target trtllm`) is answered as that engine computes it (`Method.windowed`: each
+layer's window applies in the prefill and rolls after it, PrefillEngine.run_windowed), beside the engine's own
+setting computed the same way: `trtllm_window`, one window of the budget on every layer (family "engine")."""
 
 from __future__ import annotations
 
@@ -10,14 +14,15 @@ from dataclasses import dataclass, replace
 from polykv_search.calibration.profile import Profile
 from polykv_search.engine import PrefillState
 from polykv_search.errors import ConfigError
-from polykv_search.export import KVPRESS, TARGETS
+from polykv_search.export import KVPRESS, TARGETS, TRTLLM
 from polykv_search.models.info import ModelInfo
 from polykv_search.optimization.allocators import adakv_plan, cake_plan, pyramidkv_plan
 from polykv_search.optimization.targets import engine_settings
 from polykv_search.plan import Plan, PlanFile, uniform_plan
 from polykv_search.plan.plan import rung_for_length
 
-FAMILIES = ("full", "uniform", "allocator", "plan")
+FAMILIES = ("full", "uniform", "allocator", "plan", "engine")
+TRTLLM_WINDOW = "trtllm_window"  # TensorRT-LLM's own setting: one window on every layer, as the engine computes it
 logger = logging.getLogger(__name__)
 ALLOCATORS = ("pyramidkv", "cake", "adakv")
 
@@ -43,7 +48,8 @@ class Method:
     policy: str | None = None  # the ranking an `allocate` method needs scored
     rungs: tuple[Plan, ...] = ()  # a plan's rungs at one budget, one per range of prompt lengths (schema 2.1)
     target: str | None = None  # the engine a plan was made for (trtllm, duo-attention): its R against that engine too
-    engine: tuple[str, ...] = ()  # the uniform policies standing for the target engine's own setting
+    engine: tuple[str, ...] = ()  # the methods standing for the target engine's own setting
+    windowed: bool = False  # answered as TensorRT-LLM computes its windows (in the prefill too), not by eviction
 
     @property
     def plans(self) -> list[Plan]:
@@ -88,11 +94,15 @@ def build_methods(info: ModelInfo, *, budgets: Sequence[float], uniform_policies
                   allocators: Sequence[str], allocator_policy: str, profile: Profile | None,
                   plans: Sequence[tuple[str, PlanFile]], targets: Mapping[str, str] | None = None) -> list[Method]:
     """Every method to score (the full cache aside): the baselines at every budget, the given plans at their own.
-    A plan with a target (`targets`: plan name -> trtllm or duo-attention) also carries the engine's own setting
-    (optimization/targets.py ENGINE_SETTINGS), which is scored as a uniform policy whether asked for or not."""
+    A plan with a target (`targets`: plan name -> trtllm or duo-attention) also carries the engine's own setting,
+    scored whether asked for or not: for duo-attention the uniform policies of optimization/targets.py
+    ENGINE_SETTINGS (DuoAttention prefills in full, then evicts, as the engine here does), for trtllm
+    `trtllm_window` at each of the plan's budgets, both it and the plan answered as TensorRT-LLM computes them."""
     targets = check_targets(targets, [name for name, _ in plans])
-    engine = {name: tuple(engine_settings(target)) for name, target in targets.items()}
-    uniform_policies = list(dict.fromkeys([*uniform_policies, *(p for ps in engine.values() for p in ps)]))
+    engine = {name: (TRTLLM_WINDOW,) if target == TRTLLM else tuple(engine_settings(target))
+              for name, target in targets.items()}
+    evicting = [p for name, ps in engine.items() if targets[name] != TRTLLM for p in ps]
+    uniform_policies = list(dict.fromkeys([*uniform_policies, *evicting]))
     out = []
     for budget in budgets:
         for policy in uniform_policies:
@@ -106,10 +116,16 @@ def build_methods(info: ModelInfo, *, budgets: Sequence[float], uniform_policies
                 out.append(adakv_method(info, policy=allocator_policy, budget=int(budget)))
             else:  # Ada-KV keeps a whole number of tokens per layer and head
                 logger.info("Ada-KV is left out at the fractional budget %s", budget)
+    windows: set[float] = set()
     for name, plan_file in plans:
+        windowed = targets.get(name) == TRTLLM
         for budget in plan_file.budgets:
             out.append(replace(plan_method(name, plan_file.rungs_for(budget)), target=targets.get(name),
-                               engine=engine.get(name, ())))
+                               engine=engine.get(name, ()), windowed=windowed))
+            if windowed and budget not in windows:
+                windows.add(budget)
+                out.append(Method(TRTLLM_WINDOW, "engine", uniform_plan(info, policy="streaming", budget=budget),
+                                  windowed=True))
     return out
 
 

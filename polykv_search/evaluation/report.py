@@ -182,6 +182,7 @@ def _summary(results: Sequence[ScoredResult], methods: Sequence[Method], *, kv_s
     recovery = []
     for budget in budgets:
         uniform = {k: v for k, v in rows.items() if v.family == "uniform" and v.budget == budget}
+        engines = {k: v for k, v in rows.items() if v.family == "engine" and v.budget == budget}
         if not uniform:
             continue
         best_key = max(uniform, key=lambda k: uniform[k].score)
@@ -195,15 +196,17 @@ def _summary(results: Sequence[ScoredResult], methods: Sequence[Method], *, kv_s
             recovery.append(Recovery(budget=budget, method=row.method, family=row.family, score=row.score,
                                      best_uniform=uniform[best_key].method, best_uniform_score=best, full_score=full,
                                      R=r, R_90=interval, kl=row.kl, best_uniform_kl=uniform[best_key].kl,
-                                     **_against_engine(info.get(key), key, row.score, uniform, full, by_method)))
+                                     **_against_engine(info.get(key), key, row.score, {**uniform, **engines},
+                                                       full, by_method)))
     return Report(tasks=tasks, methods=rows, recovery=recovery, budgets=budgets,
                   samples=len({r.sample_id for r in results}), results=list(results))
 
 
 def _against_engine(method: Method | None, key: str, score: float, uniform: dict[str, MethodScore],
                     full: float | None, by_method: dict[str, list[ScoredResult]]) -> dict[str, Any]:
-    """For a plan made for an engine: the engine's own setting at its budget (the best scored of `method.engine`),
-    its score, and R against it, with its interval; nothing for any other method."""
+    """For a plan made for an engine: the engine's own setting at its budget (the best scored of `method.engine`,
+    among `uniform`: the uniform policies and the engines' own settings), its score, and R against it, with its
+    interval; nothing for any other method."""
     scored = [k for k in uniform if method is not None and uniform[k].method in method.engine]
     if method is None or not method.target or not scored:
         return {}

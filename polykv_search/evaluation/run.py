@@ -81,8 +81,13 @@ def _score_locked(lm: LoadedModel, samples: Sequence[Sample], methods: Sequence[
         else:
             state = engine.prefill(sample)
             plans = [m.plan_for(state) for m in methods]
-            distinct, which = _distinct(plans)
-            once = engine.run_many(state, distinct, with_kl=with_kl, batch_size=batch_size)
+            distinct, which = _distinct(plans, [m.windowed for m in methods])
+            windows = sorted({which[i] for i, m in enumerate(methods) if m.windowed})
+            evicting = [j for j in range(len(distinct)) if j not in windows]
+            once = dict(zip(evicting, engine.run_many(state, [distinct[j] for j in evicting], with_kl=with_kl,
+                                                      batch_size=batch_size)))  # one prefill serves them all
+            once |= dict(zip(windows, engine.run_windowed(state, [distinct[j] for j in windows],
+                                                          with_kl=with_kl)))  # TensorRT-LLM's: a prefill each
             answered = [engine.run(state, None, with_kl=False)] + [once[i] for i in which]
             rows = [_scored(method, answer, sample, state.n_context, engine.footprint(state, plan))
                     for method, plan, answer in zip([FULL, *methods], [None, *plans], answered)]
@@ -94,14 +99,14 @@ def _score_locked(lm: LoadedModel, samples: Sequence[Sample], methods: Sequence[
     return results
 
 
-def _distinct(plans: Sequence) -> tuple[list, list[int]]:
-    """The distinct plans (by what they keep: every layer's policies, parameters and budgets) and, per plan, the
-    index of its twin among them. Two methods running the same plan (a guard-written rung and the uniform policy it
-    names; Ada-KV and SnapKV on a model with one KV head) get the same answers, not two decodings that bfloat16
-    rounding in different batches can tell apart."""
+def _distinct(plans: Sequence, windowed: Sequence[bool]) -> tuple[list, list[int]]:
+    """The distinct plans (by what they keep: every layer's policies, parameters and budgets, and whether they run
+    as TensorRT-LLM's windows) and, per plan, the index of its twin among them. Two methods running the same plan
+    (a guard-written rung and the uniform policy it names; Ada-KV and SnapKV on a model with one KV head) get the
+    same answers, not two decodings that bfloat16 rounding in different batches can tell apart."""
     distinct, which, seen = [], [], {}
-    for plan in plans:
-        key = json.dumps(plan.to_dict()["layers"], sort_keys=True, default=str)
+    for plan, window in zip(plans, windowed):
+        key = json.dumps([plan.to_dict()["layers"], window], sort_keys=True, default=str)
         if key not in seen:
             seen[key] = len(distinct)
             distinct.append(plan)
@@ -133,6 +138,7 @@ def _fingerprint(lm: LoadedModel, samples: Sequence[Sample], methods: Sequence[M
                   "plan": None if m.plan is None else m.plan.to_dict()["layers"]} for m in methods]
     described += [{"rungs": [[p.context.to_dict() if p.context else None, p.to_dict()["layers"]] for p in m.rungs]}
                   for m in methods if m.rungs]  # absent for plans without rungs: their checkpoints stay valid
+    described += [{"windowed": m.key} for m in methods if m.windowed]  # likewise for runs without trtllm plans
     method_sig = hashlib.sha256(json.dumps(described, sort_keys=True, default=str).encode()).hexdigest()
     return {"model": lm.info.model_id, "revision": lm.info.revision, "dtype": str(getattr(lm.model, "dtype", "")),
             "device": str(lm.device), "samples": samples_digest(samples), "methods": method_sig, "with_kl": with_kl,

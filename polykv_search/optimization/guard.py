@@ -23,6 +23,7 @@ from polykv_search.data import DataSpec, Sample, resolve_samples
 from polykv_search.engine.objective import Measures
 from polykv_search.engine.progress import Progress
 from polykv_search.errors import ConfigError
+from polykv_search.export import TRTLLM
 from polykv_search.io import unseal, write_sealed_json
 from polykv_search.models import DEFAULT_DEVICE, LoadedModel, ModelSpec, resolve_model
 from polykv_search.optimization.choose import Choice
@@ -176,10 +177,13 @@ def guard_plan(model: ModelSpec, plan_file: PlanFile | str | Path, samples: Data
             fold_files.append(files)
     where = (f"on calibration samples, each answered by the plan optimized without its fold ({folds} folds)"
              if fold_files else "on calibration samples")
+    windowed = config is not None and config.target == TRTLLM  # graded as TensorRT-LLM computes its windows
+    if windowed:
+        where += ", every rung run as TensorRT-LLM runs its windows (in the prefill too)"
     uniform = uniform_ladders(lm.info, policies, plan_file.budgets, question_aware=plan_file.question_aware)
     others = [(name, f) for name, f, _ in alternatives]
     loaded, _ = resolve_samples(samples)
-    key = _cache_key(lm, plan_file, others, loaded, fold_of, fold_files, policies, max_context_tokens)
+    key = _cache_key(lm, plan_file, others, loaded, fold_of, fold_files, policies, max_context_tokens, windowed)
     stored = read_guard_cache(cache, key, budgets=len(plan_file.budgets), candidates=1 + len(others) + len(policies))
     if stored is not None:
         replay = iter(stored["values"])
@@ -187,7 +191,8 @@ def guard_plan(model: ModelSpec, plan_file: PlanFile | str | Path, samples: Data
         return GuardResult(replace(plan_file, plans=tuple(plans), schema_version=""), rungs, stored["samples"])
     ladders = [plan_file, *(f for _, f in others), *(f for files in fold_files for f in files)]
     measured = RungMeasure(lm, loaded, ladders + [f for _, f in uniform], metric="task", stage="guard",
-                           budgets=len(plan_file.budgets), progress=progress, max_context_tokens=max_context_tokens)
+                           budgets=len(plan_file.budgets), progress=progress, max_context_tokens=max_context_tokens,
+                           windowed=windowed)
     recorded: list[list[Measures]] = []
 
     def measure(plans: list[Plan]) -> list[Measures]:
@@ -210,7 +215,7 @@ def guard_plan(model: ModelSpec, plan_file: PlanFile | str | Path, samples: Data
 
 def _cache_key(lm: LoadedModel, plan_file: PlanFile, others: Sequence[tuple[str, PlanFile]], samples: Sequence[Sample],
                fold_of: dict[str, int], fold_files: Sequence[Sequence[PlanFile]], policies: Sequence[str],
-               max_context_tokens: int | None) -> str:
+               max_context_tokens: int | None, windowed: bool = False) -> str:
     """What the measurements depend on: the model, every rung answered with, each sample's fold, the policies."""
 
     def rungs(ladder: PlanFile) -> list:  # what is answered with, not how long its solve took
@@ -224,7 +229,8 @@ def _cache_key(lm: LoadedModel, plan_file: PlanFile, others: Sequence[tuple[str,
                                "samples": samples_digest(samples), "policies": list(policies),
                                "guard": GUARD_CACHE_VERSION,
                                **({"question_aware": True} if plan_file.question_aware else {}),
-                               **({"max_context": max_context_tokens} if max_context_tokens else {})})
+                               **({"max_context": max_context_tokens} if max_context_tokens else {}),
+                               **({"windowed": True} if windowed else {})})
 
 
 def read_guard_cache(path: str | Path | None, key: str, *, budgets: int, candidates: int) -> dict | None:

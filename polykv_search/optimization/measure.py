@@ -18,11 +18,12 @@ class RungMeasure:
     """The end-to-end objective over `samples` with every scorer the files' rungs use (each sample prefilled once
     when built); called with one budget's rungs (and optionally `plans_for(sample)`, each sample's own candidates
     in their place), it returns each rung's metrics. `progress` hears of each prefill, then of each budget. The
-    samples are prompted in the setting the files were made for (all must agree: `PlanFile.question_aware`)."""
+    samples are prompted in the setting the files were made for (all must agree: `PlanFile.question_aware`).
+    `windowed`: the rungs are TensorRT-LLM windows, answered as that engine computes them (a prefill each)."""
 
     def __init__(self, lm: LoadedModel, samples: Sequence[Sample], files: Sequence[PlanFile], *, metric: Metric,
                  stage: str, budgets: int, progress: Progress | None = None,
-                 max_context_tokens: int | None = None) -> None:
+                 max_context_tokens: int | None = None, windowed: bool = False) -> None:
         scorers = {name: scorer for f in files for rung in f.plans for name, scorer in rung.scorers.items()}
         settings = {f.question_aware for f in files}
         if len(settings) > 1:
@@ -32,7 +33,7 @@ class RungMeasure:
         self._step(0, "prefilling the calibration samples")
         self.objective = EndToEndObjective(
             lm, samples, policies=list(scorers.values()), metric=metric, max_context_tokens=max_context_tokens,
-            question_aware=settings == {True},
+            question_aware=settings == {True}, windowed=windowed,
             on_prefill=lambda done, _: self._step(done, "prefilling the calibration samples"))
         self.done = len(samples)
 

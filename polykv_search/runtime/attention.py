@@ -10,6 +10,10 @@ j <= K - q + i (bottom-right aligned). Batch rows of different plans mark padded
 tokens (each head's padding hidden from the query heads of its group). A layer whose cache was not shrunk, and
 sliding-window layers, which no plan compresses, keep transformers' own mask, padding included: on caches no plan
 touched this function is exactly SDPA, so leaving a model switched to it changes nothing for ordinary use.
+
+`attention_windows` gives layers a sliding window of their own (TensorRT-LLM's `max_attention_window` per layer,
+applied in the prefill and in every later step, no sink term): on a full cache, key j is visible to query i iff
+0 <= pos_i - pos_j < W_l, which computes what the engine's cyclic cache of W_l tokens computes.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ OBSERVE_ATTR = "polykv_observe"  # int on an attention module: observe its next 
 OBSERVED_ATTR = "polykv_observed"  # what the observation left: (column sums, last query chunk's probabilities)
 VALID_ATTR = "polykv_valid"  # bool mask of a batch's padded cache slots, set by `validity_masks`
 CONSTANT_ATTR = "polykv_constant_cache"  # set on an attention module: its cached keys are constants to autograd
+WINDOW_ATTR = "polykv_window"  # int on an attention module: each query sees only the window of keys ending at it
 
 
 def evicted(key: torch.Tensor, position_ids: torch.Tensor | None) -> bool:
@@ -60,6 +65,40 @@ def validity_masks(layers: Sequence[torch.nn.Module], masks: Mapping[int, torch.
             module.__dict__.pop(VALID_ATTR, None)
 
 
+@contextmanager
+def attention_windows(layers: Sequence[torch.nn.Module], windows: Mapping[int, int] | None) -> Iterator[None]:
+    """Within the block, decoder layer i attends with a sliding window of windows[i] tokens (each query sees itself
+    and the windows[i] - 1 keys before it, over a cache that keeps every token; batch rows must hold no padding).
+    The model must be on "polykv_sdpa" (`polykv_attention`); nothing is left on the modules afterwards."""
+    modules = [layers[idx].self_attn for idx in (windows or {})]
+    try:
+        for idx, module in zip(windows or {}, modules):
+            if int(windows[idx]) < 1:
+                raise ConfigError(f"layer {idx}: an attention window must hold at least 1 token, not {windows[idx]}")
+            module.__dict__[WINDOW_ATTR] = int(windows[idx])
+        yield
+    finally:
+        for module in modules:
+            module.__dict__.pop(WINDOW_ATTR, None)
+
+
+def window_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                     window: int, scale: float, dropout: float, scaling: float | None,
+                     **kwargs) -> tuple[torch.Tensor, None]:
+    """Attention of the q newest positions over a full cache of K keys (the queries are the last q positions), each
+    query seeing the `window` keys that end at its own position: a band of the causal mask."""
+    q_len, k_len = query.shape[2], key.shape[2]
+    if q_len == 1 and k_len <= window and not (dropout or logit_softcap(module)):  # decoding inside the window
+        return grouped_attention(query, key, value, None, scale)
+    q_pos = torch.arange(k_len - q_len, k_len, device=query.device)[:, None]  # (q, 1)
+    behind = q_pos - torch.arange(k_len, device=query.device)[None, :]  # (q, K): how far back each key is
+    mask = ((behind >= 0) & (behind < window))[None, None]  # (1, 1, q, K)
+    if q_len == 1:
+        return grouped_attention(query, key, value, mask, scale)
+    # a prefill: SDPA's kernel works through the (q, K) mask block by block, not as a (H, q, K) logit tensor
+    return sdpa_attention_forward(module, query, key, value, mask, dropout, scaling, False, **kwargs)
+
+
 def polykv_sdpa_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                         attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
                         is_causal: bool | None = None, **kwargs) -> tuple[torch.Tensor, None]:
@@ -74,6 +113,12 @@ def polykv_sdpa_forward(module: torch.nn.Module, query: torch.Tensor, key: torch
     if getattr(module, "is_sliding", False) or getattr(module, "sliding_window", None):
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, is_causal,
                                       **kwargs)
+    window = module.__dict__.get(WINDOW_ATTR)
+    if window is not None:
+        if valid is not None or evicted(key, kwargs.get("position_ids")):
+            raise ConfigError("an attention window runs over a cache that keeps every token and rows without "
+                              "padding: apply it to a full cache, one plan per batch")
+        return window_attention(module, query, key, value, window, scale, dropout, scaling, **kwargs)
     observe = getattr(module, OBSERVE_ATTR, None)
     if observe is not None and q_len == k_len and query.shape[0] == 1 and valid is None:
         out, observed = observed_attention(module, query, key, value, attention_mask, scale, last=observe)
