@@ -91,3 +91,13 @@ def test_a_resumed_calibration_in_the_other_setting_is_refused(tiny_llama, data,
     config = pk.CalibrationConfig(policies=("snapkv", "streaming"), budgets=GRID)
     with pytest.raises(ProfileError, match="different config"):
         pk.calibrate(tiny_llama, str(calib), config=config, out_dir=tmp / "run", resume=True)
+
+
+def test_a_query_agnostic_calibration_resumes_checkpoints_made_before_the_setting(tiny_llama):
+    from polykv_search.calibration.run import _fingerprint  # what run.json stores and a resume compares
+
+    agnostic = _fingerprint(tiny_llama, [], pk.CalibrationConfig(policies=("snapkv",), budgets=GRID), [], 512)
+    aware = _fingerprint(tiny_llama, [], pk.CalibrationConfig(policies=("snapkv",), budgets=GRID,
+                                                               question_aware=True), [], 512)
+    assert "question_aware" not in agnostic["config"]  # as in every run.json written before 2.2
+    assert aware["config"]["question_aware"] is True

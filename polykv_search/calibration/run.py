@@ -358,8 +358,11 @@ def _load_checkpoint(path: Path, run_digest: str, *, sample: str) -> tuple[Sampl
 
 def _fingerprint(lm: LoadedModel, samples: Sequence[Sample], config: CalibrationConfig,
                  data_sources: Sequence[str], max_ctx: int) -> dict[str, Any]:
+    described = asdict(config)
+    if not described["question_aware"]:  # absent in query-agnostic runs: checkpoints from before the setting resume
+        del described["question_aware"]
     found = {"model": lm.info.model_id, "revision": lm.info.revision, "dtype": str(getattr(lm.model, "dtype", "")),
-             "device": str(lm.device), "config": asdict(config), "max_context_tokens": max_ctx,
+             "device": str(lm.device), "config": described, "max_context_tokens": max_ctx,
              "samples": samples_digest(samples), "data": list(data_sources), "format_version": PROFILE_VERSION}
     if config.around_plan is not None:  # an edited plan file is another background
         found["around_plan_sha256"] = file_sha256(Path(config.around_plan))
