@@ -43,6 +43,7 @@ OBSERVED_ATTR = "polykv_observed"  # what the observation left: (column sums, la
 VALID_ATTR = "polykv_valid"  # bool mask of a batch's padded cache slots, set by `validity_masks`
 CONSTANT_ATTR = "polykv_constant_cache"  # set on an attention module: its cached keys are constants to autograd
 WINDOW_ATTR = "polykv_window"  # int on an attention module: each query sees only the window of keys ending at it
+WINDOW_BLOCK = 512  # queries per block of a windowed prefill
 
 
 def evicted(key: torch.Tensor, position_ids: torch.Tensor | None) -> bool:
@@ -86,17 +87,26 @@ def window_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
                      window: int, scale: float, dropout: float, scaling: float | None,
                      **kwargs) -> tuple[torch.Tensor, None]:
     """Attention of the q newest positions over a full cache of K keys (the queries are the last q positions), each
-    query seeing the `window` keys that end at its own position: a band of the causal mask."""
+    query seeing the `window` keys that end at its own position: a band of the causal mask. A long run of queries
+    goes in blocks of WINDOW_BLOCK, each over the keys its band reaches, so a narrow window costs q x (window +
+    block) scores instead of q x K."""
     q_len, k_len = query.shape[2], key.shape[2]
-    if q_len == 1 and k_len <= window and not (dropout or logit_softcap(module)):  # decoding inside the window
-        return grouped_attention(query, key, value, None, scale)
-    q_pos = torch.arange(k_len - q_len, k_len, device=query.device)[:, None]  # (q, 1)
-    behind = q_pos - torch.arange(k_len, device=query.device)[None, :]  # (q, K): how far back each key is
-    mask = ((behind >= 0) & (behind < window))[None, None]  # (1, 1, q, K)
-    if q_len == 1:
-        return grouped_attention(query, key, value, mask, scale)
-    # a prefill: SDPA's kernel works through the (q, K) mask block by block, not as a (H, q, K) logit tensor
-    return sdpa_attention_forward(module, query, key, value, mask, dropout, scaling, False, **kwargs)
+    if window >= k_len and q_len == k_len and not logit_softcap(module):  # the band is the whole causal triangle
+        return sdpa_attention_forward(module, query, key, value, None, dropout, scaling, True, **kwargs)
+    if q_len == 1 and not (dropout or logit_softcap(module)):  # decoding: the window's last keys, no mask
+        return grouped_attention(query, key[:, :, -window:], value[:, :, -window:], None, scale)
+    outputs = []
+    for start in range(0, q_len, WINDOW_BLOCK):
+        stop = min(start + WINDOW_BLOCK, q_len)
+        first, last = k_len - q_len + start, k_len - q_len + stop  # the block's positions: first .. last - 1
+        low = max(0, first - window + 1)  # the oldest key the block's band reaches
+        behind = torch.arange(first, last, device=query.device)[:, None] - torch.arange(
+            low, last, device=query.device)[None, :]  # (block, keys)
+        mask = ((behind >= 0) & (behind < window))[None, None]  # (1, 1, block, keys)
+        out, _ = sdpa_attention_forward(module, query[:, :, start:stop], key[:, :, low:last], value[:, :, low:last],
+                                        mask, dropout, scaling, False, **kwargs)
+        outputs.append(out)  # (B, block, H, D)
+    return torch.cat(outputs, dim=1), None
 
 
 def polykv_sdpa_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,

@@ -10,6 +10,7 @@ from polykv_search.data import load_samples
 from polykv_search.engine import PrefillEngine
 from polykv_search.errors import ConfigError
 from polykv_search.models import LoadedModel, model_info
+from polykv_search.runtime import attention as attention_module
 from polykv_search.runtime.attention import attention_windows, polykv_attention
 from polykv_search.models.anatomy import decoder_layers
 from tests.conftest import make_tokenizer, sample_rows, write_jsonl
@@ -42,8 +43,10 @@ def pair():
     return qwen2_pair()
 
 
+@pytest.mark.parametrize("block", [512, 16])  # 16: the prefill runs in blocks, each over the keys its band reaches
 @torch.inference_mode()
-def test_window_prefill_and_rolling_decode_equal_transformers_sliding_layer(pair):
+def test_window_prefill_and_rolling_decode_equal_transformers_sliding_layer(pair, block, monkeypatch):
+    monkeypatch.setattr(attention_module, "WINDOW_BLOCK", block)
     reference, lm = pair
     ids = torch.randint(3, 60, (1, 90), generator=torch.Generator().manual_seed(1))
     ref_out = reference(input_ids=ids[:, :80], use_cache=True)
