@@ -12,6 +12,7 @@ import polykv_search as pk
 from polykv_search.data import build_prompt, resolve_samples
 from polykv_search.engine import PrefillEngine
 from polykv_search.errors import ConfigError, ProfileError
+from polykv_search.io import read_sealed_json
 from polykv_search.plan import PlanFile
 from tests.conftest import sample_rows, write_jsonl
 from tests.plans import uniform_of
@@ -93,11 +94,11 @@ def test_a_resumed_calibration_in_the_other_setting_is_refused(tiny_llama, data,
         pk.calibrate(tiny_llama, str(calib), config=config, out_dir=tmp / "run", resume=True)
 
 
-def test_a_query_agnostic_calibration_resumes_checkpoints_made_before_the_setting(tiny_llama):
-    from polykv_search.calibration.run import _fingerprint  # what run.json stores and a resume compares
-
-    agnostic = _fingerprint(tiny_llama, [], pk.CalibrationConfig(policies=("snapkv",), budgets=GRID), [], 512)
-    aware = _fingerprint(tiny_llama, [], pk.CalibrationConfig(policies=("snapkv",), budgets=GRID,
-                                                               question_aware=True), [], 512)
-    assert "question_aware" not in agnostic["config"]  # as in every run.json written before 2.2
-    assert aware["config"]["question_aware"] is True
+def test_a_query_agnostic_calibration_resumes_checkpoints_made_before_the_setting(tiny_llama, data, aware_run):
+    calib, _, tmp = data
+    config = pk.CalibrationConfig(policies=("snapkv",), budgets=GRID)
+    pk.calibrate(tiny_llama, str(calib), config=config, out_dir=tmp / "agnostic")
+    run_file = tmp / "agnostic" / "checkpoints" / "run.json"
+    assert "question_aware" not in read_sealed_json(run_file)["config"]  # as every run.json written before 2.2
+    assert read_sealed_json(tmp / "run" / "checkpoints" / "run.json")["config"]["question_aware"] is True
+    pk.calibrate(tiny_llama, str(calib), config=config, out_dir=tmp / "agnostic", resume=True)  # resumes
