@@ -13,8 +13,9 @@ from dataclasses import dataclass, replace
 
 from polykv_search.calibration.profile import Profile
 from polykv_search.engine import PrefillState
-from polykv_search.errors import ConfigError
+from polykv_search.errors import ConfigError, ExportError
 from polykv_search.export import KVPRESS, TARGETS, TRTLLM
+from polykv_search.export.trtllm import trtllm_kv_cache_config
 from polykv_search.models.info import ModelInfo
 from polykv_search.optimization.allocators import adakv_plan, cake_plan, pyramidkv_plan
 from polykv_search.optimization.targets import engine_settings
@@ -119,6 +120,8 @@ def build_methods(info: ModelInfo, *, budgets: Sequence[float], uniform_policies
     windows: set[float] = set()
     for name, plan_file in plans:
         windowed = targets.get(name) == TRTLLM
+        if windowed:  # refused before any sample is prefilled, as `export --to trtllm` would refuse it
+            check_windows(name, plan_file, info)
         for budget in plan_file.budgets:
             out.append(replace(plan_method(name, plan_file.rungs_for(budget)), target=targets.get(name),
                                engine=engine.get(name, ()), windowed=windowed))
@@ -127,6 +130,17 @@ def build_methods(info: ModelInfo, *, budgets: Sequence[float], uniform_policies
                 out.append(Method(TRTLLM_WINDOW, "engine", uniform_plan(info, policy="streaming", budget=budget),
                                   windowed=True))
     return out
+
+
+def check_windows(name: str, plan_file: PlanFile, info: ModelInfo) -> None:
+    """ConfigError, in one line, when a rung of the plan given `--target trtllm` is not one StreamingLLM window per
+    layer (what TensorRT-LLM runs, and what its evaluation computes)."""
+    for rung in plan_file.plans:
+        try:
+            trtllm_kv_cache_config(rung, model=plan_file.model, context=1 << 30, sliding_window=info.sliding_window or 1)
+        except ExportError as exc:
+            raise ConfigError(f"--target trtllm: plan {name} is no TensorRT-LLM plan ({exc}); give its --target "
+                              "as kvpress, or make it with `optimize --target trtllm`") from None
 
 
 def plan_method(name: str, rungs: Sequence[Plan]) -> Method:

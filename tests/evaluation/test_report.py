@@ -84,3 +84,21 @@ def test_runs_summary_lines_give_r_against_the_engine_for_a_target_plan():
     assert trt == ("R against trtllm's own setting at 64 tokens/layer: 0.429 (streaming 0.125, 90% bootstrap "
                    "[+0.30, +0.50])")
     assert len(recovery_lines(report, "trt")) == 2 and len(recovery_lines(report, "any")) == 1
+
+
+def test_a_plan_given_target_trtllm_that_is_no_window_plan_is_refused_before_any_prefill():
+    from polykv_search.errors import ConfigError
+    from polykv_search.evaluation import build_methods
+    from polykv_search.plan import PlanFile
+
+    info = tiny_loaded("llama").info
+    windows = PlanFile.build(info, [uniform_of(info, "streaming", 16)])
+    methods = build_methods(info, budgets=[16], uniform_policies=["snapkv"], allocators=[], allocator_policy="snapkv",
+                            profile=None, plans=[("trt", windows)], targets={"trt": "trtllm"})
+    assert {(m.key, m.family, m.windowed) for m in methods} == {
+        ("snapkv@16", "uniform", False), ("trt@16", "plan", True), ("trtllm_window@16", "engine", True)}
+    ranked = PlanFile.build(info, [uniform_of(info, "snapkv", 16)])
+    with pytest.raises(ConfigError, match=r"--target trtllm: plan trt is no TensorRT-LLM plan .*use snapkv, not "
+                                          r"streaming"):
+        build_methods(info, budgets=[16], uniform_policies=["snapkv"], allocators=[], allocator_policy="snapkv",
+                      profile=None, plans=[("trt", ranked)], targets={"trt": "trtllm"})
