@@ -263,16 +263,26 @@ class PrefillEngine:
             with polykv_attention(self.lm.model), attention_windows(self.layers, windows):
                 cache = self._windowed_prefill(state)
                 if with_kl and state.full_logprobs is not None and state.parts.answer_ids:
+                    # the model's own sliding layers cannot drop their newest entries: they go back to their state
+                    # after the prefill (shallow copies suffice: their update reassigns its tensors, it does not
+                    # write into them), and the full-attention layers are cropped to the context to match
+                    rewindable = self._rewindable(cache)
+                    after_prefill = {} if rewindable else {
+                        i: copy.copy(layer) for i, layer in enumerate(cache.layers) if type(layer) is not DynamicLayer}
                     logits = self._suffix_logits(state, cache)  # (1, A + 1, V)
                     logprobs = torch.log_softmax(logits[:, :-1], dim=-1)
                     full = state.full_logprobs[None]
                     kl = float((full.exp() * (full - logprobs)).sum(-1).mean(-1)[0])
-                    if self._rewindable(cache):
+                    if rewindable:  # back to the question, whose last logits start the decoding
                         for layer in cache.layers:
                             layer.crop(-len(state.parts.answer_ids))
                         first_logits = logits[:, 0]
-                    else:  # a sliding layer already dropped what the answer pushed out: prefill again
-                        cache = self._windowed_prefill(state)
+                    else:  # back to the context: the decoding runs the question again (a short forward)
+                        for i, layer in enumerate(cache.layers):
+                            if i in after_prefill:
+                                cache.layers[i] = after_prefill[i]
+                            else:
+                                layer.crop(state.n_context)
                 answer = self._greedy_batch(state, cache, {}, first_logits=first_logits)[0]
             kept_all = [idx for idx, window in windows.items() if window >= state.n_context]
             results.append(Answer(sample_id=str(state.sample.id), task=state.sample.task, answer=answer, kl=kl,

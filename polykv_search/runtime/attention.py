@@ -91,7 +91,7 @@ def window_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
     goes in blocks of WINDOW_BLOCK, each over the keys its band reaches, so a narrow window costs q x (window +
     block) scores instead of q x K."""
     q_len, k_len = query.shape[2], key.shape[2]
-    if window >= k_len and q_len == k_len and not logit_softcap(module):  # the band is the whole causal triangle
+    if window >= k_len and q_len == k_len:  # the band is the whole causal triangle
         return sdpa_attention_forward(module, query, key, value, None, dropout, scaling, True, **kwargs)
     if q_len == 1 and not (dropout or logit_softcap(module)):  # decoding: the window's last keys, no mask
         return grouped_attention(query, key[:, :, -window:], value[:, :, -window:], None, scale)

@@ -13,7 +13,7 @@ from polykv_search.models import LoadedModel, model_info
 from polykv_search.runtime import attention as attention_module
 from polykv_search.runtime.attention import attention_windows, polykv_attention
 from polykv_search.models.anatomy import decoder_layers
-from tests.conftest import make_tokenizer, sample_rows, write_jsonl
+from tests.conftest import make_tokenizer, sample_rows, tiny_loaded, write_jsonl
 from tests.plans import plan_of
 
 WINDOW = 24
@@ -97,3 +97,18 @@ def test_run_windowed_refuses_a_plan_that_is_no_window(pair, tmp_path):
     state = engine.prefill(sample)
     with pytest.raises(ConfigError, match="layer 1 of the plan is no attention window"):
         engine.run_windowed(state, [plan_of(lm.info, ("streaming", "snapkv", "streaming"), (20, 20, 20))])
+
+
+def test_run_windowed_on_a_model_with_sliding_layers_prefills_once_per_plan(tmp_path):
+    """Gemma-3's own sliding layers cannot be cropped after the teacher-forced answer: they are put back as they were
+    after the prefill, so the greedy answer is the one decoded straight after the prefill, with no second prefill."""
+    lm = tiny_loaded("gemma")
+    sample = load_samples(write_jsonl(tmp_path / "e.jsonl", sample_rows(1, words=120)))[0]
+    engine = PrefillEngine(lm, scorers=["streaming"])
+    state = engine.prefill(sample)
+    plan = plan_of(lm.info, ("streaming",) * 4, (None, 24, None, 40))  # layers 1 and 3: the full-attention ones
+    decoded = engine.run_windowed(state, [plan], with_kl=False)[0]
+    before = engine.prefills
+    measured = engine.run_windowed(state, [plan])[0]
+    assert engine.prefills == before + 1
+    assert measured.kl is not None and measured.kl > 1e-4 and measured.answer == decoded.answer != ""
