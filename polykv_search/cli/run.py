@@ -149,7 +149,8 @@ def run(
                         allocators=parse_allocators(allocators),
                         max_calib_samples=max_calib_samples, max_eval_samples=max_eval_samples, out_dir=out, fresh=fresh,
                         guard=guard, column_map=parse_column_map(column_map), max_context_tokens=max_context,
-                        question_aware=question_aware, device=device, dtype=dtype, trust_remote_code=trust_remote_code, revision=revision,
+                        question_aware=question_aware, device=device, dtype=dtype,
+                        trust_remote_code=trust_remote_code, revision=revision,
                         progress=progress)
     report = result.report
     if as_json:
