@@ -11,7 +11,7 @@ import os
 import shutil
 import socket
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -39,9 +39,12 @@ def fingerprint_digest(fingerprint: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(fingerprint, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def prepare_checkpoints(ckpt_dir: Path, fingerprint: dict[str, Any], *, resume: bool) -> str:
+def prepare_checkpoints(ckpt_dir: Path, fingerprint: dict[str, Any], *, resume: bool,
+                        defaults: Mapping[str, Any] | None = None) -> str:
     """Keep `ckpt_dir` when resuming a run with the same fingerprint; otherwise start it afresh. Returns the
-    fingerprint's digest, which every checkpoint of the run records."""
+    fingerprint's digest, which every checkpoint of the run records. `defaults`: keys (dotted paths, as
+    `config.question_aware`) that a fingerprint may carry or leave out, with the value their absence means: a key
+    added to the fingerprint later, or left out again, does not make the same run another."""
     run_file = ckpt_dir / "run.json"
     fingerprint = json.loads(json.dumps(fingerprint))  # compare as stored: tuples become lists
     if resume and run_file.exists():
@@ -50,13 +53,13 @@ def prepare_checkpoints(ckpt_dir: Path, fingerprint: dict[str, Any], *, resume: 
         except (OSError, ValueError) as exc:  # SealError, JSONDecodeError and UnicodeDecodeError are ValueErrors
             raise ProfileError(f"--resume: {run_file} is damaged ({exc}); start over (calibrate and evaluate: "
                                "without --resume; run: --fresh)") from exc
-        if previous != fingerprint:
+        if _without_defaults(previous, defaults or {}) != _without_defaults(fingerprint, defaults or {}):
             changed = changed_keys(previous, fingerprint)
             raise ProfileError(f"--resume: the checkpoints in {ckpt_dir} were made with a different "
                                f"{', '.join(changed)}; re-run with the same options, or start over (calibrate and "
                                f"evaluate: without --resume; run: --fresh, or delete {ckpt_dir} to redo that stage "
                                "alone)")
-        return fingerprint_digest(fingerprint)
+        return fingerprint_digest(previous)  # what the checkpoints already written record
     if resume:
         logger.debug("--resume: no checkpoints in %s, starting from the first sample", ckpt_dir)
     elif ckpt_dir.is_dir() and (held := len(list(ckpt_dir.glob("sample-*")))):
@@ -67,6 +70,19 @@ def prepare_checkpoints(ckpt_dir: Path, fingerprint: dict[str, Any], *, resume: 
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     write_sealed_json(run_file, fingerprint)
     return fingerprint_digest(fingerprint)
+
+
+def _without_defaults(fingerprint: dict[str, Any], defaults: Mapping[str, Any]) -> dict[str, Any]:
+    """A copy of `fingerprint` with each key of `defaults` removed where it holds its default value."""
+    found = json.loads(json.dumps(fingerprint))
+    for path, default in defaults.items():
+        *parents, key = path.split(".")
+        node = found
+        for parent in parents:
+            node = node.get(parent) if isinstance(node, dict) else None
+        if isinstance(node, dict) and key in node and node[key] == default:
+            del node[key]
+    return found
 
 
 def changed_keys(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:

@@ -9,6 +9,7 @@ import logging
 import pytest
 
 import polykv_search as pk
+import polykv_search.calibration.run as calibration_run
 from polykv_search.data import build_prompt, resolve_samples
 from polykv_search.engine import PrefillEngine
 from polykv_search.errors import ConfigError, ProfileError
@@ -102,3 +103,23 @@ def test_a_query_agnostic_calibration_resumes_checkpoints_made_before_the_settin
     assert "question_aware" not in read_sealed_json(run_file)["config"]  # as every run.json written before 2.2
     assert read_sealed_json(tmp / "run" / "checkpoints" / "run.json")["config"]["question_aware"] is True
     pk.calibrate(tiny_llama, str(calib), config=config, out_dir=tmp / "agnostic", resume=True)  # resumes
+
+
+def test_checkpoints_that_wrote_question_aware_false_resume_without_recomputing(tiny_llama, data, aware_run,
+                                                                              monkeypatch):
+    """Versions 2.2-2.3 wrote `question_aware: false` into query-agnostic fingerprints; later ones leave it out.
+    Both describe one run: their checkpoints are used as they are, not refused and not computed again."""
+    calib, _, tmp = data
+    config = pk.CalibrationConfig(policies=("snapkv",), budgets=GRID)
+    fingerprint = calibration_run._fingerprint
+    monkeypatch.setattr(calibration_run, "_fingerprint",
+                        lambda *a, **k: {**(f := fingerprint(*a, **k)), "config": {**f["config"], "question_aware": False}})
+    first = pk.calibrate(tiny_llama, str(calib), config=config, out_dir=tmp / "written")
+    monkeypatch.undo()
+    run_file = tmp / "written" / "checkpoints" / "run.json"
+    assert read_sealed_json(run_file)["config"]["question_aware"] is False
+    written = {p: p.stat().st_mtime_ns for p in (tmp / "written" / "checkpoints").glob("sample-*")}
+    assert written
+    again = pk.calibrate(tiny_llama, str(calib), config=config, out_dir=tmp / "written", resume=True)
+    assert {p: p.stat().st_mtime_ns for p in written} == written  # read back, not rewritten
+    assert len(again.results) == len(first.results)

@@ -173,7 +173,7 @@ def _calibrate_locked(lm: LoadedModel, samples: Sequence[Sample], *, config: Cal
     fingerprint = _fingerprint(lm, samples, config, data_sources, max_ctx)
     if shard is not None:
         fingerprint["shard"] = {"name": shard.name, "selection": samples_digest(selection)}
-    run_digest = prepare_checkpoints(ckpt_dir, fingerprint, resume=resume)
+    run_digest = prepare_checkpoints(ckpt_dir, fingerprint, resume=resume, defaults=FINGERPRINT_DEFAULTS)
 
     capture = LayerCapture(lm.model, lm.info, policies=config.policies, budgets=config.budgets,
                            window=config.window, n_sink=config.n_sink, recent=config.recent)
@@ -354,6 +354,10 @@ def _load_checkpoint(path: Path, run_digest: str, *, sample: str) -> tuple[Sampl
     signals = {k.split(".", 1)[1]: v for k, v in arrays.items() if k.startswith("signal.")}
     return SampleRecord(mass_lost=arrays["mass_lost"], out_err=arrays["out_err"], signals=signals,
                         layer_probes={k: arrays[k] for k in PROBE_ARRAYS if k in arrays} or None), result
+
+
+# Written by some versions, left out by others (query-agnostic runs leave it out, as runs before the setting did)
+FINGERPRINT_DEFAULTS = {"config.question_aware": False}
 
 
 def _fingerprint(lm: LoadedModel, samples: Sequence[Sample], config: CalibrationConfig,
