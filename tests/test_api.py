@@ -7,6 +7,7 @@ import logging
 import pytest
 
 import polykv_search as pk
+from polykv_search.optimization.measure import RungMeasure
 from polykv_search.optimization.policy_sets import candidate_sets, set_names
 from polykv_search.errors import ConfigError
 from polykv_search.policies import DEFAULT_POLICIES, PER_HEAD_POLICIES, PER_HEAD_POLICY_SETS
@@ -84,7 +85,7 @@ def test_run_writes_everything_under_one_folder(tiny_llama, files, capsys, monke
     with pytest.raises(AssertionError, match="measured again"):  # in-sample is another measurement
         pk.guard_plan(tiny_llama, tmp / "run" / "plan_optimized.json", calib, cache=tmp / "run" / "guard.json")
     stored = json.loads((tmp / "run" / "guard.json").read_text())
-    stored["values"][0][0]["task"] = "not a number"  # the right key, an edited value
+    stored["entries"][next(iter(stored["entries"]))]["task"] = "not a number"  # the right key, an edited value
     (tmp / "run" / "guard.json").write_text(json.dumps(stored))
     with pytest.raises(AssertionError, match="measured again"):
         pk.guard_plan(tiny_llama, tmp / "run" / "plan_optimized.json", calib, cache=tmp / "run" / "guard.json",
@@ -169,14 +170,58 @@ def test_the_guard_weighs_each_policy_sets_plan_made_without_each_sample(tiny_ll
                           policies=["streaming"], profile=run.profile, config=config,
                           policy_sets=[["snapkv", "streaming", "knorm"]], cache=cache)
     assert again[1] == first[1]
+    # the sets asked about before, fewer of them: nothing new to measure, the same figures
+    fewer = pk.guard_plan(tiny_llama, plan_file, calib, policies=["streaming"], profile=run.profile, config=config,
+                          cache=cache)
+    assert [r.measured for r in fewer[1]] == [{k: v for k, v in r.measured.items() if k != "plan (3 policies)"}
+                                              for r in first[1]]
     with pytest.raises(AssertionError, match="measured again"):  # another set is another measurement
         pk.guard_plan(tiny_llama, plan_file, calib, policies=["streaming"], profile=run.profile, config=config,
                       policy_sets=[["snapkv", "streaming"]], cache=cache)
+    monkeypatch.undo()
+    # and only that set is measured: the plan and the uniform policy come from the cache
+    measured: list[int] = []
+    original = RungMeasure.__call__
+
+    def counting(self, plans, plans_for=None):
+        measured.append(len(plans))
+        return original(self, plans, plans_for)
+
+    monkeypatch.setattr(RungMeasure, "__call__", counting)
+    pk.guard_plan(tiny_llama, plan_file, calib, policies=["streaming"], profile=run.profile, config=config,
+                  policy_sets=[["snapkv", "streaming"]], cache=cache)
+    assert measured and set(measured) == {1}  # the new set alone, at the budgets where its rungs are new
     with pytest.raises(ConfigError, match="pass the profile"):
         pk.guard_plan(tiny_llama, plan_file, calib, policy_sets=[["knorm"]])
     with pytest.raises(ConfigError, match="policy sets are for the solvers"):
         pk.guard_plan(tiny_llama, plan_file, calib, profile=run.profile, policy_sets=[["knorm"]],
                       config=pk.OptimizeConfig(solver="select", cost="out_err"))
+
+
+def test_an_interrupted_guard_measures_again_only_the_budgets_it_had_not_finished(tiny_llama, files, monkeypatch):
+    calib, _, tmp = files
+    run = pk.calibrate(tiny_llama, calib, config=pk.CalibrationConfig(budgets=GRID, window=16,
+                                                                     policies=("snapkv", "streaming")),
+                       out_dir=tmp / "interrupted")
+    plan_file = pk.optimize(run.profile, budgets=[8, 16], config=pk.OptimizeConfig(cost="out_err"))
+    cache, calls, original = tmp / "interrupted" / "guard.json", [], RungMeasure.__call__
+
+    def killed_at_the_second_budget(self, plans, plans_for=None):
+        calls.append(plans[0].average_budget)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # a kill: nothing on the way catches it
+        return original(self, plans, plans_for)
+
+    monkeypatch.setattr(RungMeasure, "__call__", killed_at_the_second_budget)
+    with pytest.raises(KeyboardInterrupt):
+        pk.guard_plan(tiny_llama, plan_file, calib, policies=["snapkv", "streaming"], cache=cache)
+    calls.clear()
+    monkeypatch.setattr(RungMeasure, "__call__", lambda self, plans, plans_for=None: (
+        calls.append(plans[0].average_budget), original(self, plans, plans_for))[1])
+    resumed = pk.guard_plan(tiny_llama, plan_file, calib, policies=["snapkv", "streaming"], cache=cache)
+    assert calls == [16.0]  # the first budget came from the cache
+    monkeypatch.undo()
+    assert resumed == pk.guard_plan(tiny_llama, plan_file, calib, policies=["snapkv", "streaming"])
 
 
 def test_policy_sets_are_named_by_size_and_place(tiny_llama):

@@ -5,7 +5,9 @@ on calibration samples (never the evaluation data), each sample answered by the 
 and writes the best uniform policy in its place where it does not, so the plan a user gets is never below a single
 policy on the data it was made from. Given other optimized ladders too (`run`'s per-head default: the plan with six
 candidate policies and the plan with eleven), it first takes the best optimized rung per budget, then holds it to
-the same test. The measurements are kept in a cache file, so an interrupted `run` does not measure again.
+the same test. Each candidate's measurement is kept in a cache file under the rungs it answered with, written after
+every budget: an interrupted `run` measures again only the budget it was in, and a guard asked about another
+candidate set or uniform policy measures only those.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ from polykv_search.policies import DEFAULT_POLICIES, check_policy_names
 
 logger = logging.getLogger(__name__)
 
-GUARD_CACHE_VERSION = 3  # part of the cache key: bump when what is measured, or how, changes
+GUARD_CACHE_VERSION = 4  # part of the cache key: bump when what is measured, or how, changes
 PLAN = "plan"  # the guard's name for the optimized plan (the other sets' plans: "plan (N policies)")
 
 
@@ -135,8 +137,9 @@ def guard_plan(model: ModelSpec, plan_file: PlanFile | str | Path, samples: Data
     samples is not kept. Without them, the plan is measured on samples it may have been made from. `policy_sets`
     (with `profile` and `config`): also the ladders optimized from the profile with the candidates restricted to
     each set, measured the same way; per budget the best optimized rung stands for the plan (`run`'s per-head
-    default: the plan of six policies, then that of eleven). `cache`: a JSON file keeping the measurements, reused
-    when the model, plans, samples and policies are the same (an interrupted `run` does not measure again).
+    default: the plan of six policies, then that of eleven). `cache`: a JSON file keeping each candidate's measurement, reused
+    for the same rungs on the same model and samples (written after every budget: an interrupted `run` does not
+    measure again what it measured).
     `max_context_tokens`: prompts truncated (middle) to this many tokens, as calibrate and evaluate do."""
     plan_file = load_plan(plan_file) if isinstance(plan_file, (str, Path)) else plan_file
     engine = engine_settings(config.target) if config is not None else []
@@ -183,17 +186,12 @@ def guard_plan(model: ModelSpec, plan_file: PlanFile | str | Path, samples: Data
     uniform = uniform_ladders(lm.info, policies, plan_file.budgets, question_aware=plan_file.question_aware)
     others = [(name, f) for name, f, _ in alternatives]
     loaded, _ = resolve_samples(samples)
-    key = _cache_key(lm, plan_file, others, loaded, fold_of, fold_files, policies, max_context_tokens, windowed)
-    stored = read_guard_cache(cache, key, budgets=len(plan_file.budgets), candidates=1 + len(others) + len(policies))
-    if stored is not None:
-        replay = iter(stored["values"])
-        plans, rungs = guard_rungs(plan_file, uniform, lambda _: next(replay), where=where, alternatives=others)
-        return GuardResult(replace(plan_file, plans=tuple(plans), schema_version=""), rungs, stored["samples"])
+    key = _cache_key(lm, loaded, fold_of, max_context_tokens, windowed, plan_file.question_aware)
+    stored = read_guard_cache(cache, key)
+    entries: dict[str, Measures] = dict(stored["entries"]) if stored else {}
+    counted: list[int] = [stored["samples"]] if stored else []
     ladders = [plan_file, *(f for _, f in others), *(f for files in fold_files for f in files)]
-    measured = RungMeasure(lm, loaded, ladders + [f for _, f in uniform], metric="task", stage="guard",
-                           budgets=len(plan_file.budgets), progress=progress, max_context_tokens=max_context_tokens,
-                           windowed=windowed)
-    recorded: list[list[Measures]] = []
+    measurer: list[RungMeasure] = []  # built (every sample prefilled) only when something is not in the cache
 
     def measure(plans: list[Plan]) -> list[Measures]:
         budget = plans[0].average_budget
@@ -204,47 +202,58 @@ def guard_plan(model: ModelSpec, plan_file: PlanFile | str | Path, samples: Data
                 return plans
             return [files[fold].plan_for(budget) for files in fold_files] + plans[len(fold_files):]
 
-        recorded.append(measured(plans, for_sample))
-        return recorded[-1]
+        # what each candidate answers with: its rung in every fold when cross-fitted, else the rung itself
+        keys = [_rungs_key([files[f].plan_for(budget) for f in range(len(files))] if i < len(fold_files) else [plan])
+                for i, (plan, files) in enumerate(zip(plans, [*fold_files, *([None] * len(plans))]))]
+        missing = [i for i, k in enumerate(keys) if k not in entries]
+        if missing:
+            if not measurer:
+                measurer.append(RungMeasure(lm, loaded, ladders + [f for _, f in uniform], metric="task",
+                                            stage="guard", budgets=len(plan_file.budgets), progress=progress,
+                                            max_context_tokens=max_context_tokens, windowed=windowed))
+            values = measurer[0]([plans[i] for i in missing], lambda s: [for_sample(s)[i] for i in missing])
+            entries.update({keys[i]: v for i, v in zip(missing, values)})
+            counted[:] = [measurer[0].samples]
+            if cache is not None:  # after every budget: an interrupted guard keeps what it measured
+                write_sealed_json(cache, {"run": key, "samples": counted[0], "entries": entries})
+        return [entries[k] for k in keys]
 
     plans, rungs = guard_rungs(plan_file, uniform, measure, where=where, alternatives=others)
-    if cache is not None:
-        write_sealed_json(cache, {"run": key, "samples": measured.samples, "values": recorded})
-    return GuardResult(replace(plan_file, plans=tuple(plans), schema_version=""), rungs, measured.samples)
+    samples_scored = counted[0] if counted else 0
+    return GuardResult(replace(plan_file, plans=tuple(plans), schema_version=""), rungs, samples_scored)
 
 
-def _cache_key(lm: LoadedModel, plan_file: PlanFile, others: Sequence[tuple[str, PlanFile]], samples: Sequence[Sample],
-               fold_of: dict[str, int], fold_files: Sequence[Sequence[PlanFile]], policies: Sequence[str],
-               max_context_tokens: int | None, windowed: bool = False) -> str:
-    """What the measurements depend on: the model, every rung answered with, each sample's fold, the policies."""
-
-    def rungs(ladder: PlanFile) -> list:  # what is answered with, not how long its solve took
-        return [[rung["constraint"]["average_budget"], rung["layers"]] for rung in ladder.to_dict()["plans"]]
-
+def _cache_key(lm: LoadedModel, samples: Sequence[Sample], fold_of: dict[str, int], max_context_tokens: int | None,
+               windowed: bool, question_aware: bool) -> str:
+    """What every measurement depends on beside the rungs answered with: the model, the samples and each sample's
+    fold, how prompts are cut, formed and answered. The cache keeps each candidate's measurement under its rungs,
+    so a guard asked about other sets or policies measures only what it has not measured."""
     return fingerprint_digest({"model": lm.info.model_id, "revision": lm.info.revision,
                                "dtype": str(getattr(lm.model, "dtype", "")), "device": str(lm.device),
-                               "plan": rungs(plan_file), "alternatives": [[name, rungs(f)] for name, f in others],
-                               "folds": [[fold_of.get(s.id) for s in samples],  # what each sample answers with
-                                         [[rungs(f) for f in files] for files in fold_files]],
-                               "samples": samples_digest(samples), "policies": list(policies),
-                               "guard": GUARD_CACHE_VERSION,
-                               **({"question_aware": True} if plan_file.question_aware else {}),
+                               "folds": [fold_of.get(s.id) for s in samples],  # what each sample answers with
+                               "samples": samples_digest(samples), "guard": GUARD_CACHE_VERSION,
+                               **({"question_aware": True} if question_aware else {}),
                                **({"max_context": max_context_tokens} if max_context_tokens else {}),
                                **({"windowed": True} if windowed else {})})
 
 
-def read_guard_cache(path: str | Path | None, key: str, *, budgets: int, candidates: int) -> dict | None:
-    """The guard's stored measurements when `path` holds them for `key` in the expected shape; else None (the
-    guard measures again: the file is a cache, never the only copy of anything)."""
+def _rungs_key(rungs: Sequence[Plan]) -> str:
+    """A candidate's identity in the cache: what its rungs answer with (per fold), not how long their solves took."""
+    return fingerprint_digest([[rung.average_budget, rung.to_dict()["layers"]] for rung in rungs])
+
+
+def read_guard_cache(path: str | Path | None, key: str) -> dict | None:
+    """The guard's stored measurements (`entries`: each candidate's under its rungs' key, and `samples`) when `path`
+    holds them for `key` in the expected shape; else None (the guard measures again: the file is a cache, never the
+    only copy of anything)."""
     if path is None or not Path(path).is_file():
         return None
     try:
         stored = unseal(json.loads(Path(path).read_text()))  # its checksum: a damaged cache is never replayed
-        values = stored["values"]
-        ok = (stored["run"] == key and isinstance(stored["samples"], int) and len(values) == budgets
-              and all(len(v) == candidates and all(isinstance(m.get("task"), (int, float)) and
-                                                   isinstance(m.get("lost"), (int, float)) for m in v)
-                      for v in values))
+        entries = stored["entries"]
+        ok = (stored["run"] == key and isinstance(stored["samples"], int) and isinstance(entries, dict)
+              and all(isinstance(m.get("task"), (int, float)) and isinstance(m.get("lost"), (int, float))
+                      for m in entries.values()))
     except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as exc:
         logger.warning("guard cache %s is damaged (%s); measuring again", path, exc)
         return None

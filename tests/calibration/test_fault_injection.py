@@ -138,11 +138,11 @@ def test_a_flipped_bit_in_a_plan_guard_cache_or_evaluate_checkpoint_is_refused(t
     path = plan.save(tmp_path / "plan.json")
     refused_or_same(lambda p: PlanFile.load(p), plan, path, tmp_path, seed=4)
 
-    cache = write_sealed_json(tmp_path / "guard.json", {"run": "k", "samples": 2, "values": [
-        [{"task": 0.25, "lost": 0.125}, {"task": 0.5, "lost": 0.0625}]]})
-    original = read_guard_cache(cache, "k", budgets=1, candidates=2)
+    cache = write_sealed_json(tmp_path / "guard.json", {"run": "k", "samples": 2, "entries": {
+        "a": {"task": 0.25, "lost": 0.125}, "b": {"task": 0.5, "lost": 0.0625}}})
+    original = read_guard_cache(cache, "k")
     assert original is not None
-    refused_or_same(lambda p: read_guard_cache(p, "k", budgets=1, candidates=2), original, cache, tmp_path, seed=5)
+    refused_or_same(lambda p: read_guard_cache(p, "k"), original, cache, tmp_path, seed=5)
 
     evaluated = write_sealed_json(tmp_path / "sample-00000.json", {"run": "d", "rows": [{"score": 0.5}]})
     refused_or_same(lambda p: read_sealed_checkpoint(p, "sample 1"), read_sealed_checkpoint(evaluated, "sample 1"),
