@@ -137,9 +137,9 @@ def guard_plan(model: ModelSpec, plan_file: PlanFile | str | Path, samples: Data
     samples is not kept. Without them, the plan is measured on samples it may have been made from. `policy_sets`
     (with `profile` and `config`): also the ladders optimized from the profile with the candidates restricted to
     each set, measured the same way; per budget the best optimized rung stands for the plan (`run`'s per-head
-    default: the plan of six policies, then that of eleven). `cache`: a JSON file keeping each candidate's measurement, reused
-    for the same rungs on the same model and samples (written after every budget: an interrupted `run` does not
-    measure again what it measured).
+    default: the plan of six policies, then that of eleven). `cache`: a JSON file keeping each candidate's
+    measurement, reused for the same rungs on the same model and samples (written after every budget: an interrupted
+    `run` does not measure again what it measured).
     `max_context_tokens`: prompts truncated (middle) to this many tokens, as calibrate and evaluate do."""
     plan_file = load_plan(plan_file) if isinstance(plan_file, (str, Path)) else plan_file
     engine = engine_settings(config.target) if config is not None else []
@@ -189,11 +189,12 @@ def guard_plan(model: ModelSpec, plan_file: PlanFile | str | Path, samples: Data
     key = _cache_key(lm, loaded, fold_of, max_context_tokens, windowed, plan_file.question_aware)
     stored = read_guard_cache(cache, key)
     entries: dict[str, Measures] = dict(stored["entries"]) if stored else {}
-    counted: list[int] = [stored["samples"]] if stored else []
+    samples_scored = stored["samples"] if stored else 0
     ladders = [plan_file, *(f for _, f in others), *(f for files in fold_files for f in files)]
-    measurer: list[RungMeasure] = []  # built (every sample prefilled) only when something is not in the cache
+    measurer: RungMeasure | None = None  # built (every sample prefilled) only when something is not in the cache
 
     def measure(plans: list[Plan]) -> list[Measures]:
+        nonlocal measurer, samples_scored
         budget = plans[0].average_budget
 
         def for_sample(sample: Sample) -> list[Plan]:
@@ -202,24 +203,23 @@ def guard_plan(model: ModelSpec, plan_file: PlanFile | str | Path, samples: Data
                 return plans
             return [files[fold].plan_for(budget) for files in fold_files] + plans[len(fold_files):]
 
-        # what each candidate answers with: its rung in every fold when cross-fitted, else the rung itself
-        keys = [_rungs_key([files[f].plan_for(budget) for f in range(len(files))] if i < len(fold_files) else [plan])
-                for i, (plan, files) in enumerate(zip(plans, [*fold_files, *([None] * len(plans))]))]
+        # what each candidate answers with: its rung, and its rung in every fold when cross-fitted
+        keys = [_rungs_key([plan, *(f.plan_for(budget) for f in (fold_files[i] if i < len(fold_files) else ()))])
+                for i, plan in enumerate(plans)]
         missing = [i for i, k in enumerate(keys) if k not in entries]
         if missing:
-            if not measurer:
-                measurer.append(RungMeasure(lm, loaded, ladders + [f for _, f in uniform], metric="task",
-                                            stage="guard", budgets=len(plan_file.budgets), progress=progress,
-                                            max_context_tokens=max_context_tokens, windowed=windowed))
-            values = measurer[0]([plans[i] for i in missing], lambda s: [for_sample(s)[i] for i in missing])
+            if measurer is None:
+                measurer = RungMeasure(lm, loaded, ladders + [f for _, f in uniform], metric="task", stage="guard",
+                                       budgets=len(plan_file.budgets), progress=progress,
+                                       max_context_tokens=max_context_tokens, windowed=windowed)
+            values = measurer([plans[i] for i in missing], lambda s: [for_sample(s)[i] for i in missing])
             entries.update({keys[i]: v for i, v in zip(missing, values)})
-            counted[:] = [measurer[0].samples]
+            samples_scored = measurer.samples
             if cache is not None:  # after every budget: an interrupted guard keeps what it measured
-                write_sealed_json(cache, {"run": key, "samples": counted[0], "entries": entries})
+                write_sealed_json(cache, {"run": key, "samples": samples_scored, "entries": entries})
         return [entries[k] for k in keys]
 
     plans, rungs = guard_rungs(plan_file, uniform, measure, where=where, alternatives=others)
-    samples_scored = counted[0] if counted else 0
     return GuardResult(replace(plan_file, plans=tuple(plans), schema_version=""), rungs, samples_scored)
 
 
@@ -238,7 +238,7 @@ def _cache_key(lm: LoadedModel, samples: Sequence[Sample], fold_of: dict[str, in
 
 
 def _rungs_key(rungs: Sequence[Plan]) -> str:
-    """A candidate's identity in the cache: what its rungs answer with (per fold), not how long their solves took."""
+    """A candidate's identity in the cache: what its rungs answer with, not how long their solves took."""
     return fingerprint_digest([[rung.average_budget, rung.to_dict()["layers"]] for rung in rungs])
 
 
