@@ -177,8 +177,11 @@ def run(
 
 
 def kept_name(rung: GuardRung) -> str:
-    """What the guard kept at a budget, in words: an optimized plan ("optimized plan (11 policies)") or a policy."""
-    return f"optimized {rung.chosen}" if rung.kept_plan else rung.chosen
+    """What the guard kept at a budget, in words: an optimized plan ("optimized plan (11 policies)", "optimized plan
+    (= streaming)" where it keeps what that policy keeps) or a policy."""
+    if not rung.kept_plan:
+        return rung.chosen
+    return f"optimized {rung.chosen}" + (f" (= {rung.same_as})" if rung.same_as else "")
 
 
 def parse_policy_sets(values: list[str] | None, policies: str | None) -> list[list[str]] | None:

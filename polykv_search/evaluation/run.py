@@ -106,7 +106,7 @@ def _distinct(plans: Sequence, windowed: Sequence[bool]) -> tuple[list, list[int
     same answers, not two decodings that bfloat16 rounding in different batches can tell apart."""
     distinct, which, seen = [], [], {}
     for plan, window in zip(plans, windowed):
-        key = json.dumps([plan.to_dict()["layers"], window], sort_keys=True, default=str)
+        key = (plan.kept_key(), window)
         if key not in seen:
             seen[key] = len(distinct)
             distinct.append(plan)

@@ -55,6 +55,7 @@ class GuardRung(Choice):
     optimized: tuple[str, ...]  # the optimized candidates (the plan, then the other policy sets' plans)
     kept_plan: bool  # the winner is an optimized plan; False: the best uniform policy took its place
     reason: str  # the note written in the rung's search notes
+    same_as: str | None = None  # a kept optimized rung that keeps exactly what this uniform candidate keeps
 
 
 class GuardResult(NamedTuple):
@@ -100,6 +101,7 @@ def guard_rungs(plan_file: PlanFile, uniform: Sequence[tuple[str, PlanFile]],
         others = ", ".join(f"{n}={v:.4g}" for n, v in measured.items())
         keep = values[top][metric] <= values[best][metric]
         chosen_name, plan = rungs[top] if keep else rungs[best]
+        same_as = next((n for n, p in rungs[optimized:] if p.kept_key() == plan.kept_key()), None) if keep else None
         if keep and optimized > 1:
             note = (f"guard: kept {chosen_name}, the best optimized rung by mean {metric} (then {tie_break}), at "
                     f"most every uniform policy's {where} ({others})")
@@ -109,12 +111,15 @@ def guard_rungs(plan_file: PlanFile, uniform: Sequence[tuple[str, PlanFile]],
             worse = "the optimized plans" if optimized > 1 else "the optimized plan"
             note = (f"guard: {worse} measured worse than uniform {chosen_name} by mean {metric} "
                     f"{where} ({others}); this rung is that uniform policy")
+        if same_as is not None:
+            note += f"; it keeps exactly what uniform {same_as} keeps"
         notes = f"{plan.search.notes}; {note}" if plan.search.notes else note
         plans.append(replace(plan, search=replace(plan.search, notes=notes)))
         rungs_out.append(GuardRung(budget=budget, chosen=chosen_name, measured=measured, metric=metric,
                                    tie_break=tie_break,
                                    second={n: float(v[tie_break]) for (n, _), v in zip(rungs, values)},
-                                   optimized=tuple(names[:optimized]), kept_plan=keep, reason=note))
+                                   optimized=tuple(names[:optimized]), kept_plan=keep, reason=note,
+                                   same_as=same_as))
     return plans, rungs_out
 
 

@@ -301,6 +301,11 @@ class Plan:
                                 total_realised=realised, unit=UNIT_PER_HEAD if per_head else UNIT_PER_LAYER)
         return cls(constraint=constraint, layers=tuple(entries), search=search)
 
+    def kept_key(self) -> str:
+        """What the plan keeps, as text: every layer's (and head's) policy, parameters and budget. Two plans with
+        the same key keep the same tokens of every prompt, whatever their provenance and notes say."""
+        return json.dumps([_layer_dict(layer) for layer in self.layers], sort_keys=True, default=str)
+
     @property
     def per_head(self) -> bool:
         """Whether some layer gives its KV heads budgets of their own."""

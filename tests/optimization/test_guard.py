@@ -89,3 +89,23 @@ def test_run_calibrates_each_cost_with_the_mode_that_measures_it():
     assert (plain.policies, plain.budgets, plain.layer_kl, plain.head_kl) == (("snapkv",), (8, 16), False, False)
     with pytest.raises(ConfigError, match="has a fraction"):
         calibration_for_cost("around_kl", budgets=[64.5])
+
+
+def test_a_kept_rung_that_keeps_what_a_uniform_policy_keeps_says_so():
+    from polykv_search.cli.run import kept_name
+
+    info = tiny_loaded("llama").info
+    # an engine target's plan often is the engine's own setting: the guard keeps it (a tie) and names the twin
+    plan = ladder(info, "streaming", [16, 32])
+    uniform = [("knorm", ladder(info, "knorm", [16, 32])), ("streaming", ladder(info, "streaming", [16, 32]))]
+
+    def measure(candidates):
+        return [{"task": 0.5, "lost": 0.1} for _ in candidates]
+
+    plans, rungs = guard_rungs(plan, uniform, measure)
+    assert [r.same_as for r in rungs] == ["streaming", "streaming"] and all(r.kept_plan for r in rungs)
+    assert "keeps exactly what uniform streaming keeps" in plans[0].search.notes
+    assert kept_name(rungs[0]) == "optimized plan (= streaming)"
+    other = ladder(info, "snapkv", [16, 32])  # a plan of its own names no twin
+    _, rungs = guard_rungs(other, uniform, measure)
+    assert [r.same_as for r in rungs] == [None, None] and kept_name(rungs[0]) == "optimized plan"
