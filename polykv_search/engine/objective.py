@@ -18,6 +18,7 @@ from polykv_search.engine.engine import PrefillEngine, PrefillState
 from polykv_search.errors import ConfigError
 from polykv_search.models import LoadedModel
 from polykv_search.plan import Plan
+from polykv_search.plan.plan import distinct_plans
 from polykv_search.plan.names import METRICS, Metric
 
 TEACHER_FORCED = ("kl", "nll", "miss", "lost")
@@ -94,10 +95,14 @@ class EndToEndObjective:
             return self.engine.answer_metrics_many(state, plans, batch_size=self.batch_size)
         # one pass per batch: run_many's teacher-forced forward gives the KL (the tie-break's `lost`) and, its
         # cache rewound, starts the greedy decoding; no second cache build or forward
-        answered = (self.engine.run_windowed(state, plans) if self.windowed else
-                    self.engine.run_many(state, plans, with_kl=True, batch_size=self.batch_size))
-        return [{"kl": r.kl, "lost": -math.expm1(-r.kl), "task": 1.0 - score_sample(state.sample, r.answer)}
-                for r in answered]
+        # identical candidates (a guard's plan that is the engine's own setting, a fold plan equal to the whole
+        # one) are answered once: for TensorRT-LLM windows each answer is a prefill of its own
+        distinct, which = distinct_plans(plans)
+        answered = (self.engine.run_windowed(state, distinct) if self.windowed else
+                    self.engine.run_many(state, distinct, with_kl=True, batch_size=self.batch_size))
+        metrics = [{"kl": r.kl, "lost": -math.expm1(-r.kl), "task": 1.0 - score_sample(state.sample, r.answer)}
+                   for r in answered]
+        return [dict(metrics[j]) for j in which]
 
     def __call__(self, plan: Plan) -> float:
         return self.many([plan])[0]

@@ -19,6 +19,7 @@ from polykv_search.errors import DataError, ProfileError
 from polykv_search.evaluation.methods import FULL, Method
 from polykv_search.io import write_sealed_json
 from polykv_search.models import LoadedModel
+from polykv_search.plan.plan import distinct_plans
 
 logger = logging.getLogger(__name__)
 
@@ -81,7 +82,7 @@ def _score_locked(lm: LoadedModel, samples: Sequence[Sample], methods: Sequence[
         else:
             state = engine.prefill(sample)
             plans = [m.plan_for(state) for m in methods]
-            distinct, which = _distinct(plans, [m.windowed for m in methods])
+            distinct, which = distinct_plans(plans, [m.windowed for m in methods])
             windows = sorted({which[i] for i, m in enumerate(methods) if m.windowed})
             evicting = [j for j in range(len(distinct)) if j not in windows]
             once = dict(zip(evicting, engine.run_many(state, [distinct[j] for j in evicting], with_kl=with_kl,
@@ -97,21 +98,6 @@ def _score_locked(lm: LoadedModel, samples: Sequence[Sample], methods: Sequence[
             progress(index + 1, len(samples))
     logger.info("evaluated %d samples with %d prefills", len(samples), engine.prefills)
     return results
-
-
-def _distinct(plans: Sequence, windowed: Sequence[bool]) -> tuple[list, list[int]]:
-    """The distinct plans (by what they keep: every layer's policies, parameters and budgets, and whether they run
-    as TensorRT-LLM's windows) and, per plan, the index of its twin among them. Two methods running the same plan
-    (a guard-written rung and the uniform policy it names; Ada-KV and SnapKV on a model with one KV head) get the
-    same answers, not two decodings that bfloat16 rounding in different batches can tell apart."""
-    distinct, which, seen = [], [], {}
-    for plan, window in zip(plans, windowed):
-        key = (plan.kept_key(), window)
-        if key not in seen:
-            seen[key] = len(distinct)
-            distinct.append(plan)
-        which.append(seen[key])
-    return distinct, which
 
 
 def _load_checkpoint(path: Path, run_digest: str, *, sample: str) -> list[ScoredResult]:

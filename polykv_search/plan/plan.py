@@ -528,6 +528,21 @@ def setting_name(question_aware: bool) -> str:
     return "question-aware" if question_aware else "query-agnostic"
 
 
+def distinct_plans(plans: Sequence[Plan], tags: Sequence[Any] | None = None) -> tuple[list[Plan], list[int]]:
+    """The distinct plans (by `Plan.kept_key`, and by `tags[i]` where given: e.g. whether a plan runs as
+    TensorRT-LLM's windows) and, per plan, the index of its twin among them: identical plans are answered once."""
+    distinct: list[Plan] = []
+    which: list[int] = []
+    seen: dict[tuple[str, Any], int] = {}
+    for i, plan in enumerate(plans):
+        key = (plan.kept_key(), None if tags is None else tags[i])
+        if key not in seen:
+            seen[key] = len(distinct)
+            distinct.append(plan)
+        which.append(seen[key])
+    return distinct, which
+
+
 def rung_for_length(rungs: Sequence[Plan], context_tokens: int | None) -> Plan:
     """The rung of `rungs` (one budget's, one per range of prompt lengths) that serves a prompt of `context_tokens`:
     the one whose range holds it, else the nearest (PlanError where that rung is strict). Without a length, a lone

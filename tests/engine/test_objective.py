@@ -42,3 +42,21 @@ def test_teacher_forced_metrics_do_not_decode(tmp_path, monkeypatch):
     monkeypatch.setattr(objective.engine, "run_many", no_decoding)
     measured = objective.measure([uniform(lm.info, "streaming", 8)])
     assert "task" not in measured[0] and 0.0 <= measured[0]["lost"] <= 1.0
+
+
+def test_identical_candidates_are_answered_once_and_measure_the_same(tmp_path, monkeypatch):
+    lm = tiny_loaded("llama")
+    samples = load_samples(write_jsonl(tmp_path / "c.jsonl", sample_rows(2, words=150)))
+    objective = EndToEndObjective(lm, samples, policies=["streaming"], metric="task")
+    answered = []
+    run_many = objective.engine.run_many
+
+    def counting(state, plans, **kwargs):
+        answered.append(len(plans))
+        return run_many(state, plans, **kwargs)
+
+    monkeypatch.setattr(objective.engine, "run_many", counting)
+    # a guard's plan that is the engine's own setting, beside that setting: one answer per sample, not two
+    twin = uniform(lm.info, "streaming", 8)
+    measured = objective.measure([twin, uniform(lm.info, "streaming", 8), uniform(lm.info, "streaming", 16)])
+    assert answered == [2, 2] and measured[0] == measured[1]
