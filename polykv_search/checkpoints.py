@@ -1,6 +1,7 @@
 """Per-sample checkpoints shared by long runs (calibrate, evaluate): a fingerprint of everything that decides their
-content guards `--resume` (each checkpoint carries its digest too, and a checksum of its own content), and a lock
-file keeps a second run out of a folder that a live run is writing."""
+content guards `--resume` (each checkpoint carries its digest too, and a checksum of its own content; where samples
+are answered independently, also its own sample's digest, so a grown or edited data set reuses every unchanged
+sample), and a lock file keeps a second run out of a folder that a live run is writing."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import socket
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -39,27 +41,64 @@ def fingerprint_digest(fingerprint: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(fingerprint, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def sample_digest(sample: Any) -> str:
+    """A hash of one `Sample`'s whole content: what a per-sample checkpoint records of the sample it answers."""
+    return samples_digest([sample])
+
+
+PER_SAMPLE = "per-sample"  # the fingerprint's "checkpoints" value where each checkpoint names its own sample
+
+
+@dataclass(frozen=True)
+class CheckpointRun:
+    """What a run's checkpoints record (`stamp`) and are checked against on --resume (`reusable`): the digest of the
+    run's fingerprint and, where `per_sample`, the digest of the checkpoint's own sample. `legacy`: the digest of an
+    older run of the same settings whose fingerprint held the whole sample set, and its samples' digests in order
+    (its checkpoints name no sample; each is reused where the sample at its position is unchanged)."""
+
+    digest: str
+    per_sample: bool = False
+    legacy: tuple[str, tuple[str, ...]] | None = None
+
+    def stamp(self, sample: Any) -> dict[str, str]:
+        """The fields a new checkpoint of `sample` records."""
+        return {"run": self.digest, **({"sample": sample_digest(sample)} if self.per_sample else {})}
+
+    def reusable(self, path: Path, stored: Mapping[str, Any], index: int, sample: Any) -> bool:
+        """Whether the checkpoint at `path` (its recorded fields `stored`) answers `sample`, the run's `index`-th:
+        False when it was made for another sample (the caller redoes it); refused when another run made it."""
+        recorded = stored.get("run")
+        if self.legacy is not None and recorded == self.legacy[0]:
+            digests = self.legacy[1]
+            return index < len(digests) and digests[index] == sample_digest(sample)
+        check_checkpoint(path, recorded, self.digest)
+        return not self.per_sample or stored.get("sample") == sample_digest(sample)
+
+
 def prepare_checkpoints(ckpt_dir: Path, fingerprint: dict[str, Any], *, resume: bool,
-                        defaults: Mapping[str, Any] | None = None) -> str:
-    """Keep `ckpt_dir` when resuming a run with the same fingerprint; otherwise start it afresh. Returns the
-    fingerprint's digest, which every checkpoint of the run records. `defaults`: keys (dotted paths, as
-    `config.question_aware`) that a fingerprint may carry or leave out, with the value their absence means: a key
-    added to the fingerprint later, or left out again, does not make the same run another."""
+                        defaults: Mapping[str, Any] | None = None,
+                        samples: Sequence[Any] | None = None) -> CheckpointRun:
+    """Keep `ckpt_dir` when resuming a run with the same fingerprint; otherwise start it afresh. Returns what the
+    run's checkpoints record and are checked against. `defaults`: keys (dotted paths, as `config.question_aware`)
+    that a fingerprint may carry or leave out, with the value their absence means: a key added to the fingerprint
+    later, or left out again, does not make the same run another. `samples`: the run's samples where each is
+    answered on its own (evaluate; calibrate without --around or --shard): the fingerprint then leaves them out and
+    each checkpoint names its own, so a resumed run over more samples, fewer, or some edited, reuses every
+    checkpoint whose sample is unchanged. Without it the fingerprint holds the whole sample set."""
     run_file = ckpt_dir / "run.json"
     fingerprint = json.loads(json.dumps(fingerprint))  # compare as stored: tuples become lists
+    if samples is not None:
+        fingerprint["checkpoints"] = PER_SAMPLE
     if resume and run_file.exists():
         try:
             previous = read_sealed_json(run_file)
         except (OSError, ValueError) as exc:  # SealError, JSONDecodeError and UnicodeDecodeError are ValueErrors
             raise ProfileError(f"--resume: {run_file} is damaged ({exc}); start over (calibrate and evaluate: "
                                "without --resume; run: --fresh)") from exc
-        if _without_defaults(previous, defaults or {}) != _without_defaults(fingerprint, defaults or {}):
-            changed = changed_keys(previous, fingerprint)
-            raise ProfileError(f"--resume: the checkpoints in {ckpt_dir} were made with a different "
-                               f"{', '.join(changed)}; re-run with the same options, or start over (calibrate and "
-                               f"evaluate: without --resume; run: --fresh, or delete {ckpt_dir} to redo that stage "
-                               "alone)")
-        return fingerprint_digest(previous)  # what the checkpoints already written record
+        if samples is not None:
+            return _per_sample_run(ckpt_dir, previous, fingerprint, defaults or {}, samples)
+        _same_settings(ckpt_dir, previous, fingerprint, defaults or {})
+        return CheckpointRun(fingerprint_digest(previous))  # what the checkpoints already written record
     if resume:
         logger.debug("--resume: no checkpoints in %s, starting from the first sample", ckpt_dir)
     elif ckpt_dir.is_dir() and (held := len(list(ckpt_dir.glob("sample-*")))):
@@ -69,7 +108,49 @@ def prepare_checkpoints(ckpt_dir: Path, fingerprint: dict[str, Any], *, resume: 
         shutil.rmtree(ckpt_dir)
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     write_sealed_json(run_file, fingerprint)
-    return fingerprint_digest(fingerprint)
+    return CheckpointRun(fingerprint_digest(fingerprint), per_sample=samples is not None)
+
+
+def _same_settings(ckpt_dir: Path, previous: dict[str, Any], fingerprint: dict[str, Any],
+                   defaults: Mapping[str, Any]) -> None:
+    """Refuse, naming what changed, a resume under other settings than the checkpoints were made with."""
+    if _without_defaults(previous, defaults) != _without_defaults(fingerprint, defaults):
+        changed = changed_keys(previous, fingerprint)
+        raise ProfileError(f"--resume: the checkpoints in {ckpt_dir} were made with a different "
+                           f"{', '.join(changed)}; re-run with the same options, or start over (calibrate and "
+                           f"evaluate: without --resume; run: --fresh, or delete {ckpt_dir} to redo that stage "
+                           "alone)")
+
+
+def _per_sample_run(ckpt_dir: Path, previous: dict[str, Any], fingerprint: dict[str, Any],
+                    defaults: Mapping[str, Any], samples: Sequence[Any]) -> CheckpointRun:
+    """A resume whose checkpoints are reused sample by sample. A run.json written before checkpoints named their
+    samples holds the digest of its whole sample set: where that set is the first k of `samples`, its k checkpoints
+    are kept (run.json rewritten to name them), so a run grown from an older one reuses them too."""
+    legacy = previous.pop("legacy", None)
+    if previous.get("checkpoints") == PER_SAMPLE:
+        _same_settings(ckpt_dir, previous, fingerprint, defaults)
+        kept = None if legacy is None else (str(legacy["run"]), tuple(legacy["samples"]))
+        return CheckpointRun(fingerprint_digest(previous), per_sample=True, legacy=kept)  # what they record
+    older = {k: v for k, v in previous.items() if k != "samples"}
+    _same_settings(ckpt_dir, {**older, "checkpoints": PER_SAMPLE}, fingerprint, defaults)
+    prefix, digest = 0, hashlib.sha256()
+    for count, sample in enumerate(samples, start=1):  # samples_digest of each prefix, incrementally
+        digest.update(json.dumps(sample.to_row(), sort_keys=True, ensure_ascii=False).encode())
+        digest.update(b"\n")
+        if digest.hexdigest() == previous.get("samples"):
+            prefix = count
+    if not prefix:
+        raise ProfileError(f"--resume: the checkpoints in {ckpt_dir} were made with a different samples (by an "
+                           "older polykv-search, whose checkpoints can be reused only when their samples are the "
+                           "first ones asked for now); re-run with the same data, or start over (calibrate and "
+                           f"evaluate: without --resume; run: --fresh, or delete {ckpt_dir} to redo that stage "
+                           "alone)")
+    kept = (fingerprint_digest(previous), tuple(sample_digest(s) for s in samples[:prefix]))
+    write_sealed_json(ckpt_dir / "run.json", {**fingerprint, "legacy": {"run": kept[0], "samples": list(kept[1])}})
+    logger.info("--resume: %s was written before checkpoints named their samples; its %d are kept for the first "
+                "%d samples", ckpt_dir, prefix, prefix)
+    return CheckpointRun(fingerprint_digest(fingerprint), per_sample=True, legacy=kept)
 
 
 def _without_defaults(fingerprint: dict[str, Any], defaults: Mapping[str, Any]) -> dict[str, Any]:

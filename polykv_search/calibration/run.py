@@ -48,7 +48,7 @@ from polykv_search.calibration.head_fisher import (DEFAULT_DRAWS, DEFAULT_PROBE_
 from polykv_search.calibration.layer_kl import head_probes, layer_probes, probe_state
 from polykv_search.calibration.shards import SHARD_KEY, Shard
 from polykv_search.calibration.signals import SIGNAL_NAMES
-from polykv_search.checkpoints import (CHECKPOINT_CHECKSUM, check_checkpoint, checkpoint_sha256, damaged_checkpoint,
+from polykv_search.checkpoints import (CHECKPOINT_CHECKSUM, CheckpointRun, checkpoint_sha256, damaged_checkpoint,
                                       folder_lock, prepare_checkpoints, read_sealed_checkpoint, samples_digest)
 from polykv_search.data import Sample, build_prompt
 from polykv_search.errors import ConfigError, DataError, ProfileError
@@ -170,10 +170,14 @@ def _calibrate_locked(lm: LoadedModel, samples: Sequence[Sample], *, config: Cal
                       data_sources: Sequence[str], out_dir: Path, resume: bool, progress: ProgressFn | None,
                       max_ctx: int, shard: Shard | None = None, selection: Sequence[Sample] = ()) -> CalibrationRun:
     ckpt_dir = out_dir / "checkpoints"
-    fingerprint = _fingerprint(lm, samples, config, data_sources, max_ctx)
+    # each sample is calibrated on its own, so more samples (or a few edited) reuse the others' checkpoints; not
+    # with --around (its backgrounds are chosen on all the samples) nor --shard (its share is of all of them)
+    independent = shard is None and not config.around
+    fingerprint = _fingerprint(lm, None if independent else samples, config, data_sources, max_ctx)
     if shard is not None:
         fingerprint["shard"] = {"name": shard.name, "selection": samples_digest(selection)}
-    run_digest = prepare_checkpoints(ckpt_dir, fingerprint, resume=resume, defaults=FINGERPRINT_DEFAULTS)
+    run = prepare_checkpoints(ckpt_dir, fingerprint, resume=resume, defaults=FINGERPRINT_DEFAULTS,
+                              samples=samples if independent else None)
 
     capture = LayerCapture(lm.model, lm.info, policies=config.policies, budgets=config.budgets,
                            window=config.window, n_sink=config.n_sink, recent=config.recent)
@@ -190,8 +194,9 @@ def _calibrate_locked(lm: LoadedModel, samples: Sequence[Sample], *, config: Cal
         for index, sample in enumerate(samples):
             ckpt = ckpt_dir / f"sample-{index:05d}.safetensors"
             t0 = time.perf_counter()
-            if resume and ckpt.exists():
-                record, result = _load_checkpoint(ckpt, run_digest, sample=f"sample {index + 1}, id {sample.id}")
+            loaded = _load_checkpoint(ckpt, run, index, sample) if resume and ckpt.exists() else None
+            if loaded is not None:
+                record, result = loaded
                 result.resumed = True
             else:
                 record, result = _calibrate_one(lm, capture, sample, index, max_ctx, min_context, probe=probe,
@@ -199,7 +204,7 @@ def _calibrate_locked(lm: LoadedModel, samples: Sequence[Sample], *, config: Cal
                                                 draws=config.draws if config.head_fisher else 0,
                                                 fisher_probes=(config.probe_above, config.probe_share),
                                                 backgrounds=backgrounds, question_aware=config.question_aware)
-                _save_checkpoint(ckpt, record, result, run_digest)
+                _save_checkpoint(ckpt, record, result, run.stamp(sample))
             result.seconds = time.perf_counter() - t0
             results.append(result)
             if record is not None:
@@ -317,7 +322,7 @@ def _fisher_cells(engine, sample: Sample, parts, cache: DynamicCache, rankings, 
     return {HEAD_FISHER: estimate, HEAD_FISHER_PROBED: chosen.to(torch.uint8)}
 
 
-def _save_checkpoint(path: Path, record: SampleRecord | None, result: SampleResult, run_digest: str) -> None:
+def _save_checkpoint(path: Path, record: SampleRecord | None, result: SampleResult, stamp: dict[str, str]) -> None:
     tensors = {}
     if record is not None:
         tensors = {"mass_lost": record.mass_lost, "out_err": record.out_err,
@@ -326,29 +331,34 @@ def _save_checkpoint(path: Path, record: SampleRecord | None, result: SampleResu
     else:
         tensors = {"skipped": torch.zeros(1)}
     tensors = {k: v.contiguous() for k, v in tensors.items()}
-    meta = {"result": json.dumps(asdict(result)), "run": run_digest}
+    meta = {"result": json.dumps(asdict(result)), **stamp}
     meta[CHECKPOINT_CHECKSUM] = checkpoint_sha256(tensors_sha256(tensors), meta)
     write_atomic(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
 
 
-def _load_checkpoint(path: Path, run_digest: str, *, sample: str) -> tuple[SampleRecord | None, SampleResult]:
-    """A checkpoint read back: refused, naming `sample`, when damaged (unreadable, or its content does not match
-    its checksum) or made by another run."""
+def _load_checkpoint(path: Path, run: CheckpointRun, index: int,
+                     sample: Sample) -> tuple[SampleRecord | None, SampleResult] | None:
+    """A checkpoint read back: refused, naming its sample, when damaged (unreadable, or its content does not match
+    its checksum) or made by another run; None when it was made for another sample (edited since, or the data set
+    changed order): the caller calibrates that sample again."""
+    sample_name = f"sample {index + 1}, id {sample.id}"
     try:
         with safe_open(str(path), framework="pt") as handle:
             meta = handle.metadata() or {}
         arrays = load_file(str(path))
     except Exception as exc:  # safetensors raises its own error types for a damaged file
-        raise damaged_checkpoint(path, sample, f"unreadable ({type(exc).__name__})") from exc
+        raise damaged_checkpoint(path, sample_name, f"unreadable ({type(exc).__name__})") from exc
     if CHECKPOINT_CHECKSUM not in meta:
-        raise damaged_checkpoint(path, sample, "it has no checksum (written by an older polykv-search, or edited)")
+        raise damaged_checkpoint(path, sample_name, "it has no checksum (written by an older polykv-search, or edited)")
     if meta[CHECKPOINT_CHECKSUM] != checkpoint_sha256(tensors_sha256(arrays), meta):
-        raise damaged_checkpoint(path, sample, "its content does not match its checksum")
-    check_checkpoint(path, meta.get("run"), run_digest)
+        raise damaged_checkpoint(path, sample_name, "its content does not match its checksum")
+    if not run.reusable(path, meta, index, sample):
+        logger.warning("--resume: %s changed since its checkpoint was written; calibrating it again", sample_name)
+        return None
     try:
         result = SampleResult(**{k: v for k, v in json.loads(meta["result"]).items() if k != "resumed"})
     except (KeyError, TypeError, ValueError) as exc:
-        raise damaged_checkpoint(path, sample, "its result does not parse") from exc
+        raise damaged_checkpoint(path, sample_name, "its result does not parse") from exc
     if result.skipped is not None:
         return None, result
     signals = {k.split(".", 1)[1]: v for k, v in arrays.items() if k.startswith("signal.")}
@@ -360,14 +370,18 @@ def _load_checkpoint(path: Path, run_digest: str, *, sample: str) -> tuple[Sampl
 FINGERPRINT_DEFAULTS = {"config.question_aware": False}
 
 
-def _fingerprint(lm: LoadedModel, samples: Sequence[Sample], config: CalibrationConfig,
+def _fingerprint(lm: LoadedModel, samples: Sequence[Sample] | None, config: CalibrationConfig,
                  data_sources: Sequence[str], max_ctx: int) -> dict[str, Any]:
+    """What every checkpoint depends on; `samples` where the checkpoints depend on the whole set (else each one
+    names its own sample)."""
     described = asdict(config)
     if not described["question_aware"]:  # absent in query-agnostic runs: checkpoints from before the setting resume
         del described["question_aware"]
     found = {"model": lm.info.model_id, "revision": lm.info.revision, "dtype": str(getattr(lm.model, "dtype", "")),
              "device": str(lm.device), "config": described, "max_context_tokens": max_ctx,
-             "samples": samples_digest(samples), "data": list(data_sources), "format_version": PROFILE_VERSION}
+             "data": list(data_sources), "format_version": PROFILE_VERSION}
+    if samples is not None:
+        found["samples"] = samples_digest(samples)
     if config.around_plan is not None:  # an edited plan file is another background
         found["around_plan_sha256"] = file_sha256(Path(config.around_plan))
     return found

@@ -10,8 +10,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from polykv_search.checkpoints import (check_checkpoint, damaged_checkpoint, folder_lock, prepare_checkpoints,
-                                      read_sealed_checkpoint, samples_digest)
+from polykv_search.checkpoints import (CheckpointRun, damaged_checkpoint, folder_lock, prepare_checkpoints,
+                                      read_sealed_checkpoint)
 from polykv_search.data import Sample
 from polykv_search.data.metrics import score_sample
 from polykv_search.engine import Answer, PrefillEngine
@@ -67,19 +67,18 @@ def _score_locked(lm: LoadedModel, samples: Sequence[Sample], methods: Sequence[
                   resume: bool, with_kl: bool, batch_size: int, max_context_tokens: int | None,
                   progress: ProgressFn | None, question_aware: bool) -> list[ScoredResult]:
     ckpt_dir = out_dir / "checkpoints"
-    fingerprint = _fingerprint(lm, samples, methods, with_kl, max_context_tokens)
+    fingerprint = _fingerprint(lm, methods, with_kl, max_context_tokens)
     if question_aware:  # absent in query-agnostic runs: their checkpoints stay valid
         fingerprint["question_aware"] = True
-    run_digest = prepare_checkpoints(ckpt_dir, fingerprint, resume=resume)
+    run = prepare_checkpoints(ckpt_dir, fingerprint, resume=resume, samples=samples)  # more samples reuse these
     engine = PrefillEngine.for_plans(lm, [p for m in methods for p in m.plans],
                                      policies=[m.policy for m in methods if m.policy],
                                      max_context_tokens=max_context_tokens, question_aware=question_aware)
     results: list[ScoredResult] = []
     for index, sample in enumerate(samples):
         ckpt = ckpt_dir / f"sample-{index:05d}.json"
-        if resume and ckpt.exists():
-            rows = _load_checkpoint(ckpt, run_digest, sample=f"sample {index + 1}, id {sample.id}")
-        else:
+        rows = _load_checkpoint(ckpt, run, index, sample) if resume and ckpt.exists() else None
+        if rows is None:
             state = engine.prefill(sample)
             plans = [m.plan_for(state) for m in methods]
             distinct, which = distinct_plans(plans, [m.windowed for m in methods])
@@ -92,7 +91,7 @@ def _score_locked(lm: LoadedModel, samples: Sequence[Sample], methods: Sequence[
             answered = [engine.run(state, None, with_kl=False)] + [once[i] for i in which]
             rows = [_scored(method, answer, sample, state.n_context, engine.footprint(state, plan))
                     for method, plan, answer in zip([FULL, *methods], [None, *plans], answered)]
-            write_sealed_json(ckpt, {"run": run_digest, "rows": [asdict(r) for r in rows]})
+            write_sealed_json(ckpt, {**run.stamp(sample), "rows": [asdict(r) for r in rows]})
         results.extend(rows)
         if progress:
             progress(index + 1, len(samples))
@@ -100,13 +99,18 @@ def _score_locked(lm: LoadedModel, samples: Sequence[Sample], methods: Sequence[
     return results
 
 
-def _load_checkpoint(path: Path, run_digest: str, *, sample: str) -> list[ScoredResult]:
-    stored = read_sealed_checkpoint(path, sample)
-    check_checkpoint(path, stored.get("run"), run_digest)
+def _load_checkpoint(path: Path, run: CheckpointRun, index: int, sample: Sample) -> list[ScoredResult] | None:
+    """A checkpoint's rows; None when it was made for another sample than `sample` (edited since, or the data set
+    changed order): the caller answers it again."""
+    named = f"sample {index + 1}, id {sample.id}"
+    stored = read_sealed_checkpoint(path, named)
+    if not run.reusable(path, stored, index, sample):
+        logger.warning("--resume: %s changed since its checkpoint was written; answering it again", named)
+        return None
     try:
         return [ScoredResult(**row) for row in stored["rows"]]
     except (TypeError, KeyError) as exc:
-        raise damaged_checkpoint(path, sample, "its rows do not parse") from exc
+        raise damaged_checkpoint(path, named, "its rows do not parse") from exc
 
 
 def _scored(method: Method, answer: Answer, sample: Sample, n_context: int,
@@ -118,8 +122,8 @@ def _scored(method: Method, answer: Answer, sample: Sample, n_context: int,
                         kv_bytes=footprint[1])
 
 
-def _fingerprint(lm: LoadedModel, samples: Sequence[Sample], methods: Sequence[Method], with_kl: bool,
-                 max_context: int | None) -> dict:
+def _fingerprint(lm: LoadedModel, methods: Sequence[Method], with_kl: bool, max_context: int | None) -> dict:
+    """What every sample's rows depend on (each checkpoint names its own sample)."""
     described = [{"name": m.name, "family": m.family, "budget": m.average_budget, "policy": m.policy,
                   "plan": None if m.plan is None else m.plan.to_dict()["layers"]} for m in methods]
     described += [{"rungs": [[p.context.to_dict() if p.context else None, p.to_dict()["layers"]] for p in m.rungs]}
@@ -127,5 +131,5 @@ def _fingerprint(lm: LoadedModel, samples: Sequence[Sample], methods: Sequence[M
     described += [{"windowed": m.key} for m in methods if m.windowed]  # likewise for runs without trtllm plans
     method_sig = hashlib.sha256(json.dumps(described, sort_keys=True, default=str).encode()).hexdigest()
     return {"model": lm.info.model_id, "revision": lm.info.revision, "dtype": str(getattr(lm.model, "dtype", "")),
-            "device": str(lm.device), "samples": samples_digest(samples), "methods": method_sig, "with_kl": with_kl,
+            "device": str(lm.device), "methods": method_sig, "with_kl": with_kl,
             "max_context": max_context, "format_version": CHECKPOINT_VERSION}

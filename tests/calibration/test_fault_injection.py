@@ -106,11 +106,11 @@ def refused_or_same(read, original, path: Path, tmp: Path, seed: int) -> None:
 def test_a_flipped_bit_in_a_calibrate_file_is_refused(setup, tmp_path):
     lm, samples, fresh, tmp = setup
     ckpt_dir = tmp / "fresh" / "checkpoints"
-    fingerprint = read_sealed_json(ckpt_dir / "run.json")
-    digest = prepare_checkpoints(ckpt_dir, fingerprint, resume=True)
+    fingerprint = {k: v for k, v in read_sealed_json(ckpt_dir / "run.json").items() if k != "checkpoints"}
+    digest = prepare_checkpoints(ckpt_dir, fingerprint, resume=True, samples=samples)
 
     def checkpoint(path):
-        record, result = calibration_run._load_checkpoint(path, digest, sample="sample 1, id s0")
+        record, result = calibration_run._load_checkpoint(path, digest, 0, samples[0])
         return {k: v.tolist() for k, v in record.signals.items()}, record.mass_lost.tolist(), result
 
     original = checkpoint(ckpt_dir / "sample-00000.safetensors")
@@ -121,7 +121,7 @@ def test_a_flipped_bit_in_a_calibrate_file_is_refused(setup, tmp_path):
         shutil.rmtree(folder, ignore_errors=True)
         folder.mkdir()
         shutil.copy(path, folder / "run.json")
-        return prepare_checkpoints(folder, fingerprint, resume=True)
+        return prepare_checkpoints(folder, fingerprint, resume=True, samples=samples)
 
     refused_or_same(run_file, digest, ckpt_dir / "run.json", tmp_path, seed=2)
 

@@ -1,12 +1,19 @@
 """calibrate() end to end on a tiny model: profile contents, round-trip, resume after an interruption."""
 
 import json
+import logging
+from dataclasses import replace
 
 import pytest
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 from polykv_search.calibration.profile import PROFILE_VERSION, Profile
 from polykv_search.calibration import CalibrationConfig, calibrate_model
+from polykv_search.calibration.profile import tensors_sha256
+from polykv_search.checkpoints import CHECKPOINT_CHECKSUM, checkpoint_sha256, fingerprint_digest, samples_digest
+from polykv_search.io import read_sealed_json, write_sealed_json
 from polykv_search.data import load_samples
 from polykv_search.errors import ConfigError, DataError, ProfileError
 from tests.conftest import sample_rows, write_jsonl
@@ -69,6 +76,45 @@ def test_resume_continues_without_redoing_samples(tiny_llama, samples, tmp_path)
     assert [r.index for r in run.results if not r.resumed] == [2]  # the two finished ones come from checkpoints
     fresh = calibrate_model(tiny_llama, samples, config=CONFIG, out_dir=tmp_path / "fresh").profile
     torch.testing.assert_close(resumed.arrays["mass_lost"], fresh.arrays["mass_lost"])
+
+
+def test_resume_over_more_samples_reuses_the_first_ones(tiny_llama, samples, tmp_path, caplog):
+    out = tmp_path / "grow"
+    calibrate_model(tiny_llama, samples[:2], config=CONFIG, out_dir=out)
+    grown = calibrate_model(tiny_llama, samples, config=CONFIG, out_dir=out, resume=True)
+    assert [r.resumed for r in grown.results] == [True, True, False]
+    fresh = calibrate_model(tiny_llama, samples, config=CONFIG, out_dir=tmp_path / "fresh").profile
+    torch.testing.assert_close(grown.profile.arrays["mass_lost"], fresh.arrays["mass_lost"])
+    edited = [samples[0], replace(samples[1], answers=["another answer"]), samples[2]]
+    with caplog.at_level(logging.WARNING, logger="polykv_search"):
+        again = calibrate_model(tiny_llama, edited, config=CONFIG, out_dir=out, resume=True)
+    assert [r.resumed for r in again.results] == [True, False, True]  # only the edited sample is redone
+    assert any("sample 2, id s1 changed since its checkpoint was written" in r.getMessage() for r in caplog.records)
+
+
+def test_resume_reuses_the_checkpoints_of_a_run_made_before_they_named_their_samples(tiny_llama, samples, tmp_path):
+    out = tmp_path / "old"
+    calibrate_model(tiny_llama, samples[:2], config=CONFIG, out_dir=out)
+    ckpt = out / "checkpoints"
+    old = {k: v for k, v in read_sealed_json(ckpt / "run.json").items() if k != "checkpoints"}
+    old["samples"] = samples_digest(samples[:2])  # the run.json and checkpoints an older version wrote
+    write_sealed_json(ckpt / "run.json", old)
+    for path in sorted(ckpt.glob("sample-*.safetensors")):
+        arrays = load_file(str(path))
+        with safe_open(str(path), framework="pt") as handle:
+            meta = {k: v for k, v in (handle.metadata() or {}).items() if k not in ("sample", CHECKPOINT_CHECKSUM)}
+        meta["run"] = fingerprint_digest(old)
+        meta[CHECKPOINT_CHECKSUM] = checkpoint_sha256(tensors_sha256(arrays), meta)
+        save_file(arrays, str(path), metadata=meta)
+    grown = calibrate_model(tiny_llama, samples, config=CONFIG, out_dir=out, resume=True)
+    assert [r.resumed for r in grown.results] == [True, True, False]
+    again = calibrate_model(tiny_llama, samples, config=CONFIG, out_dir=out, resume=True)  # run.json now says so
+    assert all(r.resumed for r in again.results)
+    other = tmp_path / "other"
+    calibrate_model(tiny_llama, samples[1:2], config=CONFIG, out_dir=other)
+    write_sealed_json(other / "checkpoints" / "run.json", old)  # an older run over samples 1-2, resumed over 2-3
+    with pytest.raises(ProfileError, match="made with a different samples"):
+        calibrate_model(tiny_llama, samples[1:], config=CONFIG, out_dir=other, resume=True)
 
 
 def test_resume_with_other_settings_is_refused(tiny_llama, samples, tmp_path):

@@ -109,7 +109,7 @@ def test_resume_reuses_checkpoints_and_refuses_damaged_ones(monkeypatch, capsys,
     first = json.loads((tmp_path / "ev" / "report.json").read_text())
     checkpoint = tmp_path / "ev" / "checkpoints" / "sample-00001.json"
     stored = read_sealed_json(checkpoint)
-    assert set(stored) == {"run", "rows"}
+    assert set(stored) == {"run", "sample", "rows"}
     monkeypatch.setattr(sys, "argv", ["polykv-search", *map(str, args), "--resume"])
     main()
     capsys.readouterr()

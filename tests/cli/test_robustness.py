@@ -121,7 +121,7 @@ def test_a_lock_left_by_a_dead_process_is_taken_over(monkeypatch, capsys, tiny_d
 
 
 # -- checkpoints record what they were made with -------------------------------------------------------
-def test_resume_refuses_edited_data_and_a_checkpoint_of_another_run(monkeypatch, capsys, tiny_dir, tmp_path):
+def test_resume_redoes_an_edited_sample_and_refuses_other_settings_and_a_checkpoint_of_another_run(monkeypatch, capsys, tiny_dir, tmp_path):
     rows = sample_rows(2)
     data = write_jsonl(tmp_path / "d.jsonl", rows)
     common = ["calibrate", "--model", tiny_dir, "--data", data, "--budgets", "8,16", "--json"]
@@ -129,8 +129,10 @@ def test_resume_refuses_edited_data_and_a_checkpoint_of_another_run(monkeypatch,
         run_ok(monkeypatch, capsys, *common, "--out", tmp_path / out, "--window", window)
     rows[1]["answers"] = ["another answer"]  # same ids and lengths: only the content tells
     write_jsonl(data, rows)
-    code, _, lines = run_cli(monkeypatch, capsys, *common, "--out", tmp_path / "a", "--window", "16", "--resume")
-    one_line_error(code, lines, "made with a different samples", f"delete {tmp_path / 'a' / 'checkpoints'} to redo")
+    _, lines = run_ok(monkeypatch, capsys, *common, "--out", tmp_path / "a", "--window", "16", "--resume")
+    assert any("sample 2, id s1 changed since its checkpoint was written" in line for line in lines), lines
+    code, _, lines = run_cli(monkeypatch, capsys, *common, "--out", tmp_path / "a", "--window", "8", "--resume")
+    one_line_error(code, lines, "made with a different config.window", f"delete {tmp_path / 'a' / 'checkpoints'} to redo")
     write_jsonl(data, sample_rows(2))
     foreign = tmp_path / "b" / "checkpoints" / "sample-00001.safetensors"
     (tmp_path / "a" / "checkpoints" / "sample-00001.safetensors").write_bytes(foreign.read_bytes())
