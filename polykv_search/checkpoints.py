@@ -12,7 +12,7 @@ import os
 import shutil
 import socket
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,42 +49,69 @@ def sample_digest(sample: Any) -> str:
 PER_SAMPLE = "per-sample"  # the fingerprint's "checkpoints" value where each checkpoint names its own sample
 
 
+def checkpoint_file(sample: Any, suffix: str) -> str:
+    """The file name of `sample`'s checkpoint in a run whose checkpoints name their samples."""
+    return f"sample-{sample_digest(sample)[:16]}{suffix}"
+
+
 @dataclass(frozen=True)
 class CheckpointRun:
-    """What a run's checkpoints record (`stamp`) and are checked against on --resume (`reusable`): the digest of the
-    run's fingerprint and, where `per_sample`, the digest of the checkpoint's own sample. `legacy`: the digest of an
-    older run of the same settings whose fingerprint held the whole sample set, and its samples' digests in order
-    (its checkpoints name no sample; each is reused where the sample at its position is unchanged)."""
+    """Where a run's checkpoints are (`path`), what each records (`stamp`) and is checked against on --resume
+    (`reusable`): the digest of the run's fingerprint and, where `per_sample`, the digest of the checkpoint's own
+    sample, which also names its file, so a sample finds its checkpoint whatever its position. `legacy`: the digest
+    of an older run of the same settings (its fingerprint held the whole sample set, its files are named by
+    position) and, by sample digest, the files it left."""
 
+    folder: Path
     digest: str
+    suffix: str = ".json"
     per_sample: bool = False
-    legacy: tuple[str, tuple[str, ...]] | None = None
+    legacy: tuple[str, dict[str, str]] | None = None
+
+    def path(self, index: int, sample: Any) -> Path:
+        """The checkpoint file of `sample`, the run's `index`-th."""
+        if not self.per_sample:
+            return self.folder / f"sample-{index:05d}{self.suffix}"
+        digest = sample_digest(sample)
+        if self.legacy is not None and digest in self.legacy[1]:
+            return self.folder / self.legacy[1][digest]
+        return self.folder / checkpoint_file(sample, self.suffix)
+
+    def say_reuse(self, samples: Sequence[Any]) -> None:
+        """On --resume, say how many of `samples` have a checkpoint (the others are new, or edited since)."""
+        if self.per_sample:
+            held = sum(self.path(i, s).exists() for i, s in enumerate(samples))
+            if held < len(samples):
+                logger.info("--resume: %d of %d samples have a checkpoint in %s; the other %d (new, or edited "
+                            "since) are computed", held, len(samples), self.folder, len(samples) - held)
 
     def stamp(self, sample: Any) -> dict[str, str]:
         """The fields a new checkpoint of `sample` records."""
         return {"run": self.digest, **({"sample": sample_digest(sample)} if self.per_sample else {})}
 
-    def reusable(self, path: Path, stored: Mapping[str, Any], index: int, sample: Any) -> bool:
-        """Whether the checkpoint at `path` (its recorded fields `stored`) answers `sample`, the run's `index`-th:
-        False when it was made for another sample (the caller redoes it); refused when another run made it."""
+    def reusable(self, path: Path, stored: Mapping[str, Any], sample: Any) -> bool:
+        """Whether the checkpoint at `path` (its recorded fields `stored`) answers `sample`: False when it was made
+        for another sample (the caller redoes it); refused when another run made it."""
         recorded = stored.get("run")
         if self.legacy is not None and recorded == self.legacy[0]:
-            digests = self.legacy[1]
-            return index < len(digests) and digests[index] == sample_digest(sample)
+            return self.legacy[1].get(sample_digest(sample)) == path.name
         check_checkpoint(path, recorded, self.digest)
         return not self.per_sample or stored.get("sample") == sample_digest(sample)
 
 
 def prepare_checkpoints(ckpt_dir: Path, fingerprint: dict[str, Any], *, resume: bool,
-                        defaults: Mapping[str, Any] | None = None,
-                        samples: Sequence[Any] | None = None) -> CheckpointRun:
-    """Keep `ckpt_dir` when resuming a run with the same fingerprint; otherwise start it afresh. Returns what the
-    run's checkpoints record and are checked against. `defaults`: keys (dotted paths, as `config.question_aware`)
-    that a fingerprint may carry or leave out, with the value their absence means: a key added to the fingerprint
-    later, or left out again, does not make the same run another. `samples`: the run's samples where each is
-    answered on its own (evaluate; calibrate without --around or --shard): the fingerprint then leaves them out and
-    each checkpoint names its own, so a resumed run over more samples, fewer, or some edited, reuses every
-    checkpoint whose sample is unchanged. Without it the fingerprint holds the whole sample set."""
+                        defaults: Mapping[str, Any] | None = None, samples: Sequence[Any] | None = None,
+                        suffix: str = ".json",
+                        sample_id_of: Callable[[Path], str | None] | None = None) -> CheckpointRun:
+    """Keep `ckpt_dir` when resuming a run with the same fingerprint; otherwise start it afresh. Returns where the
+    run's checkpoints are and what they record. `defaults`: keys (dotted paths, as `config.question_aware`) that a
+    fingerprint may carry or leave out, with the value their absence means: a key added to the fingerprint later, or
+    left out again, does not make the same run another. `samples`: the run's samples where each is answered on its
+    own (evaluate; calibrate without --around or --shard): the fingerprint then leaves them out and each checkpoint
+    names its own, so a resumed run over more samples, fewer, others in another order or a few edited reuses every
+    checkpoint whose sample is unchanged. Without it the fingerprint holds the whole sample set. `sample_id_of`:
+    reads the sample id a checkpoint of an older run recorded (None when unreadable), so that run's files are found
+    again by sample."""
     run_file = ckpt_dir / "run.json"
     fingerprint = json.loads(json.dumps(fingerprint))  # compare as stored: tuples become lists
     if samples is not None:
@@ -96,9 +123,9 @@ def prepare_checkpoints(ckpt_dir: Path, fingerprint: dict[str, Any], *, resume: 
             raise ProfileError(f"--resume: {run_file} is damaged ({exc}); start over (calibrate and evaluate: "
                                "without --resume; run: --fresh)") from exc
         if samples is not None:
-            return _per_sample_run(ckpt_dir, previous, fingerprint, defaults or {}, samples)
+            return _per_sample_run(ckpt_dir, previous, fingerprint, defaults or {}, samples, suffix, sample_id_of)
         _same_settings(ckpt_dir, previous, fingerprint, defaults or {})
-        return CheckpointRun(fingerprint_digest(previous))  # what the checkpoints already written record
+        return CheckpointRun(ckpt_dir, fingerprint_digest(previous), suffix)  # what the checkpoints record
     if resume:
         logger.debug("--resume: no checkpoints in %s, starting from the first sample", ckpt_dir)
     elif ckpt_dir.is_dir() and (held := len(list(ckpt_dir.glob("sample-*")))):
@@ -108,7 +135,7 @@ def prepare_checkpoints(ckpt_dir: Path, fingerprint: dict[str, Any], *, resume: 
         shutil.rmtree(ckpt_dir)
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     write_sealed_json(run_file, fingerprint)
-    return CheckpointRun(fingerprint_digest(fingerprint), per_sample=samples is not None)
+    return CheckpointRun(ckpt_dir, fingerprint_digest(fingerprint), suffix, per_sample=samples is not None)
 
 
 def _same_settings(ckpt_dir: Path, previous: dict[str, Any], fingerprint: dict[str, Any],
@@ -123,34 +150,50 @@ def _same_settings(ckpt_dir: Path, previous: dict[str, Any], fingerprint: dict[s
 
 
 def _per_sample_run(ckpt_dir: Path, previous: dict[str, Any], fingerprint: dict[str, Any],
-                    defaults: Mapping[str, Any], samples: Sequence[Any]) -> CheckpointRun:
+                    defaults: Mapping[str, Any], samples: Sequence[Any], suffix: str,
+                    sample_id_of: Callable[[Path], str | None] | None) -> CheckpointRun:
     """A resume whose checkpoints are reused sample by sample. A run.json written before checkpoints named their
-    samples holds the digest of its whole sample set: where that set is the first k of `samples`, its k checkpoints
-    are kept (run.json rewritten to name them), so a run grown from an older one reuses them too."""
+    samples holds the digest of its whole sample set and its files are named by position: where the samples its
+    files name (by id, among `samples`) are exactly that set, its files are kept and run.json rewritten to say
+    which sample each holds, so a run grown from an older one reuses them too."""
     legacy = previous.pop("legacy", None)
     if previous.get("checkpoints") == PER_SAMPLE:
         _same_settings(ckpt_dir, previous, fingerprint, defaults)
-        kept = None if legacy is None else (str(legacy["run"]), tuple(legacy["samples"]))
-        return CheckpointRun(fingerprint_digest(previous), per_sample=True, legacy=kept)  # what they record
+        kept = None if legacy is None else (str(legacy["run"]), dict(legacy["files"]))
+        return CheckpointRun(ckpt_dir, fingerprint_digest(previous), suffix, per_sample=True, legacy=kept)
     older = {k: v for k, v in previous.items() if k != "samples"}
     _same_settings(ckpt_dir, {**older, "checkpoints": PER_SAMPLE}, fingerprint, defaults)
-    prefix, digest = 0, hashlib.sha256()
-    for count, sample in enumerate(samples, start=1):  # samples_digest of each prefix, incrementally
-        digest.update(json.dumps(sample.to_row(), sort_keys=True, ensure_ascii=False).encode())
-        digest.update(b"\n")
-        if digest.hexdigest() == previous.get("samples"):
-            prefix = count
-    if not prefix:
+    files = _older_files(ckpt_dir, previous.get("samples"), samples, suffix, sample_id_of)
+    if files is None:
         raise ProfileError(f"--resume: the checkpoints in {ckpt_dir} were made with a different samples (by an "
-                           "older polykv-search, whose checkpoints can be reused only when their samples are the "
-                           "first ones asked for now); re-run with the same data, or start over (calibrate and "
+                           "older polykv-search, whose checkpoints are reused only where every sample they hold is "
+                           "among those asked for now); re-run with the same data, or start over (calibrate and "
                            f"evaluate: without --resume; run: --fresh, or delete {ckpt_dir} to redo that stage "
                            "alone)")
-    kept = (fingerprint_digest(previous), tuple(sample_digest(s) for s in samples[:prefix]))
-    write_sealed_json(ckpt_dir / "run.json", {**fingerprint, "legacy": {"run": kept[0], "samples": list(kept[1])}})
-    logger.info("--resume: %s was written before checkpoints named their samples; its %d are kept for the first "
-                "%d samples", ckpt_dir, prefix, prefix)
-    return CheckpointRun(fingerprint_digest(fingerprint), per_sample=True, legacy=kept)
+    kept = (fingerprint_digest(previous), files)
+    write_sealed_json(ckpt_dir / "run.json", {**fingerprint, "legacy": {"run": kept[0], "files": files}})
+    logger.info("--resume: the %d checkpoints in %s were written before checkpoints named their samples; each is "
+                "reused for its sample", len(files), ckpt_dir)
+    return CheckpointRun(ckpt_dir, fingerprint_digest(fingerprint), suffix, per_sample=True, legacy=kept)
+
+
+def _older_files(ckpt_dir: Path, set_digest: Any, samples: Sequence[Any], suffix: str,
+                 sample_id_of: Callable[[Path], str | None] | None) -> dict[str, str] | None:
+    """An older run's files by the digest of the sample each holds, or None when its sample set cannot be told: it
+    is `samples` itself (files by position), or the samples its files name by id, in the files' order, whose digest
+    is the run's (every file of a whole run, each id once among `samples`)."""
+    if set_digest == samples_digest(samples):
+        return {sample_digest(s): f"sample-{i:05d}{suffix}" for i, s in enumerate(samples)}
+    names = sorted(p.name for p in ckpt_dir.glob(f"sample-[0-9][0-9][0-9][0-9][0-9]{suffix}"))
+    if sample_id_of is None or not names or names != [f"sample-{i:05d}{suffix}" for i in range(len(names))]:
+        return None
+    by_id: dict[str, Any] = {}
+    for sample in samples:
+        by_id[str(sample.id)] = None if str(sample.id) in by_id else sample  # an id held twice tells nothing
+    held = [by_id.get(sample_id_of(ckpt_dir / name) or "") for name in names]
+    if any(s is None for s in held) or samples_digest(held) != set_digest:
+        return None
+    return {sample_digest(s): name for s, name in zip(held, names)}
 
 
 def _without_defaults(fingerprint: dict[str, Any], defaults: Mapping[str, Any]) -> dict[str, Any]:

@@ -177,7 +177,10 @@ def _calibrate_locked(lm: LoadedModel, samples: Sequence[Sample], *, config: Cal
     if shard is not None:
         fingerprint["shard"] = {"name": shard.name, "selection": samples_digest(selection)}
     run = prepare_checkpoints(ckpt_dir, fingerprint, resume=resume, defaults=FINGERPRINT_DEFAULTS,
-                              samples=samples if independent else None)
+                              samples=samples if independent else None, suffix=".safetensors",
+                              sample_id_of=_checkpoint_sample_id)
+    if resume:
+        run.say_reuse(samples)
 
     capture = LayerCapture(lm.model, lm.info, policies=config.policies, budgets=config.budgets,
                            window=config.window, n_sink=config.n_sink, recent=config.recent)
@@ -192,7 +195,7 @@ def _calibrate_locked(lm: LoadedModel, samples: Sequence[Sample], *, config: Cal
     results: list[SampleResult] = []
     with capture.attached(), torch.inference_mode():
         for index, sample in enumerate(samples):
-            ckpt = ckpt_dir / f"sample-{index:05d}.safetensors"
+            ckpt = run.path(index, sample)
             t0 = time.perf_counter()
             loaded = _load_checkpoint(ckpt, run, index, sample) if resume and ckpt.exists() else None
             if loaded is not None:
@@ -352,11 +355,12 @@ def _load_checkpoint(path: Path, run: CheckpointRun, index: int,
         raise damaged_checkpoint(path, sample_name, "it has no checksum (written by an older polykv-search, or edited)")
     if meta[CHECKPOINT_CHECKSUM] != checkpoint_sha256(tensors_sha256(arrays), meta):
         raise damaged_checkpoint(path, sample_name, "its content does not match its checksum")
-    if not run.reusable(path, meta, index, sample):
+    if not run.reusable(path, meta, sample):
         logger.warning("--resume: %s changed since its checkpoint was written; calibrating it again", sample_name)
         return None
     try:
         result = SampleResult(**{k: v for k, v in json.loads(meta["result"]).items() if k != "resumed"})
+        result.index = index  # where the sample is now (a grown or reordered run)
     except (KeyError, TypeError, ValueError) as exc:
         raise damaged_checkpoint(path, sample_name, "its result does not parse") from exc
     if result.skipped is not None:
@@ -364,6 +368,15 @@ def _load_checkpoint(path: Path, run: CheckpointRun, index: int,
     signals = {k.split(".", 1)[1]: v for k, v in arrays.items() if k.startswith("signal.")}
     return SampleRecord(mass_lost=arrays["mass_lost"], out_err=arrays["out_err"], signals=signals,
                         layer_probes={k: arrays[k] for k in PROBE_ARRAYS if k in arrays} or None), result
+
+
+def _checkpoint_sample_id(path: Path) -> str | None:
+    """The sample id an older checkpoint's result names (None when unreadable)."""
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return str(json.loads((handle.metadata() or {})["result"])["sample_id"])
+    except Exception:  # safetensors raises its own error types for a damaged file
+        return None
 
 
 # Written by some versions, left out by others (query-agnostic runs leave it out, as runs before the setting did)

@@ -70,13 +70,16 @@ def _score_locked(lm: LoadedModel, samples: Sequence[Sample], methods: Sequence[
     fingerprint = _fingerprint(lm, methods, with_kl, max_context_tokens)
     if question_aware:  # absent in query-agnostic runs: their checkpoints stay valid
         fingerprint["question_aware"] = True
-    run = prepare_checkpoints(ckpt_dir, fingerprint, resume=resume, samples=samples)  # more samples reuse these
+    run = prepare_checkpoints(ckpt_dir, fingerprint, resume=resume, samples=samples,  # more samples reuse these
+                              sample_id_of=_checkpoint_sample_id)
+    if resume:
+        run.say_reuse(samples)
     engine = PrefillEngine.for_plans(lm, [p for m in methods for p in m.plans],
                                      policies=[m.policy for m in methods if m.policy],
                                      max_context_tokens=max_context_tokens, question_aware=question_aware)
     results: list[ScoredResult] = []
     for index, sample in enumerate(samples):
-        ckpt = ckpt_dir / f"sample-{index:05d}.json"
+        ckpt = run.path(index, sample)
         rows = _load_checkpoint(ckpt, run, index, sample) if resume and ckpt.exists() else None
         if rows is None:
             state = engine.prefill(sample)
@@ -104,13 +107,21 @@ def _load_checkpoint(path: Path, run: CheckpointRun, index: int, sample: Sample)
     changed order): the caller answers it again."""
     named = f"sample {index + 1}, id {sample.id}"
     stored = read_sealed_checkpoint(path, named)
-    if not run.reusable(path, stored, index, sample):
+    if not run.reusable(path, stored, sample):
         logger.warning("--resume: %s changed since its checkpoint was written; answering it again", named)
         return None
     try:
         return [ScoredResult(**row) for row in stored["rows"]]
     except (TypeError, KeyError) as exc:
         raise damaged_checkpoint(path, named, "its rows do not parse") from exc
+
+
+def _checkpoint_sample_id(path: Path) -> str | None:
+    """The sample id an older checkpoint's rows name (None when unreadable)."""
+    try:
+        return str(read_sealed_checkpoint(path, path.name)["rows"][0]["sample_id"])
+    except (ProfileError, KeyError, IndexError, TypeError):
+        return None
 
 
 def _scored(method: Method, answer: Answer, sample: Sample, n_context: int,

@@ -18,7 +18,7 @@ import polykv_search.io as io
 from polykv_search.optimization.guard import read_guard_cache
 from polykv_search.calibration import CalibrationConfig, calibrate_model
 from polykv_search.calibration.profile import Profile
-from polykv_search.checkpoints import prepare_checkpoints, read_sealed_checkpoint
+from polykv_search.checkpoints import checkpoint_file, prepare_checkpoints, read_sealed_checkpoint
 from polykv_search.data import load_samples
 from polykv_search.errors import PolykvError
 from polykv_search.io import read_sealed_json, write_sealed_json
@@ -61,7 +61,7 @@ def test_killed_then_resumed_gives_the_uninterrupted_profile(setup, monkeypatch,
             if result.index + 1 == stop:
                 raise Killed
     else:
-        target = "sample-00001" if "checkpoint" in where else "profile"
+        target = checkpoint_file(samples[1], "") if "checkpoint" in where else "profile"
         real = io.os.replace
 
         def replace(src, dst):  # the temp file is written whole, then the process dies before the rename
@@ -113,8 +113,9 @@ def test_a_flipped_bit_in_a_calibrate_file_is_refused(setup, tmp_path):
         record, result = calibration_run._load_checkpoint(path, digest, 0, samples[0])
         return {k: v.tolist() for k, v in record.signals.items()}, record.mass_lost.tolist(), result
 
-    original = checkpoint(ckpt_dir / "sample-00000.safetensors")
-    refused_or_same(checkpoint, original, ckpt_dir / "sample-00000.safetensors", tmp_path, seed=1)
+    first = ckpt_dir / checkpoint_file(samples[0], ".safetensors")
+    original = checkpoint(first)
+    refused_or_same(checkpoint, original, first, tmp_path, seed=1)
 
     def run_file(path):
         folder = tmp_path / "ck"

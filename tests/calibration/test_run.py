@@ -12,7 +12,8 @@ from safetensors.torch import load_file, save_file
 from polykv_search.calibration.profile import PROFILE_VERSION, Profile
 from polykv_search.calibration import CalibrationConfig, calibrate_model
 from polykv_search.calibration.profile import tensors_sha256
-from polykv_search.checkpoints import CHECKPOINT_CHECKSUM, checkpoint_sha256, fingerprint_digest, samples_digest
+from polykv_search.checkpoints import (CHECKPOINT_CHECKSUM, checkpoint_file, checkpoint_sha256, fingerprint_digest,
+                                      samples_digest)
 from polykv_search.io import read_sealed_json, write_sealed_json
 from polykv_search.data import load_samples
 from polykv_search.errors import ConfigError, DataError, ProfileError
@@ -86,10 +87,13 @@ def test_resume_over_more_samples_reuses_the_first_ones(tiny_llama, samples, tmp
     fresh = calibrate_model(tiny_llama, samples, config=CONFIG, out_dir=tmp_path / "fresh").profile
     torch.testing.assert_close(grown.profile.arrays["mass_lost"], fresh.arrays["mass_lost"])
     edited = [samples[0], replace(samples[1], answers=["another answer"]), samples[2]]
-    with caplog.at_level(logging.WARNING, logger="polykv_search"):
+    with caplog.at_level(logging.INFO, logger="polykv_search"):
         again = calibrate_model(tiny_llama, edited, config=CONFIG, out_dir=out, resume=True)
     assert [r.resumed for r in again.results] == [True, False, True]  # only the edited sample is redone
-    assert any("sample 2, id s1 changed since its checkpoint was written" in r.getMessage() for r in caplog.records)
+    assert any("2 of 3 samples have a checkpoint" in r.getMessage() for r in caplog.records)
+    backwards = calibrate_model(tiny_llama, edited[::-1], config=CONFIG, out_dir=out, resume=True)
+    assert all(r.resumed for r in backwards.results)  # found by sample, wherever it stands
+    assert [(r.index, r.sample_id) for r in backwards.results] == [(0, "s2"), (1, "s1"), (2, "s0")]
 
 
 def test_resume_reuses_the_checkpoints_of_a_run_made_before_they_named_their_samples(tiny_llama, samples, tmp_path):
@@ -99,7 +103,9 @@ def test_resume_reuses_the_checkpoints_of_a_run_made_before_they_named_their_sam
     old = {k: v for k, v in read_sealed_json(ckpt / "run.json").items() if k != "checkpoints"}
     old["samples"] = samples_digest(samples[:2])  # the run.json and checkpoints an older version wrote
     write_sealed_json(ckpt / "run.json", old)
-    for path in sorted(ckpt.glob("sample-*.safetensors")):
+    for index, sample in enumerate(samples[:2]):  # files named by position, as an older version wrote them
+        path = ckpt / checkpoint_file(sample, ".safetensors")
+        path = path.rename(ckpt / f"sample-{index:05d}.safetensors")
         arrays = load_file(str(path))
         with safe_open(str(path), framework="pt") as handle:
             meta = {k: v for k, v in (handle.metadata() or {}).items() if k not in ("sample", CHECKPOINT_CHECKSUM)}

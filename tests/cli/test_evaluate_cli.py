@@ -5,7 +5,9 @@ import sys
 
 import pytest
 
+from polykv_search.checkpoints import checkpoint_file
 from polykv_search.cli import main
+from polykv_search.data import load_samples
 from polykv_search.io import read_sealed_json, write_sealed_json
 from polykv_search.models import model_info
 from polykv_search.plan import PlanFile, SearchInfo
@@ -107,7 +109,8 @@ def test_resume_reuses_checkpoints_and_refuses_damaged_ones(monkeypatch, capsys,
     main()
     capsys.readouterr()
     first = json.loads((tmp_path / "ev" / "report.json").read_text())
-    checkpoint = tmp_path / "ev" / "checkpoints" / "sample-00001.json"
+    name = checkpoint_file(load_samples(data)[1], ".json")
+    checkpoint = tmp_path / "ev" / "checkpoints" / name
     stored = read_sealed_json(checkpoint)
     assert set(stored) == {"run", "sample", "rows"}
     monkeypatch.setattr(sys, "argv", ["polykv-search", *map(str, args), "--resume"])
@@ -117,9 +120,9 @@ def test_resume_reuses_checkpoints_and_refuses_damaged_ones(monkeypatch, capsys,
     write_sealed_json(checkpoint, {**stored, "run": "0" * 16})
     code, _, err = run_cli(monkeypatch, capsys, *args, "--resume")
     errors = [line for line in err.splitlines() if line.startswith("error: ")]
-    assert code == 2 and len(errors) == 1 and "sample-00001.json was made by another run" in errors[0], err
+    assert code == 2 and len(errors) == 1 and f"{name} was made by another run" in errors[0], err
     for damaged in ("{broken", json.dumps({**stored, "checksum": {"sha256": "0" * 64}})):
         checkpoint.write_text(damaged)
         code, _, err = run_cli(monkeypatch, capsys, *args, "--resume")
         errors = [line for line in err.splitlines() if line.startswith("error: ")]
-        assert code == 2 and len(errors) == 1 and "sample-00001.json (sample 2, id s1) is damaged" in errors[0], err
+        assert code == 2 and len(errors) == 1 and f"{name} (sample 2, id s1) is damaged" in errors[0], err

@@ -18,8 +18,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from polykv_search.calibration.profile import CHECKSUM_KEY, HEADER_KEY, Profile, profile_sha256
-from polykv_search.checkpoints import LOCK_NAME
+from polykv_search.checkpoints import LOCK_NAME, checkpoint_file
 from polykv_search.cli import main
+from polykv_search.data import load_samples
 from polykv_search.models import model_slug
 from tests.conftest import sample_rows as needle_rows
 from tests.conftest import interruptible, write_jsonl
@@ -90,7 +91,7 @@ def test_a_second_calibrate_on_a_live_folder_is_refused_at_once(tiny_dir, tmp_pa
                              preexec_fn=interruptible)
     try:
         deadline = time.time() + 120
-        while not (out / "checkpoints" / "sample-00000.safetensors").exists() and first.poll() is None \
+        while not list((out / "checkpoints").glob("sample-*.safetensors")) and first.poll() is None \
                 and time.time() < deadline:
             time.sleep(0.05)
         assert (out / LOCK_NAME).exists()
@@ -130,16 +131,17 @@ def test_resume_redoes_an_edited_sample_and_refuses_other_settings_and_a_checkpo
     rows[1]["answers"] = ["another answer"]  # same ids and lengths: only the content tells
     write_jsonl(data, rows)
     _, lines = run_ok(monkeypatch, capsys, *common, "--out", tmp_path / "a", "--window", "16", "--resume")
-    assert any("sample 2, id s1 changed since its checkpoint was written" in line for line in lines), lines
+    assert any("1 of 2 samples have a checkpoint" in line for line in lines), lines
     code, _, lines = run_cli(monkeypatch, capsys, *common, "--out", tmp_path / "a", "--window", "8", "--resume")
     one_line_error(code, lines, "made with a different config.window", f"delete {tmp_path / 'a' / 'checkpoints'} to redo")
     write_jsonl(data, sample_rows(2))
-    foreign = tmp_path / "b" / "checkpoints" / "sample-00001.safetensors"
-    (tmp_path / "a" / "checkpoints" / "sample-00001.safetensors").write_bytes(foreign.read_bytes())
+    second = checkpoint_file(load_samples(data)[1], ".safetensors")
+    foreign = tmp_path / "b" / "checkpoints" / second
+    (tmp_path / "a" / "checkpoints" / second).write_bytes(foreign.read_bytes())
     code, _, lines = run_cli(monkeypatch, capsys, *common, "--out", tmp_path / "a", "--window", "16", "--resume")
     lines = [line for line in lines if not line.startswith(("calibrate ", "INFO     device: "))]  # work had begun:
     # the bar of the first, resumed sample, and the device it runs on
-    one_line_error(code, lines, "sample-00001.safetensors was made by another run")
+    one_line_error(code, lines, f"{second} was made by another run")
 
 
 # -- damaged profiles ----------------------------------------------------------------------------------

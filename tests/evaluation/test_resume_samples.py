@@ -4,7 +4,7 @@ checkpoints named their samples is reused where its samples come first."""
 import pytest
 
 import polykv_search as pk
-from polykv_search.checkpoints import fingerprint_digest, samples_digest
+from polykv_search.checkpoints import checkpoint_file, fingerprint_digest, samples_digest
 from polykv_search.data import load_samples
 from polykv_search.engine import PrefillEngine
 from polykv_search.errors import ProfileError
@@ -38,25 +38,30 @@ def test_more_samples_answer_only_the_new_ones(tmp_path, monkeypatch):
     assert grown.results[:len(first.results)] == first.results
 
 
-def test_a_run_from_before_checkpoints_named_their_samples_is_reused_where_its_samples_come_first(tmp_path,
-                                                                                              monkeypatch):
+def test_a_run_from_before_checkpoints_named_their_samples_is_reused_by_sample(tmp_path, monkeypatch):
     lm = tiny_loaded("llama")
-    data = write_jsonl(tmp_path / "e.jsonl", sample_rows(3, words=150))
-    samples = load_samples(data)
+    rows = sample_rows(3, words=150)
+    data = write_jsonl(tmp_path / "e.jsonl", rows)
+    older = write_jsonl(tmp_path / "older.jsonl", [rows[0], rows[2]])  # not the first ones: reused by sample
     args = {"policies": ["snapkv"], "budgets": [16], "allocators": (), "out_dir": tmp_path / "ev"}
-    pk.evaluate(lm, data, max_samples=2, **args)
+    pk.evaluate(lm, older, **args)
     ckpt = tmp_path / "ev" / "checkpoints"
     old = {k: v for k, v in read_sealed_json(ckpt / "run.json").items() if k != "checkpoints"}
-    old["samples"] = samples_digest(samples[:2])  # what an older version wrote
+    old["samples"] = samples_digest(load_samples(older))  # what an older version wrote: files named by position
     write_sealed_json(ckpt / "run.json", old)
-    for path in ckpt.glob("sample-*.json"):
-        rows = read_sealed_json(path)["rows"]
-        write_sealed_json(path, {"run": fingerprint_digest(old), "rows": rows})
+    for index, sample in enumerate(load_samples(older)):
+        path = ckpt / checkpoint_file(sample, ".json")
+        write_sealed_json(ckpt / f"sample-{index:05d}.json", {"run": fingerprint_digest(old),
+                                                              "rows": read_sealed_json(path)["rows"]})
+        path.unlink()
     seen = counting_prefills(monkeypatch)
-    pk.evaluate(lm, data, resume=True, **args)
-    assert seen == ["s2"]
+    grown = pk.evaluate(lm, data, resume=True, **args)
+    assert seen == ["s1"]
     pk.evaluate(lm, data, resume=True, **args)  # run.json now names them
-    assert seen == ["s2"]
+    assert seen == ["s1"]
+    fresh = pk.evaluate(lm, data, **{**args, "out_dir": tmp_path / "fresh"})
+    assert [(r.sample_id, r.method, r.answer) for r in grown.results] == \
+        [(r.sample_id, r.method, r.answer) for r in fresh.results]
     write_sealed_json(ckpt / "run.json", old)
-    with pytest.raises(ProfileError, match="made with a different samples"):
-        pk.evaluate(lm, write_jsonl(tmp_path / "other.jsonl", sample_rows(3, words=150)[1:]), resume=True, **args)
+    with pytest.raises(ProfileError, match="made with a different samples"):  # s2 is not among them
+        pk.evaluate(lm, write_jsonl(tmp_path / "other.jsonl", rows[:2]), resume=True, **args)
