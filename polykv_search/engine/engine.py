@@ -13,6 +13,7 @@ evaluate's comparison all run here.
     answers = engine.run_many(state, plans)           # greedy answers and KL, one batch row per plan
     metrics = engine.answer_metrics_many(state, plans)  # teacher-forced only, no decoding
     windowed = engine.run_windowed(state, plans)      # TensorRT-LLM's computation: a prefill per plan
+    probes = engine.window_metrics(state, [(layer, window)])  # one layer windowed so, teacher-forced
 
 A per-layer window plan (a `trtllm` target's) can also be answered as TensorRT-LLM computes it: each layer attends
 through a sliding window of its budget in the prefill itself and in every later step, with no sinks
@@ -288,6 +289,37 @@ class PrefillEngine:
             results.append(Answer(sample_id=str(state.sample.id), task=state.sample.task, answer=answer, kl=kl,
                                   kept_all_layers=kept_all))
         return results
+
+    @torch.inference_mode()
+    def window_metrics(self, state: PrefillState, probes: Sequence[tuple[int, int]]) -> list[dict[str, float]]:
+        """Per (layer, window) probe, teacher-forced measures over the reference answer ("kl" to the full cache,
+        "nll" of the reference tokens) with only that layer attending through a window of that many tokens over the
+        whole prompt (context, question, answer), as TensorRT-LLM runs it (`run_windowed`), every other layer full.
+        One forward over the prompt records each layer's input; each probe runs from its own layer on, one forward
+        per probe (a window is a property of the layer's module, so probes do not share a batch)."""
+        if state.full_logprobs is None or not state.parts.answer_ids:
+            return [{"kl": 0.0, "nll": 0.0} for _ in probes]
+        parts = state.parts
+        ids = torch.tensor([list(parts.context_ids) + list(parts.question_ids) + list(parts.answer_ids)],
+                           device=self.lm.device)
+        positions = torch.arange(ids.shape[1], device=self.lm.device)[None]
+        model, n_answer = self.lm.model, len(parts.answer_ids)
+        answer = torch.tensor(parts.answer_ids, device=state.full_logprobs.device)
+        full = state.full_logprobs[None]  # (1, A, V)
+        with polykv_attention(model), self._recording_inputs() as inputs:
+            model.model(input_ids=ids, position_ids=positions, use_cache=False)
+        out = []
+        for layer, window in probes:
+            start = self._start_layer(layer, inputs or None)
+            feed = {"inputs_embeds": inputs[start]} if start > 0 else {"input_ids": ids}
+            with polykv_attention(model), attention_windows(self.layers, {layer: window}), \
+                    _layers_from(model.model, start):
+                logits = model(**feed, position_ids=positions, use_cache=False, logits_to_keep=n_answer + 1).logits
+            logprobs = torch.log_softmax(logits.float()[:, :-1], dim=-1)  # (1, A, V)
+            kl = (full.exp() * (full - logprobs)).sum(-1).mean(-1)
+            nll = -logprobs[0].gather(-1, answer[:, None])[:, 0].mean()
+            out.append({"kl": float(kl[0]), "nll": float(nll)})
+        return out
 
     def windows_of(self, plan: Plan) -> dict[int, int]:
         """Per compressed layer, the window a per-layer window plan gives it (its one budget); a layer keeping its

@@ -112,3 +112,29 @@ def test_run_windowed_on_a_model_with_sliding_layers_prefills_once_per_plan(tmp_
     measured = engine.run_windowed(state, [plan])[0]
     assert engine.prefills == before + 1
     assert measured.kl is not None and measured.kl > 1e-4 and measured.answer == decoded.answer != ""
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma"])
+@torch.inference_mode()
+def test_window_metrics_equal_a_windowed_run_of_one_layer(family, tmp_path):
+    """calibrate --windowed's probe (one forward from the probed layer over the whole prompt) measures what
+    `run_windowed` measures for a plan windowing that layer alone (a context prefill, then the question and answer)."""
+    lm = tiny_loaded(family)
+    sample = load_samples(write_jsonl(tmp_path / "e.jsonl", sample_rows(1, words=120)))[0]
+    engine = PrefillEngine(lm, scorers=["streaming"])
+    state = engine.prefill(sample)
+    layers = lm.info.compressible_layers
+    probes = [(layers[0], 16), (layers[-1], 16), (layers[-1], 40)]
+    metrics = engine.window_metrics(state, probes)
+    answer = torch.tensor(state.parts.answer_ids)
+    for (layer, window), measured in zip(probes, metrics):
+        n = lm.info.num_layers
+        plan = plan_of(lm.info, tuple("streaming" if i == layer else None for i in range(n)),
+                       tuple(window if i == layer else None for i in range(n)))
+        assert measured["kl"] == pytest.approx(engine.run_windowed(state, [plan])[0].kl, abs=1e-4)
+        with polykv_attention(lm.model), attention_windows(engine.layers, {layer: window}):
+            prompt = list(state.parts.context_ids) + list(state.parts.question_ids)
+            logits = lm.model(input_ids=torch.tensor([prompt + list(state.parts.answer_ids)])).logits
+        logprobs = torch.log_softmax(logits[0, len(prompt) - 1:-1].float(), dim=-1)
+        assert measured["nll"] == pytest.approx(float(-logprobs.gather(-1, answer[:, None]).mean()), abs=1e-4)
+    assert metrics[1]["kl"] > 1e-4 and metrics[1]["kl"] != pytest.approx(metrics[2]["kl"], abs=1e-6)

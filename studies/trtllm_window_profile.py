@@ -1,0 +1,103 @@
+"""Study (#35): TensorRT-LLM windows per layer chosen on costs measured as the engine computes them.
+
+`optimize --target trtllm` chooses one window per layer on StreamingLLM costs measured by eviction after a full
+prefill, with 4 sinks; TensorRT-LLM applies each layer's window in the prefill itself, with no sinks
+(docs/engines.md, "Fidelity"), and that is how `evaluate --target trtllm` grades the plan. This script measures the
+cost the engine's computation implies: for each calibration sample, each compressible layer l and each window W of
+the grid, the KL over the reference answer (and the rise of its NLL) with layer l alone attending through a window of
+W tokens over the whole prompt (`PrefillEngine.window_metrics`). The exact per-layer DP then chooses one window per
+layer at each budget (windows above the sinks, as `optimize --target trtllm`), and the ladder is written as a plan
+file for `evaluate --target trtllm`:
+
+    python studies/trtllm_window_profile.py --model smollm2-135m --max-samples 8 --budget 256,512 \
+        --out outputs/t35/window/plan.json
+    polykv-search evaluate --model smollm2-135m --plan outputs/t35/window/plan.json --target window=trtllm ...
+
+Each sample's table is kept beside the plan (`costs/<sample id>.safetensors`) and reused when the script runs again.
+A probe runs the model from its layer on over the whole prompt: about half a prefill, 5 windows x 30 layers a sample
+on SmolLM2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from polykv_search.data import load_samples, spread_over_tasks
+from polykv_search.engine import PrefillEngine
+from polykv_search.models import load_model
+from polykv_search.optimization.problem import Problem
+from polykv_search.optimization.solve import solve
+from polykv_search.plan import PlanFile, budget_total
+from polykv_search.policies import policy_params
+
+STREAMING = "streaming"
+N_SINK = int(policy_params(STREAMING)["n_sink"])
+
+
+def sample_costs(engine: PrefillEngine, sample, layers: list[int], grid: list[int]) -> dict[str, torch.Tensor]:
+    """{"window_kl", "window_nll"}: (L_c, G) for one sample; 0 where the window holds the whole prompt."""
+    state = engine.prefill(sample)
+    parts = state.parts
+    length = len(parts.context_ids) + len(parts.question_ids) + len(parts.answer_ids)
+    probes = [(layer, w) for layer in layers for w in grid if w < length]
+    measured = dict(zip(probes, engine.window_metrics(state, probes)))
+    answer = torch.tensor(parts.answer_ids)
+    full_nll = float(-state.full_logprobs.gather(-1, answer[:, None]).mean()) if parts.answer_ids else 0.0
+    kl, nll = torch.zeros(len(layers), len(grid)), torch.zeros(len(layers), len(grid))
+    for i, layer in enumerate(layers):
+        for g, w in enumerate(grid):
+            if (layer, w) in measured:
+                kl[i, g] = measured[layer, w]["kl"]
+                nll[i, g] = measured[layer, w]["nll"] - full_nll
+    return {"window_kl": kl, "window_nll": nll}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--calib", default="calibration_data/calib.jsonl")
+    parser.add_argument("--max-samples", type=int, default=8)
+    parser.add_argument("--grid", default="16,64,256,1024,2048")
+    parser.add_argument("--budget", default="64,128,256,512")
+    parser.add_argument("--cost", choices=("window_kl", "window_nll"), default="window_kl")
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    grid = sorted(int(w) for w in args.grid.split(","))
+    lm = load_model(args.model, dtype=args.dtype)
+    layers = list(lm.info.compressible_layers)
+    engine = PrefillEngine(lm, scorers=[STREAMING])
+    folder = args.out.parent / "costs"
+    folder.mkdir(parents=True, exist_ok=True)
+    tables = []
+    for i, sample in enumerate(spread_over_tasks(load_samples(args.calib), args.max_samples)):
+        path = folder / f"{sample.id}.safetensors"
+        if not path.exists():
+            started = time.perf_counter()
+            save_file(sample_costs(engine, sample, layers, grid), str(path))
+            print(f"sample {i} ({sample.task}): {time.perf_counter() - started:.0f} s", flush=True)
+        tables.append(load_file(str(path))[args.cost])
+    costs = torch.stack(tables).mean(0).double().numpy()  # (L_c, G)
+    plans = []
+    for budget in (float(b) for b in args.budget.split(",")):
+        problem = Problem(costs[:, None, :], grid, layers, [STREAMING], total=budget_total(budget, len(layers)),
+                          floor=N_SINK + 1)
+        allocation = solve(problem, solver="dp")
+        notes = (f"trtllm: one window per layer, cost {args.cost} measured with that layer alone windowed through the "
+                 f"whole prompt (TensorRT-LLM's computation, no sinks), mean of {len(tables)} calibration samples "
+                 "(studies/trtllm_window_profile.py)")
+        plan = allocation.to_plan(lm.info, average_budget=budget, notes=notes)
+        plans.append(plan)
+        windows = [plan.layers[idx].budget for idx in layers]
+        print(f"budget {budget:g}: windows {windows}", flush=True)
+    PlanFile.build(lm.info, plans).save(args.out)
+    print(f"plan: {args.out}")
+
+
+if __name__ == "__main__":
+    main()
