@@ -9,9 +9,11 @@ W tokens over the whole prompt (`PrefillEngine.window_metrics`). The exact per-l
 layer at each budget (windows above the sinks, as `optimize --target trtllm`), and the ladder is written as a plan
 file for `evaluate --target trtllm`:
 
-    python studies/trtllm_window_profile.py --model smollm2-135m --max-samples 8 --budget 256,512 \
+    python studies/trtllm_window_profile.py --model smollm2-135m --max-samples 6 --budget 64,128,256,512 \
         --out outputs/t35/window/plan.json
-    polykv-search evaluate --model smollm2-135m --plan outputs/t35/window/plan.json --target window=trtllm ...
+    polykv-search evaluate --model smollm2-135m --plan outputs/t35/window/plan.json --target plan=trtllm ...
+
+(`--target NAME=trtllm` names the plan by its file's stem.)
 
 Each sample's table is kept beside the plan (`costs/<sample id>.safetensors`) and reused when the script runs again.
 A probe runs the model from its layer on over the whole prompt: about half a prefill, 5 windows x 30 layers a sample
@@ -46,7 +48,7 @@ def sample_costs(engine: PrefillEngine, sample, layers: list[int], grid: list[in
     length = len(parts.context_ids) + len(parts.question_ids) + len(parts.answer_ids)
     probes = [(layer, w) for layer in layers for w in grid if w < length]
     measured = dict(zip(probes, engine.window_metrics(state, probes)))
-    answer = torch.tensor(parts.answer_ids)
+    answer = torch.tensor(parts.answer_ids, device=state.full_logprobs.device) if parts.answer_ids else None
     full_nll = float(-state.full_logprobs.gather(-1, answer[:, None]).mean()) if parts.answer_ids else 0.0
     kl, nll = torch.zeros(len(layers), len(grid)), torch.zeros(len(layers), len(grid))
     for i, layer in enumerate(layers):

@@ -117,8 +117,8 @@ def test_run_windowed_on_a_model_with_sliding_layers_prefills_once_per_plan(tmp_
 @pytest.mark.parametrize("family", ["llama", "gemma"])
 @torch.inference_mode()
 def test_window_metrics_equal_a_windowed_run_of_one_layer(family, tmp_path):
-    """calibrate --windowed's probe (one forward from the probed layer over the whole prompt) measures what
-    `run_windowed` measures for a plan windowing that layer alone (a context prefill, then the question and answer)."""
+    """`window_metrics` (one forward from the probed layer over the whole prompt) measures what `run_windowed`
+    measures for a plan windowing that layer alone (a context prefill, then the question and answer)."""
     lm = tiny_loaded(family)
     sample = load_samples(write_jsonl(tmp_path / "e.jsonl", sample_rows(1, words=120)))[0]
     engine = PrefillEngine(lm, scorers=["streaming"])
