@@ -18,6 +18,7 @@ import pytest
 
 from polykv_search.data import build_prompt, load_samples
 from polykv_search.data.generate import (
+    CALIB_LONG_PER_FAMILY,
     CALIB_LONG_FILE,
     LONG_FILE,
     LONG_TOKENS,
@@ -105,7 +106,7 @@ def test_the_long_calibration_split_shares_nothing_with_any_other_split(committe
     """calib_long.jsonl reads the test-suite text long.jsonl leaves: no passage, code file, classification line
     or needle of long.jsonl (or of the hashed splits) is in it; its needles are longer still (8 digits, 7 letters)."""
     calib = committed[CALIB_LONG]
-    assert Counter(s.task for s in calib) == dict.fromkeys(FAMILIES, 2)
+    assert Counter(s.task for s in calib) == dict.fromkeys(FAMILIES, CALIB_LONG_PER_FAMILY)
     assert all(s.id.startswith("calib_long-") for s in calib)
     for split in (*SPLITS, LONG):
         _assert_disjoint(calib, committed[split])
