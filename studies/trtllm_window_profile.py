@@ -15,6 +15,12 @@ file for `evaluate --target trtllm`:
 
 (`--target NAME=trtllm` names the plan by its file's stem.)
 
+`--around` measures each budget's costs around the engine's own setting instead: every other layer attends through
+the engine's window of that budget (as it would without a plan), and the probed layer through each window from
+budget/4 to budget*4 (`--spread 2`), so the DP moves tokens between layers where the layers' joint computation says
+it pays (the additive proxy above, each layer costed with the others full, gave uneven plans that lost together).
+About 4 probes a layer and budget.
+
 Each sample's table is kept beside the plan (`costs/<sample id>.safetensors`) and reused when the script runs again.
 A probe runs the model from its layer on over the whole prompt: about half a prefill, 5 windows x 30 layers a sample
 on SmolLM2.
@@ -59,6 +65,47 @@ def sample_costs(engine: PrefillEngine, sample, layers: list[int], grid: list[in
     return {"window_kl": kl, "window_nll": nll}
 
 
+def around_costs(engine: PrefillEngine, sample, layers: list[int], budget: int,
+                 grid: list[int]) -> dict[str, torch.Tensor]:
+    """{"window_kl", "window_nll"}: (L_c, G) for one sample, every layer at the engine's window of `budget` tokens
+    but the probed one, which attends through each window of `grid` (the background's own KL where it is `budget`)."""
+    state = engine.prefill(sample)
+    parts = state.parts
+    background = dict.fromkeys(layers, budget)
+    probes = [(layer, w) for layer in layers for w in grid if w != budget]
+    *results, base = engine.window_metrics(state, probes + [(layers[0], budget)], background=background)
+    measured = dict(zip(probes, results))
+    answer = torch.tensor(parts.answer_ids, device=state.full_logprobs.device) if parts.answer_ids else None
+    full_nll = float(-state.full_logprobs.gather(-1, answer[:, None]).mean()) if parts.answer_ids else 0.0
+    kl, nll = torch.zeros(len(layers), len(grid)), torch.zeros(len(layers), len(grid))
+    for i, layer in enumerate(layers):
+        for g, w in enumerate(grid):
+            m = measured.get((layer, w), base)
+            kl[i, g], nll[i, g] = m["kl"], m["nll"] - full_nll
+    return {"window_kl": kl, "window_nll": nll}
+
+
+def around_grid(budget: int, spread: int) -> list[int]:
+    """The windows a layer may take around the engine's window of `budget`: budget / 2^k .. budget * 2^k, k <=
+    `spread`, none under the sinks' floor."""
+    return sorted({w for k in range(-spread, spread + 1)
+                   if (w := int(budget * 2.0 ** k)) >= N_SINK + 1})
+
+
+def mean_costs(folder: Path, samples, key: str, cost: str, measure) -> tuple[torch.Tensor, int]:
+    """The mean over `samples` of each sample's table (kept as `folder/<sample id><key>.safetensors`, measured by
+    `measure(sample)` where missing)."""
+    tables = []
+    for i, sample in enumerate(samples):
+        path = folder / f"{sample.id}{key}.safetensors"
+        if not path.exists():
+            started = time.perf_counter()
+            save_file(measure(sample), str(path))
+            print(f"sample {i} ({sample.task}){key}: {time.perf_counter() - started:.0f} s", flush=True)
+        tables.append(load_file(str(path))[cost])
+    return torch.stack(tables).mean(0), len(tables)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m")
@@ -68,35 +115,40 @@ def main() -> None:
     parser.add_argument("--grid", default="16,64,256,1024,2048")
     parser.add_argument("--budget", default="64,128,256,512")
     parser.add_argument("--cost", choices=("window_kl", "window_nll"), default="window_kl")
+    parser.add_argument("--around", action="store_true",
+                        help="measure each budget's costs with every other layer at the engine's window of that "
+                             "budget, on the grid budget/2^k..budget*2^k (k <= --spread), instead of --grid")
+    parser.add_argument("--spread", type=int, default=2)
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
-    grid = sorted(int(w) for w in args.grid.split(","))
     lm = load_model(args.model, dtype=args.dtype)
     layers = list(lm.info.compressible_layers)
     engine = PrefillEngine(lm, scorers=[STREAMING])
     folder = args.out.parent / "costs"
     folder.mkdir(parents=True, exist_ok=True)
-    tables = []
-    for i, sample in enumerate(spread_over_tasks(load_samples(args.calib), args.max_samples)):
-        path = folder / f"{sample.id}.safetensors"
-        if not path.exists():
-            started = time.perf_counter()
-            save_file(sample_costs(engine, sample, layers, grid), str(path))
-            print(f"sample {i} ({sample.task}): {time.perf_counter() - started:.0f} s", flush=True)
-        tables.append(load_file(str(path))[args.cost])
-    costs = torch.stack(tables).mean(0).double().numpy()  # (L_c, G)
+    samples = spread_over_tasks(load_samples(args.calib), args.max_samples)
     plans = []
-    for budget in (float(b) for b in args.budget.split(",")):
-        problem = Problem(costs[:, None, :], grid, layers, [STREAMING], total=budget_total(budget, len(layers)),
-                          floor=N_SINK + 1)
+    for budget in (int(b) for b in args.budget.split(",")):
+        if args.around:
+            grid = around_grid(budget, args.spread)
+            costs, n = mean_costs(folder, samples, f"-around{budget}", args.cost,
+                                  lambda sample: around_costs(engine, sample, layers, budget, grid))
+            how = f"with every other layer at the engine's window of {budget} tokens"
+        else:
+            grid = sorted(int(w) for w in args.grid.split(","))
+            costs, n = mean_costs(folder, samples, "", args.cost,
+                                  lambda sample: sample_costs(engine, sample, layers, grid))
+            how = "with that layer alone windowed"
+        problem = Problem(costs.double().numpy()[:, None, :], grid, layers, [STREAMING],
+                          total=budget_total(float(budget), len(layers)), floor=N_SINK + 1)
         allocation = solve(problem, solver="dp")
-        notes = (f"trtllm: one window per layer, cost {args.cost} measured with that layer alone windowed through the "
-                 f"whole prompt (TensorRT-LLM's computation, no sinks), mean of {len(tables)} calibration samples "
+        notes = (f"trtllm: one window per layer, cost {args.cost} measured {how} through the whole prompt "
+                 f"(TensorRT-LLM's computation, no sinks), mean of {n} calibration samples "
                  "(studies/trtllm_window_profile.py)")
-        plan = allocation.to_plan(lm.info, average_budget=budget, notes=notes)
+        plan = allocation.to_plan(lm.info, average_budget=float(budget), notes=notes)
         plans.append(plan)
         windows = [plan.layers[idx].budget for idx in layers]
-        print(f"budget {budget:g}: windows {windows}", flush=True)
+        print(f"budget {budget}: windows {windows}", flush=True)
     PlanFile.build(lm.info, plans).save(args.out)
     print(f"plan: {args.out}")
 

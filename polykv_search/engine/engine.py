@@ -26,7 +26,7 @@ different lengths are padded and the padding hidden per KV head.
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 
@@ -291,12 +291,15 @@ class PrefillEngine:
         return results
 
     @torch.inference_mode()
-    def window_metrics(self, state: PrefillState, probes: Sequence[tuple[int, int]]) -> list[dict[str, float]]:
+    def window_metrics(self, state: PrefillState, probes: Sequence[tuple[int, int]], *,
+                       background: Mapping[int, int] | None = None) -> list[dict[str, float]]:
         """Per (layer, window) probe, teacher-forced measures over the reference answer ("kl" to the full cache,
-        "nll" of the reference tokens) with only that layer attending through a window of that many tokens over the
-        whole prompt (context, question, answer), as TensorRT-LLM runs it (`run_windowed`), every other layer full.
-        One forward over the prompt records each layer's input; each probe runs from its own layer on, one forward
-        per probe (a window is a property of the layer's module, so probes do not share a batch)."""
+        "nll" of the reference tokens) with that layer attending through a window of that many tokens over the
+        whole prompt (context, question, answer), as TensorRT-LLM runs it (`run_windowed`), every other layer full
+        or, where `background` gives it one, through its own window (the probe's window replaces the probed layer's).
+        One forward over the prompt (under the background) records each layer's input; each probe runs from its own
+        layer on, one forward per probe (a window is a property of the layer's module, so probes do not share a
+        batch)."""
         if state.full_logprobs is None or not state.parts.answer_ids:
             return [{"kl": 0.0, "nll": 0.0} for _ in probes]
         parts = state.parts
@@ -306,13 +309,14 @@ class PrefillEngine:
         model, n_answer = self.lm.model, len(parts.answer_ids)
         answer = torch.tensor(parts.answer_ids, device=state.full_logprobs.device)
         full = state.full_logprobs[None]  # (1, A, V)
-        with polykv_attention(model), self._recording_inputs() as inputs:
+        background = dict(background or {})
+        with polykv_attention(model), attention_windows(self.layers, background), self._recording_inputs() as inputs:
             model.model(input_ids=ids, position_ids=positions, use_cache=False)
         out = []
         for layer, window in probes:
             start = self._start_layer(layer, inputs or None)
             feed = {"inputs_embeds": inputs[start]} if start > 0 else {"input_ids": ids}
-            with polykv_attention(model), attention_windows(self.layers, {layer: window}), \
+            with polykv_attention(model), attention_windows(self.layers, {**background, layer: window}), \
                     _layers_from(model.model, start):
                 logits = model(**feed, position_ids=positions, use_cache=False, logits_to_keep=n_answer + 1).logits
             logprobs = torch.log_softmax(logits.float()[:, :-1], dim=-1)  # (1, A, V)

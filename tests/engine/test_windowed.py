@@ -138,3 +138,24 @@ def test_window_metrics_equal_a_windowed_run_of_one_layer(family, tmp_path):
         logprobs = torch.log_softmax(logits[0, len(prompt) - 1:-1].float(), dim=-1)
         assert measured["nll"] == pytest.approx(float(-logprobs.gather(-1, answer[:, None]).mean()), abs=1e-4)
     assert metrics[1]["kl"] > 1e-4 and metrics[1]["kl"] != pytest.approx(metrics[2]["kl"], abs=1e-6)
+
+
+@torch.inference_mode()
+def test_window_metrics_around_a_background_equal_a_windowed_run_of_every_layer(tmp_path):
+    """With `background` windows on the other layers, a probe measures what `run_windowed` measures for the plan
+    that windows every layer (the probe's window replacing its layer's), and differs from the probe without it."""
+    lm = tiny_loaded("llama")
+    sample = load_samples(write_jsonl(tmp_path / "e.jsonl", sample_rows(1, words=120)))[0]
+    engine = PrefillEngine(lm, scorers=["streaming"])
+    state = engine.prefill(sample)
+    layers, n = lm.info.compressible_layers, lm.info.num_layers
+    background = {layer: 24 for layer in layers}
+    probes = [(layers[0], 16), (layers[-1], 40), (layers[-1], 24)]
+    around = engine.window_metrics(state, probes, background=background)
+    alone = engine.window_metrics(state, probes)
+    for (layer, window), measured in zip(probes, around):
+        windows = {**background, layer: window}
+        plan = plan_of(lm.info, tuple("streaming" if i in windows else None for i in range(n)),
+                       tuple(windows.get(i) for i in range(n)))
+        assert measured["kl"] == pytest.approx(engine.run_windowed(state, [plan])[0].kl, abs=1e-4)
+    assert around[0]["kl"] != pytest.approx(alone[0]["kl"], abs=1e-4)
