@@ -18,8 +18,8 @@ import pytest
 
 from polykv_search.data import build_prompt, load_samples
 from polykv_search.data.generate import (
-    CALIB_LONG_PER_FAMILY,
     CALIB_LONG_FILE,
+    CALIB_LONG_PER_FAMILY,
     LONG_FILE,
     LONG_TOKENS,
     SPLIT_FILES,
