@@ -47,36 +47,24 @@ STREAMING = "streaming"
 N_SINK = int(policy_params(STREAMING)["n_sink"])
 
 
-def sample_costs(engine: PrefillEngine, sample, layers: list[int], grid: list[int]) -> dict[str, torch.Tensor]:
-    """{"window_kl", "window_nll"}: (L_c, G) for one sample; 0 where the window holds the whole prompt."""
+def sample_costs(engine: PrefillEngine, sample, layers: list[int], grid: list[int],
+                 around: int | None = None) -> dict[str, torch.Tensor]:
+    """{"window_kl", "window_nll"}: (L_c, G) for one sample. `around` None: the probed layer alone windowed, 0
+    where the window holds the whole prompt. `around` B: every other layer at the engine's window of B tokens, and
+    the background's own measure where the probed window is B."""
     state = engine.prefill(sample)
     parts = state.parts
     length = len(parts.context_ids) + len(parts.question_ids) + len(parts.answer_ids)
-    probes = [(layer, w) for layer in layers for w in grid if w < length]
-    measured = dict(zip(probes, engine.window_metrics(state, probes)))
-    answer = torch.tensor(parts.answer_ids, device=state.full_logprobs.device) if parts.answer_ids else None
-    full_nll = float(-state.full_logprobs.gather(-1, answer[:, None]).mean()) if parts.answer_ids else 0.0
-    kl, nll = torch.zeros(len(layers), len(grid)), torch.zeros(len(layers), len(grid))
-    for i, layer in enumerate(layers):
-        for g, w in enumerate(grid):
-            if (layer, w) in measured:
-                kl[i, g] = measured[layer, w]["kl"]
-                nll[i, g] = measured[layer, w]["nll"] - full_nll
-    return {"window_kl": kl, "window_nll": nll}
-
-
-def around_costs(engine: PrefillEngine, sample, layers: list[int], budget: int,
-                 grid: list[int]) -> dict[str, torch.Tensor]:
-    """{"window_kl", "window_nll"}: (L_c, G) for one sample, every layer at the engine's window of `budget` tokens
-    but the probed one, which attends through each window of `grid` (the background's own KL where it is `budget`)."""
-    state = engine.prefill(sample)
-    parts = state.parts
-    background = dict.fromkeys(layers, budget)
-    probes = [(layer, w) for layer in layers for w in grid if w != budget]
-    *results, base = engine.window_metrics(state, probes + [(layers[0], budget)], background=background)
+    background = dict.fromkeys(layers, around) if around is not None else {}
+    probes = [(layer, w) for layer in layers for w in grid if (w != around if around is not None else w < length)]
+    base_probe = [(layers[0], around)] if around is not None else []
+    results = engine.window_metrics(state, probes + base_probe, background=background)
     measured = dict(zip(probes, results))
-    answer = torch.tensor(parts.answer_ids, device=state.full_logprobs.device) if parts.answer_ids else None
-    full_nll = float(-state.full_logprobs.gather(-1, answer[:, None]).mean()) if parts.answer_ids else 0.0
+    full_nll = 0.0
+    if parts.answer_ids:
+        answer = torch.tensor(parts.answer_ids, device=state.full_logprobs.device)
+        full_nll = float(-state.full_logprobs.gather(-1, answer[:, None]).mean())
+    base = results[-1] if base_probe else {"kl": 0.0, "nll": full_nll}
     kl, nll = torch.zeros(len(layers), len(grid)), torch.zeros(len(layers), len(grid))
     for i, layer in enumerate(layers):
         for g, w in enumerate(grid):
@@ -132,7 +120,7 @@ def main() -> None:
         if args.around:
             grid = around_grid(budget, args.spread)
             costs, n = mean_costs(folder, samples, f"-around{budget}", args.cost,
-                                  lambda sample: around_costs(engine, sample, layers, budget, grid))
+                                  lambda sample: sample_costs(engine, sample, layers, grid, around=budget))
             how = f"with every other layer at the engine's window of {budget} tokens"
         else:
             grid = sorted(int(w) for w in args.grid.split(","))
