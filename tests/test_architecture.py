@@ -111,6 +111,7 @@ def test_the_package_suite_does_not_collect_the_studies():
                                                     len(section))]
 
 
+def test_an_import_inside_a_function_says_why():
     """An import inside a function hides a dependency; it is kept only where it buys start-up time (the command
     line's --help must not load torch), and then a comment in the function says so."""
     unexplained = []
