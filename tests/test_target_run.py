@@ -14,6 +14,7 @@ from polykv_search.export import DuoPattern, export_plan
 from polykv_search.optimization import guard as guard_module
 from polykv_search.optimization.measure import RungMeasure
 from polykv_search.optimization.targets import check_target_budgets
+from polykv_search.optimization.window_shapes import WINDOW_SHAPES, shape_ladder
 from tests.conftest import sample_rows, write_jsonl
 
 GRID = (8, 16, 32)
@@ -42,13 +43,18 @@ def test_run_for_trtllm_calibrates_streaming_and_guards_against_one_window(trtll
     for rung in optimized.plans:  # per layer, StreamingLLM windows from the heads' costs summed per layer
         assert not rung.per_head and {layer.policy for layer in rung.layers} == {"streaming"}
         assert "summed" in rung.search.notes
-    assert [set(c.measured) for c in trtllm_run.guard] == [{"plan", "streaming"}] * 2  # the engine's setting only
-    assert all("fold" in c.reason for c in trtllm_run.guard)  # cross-fitted, as the default guard
+    shapes = {f"{s} windows": shape_ladder(trtllm_run.plan_file.model, s, [12, 16]) for s in WINDOW_SHAPES}
+    # beside the plan, the fixed window shapes; against the engine's setting only
+    assert [set(c.measured) for c in trtllm_run.guard] == [{"plan", *shapes, "streaming"}] * 2
+    assert all("fold" in c.reason for c in trtllm_run.guard)  # the plan cross-fitted, as the default guard
     for choice, rung in zip(trtllm_run.guard, trtllm_run.plan_file.plans):
-        expected = optimized.plan_for(choice.budget) if choice.kept_plan else \
+        candidates = {"plan": optimized, **shapes}
+        expected = candidates[choice.chosen].plan_for(choice.budget) if choice.kept_plan else \
             pk.uniform_plan(trtllm_run.plan_file.model, policy="streaming", budget=choice.budget)
         assert rung.layers == expected.layers
-        assert choice.measured["plan"] <= choice.measured["streaming"] or not choice.kept_plan
+        if choice.kept_plan:  # at most the engine's task loss and closer to the full cache (KL) than its window
+            assert choice.measured[choice.chosen] <= choice.measured["streaming"]
+            assert choice.second[choice.chosen] < choice.second["streaming"] and choice.tie_break == "kl"
     report = trtllm_run.report  # R against the engine's own setting beside R against the best uniform policy
     rows = report.recovery_of("plan")
     assert [r.budget for r in rows] == [12, 16]
@@ -77,10 +83,10 @@ def test_the_guard_writes_the_engine_setting_where_the_target_plan_measures_wors
                                                                                   monkeypatch):
     calib, _, _ = files
 
-    class PlanMeasuresWorse(RungMeasure):  # the optimized rung (the first candidate) loses a whole point of task
+    class PlanMeasuresWorse(RungMeasure):  # every candidate but the engine's window (the last) loses a whole point
         def __call__(self, plans, plans_for=None):
             values = super().__call__(plans, plans_for)
-            return [dict(values[0], task=values[0]["task"] + 1.0), *values[1:]]
+            return [dict(v, task=v["task"] + 1.0) for v in values[:-1]] + values[-1:]
 
     monkeypatch.setattr(guard_module, "RungMeasure", PlanMeasuresWorse)
     config = pk.OptimizeConfig(cost="head_fisher", target="trtllm")
@@ -90,7 +96,7 @@ def test_the_guard_writes_the_engine_setting_where_the_target_plan_measures_wors
     assert [r.chosen for r in rungs] == ["streaming", "streaming"] and not any(r.kept_plan for r in rungs)
     for rung in guarded.plans:
         assert rung.layers == pk.uniform_plan(optimized.model, policy="streaming", budget=rung.average_budget).layers
-        assert "worse than uniform streaming" in rung.search.notes
+        assert "no optimized rung measured at most uniform streaming's mean task" in rung.search.notes
     with pytest.raises(ConfigError, match="no setting of that engine"):
         pk.guard_plan(tiny_llama, optimized, calib, policies=["snapkv"], profile=trtllm_run.calibration.profile,
                       config=config)

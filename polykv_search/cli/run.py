@@ -181,7 +181,10 @@ def kept_name(rung: GuardRung) -> str:
     (= streaming)" where it keeps what that policy keeps) or a policy."""
     if not rung.kept_plan:
         return rung.chosen
-    return f"optimized {rung.chosen}" + (f" (= {rung.same_as})" if rung.same_as else "")
+    from polykv_search.optimization.guard import PLAN  # imported here: the module loads torch (loaded by now)
+
+    optimized = "optimized " if rung.chosen.startswith(PLAN) else ""  # else a fixed window shape (trtllm)
+    return f"{optimized}{rung.chosen}" + (f" (= {rung.same_as})" if rung.same_as else "")
 
 
 def parse_policy_sets(values: list[str] | None, policies: str | None) -> list[list[str]] | None:

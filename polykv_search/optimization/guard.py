@@ -8,6 +8,10 @@ candidate policies and the plan with eleven), it first takes the best optimized 
 the same test. Each candidate's measurement is kept in a cache file under the rungs it answered with, written after
 every budget: an interrupted `run` measures again only the budget it was in, and a guard asked about another
 candidate set or uniform policy measures only those.
+
+For the trtllm target the uniform candidate is the engine's own window, every rung is graded as TensorRT-LLM runs its
+windows, fixed window shapes (optimization/window_shapes.py) stand beside the optimized plan, and a candidate must
+also answer closer to the full cache than the engine's window (a lower KL) to be kept.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ from polykv_search.optimization.measure import RungMeasure
 from polykv_search.optimization.policy_sets import refuse_sets_end_to_end, set_names
 from polykv_search.optimization.run import OptimizeConfig, optimize_profile
 from polykv_search.optimization.targets import engine_settings
+from polykv_search.optimization.window_shapes import WINDOW_SHAPES, shape_ladders
 from polykv_search.plan import Plan, PlanFile, load_plan, uniform_ladders
 from polykv_search.plan.names import Metric
 from polykv_search.policies import DEFAULT_POLICIES, check_policy_names
@@ -69,13 +74,20 @@ class GuardResult(NamedTuple):
 def guard_rungs(plan_file: PlanFile, uniform: Sequence[tuple[str, PlanFile]],
                 measure: Callable[[list[Plan]], list[Measures]], *, metric: Metric = "task",
                 tie_break: Metric = "lost", name: str = PLAN, where: str = "on calibration samples",
-                alternatives: Sequence[tuple[str, PlanFile]] = ()) -> tuple[list[Plan], list[GuardRung]]:
+                alternatives: Sequence[tuple[str, PlanFile]] = (),
+                confirm: bool = False) -> tuple[list[Plan], list[GuardRung]]:
     """Per budget of `plan_file`: the best optimized rung, of the plan's and the `alternatives`' (other optimized
     ladders of the same budgets, e.g. with other candidate policies; lowest `metric`, then `tie_break`, then the
     earlier), where its `metric` is at most every uniform candidate's (a tie keeps it), else the uniform rung
     lowest by `metric` then `tie_break`. `measure` gets the rungs in that order: the plan's, the alternatives',
     the uniform ones. Each kept or replaced rung's search notes say what was measured, and `where`; a replaced
-    rung is the uniform plan itself (solver "uniform")."""
+    rung is the uniform plan itself (solver "uniform").
+
+    `confirm` (the trtllm target): an optimized rung is kept only where its `tie_break` measure is also strictly
+    below the best uniform rung's, besides its `metric` at most that rung's; of the rungs that pass both, the one
+    lowest by `tie_break` (then `metric`) is kept. Where every candidate scores near the floor of a few dozen greedy
+    answers, the task loss alone picks noise; the answer distribution (the KL) is what held out there
+    (docs/engines.md, "Tried: smooth window shapes")."""
     if not uniform:
         raise ConfigError("the guard needs at least one uniform policy to compare the plan with")
     names = [name, *(n for n, _ in alternatives), *(n for n, _ in uniform)]
@@ -96,21 +108,35 @@ def guard_rungs(plan_file: PlanFile, uniform: Sequence[tuple[str, PlanFile]],
         def order(i: int) -> tuple[float, float]:
             return values[i][metric], values[i][tie_break]
 
-        top = min(range(optimized), key=order)  # min keeps the earliest of equals
         best = min(range(optimized, len(rungs)), key=order)
         others = ", ".join(f"{n}={v:.4g}" for n, v in measured.items())
-        keep = values[top][metric] <= values[best][metric]
+        if confirm:
+            others += f"; mean {tie_break}: " + ", ".join(f"{n}={v[tie_break]:.4g}" for (n, _), v in zip(rungs, values))
+            passing = [i for i in range(optimized) if values[i][metric] <= values[best][metric]
+                       and values[i][tie_break] < values[best][tie_break]]
+            keep = bool(passing)
+            top = min(passing, key=lambda i: (values[i][tie_break], values[i][metric])) if passing else 0
+        else:
+            top = min(range(optimized), key=order)  # min keeps the earliest of equals
+            keep = values[top][metric] <= values[best][metric]
         chosen_name, plan = rungs[top] if keep else rungs[best]
         same_as = next((n for n, p in rungs[optimized:] if p.kept_key() == plan.kept_key()), None) if keep else None
-        if keep and optimized > 1:
+        if keep and confirm:
+            note = (f"guard: kept {chosen_name}, of the optimized rungs whose mean {metric} is at most and mean "
+                    f"{tie_break} below every uniform policy's {where}, the lowest by {tie_break} ({others})")
+        elif keep and optimized > 1:
             note = (f"guard: kept {chosen_name}, the best optimized rung by mean {metric} (then {tie_break}), at "
                     f"most every uniform policy's {where} ({others})")
         elif keep:
             note = f"guard: kept, mean {metric} at most every uniform policy's {where} ({others})"
         else:
             worse = "the optimized plans" if optimized > 1 else "the optimized plan"
-            note = (f"guard: {worse} measured worse than uniform {chosen_name} by mean {metric} "
-                    f"{where} ({others}); this rung is that uniform policy")
+            if confirm:
+                note = (f"guard: no optimized rung measured at most uniform {chosen_name}'s mean {metric} and below "
+                        f"its mean {tie_break} {where} ({others}); this rung is that uniform policy")
+            else:
+                note = (f"guard: {worse} measured worse than uniform {chosen_name} by mean {metric} "
+                        f"{where} ({others}); this rung is that uniform policy")
         if same_as is not None:
             note += f"; it keeps exactly what uniform {same_as} keeps"
         notes = f"{plan.search.notes}; {note}" if plan.search.notes else note
@@ -128,7 +154,7 @@ def guard_plan(model: ModelSpec, plan_file: PlanFile | str | Path, samples: Data
                config: OptimizeConfig | None = None, policy_sets: Sequence[Sequence[str]] = (),
                crossfit: bool = True, folds: int = DEFAULT_FOLDS, cache: str | Path | None = None,
                device: str = DEFAULT_DEVICE, dtype: str = "auto", max_context_tokens: int | None = None,
-               progress: Progress | None = None) -> GuardResult:
+               window_shapes: Sequence[str] = WINDOW_SHAPES, progress: Progress | None = None) -> GuardResult:
     """Per budget, the plan's rung where its task score on `samples` (calibration data, never the evaluation
     set) is at least every uniform policy's in `policies`, else the best of those policies (ties by the share
     of the output lost). Returns the guarded plan file, what was measured per budget, and the samples scored.
@@ -145,7 +171,12 @@ def guard_plan(model: ModelSpec, plan_file: PlanFile | str | Path, samples: Data
     default: the plan of six policies, then that of eleven). `cache`: a JSON file keeping each candidate's
     measurement, reused for the same rungs on the same model and samples (written after every budget: an interrupted
     `run` does not measure again what it measured).
-    `max_context_tokens`: prompts truncated (middle) to this many tokens, as calibrate and evaluate do."""
+    `max_context_tokens`: prompts truncated (middle) to this many tokens, as calibrate and evaluate do.
+
+    For the trtllm target every rung is graded as TensorRT-LLM computes its windows, the ladders of `window_shapes`
+    (optimization/window_shapes.py: fixed shapes of the engine window's total, nothing fitted to the samples, so not
+    cross-fitted) are candidates beside the optimized plan, and a candidate is kept only where it is at most the
+    engine's window by task loss and below it by KL, the lowest KL of those winning (`guard_rungs`' `confirm`)."""
     plan_file = load_plan(plan_file) if isinstance(plan_file, (str, Path)) else plan_file
     engine = engine_settings(config.target) if config is not None else []
     policies = check_policy_names(list(policies)) if policies is not None else engine or list(DEFAULT_POLICIES)
@@ -189,7 +220,9 @@ def guard_plan(model: ModelSpec, plan_file: PlanFile | str | Path, samples: Data
     if windowed:
         where += ", every rung run as TensorRT-LLM runs its windows (in the prefill too)"
     uniform = uniform_ladders(lm.info, policies, plan_file.budgets, question_aware=plan_file.question_aware)
-    others = [(name, f) for name, f, _ in alternatives]
+    others = [(name, f) for name, f, _ in alternatives]  # cross-fitted: fold_files holds their folds, in this order
+    if windowed:
+        others += shape_ladders(lm.info, plan_file.budgets, window_shapes, question_aware=plan_file.question_aware)
     loaded, _ = resolve_samples(samples)
     key = _cache_key(lm, loaded, fold_of, max_context_tokens, windowed, plan_file.question_aware)
     stored = read_guard_cache(cache, key)
@@ -224,7 +257,8 @@ def guard_plan(model: ModelSpec, plan_file: PlanFile | str | Path, samples: Data
                 write_sealed_json(cache, {"run": key, "samples": samples_scored, "entries": entries})
         return [entries[k] for k in keys]
 
-    plans, rungs = guard_rungs(plan_file, uniform, measure, where=where, alternatives=others)
+    plans, rungs = guard_rungs(plan_file, uniform, measure, where=where, alternatives=others,
+                               tie_break="kl" if windowed else "lost", confirm=windowed)
     return GuardResult(replace(plan_file, plans=tuple(plans), schema_version=""), rungs, samples_scored)
 
 

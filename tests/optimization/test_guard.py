@@ -109,3 +109,36 @@ def test_a_kept_rung_that_keeps_what_a_uniform_policy_keeps_says_so():
     other = ladder(info, "snapkv", [16, 32])  # a plan of its own names no twin
     _, rungs = guard_rungs(other, uniform, measure)
     assert [r.same_as for r in rungs] == [None, None] and kept_name(rungs[0]) == "optimized plan"
+
+
+def test_with_confirm_a_rung_must_also_answer_closer_than_the_uniform_one_and_the_lowest_kl_of_those_wins():
+    from polykv_search.cli.run import kept_name
+
+    info = tiny_loaded("llama").info
+    plan, shape = ladder(info, "snapkv", [16, 32, 64]), ladder(info, "tova", [16, 32, 64])
+    uniform = [("streaming", ladder(info, "streaming", [16, 32, 64]))]
+    # 16: the plan wins on the task but answers farther (KL) than the window, the shape ties it on the task and is
+    #     closer: the shape; 32: both pass, the shape's KL is lower though the plan's task loss is: the shape;
+    # 64: the plan is better on the task, not on the KL, the shape the reverse: neither passes, the window is kept
+    task = {16: {"snapkv": 0.5, "tova": 0.6, "streaming": 0.6}, 32: {"snapkv": 0.3, "tova": 0.5, "streaming": 0.6},
+            64: {"snapkv": 0.4, "tova": 0.7, "streaming": 0.6}}
+    kl = {16: {"snapkv": 3.0, "tova": 2.0, "streaming": 2.5}, 32: {"snapkv": 2.2, "tova": 2.1, "streaming": 2.5},
+          64: {"snapkv": 2.5, "tova": 1.0, "streaming": 2.5}}
+
+    def measure(candidates):
+        return [{"task": task[p.average_budget][next(x for x in p.policies if x)],
+                 "kl": kl[p.average_budget][next(x for x in p.policies if x)], "lost": 0.1} for p in candidates]
+
+    plans, rungs = guard_rungs(plan, uniform, measure, alternatives=[("inverted windows", shape)], tie_break="kl",
+                               confirm=True)
+    assert [r.chosen for r in rungs] == ["inverted windows", "inverted windows", "streaming"]
+    assert [r.kept_plan for r in rungs] == [True, True, False]
+    assert rungs[0].second == {"plan": 3.0, "inverted windows": 2.0, "streaming": 2.5}
+    assert "the lowest by kl" in plans[0].search.notes and "mean kl: plan=3" in plans[0].search.notes
+    assert "no optimized rung measured at most uniform streaming's mean task and below its mean kl" in \
+        plans[2].search.notes
+    assert set(plans[1].policies) - {None} == {"tova"} and set(plans[2].policies) - {None} == {"streaming"}
+    assert kept_name(rungs[0]) == "inverted windows"  # a fixed shape is not an optimized plan
+    # without confirm the same figures keep the plan wherever its task loss is the lowest (the default guard)
+    _, plain = guard_rungs(plan, uniform, measure, alternatives=[("inverted windows", shape)], tie_break="kl")
+    assert [r.chosen for r in plain] == ["plan", "plan", "plan"]
