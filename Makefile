@@ -23,7 +23,7 @@ setup: $(VENV)/.installed
 
 # The default recipe (a policy and budget per KV head) on a ladder of a low and a high budget, sized for two CPU
 # cores: 18 calibration samples (3 a task) of the short split only (the 6k-8k split, which the default command also
-# calibrates, would add about half an hour on two Zen 5 cores), 18 held-out ones (3 a task), five uniform policies
+# calibrates, would add about an hour on two Zen 5 cores), 18 held-out ones (3 a task), five uniform policies
 # to beat; the known allocators (PyramidKV, CAKE, Ada-KV) are left to the full command of the README, whose
 # evaluation they lengthen by half. bfloat16 where the CPU computes it natively (AVX512-BF16 or AMX: about 1.5x
 # faster prefills than float32, docs/measurements.md), float32 elsewhere (an AVX2-only CPU emulates bfloat16 about
