@@ -181,13 +181,13 @@ def test_the_guard_weighs_each_policy_sets_plan_made_without_each_sample(tiny_ll
     monkeypatch.undo()
     # and only that set is measured: the plan and the uniform policy come from the cache
     measured: list[int] = []
-    original = RungMeasure.__call__
+    original = RungMeasure.each
 
     def counting(self, plans, plans_for=None):
         measured.append(len(plans))
         return original(self, plans, plans_for)
 
-    monkeypatch.setattr(RungMeasure, "__call__", counting)
+    monkeypatch.setattr(RungMeasure, "each", counting)
     pk.guard_plan(tiny_llama, plan_file, calib, policies=["streaming"], profile=run.profile, config=config,
                   policy_sets=[["snapkv", "streaming"]], cache=cache)
     assert measured and set(measured) == {1}  # the new set alone, at the budgets where its rungs are new
@@ -204,7 +204,7 @@ def test_an_interrupted_guard_measures_again_only_the_budgets_it_had_not_finishe
                                                                      policies=("snapkv", "streaming")),
                        out_dir=tmp / "interrupted")
     plan_file = pk.optimize(run.profile, budgets=[8, 16], config=pk.OptimizeConfig(cost="out_err"))
-    cache, calls, original = tmp / "interrupted" / "guard.json", [], RungMeasure.__call__
+    cache, calls, original = tmp / "interrupted" / "guard.json", [], RungMeasure.each
 
     def killed_at_the_second_budget(self, plans, plans_for=None):
         calls.append(plans[0].average_budget)
@@ -212,11 +212,11 @@ def test_an_interrupted_guard_measures_again_only_the_budgets_it_had_not_finishe
             raise KeyboardInterrupt  # a kill: nothing on the way catches it
         return original(self, plans, plans_for)
 
-    monkeypatch.setattr(RungMeasure, "__call__", killed_at_the_second_budget)
+    monkeypatch.setattr(RungMeasure, "each", killed_at_the_second_budget)
     with pytest.raises(KeyboardInterrupt):
         pk.guard_plan(tiny_llama, plan_file, calib, policies=["snapkv", "streaming"], cache=cache)
     calls.clear()
-    monkeypatch.setattr(RungMeasure, "__call__", lambda self, plans, plans_for=None: (
+    monkeypatch.setattr(RungMeasure, "each", lambda self, plans, plans_for=None: (
         calls.append(plans[0].average_budget), original(self, plans, plans_for))[1])
     resumed = pk.guard_plan(tiny_llama, plan_file, calib, policies=["snapkv", "streaming"], cache=cache)
     assert calls == [16.0]  # the first budget came from the cache
@@ -346,3 +346,34 @@ def test_run_on_one_calibration_sample_guards_in_sample(tiny_llama, files):
     assert result.guard_samples == 1 and set(choice.measured) == {"plan", "streaming"}
     notes = result.plan_file.plans[0].search.notes
     assert "guard:" in notes and "without its fold" not in notes  # nothing to cross-fit with: measured in-sample
+
+
+def test_a_kept_rung_says_by_how_much_it_led_and_how_sure_that_is(tiny_llama, files, monkeypatch):
+    import polykv_search.optimization.guard as guard_module
+
+    calib, _, tmp = files
+    run = pk.calibrate(tiny_llama, calib, config=pk.CalibrationConfig(budgets=GRID, window=16,
+                                                                     policies=("snapkv", "streaming")),
+                       out_dir=tmp / "lead")
+    plan_file = pk.optimize(run.profile, budgets=[8, 16], config=pk.OptimizeConfig(cost="out_err"))
+    losses = {"plan": 0.2, "uniform": 0.5}
+
+    class Fixed(RungMeasure):  # the plan (first) loses `plan` on every sample, each uniform policy `uniform`
+        def each(self, plans, plans_for=None):
+            values = super().each(plans, plans_for)
+            return [{s: dict(m, task=losses["plan" if i == 0 else "uniform"]) for s, m in v.items()}
+                    for i, v in enumerate(values)]
+
+    monkeypatch.setattr(guard_module, "RungMeasure", Fixed)
+    cache = tmp / "lead" / "guard.json"
+    guarded, rungs, samples = pk.guard_plan(tiny_llama, plan_file, calib, policies=["snapkv", "streaming"],
+                                            cache=cache)
+    assert all(r.kept_plan for r in rungs) and samples == 2
+    for rung, written in zip(rungs, guarded.plans):
+        assert rung.lead.over == "snapkv"  # of two tied uniform policies, the first, as the guard picks it
+        assert (rung.lead.value, rung.lead.low, rung.lead.high, rung.lead.samples) == pytest.approx((0.3, 0.3, 0.3, 2))
+        assert "lead over snapkv +0.300 [90%: +0.300, +0.300]" in written.search.notes
+    assert pk.guard_plan(tiny_llama, plan_file, calib, policies=["snapkv", "streaming"], cache=cache)[1] == rungs
+    losses["plan"] = 0.9  # a rung the guard replaces has no lead
+    _, replaced, _ = pk.guard_plan(tiny_llama, plan_file, calib, policies=["snapkv", "streaming"])
+    assert not any(r.kept_plan for r in replaced) and all(r.lead is None for r in replaced)

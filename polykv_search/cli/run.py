@@ -169,6 +169,10 @@ def run(
         err_console.print(choice_table(candidates, part.guard, what=f"task loss (1 - score){lengths}",
                                        samples=part.guard_samples))
         typer.echo(f"guard{lengths}: " + ", ".join(f"{c.budget:g} -> {kept_name(c)}" for c in part.guard))
+        leads = [f"{c.budget:g} {c.lead.value:+.3f} [{c.lead.low:+.3f}, {c.lead.high:+.3f}] over {c.lead.over}"
+                 for c in part.guard if c.lead is not None]
+        if leads:
+            typer.echo(f"guard lead{lengths} (task loss, 90% paired bootstrap): " + ", ".join(leads))
     err_console.print(plan_table(result.plan_file))
     err_console.print(report.markdown(), markup=False, highlight=False)
     for line in recovery_lines(report, "plan"):

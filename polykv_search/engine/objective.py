@@ -79,6 +79,14 @@ class EndToEndObjective:
     def measure_each(self, plans_for: Callable[[Sample], Sequence[Plan]], count: int) -> list[Measures]:
         """As `measure`, but each sample answers its own `count` candidates, `plans_for(sample)`: candidate i is the
         i-th plan of every sample's list (the guard measures each sample with the plan made without it)."""
+        rows = self.sample_rows(plans_for, count)
+        if not rows:  # no sample has a reference answer: nothing to tell the plans apart
+            return [dict.fromkeys(DECODED if self.metric == "task" else TEACHER_FORCED, 0.0) for _ in range(count)]
+        return mean_over_tasks([state.sample.task for state in self.states], rows)
+
+    def sample_rows(self, plans_for: Callable[[Sample], Sequence[Plan]], count: int) -> list[list[Measures]]:
+        """rows[s][i]: every metric of candidate i (of `plans_for(sample)`) on the s-th measured sample (`states`
+        order), before any mean: what a paired comparison of two candidates needs."""
         rows = []
         for state in self.states:
             plans = list(plans_for(state.sample))
@@ -86,9 +94,7 @@ class EndToEndObjective:
                 raise ValueError(f"sample {state.sample.id} got {len(plans)} candidate plans, not {count}")
             rows.append(self._sample_metrics(state, plans))
         self.evaluations += count
-        if not rows:  # no sample has a reference answer: nothing to tell the plans apart
-            return [dict.fromkeys(DECODED if self.metric == "task" else TEACHER_FORCED, 0.0) for _ in range(count)]
-        return mean_over_tasks([state.sample.task for state in self.states], rows)
+        return rows
 
     def _sample_metrics(self, state: PrefillState, plans: Sequence[Plan]) -> list[Measures]:
         if self.metric != "task":

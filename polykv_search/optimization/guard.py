@@ -26,7 +26,7 @@ from typing import NamedTuple
 from polykv_search.calibration.profile import Profile
 from polykv_search.checkpoints import fingerprint_digest, samples_digest
 from polykv_search.data import DataSpec, Sample, resolve_samples
-from polykv_search.engine.objective import Measures
+from polykv_search.engine.objective import DECODED, Measures, mean_over_tasks
 from polykv_search.engine.progress import Progress
 from polykv_search.errors import ConfigError
 from polykv_search.export import TRTLLM
@@ -34,6 +34,7 @@ from polykv_search.io import unseal, write_sealed_json
 from polykv_search.models import DEFAULT_DEVICE, LoadedModel, ModelSpec, resolve_model
 from polykv_search.optimization.choose import Choice
 from polykv_search.optimization.crossfit import DEFAULT_FOLDS, fold_plans
+from polykv_search.optimization.lead import Lead, paired_lead
 from polykv_search.optimization.measure import RungMeasure
 from polykv_search.optimization.policy_sets import refuse_sets_end_to_end, set_names
 from polykv_search.optimization.run import OptimizeConfig, optimize_profile
@@ -61,6 +62,7 @@ class GuardRung(Choice):
     kept_plan: bool  # the winner is an optimized plan; False: the best uniform policy took its place
     reason: str  # the note written in the rung's search notes
     same_as: str | None = None  # a kept optimized rung that keeps exactly what this uniform candidate keeps
+    lead: Lead | None = None  # a kept rung's task-loss lead over the best uniform policy, with its interval
 
 
 class GuardResult(NamedTuple):
@@ -227,7 +229,10 @@ def guard_plan(model: ModelSpec, plan_file: PlanFile | str | Path, samples: Data
     key = _cache_key(lm, loaded, fold_of, max_context_tokens, windowed, plan_file.question_aware)
     stored = read_guard_cache(cache, key)
     entries: dict[str, Measures] = dict(stored["entries"]) if stored else {}
+    per_sample: dict[str, dict[str, float]] = _per_sample(stored)  # candidate -> sample id -> task loss
     samples_scored = stored["samples"] if stored else 0
+    task_of = {str(s.id): s.task for s in loaded}
+    keys_at: dict[float, list[str]] = {}  # budget -> each candidate's key, in the order guard_rungs measures them
     ladders = [plan_file, *(f for _, f in others), *(f for files in fold_files for f in files)]
     measurer: RungMeasure | None = None  # built (every sample prefilled) only when something is not in the cache
 
@@ -244,22 +249,57 @@ def guard_plan(model: ModelSpec, plan_file: PlanFile | str | Path, samples: Data
         # what each candidate answers with: its rung, and its rung in every fold when cross-fitted
         keys = [_rungs_key([plan, *(f.plan_for(budget) for f in (fold_files[i] if i < len(fold_files) else ()))])
                 for i, plan in enumerate(plans)]
+        keys_at[budget] = keys
         missing = [i for i, k in enumerate(keys) if k not in entries]
         if missing:
             if measurer is None:
                 measurer = RungMeasure(lm, loaded, ladders + [f for _, f in uniform], metric="task", stage="guard",
                                        budgets=len(plan_file.budgets), progress=progress,
                                        max_context_tokens=max_context_tokens, windowed=windowed)
-            values = measurer([plans[i] for i in missing], lambda s: [for_sample(s)[i] for i in missing])
-            entries.update({keys[i]: v for i, v in zip(missing, values)})
+            each = measurer.each([plans[i] for i in missing], lambda s: [for_sample(s)[i] for i in missing])
+            for i, by_sample in zip(missing, each):
+                ids = list(by_sample)  # means as RungMeasure's: over tasks, each task's mean
+                means = mean_over_tasks([task_of[s] for s in ids], [[by_sample[s]] for s in ids])
+                entries[keys[i]] = means[0] if means else dict.fromkeys(DECODED, 0.0)
+                per_sample[keys[i]] = {s: float(m["task"]) for s, m in by_sample.items()}
             samples_scored = measurer.samples
             if cache is not None:  # after every budget: an interrupted guard keeps what it measured
-                write_sealed_json(cache, {"run": key, "samples": samples_scored, "entries": entries})
+                write_sealed_json(cache, {"run": key, "samples": samples_scored, "entries": entries,
+                                          "per_sample": per_sample})
         return [entries[k] for k in keys]
 
     plans, rungs = guard_rungs(plan_file, uniform, measure, where=where, alternatives=others,
                                tie_break="kl" if windowed else "lost", confirm=windowed)
+    names = [PLAN, *(n for n, _ in others), *(n for n, _ in uniform)]  # guard_rungs' candidate order
+    for j, rung in enumerate(rungs):
+        lead = _lead(rung, names, keys_at.get(rung.budget, []), per_sample, task_of) if rung.kept_plan else None
+        if lead is not None:
+            rungs[j] = replace(rung, lead=lead)
+            plan = plans[j]
+            plans[j] = replace(plan, search=replace(plan.search, notes=f"{plan.search.notes}; {lead.describe()}"))
     return GuardResult(replace(plan_file, plans=tuple(plans), schema_version=""), rungs, samples_scored)
+
+
+def _lead(rung: GuardRung, names: Sequence[str], keys: Sequence[str], per_sample: dict[str, dict[str, float]],
+          task_of: dict[str, str]) -> Lead | None:
+    """The kept rung's lead over the uniform policy it had to beat (lowest by the metric, then the tie-break, as
+    guard_rungs picks it), from the per-sample losses; None where either was measured before they were kept."""
+    uniform = [n for n in names if n not in rung.optimized]
+    if not uniform or len(keys) != len(names):
+        return None
+    over = min(uniform, key=lambda n: (rung.measured[n], rung.second[n]))
+    kept, other = per_sample.get(keys[names.index(rung.chosen)]), per_sample.get(keys[names.index(over)])
+    return paired_lead(kept, other, task_of, over=over) if kept and other else None
+
+
+def _per_sample(stored: dict | None) -> dict[str, dict[str, float]]:
+    """The stored per-sample task losses, where a cache holds them in the expected shape (a cache written before
+    they were kept has none: its candidates get no lead interval, nothing else changes)."""
+    held = stored.get("per_sample") if stored else None
+    if not isinstance(held, dict):
+        return {}
+    return {k: {s: float(v) for s, v in losses.items()} for k, losses in held.items()
+            if isinstance(losses, dict) and all(isinstance(v, (int, float)) for v in losses.values())}
 
 
 def _cache_key(lm: LoadedModel, samples: Sequence[Sample], fold_of: dict[str, int], max_context_tokens: int | None,

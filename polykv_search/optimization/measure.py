@@ -49,6 +49,16 @@ class RungMeasure:
         self._step(self.done, f"{plans[0].average_budget:g} tokens/layer measured")
         return values
 
+    def each(self, plans: list[Plan],
+             plans_for: Callable[[Sample], list[Plan]] | None = None) -> list[dict[str, Measures]]:
+        """As calling it, but per candidate: {sample id: its metrics on that sample}, before any mean (a sample
+        without a reference answer is not measured and not in it)."""
+        rows = self.objective.sample_rows(plans_for or (lambda _: plans), len(plans))
+        self.done += 1
+        self._step(self.done, f"{plans[0].average_budget:g} tokens/layer measured")
+        ids = [str(state.sample.id) for state in self.objective.states]
+        return [{sid: row[i] for sid, row in zip(ids, rows)} for i in range(len(plans))]
+
     def _step(self, done: int, note: str) -> None:
         if self.progress:
             self.progress(self.stage, done, self.steps, note)

@@ -68,6 +68,10 @@ def test_run_weighs_the_plans_of_its_policy_sets(monkeypatch, capsys, tiny_dir, 
     kept = {"guard: 16 -> optimized plan": "guard: kept plan, the best", "guard: 16 -> optimized plan (3 policies)":
             "guard: kept plan (3 policies)", "guard: 16 -> streaming": "than uniform streaming"}[line]
     assert kept in PlanFile.load(tmp_path / "o" / "plan.json").plans[0].search.notes  # what was written says so
+    leads = [ln for ln in printed.out.splitlines() if ln.startswith("guard lead")]
+    assert leads == [] if line == "guard: 16 -> streaming" else (  # a kept rung: its lead over streaming, printed
+        len(leads) == 1 and leads[0].startswith("guard lead (task loss, 90% paired bootstrap): 16 ")
+        and leads[0].endswith(" over streaming"))
     assert "plan (3 policies)" in printed.err  # the guard's table has a row for each set's plan
     optimized = PlanFile.load(tmp_path / "o" / "plan_optimized.json").plans[0]
     assert {entry.policy for entry in optimized.layers} <= {"snapkv", "streaming"}  # the first set's plan
