@@ -361,7 +361,7 @@ def test_a_kept_rung_says_by_how_much_it_led_and_how_sure_that_is(tiny_llama, fi
     class Fixed(RungMeasure):  # the plan (first) loses `plan` on every sample, each uniform policy `uniform`
         def each(self, plans, plans_for=None):
             values = super().each(plans, plans_for)
-            return [{s: dict(m, task=losses["plan" if i == 0 else "uniform"]) for s, m in v.items()}
+            return [[(s, dict(m, task=losses["plan" if i == 0 else "uniform"])) for s, m in v]
                     for i, v in enumerate(values)]
 
     monkeypatch.setattr(guard_module, "RungMeasure", Fixed)

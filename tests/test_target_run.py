@@ -86,7 +86,7 @@ def test_the_guard_writes_the_engine_setting_where_the_target_plan_measures_wors
     class PlanMeasuresWorse(RungMeasure):  # every candidate but the engine's window (the last) loses a whole point
         def each(self, plans, plans_for=None):
             values = super().each(plans, plans_for)
-            return [{s: dict(m, task=m["task"] + 1.0) for s, m in v.items()} for v in values[:-1]] + values[-1:]
+            return [[(s, dict(m, task=m["task"] + 1.0)) for s, m in v] for v in values[:-1]] + values[-1:]
 
     monkeypatch.setattr(guard_module, "RungMeasure", PlanMeasuresWorse)
     config = pk.OptimizeConfig(cost="head_fisher", target="trtllm")

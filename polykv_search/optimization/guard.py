@@ -257,11 +257,10 @@ def guard_plan(model: ModelSpec, plan_file: PlanFile | str | Path, samples: Data
                                        budgets=len(plan_file.budgets), progress=progress,
                                        max_context_tokens=max_context_tokens, windowed=windowed)
             each = measurer.each([plans[i] for i in missing], lambda s: [for_sample(s)[i] for i in missing])
-            for i, by_sample in zip(missing, each):
-                ids = list(by_sample)  # means as RungMeasure's: over tasks, each task's mean
-                means = mean_over_tasks([task_of[s] for s in ids], [[by_sample[s]] for s in ids])
+            for i, pairs in zip(missing, each):  # means as RungMeasure's: over tasks, each task's mean
+                means = mean_over_tasks([s.task for s, _ in pairs], [[m] for _, m in pairs])
                 entries[keys[i]] = means[0] if means else dict.fromkeys(DECODED, 0.0)
-                per_sample[keys[i]] = {s: float(m["task"]) for s, m in by_sample.items()}
+                per_sample[keys[i]] = {str(s.id): float(m["task"]) for s, m in pairs}  # by _id, as reports name them
             samples_scored = measurer.samples
             if cache is not None:  # after every budget: an interrupted guard keeps what it measured
                 write_sealed_json(cache, {"run": key, "samples": samples_scored, "entries": entries,

@@ -50,14 +50,14 @@ class RungMeasure:
         return values
 
     def each(self, plans: list[Plan],
-             plans_for: Callable[[Sample], list[Plan]] | None = None) -> list[dict[str, Measures]]:
-        """As calling it, but per candidate: {sample id: its metrics on that sample}, before any mean (a sample
+             plans_for: Callable[[Sample], list[Plan]] | None = None) -> list[list[tuple[Sample, Measures]]]:
+        """As calling it, but per candidate: each measured sample with its metrics on it, before any mean (a sample
         without a reference answer is not measured and not in it)."""
         rows = self.objective.sample_rows(plans_for or (lambda _: plans), len(plans))
         self.done += 1
         self._step(self.done, f"{plans[0].average_budget:g} tokens/layer measured")
-        ids = [str(state.sample.id) for state in self.objective.states]
-        return [{sid: row[i] for sid, row in zip(ids, rows)} for i in range(len(plans))]
+        samples = [state.sample for state in self.objective.states]
+        return [[(sample, row[i]) for sample, row in zip(samples, rows)] for i in range(len(plans))]
 
     def _step(self, done: int, note: str) -> None:
         if self.progress:
