@@ -79,7 +79,11 @@ class EndToEndObjective:
     def measure_each(self, plans_for: Callable[[Sample], Sequence[Plan]], count: int) -> list[Measures]:
         """As `measure`, but each sample answers its own `count` candidates, `plans_for(sample)`: candidate i is the
         i-th plan of every sample's list (the guard measures each sample with the plan made without it)."""
-        rows = self.sample_rows(plans_for, count)
+        return self.means(self.sample_rows(plans_for, count), count)
+
+    def means(self, rows: Sequence[Sequence[Measures]], count: int) -> list[Measures]:
+        """`sample_rows`' rows (every measured sample, in `states` order) -> each of the `count` candidates' metrics,
+        the mean over tasks of each task's mean."""
         if not rows:  # no sample has a reference answer: nothing to tell the plans apart
             return [dict.fromkeys(DECODED if self.metric == "task" else TEACHER_FORCED, 0.0) for _ in range(count)]
         return mean_over_tasks([state.sample.task for state in self.states], rows)

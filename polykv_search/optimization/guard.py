@@ -26,7 +26,7 @@ from typing import NamedTuple
 from polykv_search.calibration.profile import Profile
 from polykv_search.checkpoints import fingerprint_digest, samples_digest
 from polykv_search.data import DataSpec, Sample, resolve_samples
-from polykv_search.engine.objective import DECODED, Measures, mean_over_tasks
+from polykv_search.engine.objective import Measures
 from polykv_search.engine.progress import Progress
 from polykv_search.errors import ConfigError
 from polykv_search.export import TRTLLM
@@ -257,9 +257,8 @@ def guard_plan(model: ModelSpec, plan_file: PlanFile | str | Path, samples: Data
                                        budgets=len(plan_file.budgets), progress=progress,
                                        max_context_tokens=max_context_tokens, windowed=windowed)
             each = measurer.each([plans[i] for i in missing], lambda s: [for_sample(s)[i] for i in missing])
-            for i, pairs in zip(missing, each):  # means as RungMeasure's: over tasks, each task's mean
-                means = mean_over_tasks([s.task for s, _ in pairs], [[m] for _, m in pairs])
-                entries[keys[i]] = means[0] if means else dict.fromkeys(DECODED, 0.0)
+            for i, pairs in zip(missing, each):  # the mean as RungMeasure's call gives it
+                entries[keys[i]] = measurer.objective.means([[m] for _, m in pairs], 1)[0]
                 per_sample[keys[i]] = {str(s.id): float(m["task"]) for s, m in pairs}  # by _id, as reports name them
             samples_scored = measurer.samples
             if cache is not None:  # after every budget: an interrupted guard keeps what it measured
