@@ -53,6 +53,7 @@ def test_calibrate_optimize_evaluate_chain_and_print_nothing(tiny_llama, files, 
     assert {r.method for r in report.recovery} == {"mine", "pyramidkv", "cake", "adakv"}
     assert report.files["json"].is_file() and report.methods["full"].kl == 0.0
     assert ("calibrate", 2, 2) in seen and ("evaluate", 2, 2) in seen
+    assert seen.index(("evaluate", 0, 2)) < seen.index(("evaluate", 1, 2))  # the stage is named before its first sample
     assert capsys.readouterr() == ("", "")
 
 

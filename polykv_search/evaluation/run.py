@@ -78,6 +78,8 @@ def _score_locked(lm: LoadedModel, samples: Sequence[Sample], methods: Sequence[
                                      policies=[m.policy for m in methods if m.policy],
                                      max_context_tokens=max_context_tokens, question_aware=question_aware)
     results: list[ScoredResult] = []
+    if progress:  # the stage starts now: a heartbeat during the first (long) sample names it, not the stage before
+        progress(0, len(samples))
     for index, sample in enumerate(samples):
         ckpt = run.path(index, sample)
         rows = _load_checkpoint(ckpt, run, index, sample) if resume and ckpt.exists() else None
