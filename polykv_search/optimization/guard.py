@@ -76,8 +76,8 @@ class GuardResult(NamedTuple):
 def guard_rungs(plan_file: PlanFile, uniform: Sequence[tuple[str, PlanFile]],
                 measure: Callable[[list[Plan]], list[Measures]], *, metric: Metric = "task",
                 tie_break: Metric = "lost", name: str = PLAN, where: str = "on calibration samples",
-                alternatives: Sequence[tuple[str, PlanFile]] = (),
-                confirm: bool = False) -> tuple[list[Plan], list[GuardRung]]:
+                alternatives: Sequence[tuple[str, PlanFile]] = (), confirm: bool = False,
+                lead: Callable[[float, int, int], Lead | None] | None = None) -> tuple[list[Plan], list[GuardRung]]:
     """Per budget of `plan_file`: the best optimized rung, of the plan's and the `alternatives`' (other optimized
     ladders of the same budgets, e.g. with other candidate policies; lowest `metric`, then `tie_break`, then the
     earlier), where its `metric` is at most every uniform candidate's (a tie keeps it), else the uniform rung
@@ -85,9 +85,19 @@ def guard_rungs(plan_file: PlanFile, uniform: Sequence[tuple[str, PlanFile]],
     the uniform ones. Each kept or replaced rung's search notes say what was measured, and `where`; a replaced
     rung is the uniform plan itself (solver "uniform").
 
+    `lead(budget, i, j)`: candidate i's paired task-loss lead over candidate j at that budget (indices in `measure`'s
+    order), with its interval. Given it, where the plan's rung passes (its `metric` at most every uniform rung's), an
+    alternative takes its place only where it measured lower AND its lead over the plan's rung has a 90% interval
+    above 0; a lead within chance leaves the plan's rung (the first set's: `run`'s six policies that keep a head's
+    newest tokens) standing. Where the plan's rung fails, the best alternative by the mean is held to the uniform
+    rungs as without `lead`: the guard's first test stays that no uniform policy measured better. The alternatives are richer candidate
+    sets whose plans, picked by a mean alone, win by noise as often as by signal (docs/long-context.md, "The first
+    set stands unless surely beaten"). Without it, or where it gives None, the lowest mean wins.
+
     `confirm` (the trtllm target): an optimized rung is kept only where its `tie_break` measure is also strictly
-    below the best uniform rung's, besides its `metric` at most that rung's; of the rungs that pass both, the one
-    lowest by `tie_break` (then `metric`) is kept. Where every candidate scores near the floor of a few dozen greedy
+    below the best uniform rung's (the engine's own setting), besides its `metric` at most that rung's, and, given
+    `lead`, its lead over that rung has a 90% interval above 0 (the setting a user of the engine already runs stands
+    unless surely beaten); of the rungs that pass, the one lowest by `tie_break` (then `metric`) is kept. Where every candidate scores near the floor of a few dozen greedy
     answers, the task loss alone picks noise; the answer distribution (the KL) is what held out there
     (docs/engines.md, "Tried: smooth window shapes")."""
     if not uniform:
@@ -111,34 +121,59 @@ def guard_rungs(plan_file: PlanFile, uniform: Sequence[tuple[str, PlanFile]],
             return values[i][metric], values[i][tie_break]
 
         best = min(range(optimized, len(rungs)), key=order)
+        stood = ""  # where an alternative measured lower: why the plan's rung stood, or the alternative's sure lead
         others = ", ".join(f"{n}={v:.4g}" for n, v in measured.items())
         if confirm:
             others += f"; mean {tie_break}: " + ", ".join(f"{n}={v[tie_break]:.4g}" for (n, _), v in zip(rungs, values))
             passing = [i for i in range(optimized) if values[i][metric] <= values[best][metric]
                        and values[i][tie_break] < values[best][tie_break]]
+            if lead is not None and passing:  # the engine's own setting stands unless surely beaten on the task
+                leads = {i: lead(budget, i, best) for i in passing}
+                chance = [i for i, held in leads.items() if held is not None and held.low <= 0]
+                passing = [i for i in passing if i not in chance]
+                if chance:
+                    stood = "; not kept, their lead within chance: " + "; ".join(
+                        f"{rungs[i][0]} ({leads[i].describe()})" for i in chance)
             keep = bool(passing)
             top = min(passing, key=lambda i: (values[i][tie_break], values[i][metric])) if passing else 0
         else:
             top = min(range(optimized), key=order)  # min keeps the earliest of equals
+            if lead is not None and top != 0 and order(0)[0] <= values[best][metric]:  # the plan passes; is the
+                # lead of an alternative that measured lower sure? (a plan that fails gives way to one that passes)
+                leads = {i: lead(budget, i, 0) for i in range(1, optimized) if order(i) < order(0)}
+                sure = [i for i, held in leads.items() if held is None or held.low > 0]  # None: the mean decides
+                if sure:
+                    top = min(sure, key=order)
+                    stood = f"; its lead sure at 90%: {leads[top].describe()}" if leads[top] is not None else ""
+                else:
+                    within = leads[top].describe()
+                    stood = f"; {rungs[0][0]} stands, {rungs[top][0]}'s lead within chance: {within}"
+                    top = 0
             keep = values[top][metric] <= values[best][metric]
         chosen_name, plan = rungs[top] if keep else rungs[best]
         same_as = next((n for n, p in rungs[optimized:] if p.kept_key() == plan.kept_key()), None) if keep else None
         if keep and confirm:
             note = (f"guard: kept {chosen_name}, of the optimized rungs whose mean {metric} is at most and mean "
-                    f"{tie_break} below every uniform policy's {where}, the lowest by {tie_break} ({others})")
+                    f"{tie_break} below every uniform policy's {where}, the lowest by {tie_break} ({others}){stood}")
+        elif keep and top == 0 and stood:
+            note = (f"guard: kept {chosen_name}, at most every uniform policy's mean {metric} {where} "
+                    f"({others}){stood}")
         elif keep and optimized > 1:
             note = (f"guard: kept {chosen_name}, the best optimized rung by mean {metric} (then {tie_break}), at "
-                    f"most every uniform policy's {where} ({others})")
+                    f"most every uniform policy's {where} ({others}){stood}")
         elif keep:
             note = f"guard: kept, mean {metric} at most every uniform policy's {where} ({others})"
         else:
             worse = "the optimized plans" if optimized > 1 else "the optimized plan"
-            if confirm:
+            if confirm and stood:
+                note = (f"guard: no optimized rung surely beat uniform {chosen_name} on mean {metric} {where} "
+                        f"({others}){stood}; this rung is that uniform policy")
+            elif confirm:
                 note = (f"guard: no optimized rung measured at most uniform {chosen_name}'s mean {metric} and below "
-                        f"its mean {tie_break} {where} ({others}); this rung is that uniform policy")
+                        f"its mean {tie_break} {where} ({others}){stood}; this rung is that uniform policy")
             else:
                 note = (f"guard: {worse} measured worse than uniform {chosen_name} by mean {metric} "
-                        f"{where} ({others}); this rung is that uniform policy")
+                        f"{where} ({others}){stood}; this rung is that uniform policy")
         if same_as is not None:
             note += f"; it keeps exactly what uniform {same_as} keeps"
         notes = f"{plan.search.notes}; {note}" if plan.search.notes else note
@@ -250,7 +285,7 @@ def guard_plan(model: ModelSpec, plan_file: PlanFile | str | Path, samples: Data
         keys = [_rungs_key([plan, *(f.plan_for(budget) for f in (fold_files[i] if i < len(fold_files) else ()))])
                 for i, plan in enumerate(plans)]
         keys_at[budget] = keys
-        missing = [i for i, k in enumerate(keys) if k not in entries]
+        missing = [i for i, k in enumerate(keys) if k not in entries or k not in per_sample]  # both, or again
         if missing:
             if measurer is None:
                 measurer = RungMeasure(lm, loaded, ladders + [f for _, f in uniform], metric="task", stage="guard",
@@ -266,11 +301,18 @@ def guard_plan(model: ModelSpec, plan_file: PlanFile | str | Path, samples: Data
                                           "per_sample": per_sample})
         return [entries[k] for k in keys]
 
-    plans, rungs = guard_rungs(plan_file, uniform, measure, where=where, alternatives=others,
-                               tie_break="kl" if windowed else "lost", confirm=windowed)
     names = [PLAN, *(n for n, _ in others), *(n for n, _ in uniform)]  # guard_rungs' candidate order
+
+    def lead_at(budget: float, i: int, j: int) -> Lead | None:
+        """Candidate i's paired task-loss lead over candidate j at `budget`, from the per-sample losses."""
+        keys = keys_at.get(budget, [])
+        kept, other = (per_sample.get(keys[i]), per_sample.get(keys[j])) if max(i, j) < len(keys) else (None, None)
+        return paired_lead(kept, other, task_of, over=names[j]) if kept and other else None
+
+    plans, rungs = guard_rungs(plan_file, uniform, measure, where=where, alternatives=others,
+                               tie_break="kl" if windowed else "lost", confirm=windowed, lead=lead_at)
     for j, rung in enumerate(rungs):
-        lead = _lead(rung, names, keys_at.get(rung.budget, []), per_sample, task_of) if rung.kept_plan else None
+        lead = _lead(rung, names, lead_at) if rung.kept_plan else None
         if lead is not None:
             rungs[j] = replace(rung, lead=lead)
             plan = plans[j]
@@ -278,16 +320,14 @@ def guard_plan(model: ModelSpec, plan_file: PlanFile | str | Path, samples: Data
     return GuardResult(replace(plan_file, plans=tuple(plans), schema_version=""), rungs, samples_scored)
 
 
-def _lead(rung: GuardRung, names: Sequence[str], keys: Sequence[str], per_sample: dict[str, dict[str, float]],
-          task_of: dict[str, str]) -> Lead | None:
+def _lead(rung: GuardRung, names: Sequence[str], lead_at: Callable[[float, int, int], Lead | None]) -> Lead | None:
     """The kept rung's lead over the uniform policy it had to beat (lowest by the metric, then the tie-break, as
-    guard_rungs picks it), from the per-sample losses; None where either was measured before they were kept."""
+    guard_rungs picks it); None where the per-sample losses are missing."""
     uniform = [n for n in names if n not in rung.optimized]
-    if not uniform or len(keys) != len(names):
+    if not uniform:
         return None
     over = min(uniform, key=lambda n: (rung.measured[n], rung.second[n]))
-    kept, other = per_sample.get(keys[names.index(rung.chosen)]), per_sample.get(keys[names.index(over)])
-    return paired_lead(kept, other, task_of, over=over) if kept and other else None
+    return lead_at(rung.budget, names.index(rung.chosen), names.index(over))
 
 
 def _per_sample(stored: dict | None) -> dict[str, dict[str, float]]:

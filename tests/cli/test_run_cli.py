@@ -65,7 +65,7 @@ def test_run_weighs_the_plans_of_its_policy_sets(monkeypatch, capsys, tiny_dir, 
     main()
     printed = capsys.readouterr()
     [line] = [ln for ln in printed.out.splitlines() if ln.startswith("guard: ")]
-    kept = {"guard: 16 -> optimized plan": "guard: kept plan, the best", "guard: 16 -> optimized plan (3 policies)":
+    kept = {"guard: 16 -> optimized plan": "guard: kept plan, ", "guard: 16 -> optimized plan (3 policies)":
             "guard: kept plan (3 policies)", "guard: 16 -> streaming": "than uniform streaming"}[line]
     assert kept in PlanFile.load(tmp_path / "o" / "plan.json").plans[0].search.notes  # what was written says so
     leads = [ln for ln in printed.out.splitlines() if ln.startswith("guard lead")]

@@ -142,3 +142,69 @@ def test_with_confirm_a_rung_must_also_answer_closer_than_the_uniform_one_and_th
     # without confirm the same figures keep the plan wherever its task loss is the lowest (the default guard)
     _, plain = guard_rungs(plan, uniform, measure, alternatives=[("inverted windows", shape)], tie_break="kl")
     assert [r.chosen for r in plain] == ["plan", "plan", "plan"]
+
+
+def test_an_alternative_takes_the_plans_place_only_with_a_lead_sure_at_90_percent():
+    from polykv_search.optimization.lead import Lead  # imported here: only this test builds leads by hand
+
+    info = tiny_loaded("llama").info
+    plan, wide = ladder(info, "snapkv", [16, 32, 64, 128]), ladder(info, "tova", [16, 32, 64, 128])
+    uniform = [("streaming", ladder(info, "streaming", [16, 32, 64, 128]))]
+    # the alternative measures lower at every budget; its lead over the plan is within chance at 16, sure at 32;
+    # at 64 no interval is known, so the mean decides as without leads; at 128 the plan fails against the uniform
+    # policy and the alternative passes: a lead within chance does not hand the rung to the uniform policy
+    task = {16: {"snapkv": 0.40, "tova": 0.38, "streaming": 0.6}, 32: {"snapkv": 0.40, "tova": 0.30, "streaming": 0.6},
+            64: {"snapkv": 0.40, "tova": 0.35, "streaming": 0.6}, 128: {"snapkv": 0.65, "tova": 0.58, "streaming": 0.6}}
+    chance = Lead("plan", 0.02, -0.01, 0.05, 24)
+    leads = {16: chance, 32: Lead("plan", 0.10, 0.04, 0.16, 24), 64: None, 128: chance}
+    asked = []
+
+    def measure(candidates):
+        return [{"task": task[p.average_budget][next(x for x in p.policies if x)], "lost": 0.1} for p in candidates]
+
+    def lead(budget, i, j):
+        asked.append((budget, i, j))
+        return leads[budget]
+
+    plans, rungs = guard_rungs(plan, uniform, measure, alternatives=[("plan (wide)", wide)], lead=lead)
+    assert [r.chosen for r in rungs] == ["plan", "plan (wide)", "plan (wide)", "plan (wide)"]
+    assert asked == [(16, 1, 0), (32, 1, 0), (64, 1, 0)]  # the alternative against the plan, where the plan passes
+    stood = "plan stands, plan (wide)'s lead within chance: lead over plan +0.020 [90%: -0.010, +0.050]"
+    assert stood in rungs[0].reason
+    assert set(plans[0].policies) - {None} == {"snapkv"}
+    assert "its lead sure at 90%: lead over plan +0.100 [90%: +0.040, +0.160]" in rungs[1].reason
+    _, by_mean = guard_rungs(plan, uniform, measure, alternatives=[("plan (wide)", wide)])
+    assert [r.chosen for r in by_mean] == ["plan (wide)"] * 4  # without leads the lowest mean wins
+
+
+def test_with_confirm_the_engines_own_setting_stands_unless_a_candidates_lead_over_it_is_sure():
+    from polykv_search.optimization.lead import Lead  # imported here: only these tests build leads by hand
+
+    info = tiny_loaded("llama").info
+    plan, shape = ladder(info, "snapkv", [16, 32]), ladder(info, "tova", [16, 32])
+    uniform = [("streaming", ladder(info, "streaming", [16, 32]))]
+    # both candidates pass the means' tests at both budgets, the shape with the lower KL; at 16 the shape's lead over
+    # the window is within chance and the plan's sure (the plan is kept), at 32 neither is sure (the window is)
+    task = {"snapkv": 0.5, "tova": 0.5, "streaming": 0.6}
+    kl = {"snapkv": 2.2, "tova": 2.0, "streaming": 2.5}
+    sure = Lead("streaming", 0.1, 0.02, 0.2, 24)
+    chance = Lead("streaming", 0.1, -0.03, 0.2, 24)
+    leads = {(16, 0): sure, (16, 1): chance, (32, 0): chance, (32, 1): chance}
+    asked = []
+
+    def measure(candidates):
+        return [{"task": task[next(x for x in p.policies if x)], "kl": kl[next(x for x in p.policies if x)],
+                 "lost": 0.1} for p in candidates]
+
+    def lead(budget, i, j):
+        asked.append((i, j))
+        return leads[budget, i]
+
+    plans, rungs = guard_rungs(plan, uniform, measure, alternatives=[("inverted windows", shape)], tie_break="kl",
+                               confirm=True, lead=lead)
+    assert [r.chosen for r in rungs] == ["plan", "streaming"] and [r.kept_plan for r in rungs] == [True, False]
+    assert set(asked) == {(0, 2), (1, 2)}  # each passing candidate against the engine's setting
+    assert "not kept, their lead within chance: inverted windows (lead over streaming +0.100 [90%: -0.030" in \
+        rungs[0].reason
+    assert "no optimized rung surely beat uniform streaming" in rungs[1].reason
+    assert "chance: plan (lead over streaming" in rungs[1].reason and "this rung is that uniform policy" in rungs[1].reason
