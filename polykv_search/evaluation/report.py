@@ -12,7 +12,6 @@ Each R comes with a 90% paired bootstrap interval: the samples are redrawn with 
 from __future__ import annotations
 
 import math
-import random
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -22,6 +21,7 @@ from typing import Any
 from polykv_search.evaluation.methods import Method
 from polykv_search.evaluation.run import ScoredResult
 from polykv_search.io import write_atomic, write_json_atomic
+from polykv_search.optimization.lead import interval_90, stratified_redraws
 
 
 @dataclass(frozen=True)
@@ -231,12 +231,10 @@ def _bootstrap_r(by_method: dict[str, list[ScoredResult]], key: str, best_key: s
             tasks[row.task].append(row.sample_id)
     if not tasks:
         return None
-    rng = random.Random(seed)
     values = []
-    for _ in range(rounds):
+    for draw in stratified_redraws(list(tasks.values()), rounds, seed):
         means = {name: 0.0 for name in scores}
-        for ids in tasks.values():
-            drawn = [rng.choice(ids) for _ in ids]
+        for drawn in draw:
             for name in scores:
                 means[name] += sum(scores[name][i] for i in drawn) / len(drawn) / len(tasks)
         gap = means["full"] - means[best_key]
@@ -244,8 +242,7 @@ def _bootstrap_r(by_method: dict[str, list[ScoredResult]], key: str, best_key: s
             values.append((means[key] - means[best_key]) / gap)
     if len(values) < rounds // 2:
         return None
-    values.sort()
-    return [values[int(0.05 * (len(values) - 1))], values[int(0.95 * (len(values) - 1))]]
+    return list(interval_90(values))
 
 
 def _mean(values: Sequence[float]) -> float | None:

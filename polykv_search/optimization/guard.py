@@ -90,16 +90,17 @@ def guard_rungs(plan_file: PlanFile, uniform: Sequence[tuple[str, PlanFile]],
     alternative takes its place only where it measured lower AND its lead over the plan's rung has a 90% interval
     above 0; a lead within chance leaves the plan's rung (the first set's: `run`'s six policies that keep a head's
     newest tokens) standing. Where the plan's rung fails, the best alternative by the mean is held to the uniform
-    rungs as without `lead`: the guard's first test stays that no uniform policy measured better. The alternatives are richer candidate
-    sets whose plans, picked by a mean alone, win by noise as often as by signal (docs/long-context.md, "The first
-    set stands unless surely beaten"). Without it, or where it gives None, the lowest mean wins.
+    rungs as without `lead`: the guard's first test stays that no uniform policy measured better. The alternatives
+    are richer candidate sets whose plans, picked by a mean alone, win by noise as often as by signal
+    (docs/long-context.md, "The first set stands unless surely beaten"). Without `lead`, or where it gives None,
+    the lowest mean wins.
 
     `confirm` (the trtllm target): an optimized rung is kept only where its `tie_break` measure is also strictly
     below the best uniform rung's (the engine's own setting), besides its `metric` at most that rung's, and, given
     `lead`, its lead over that rung has a 90% interval above 0 (the setting a user of the engine already runs stands
-    unless surely beaten); of the rungs that pass, the one lowest by `tie_break` (then `metric`) is kept. Where every candidate scores near the floor of a few dozen greedy
-    answers, the task loss alone picks noise; the answer distribution (the KL) is what held out there
-    (docs/engines.md, "Tried: smooth window shapes")."""
+    unless surely beaten); of the rungs that pass, the one lowest by `tie_break` (then `metric`) is kept. Where
+    every candidate scores near the floor of a few dozen greedy answers, the task loss alone picks noise; the answer
+    distribution (the KL) is what held out there (docs/engines.md, "Tried: smooth window shapes")."""
     if not uniform:
         raise ConfigError("the guard needs at least one uniform policy to compare the plan with")
     names = [name, *(n for n, _ in alternatives), *(n for n, _ in uniform)]
@@ -332,7 +333,7 @@ def _lead(rung: GuardRung, names: Sequence[str], lead_at: Callable[[float, int, 
 
 def _per_sample(stored: dict | None) -> dict[str, dict[str, float]]:
     """The stored per-sample task losses, where a cache holds them in the expected shape (a cache written before
-    they were kept has none: its candidates get no lead interval, nothing else changes)."""
+    they were kept has none: its candidates are measured again, since the guard's choices need them)."""
     held = stored.get("per_sample") if stored else None
     if not isinstance(held, dict):
         return {}

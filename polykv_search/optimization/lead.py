@@ -1,15 +1,18 @@
-"""How sure the guard is of a rung it kept: the lead of its task loss over the best uniform policy's on the
-calibration samples, with a 90% interval from a paired bootstrap (the samples redrawn within each task, one redraw
-serving both candidates, as `evaluate`'s interval of R). A lead whose interval reaches below 0 was kept on a margin
-the samples cannot tell from chance."""
+"""How sure the guard is: one candidate's task-loss lead over another's on the calibration samples (a kept rung over
+the uniform policy it beat, one candidate set's plan over another's, a trtllm candidate over the engine's window),
+with a 90% interval from a paired bootstrap: the samples redrawn within each task, one redraw serving both candidates.
+`evaluate`'s interval of R draws the same way (`stratified_redraws`). A lead whose interval reaches 0 or below is a
+margin the samples cannot tell from chance."""
 
 from __future__ import annotations
 
 import random
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 ROUNDS = 2000
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -44,7 +47,20 @@ def paired_lead(kept: Mapping[str, float], other: Mapping[str, float], tasks: Ma
     def mean(draws: list[list[float]]) -> float:
         return sum(sum(g) / len(g) for g in draws) / len(draws)
 
+    values = [mean(draw) for draw in stratified_redraws(groups, rounds, seed)]
+    low, high = interval_90(values)
+    return Lead(over=over, value=mean(groups), low=low, high=high, samples=sum(len(g) for g in groups))
+
+
+def stratified_redraws(groups: Sequence[Sequence[T]], rounds: int = ROUNDS, seed: int = 0) -> Iterator[list[list[T]]]:
+    """`rounds` bootstrap redraws, each group (a task's samples) redrawn with replacement to its own size, the groups
+    in order: a paired bootstrap when every compared method is read at the drawn samples."""
     rng = random.Random(seed)
-    values = sorted(mean([[rng.choice(g) for _ in g] for g in groups]) for _ in range(rounds))
-    return Lead(over=over, value=mean(groups), low=values[int(0.05 * (rounds - 1))],
-                high=values[int(0.95 * (rounds - 1))], samples=sum(len(g) for g in groups))
+    for _ in range(rounds):
+        yield [[rng.choice(group) for _ in group] for group in groups]
+
+
+def interval_90(values: Sequence[float]) -> tuple[float, float]:
+    """The 5th and 95th percentiles of bootstrap `values` (nearest rank below)."""
+    ordered = sorted(values)
+    return ordered[int(0.05 * (len(ordered) - 1))], ordered[int(0.95 * (len(ordered) - 1))]
