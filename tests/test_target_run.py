@@ -102,6 +102,43 @@ def test_the_guard_writes_the_engine_setting_where_the_target_plan_measures_wors
                       config=config)
 
 
+@pytest.mark.parametrize("written_passes", [False, True])
+def test_the_trtllm_guard_also_grades_the_rung_it_would_write_on_the_samples_it_was_made_from(
+        tiny_llama, trtllm_run, files, tmp_path, monkeypatch, written_passes):
+    calib, _, _ = files
+    shift = -1.0 if written_passes else 1.0
+
+    class OnlyThePlanLeads(RungMeasure):  # cross-fitted the plan leads surely; the shapes lose; the window is as is
+        def each(self, plans, plans_for=None):
+            values = super().each(plans, plans_for)
+            if len(plans) == 1:  # the written rung alone, each sample answered by it
+                return [[(s, dict(m, task=m["task"] + shift, kl=m["kl"] + shift)) for s, m in values[0]]]
+            plan = [(s, dict(m, task=m["task"] - 1.0, kl=m["kl"] - 1.0)) for s, m in values[0]]
+            return [plan] + [[(s, dict(m, task=m["task"] + 1.0)) for s, m in v] for v in values[1:-1]] + values[-1:]
+
+    monkeypatch.setattr(guard_module, "RungMeasure", OnlyThePlanLeads)
+    config = pk.OptimizeConfig(cost="head_fisher", target="trtllm")
+    optimized = pk.load_plan(trtllm_run.out_dir / "plan_optimized.json")
+    cache = tmp_path / "guard.json"
+    _, rungs, _ = pk.guard_plan(tiny_llama, optimized, calib, profile=trtllm_run.calibration.profile, config=config,
+                                cache=cache)
+    if written_passes:
+        assert [r.chosen for r in rungs] == ["plan", "plan"]
+        assert all("its written rung on those samples: mean task" in r.reason for r in rungs)
+    else:
+        assert [r.chosen for r in rungs] == ["streaming", "streaming"]
+        assert all("failing the same tests on those samples: plan (mean task" in r.reason for r in rungs)
+
+    class MeasuresNothing(RungMeasure):
+        def __init__(self, *args, **kwargs):
+            raise AssertionError("the cache holds every measurement, the written rungs' too")
+
+    monkeypatch.setattr(guard_module, "RungMeasure", MeasuresNothing)
+    _, again, _ = pk.guard_plan(tiny_llama, optimized, calib, profile=trtllm_run.calibration.profile, config=config,
+                                cache=cache)
+    assert [r.chosen for r in again] == [r.chosen for r in rungs]
+
+
 def test_run_for_duo_attention_writes_a_pattern_the_engine_reads(tiny_llama, files, tmp_path):
     calib, held_out, tmp = files
     result = pk.run(tiny_llama, budgets=16, calib=calib, eval_data=held_out, grid=DUO_GRID, compare=["streaming"],

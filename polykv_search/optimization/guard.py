@@ -11,7 +11,8 @@ candidate set or uniform policy measures only those.
 
 For the trtllm target the uniform candidate is the engine's own window, every rung is graded as TensorRT-LLM runs its
 windows, fixed window shapes (optimization/window_shapes.py) stand beside the optimized plan, and a candidate must
-also answer closer to the full cache than the engine's window (a lower KL) to be kept.
+also answer closer to the full cache than the engine's window (a lower KL) to be kept, lead it surely on the task, and,
+where it is fitted, the rung written for it (optimized on every sample) must pass the same tests on those samples.
 """
 
 from __future__ import annotations
@@ -77,7 +78,9 @@ def guard_rungs(plan_file: PlanFile, uniform: Sequence[tuple[str, PlanFile]],
                 measure: Callable[[list[Plan]], list[Measures]], *, metric: Metric = "task",
                 tie_break: Metric = "lost", name: str = PLAN, where: str = "on calibration samples",
                 alternatives: Sequence[tuple[str, PlanFile]] = (), confirm: bool = False,
-                lead: Callable[[float, int, int], Lead | None] | None = None) -> tuple[list[Plan], list[GuardRung]]:
+                lead: Callable[[float, int, int], Lead | None] | None = None,
+                written: Callable[[float, int, int], tuple[Measures, Lead | None] | None] | None = None,
+                ) -> tuple[list[Plan], list[GuardRung]]:
     """Per budget of `plan_file`: the best optimized rung, of the plan's and the `alternatives`' (other optimized
     ladders of the same budgets, e.g. with other candidate policies; lowest `metric`, then `tie_break`, then the
     earlier), where its `metric` is at most every uniform candidate's (a tie keeps it), else the uniform rung
@@ -100,7 +103,14 @@ def guard_rungs(plan_file: PlanFile, uniform: Sequence[tuple[str, PlanFile]],
     `lead`, its lead over that rung has a 90% interval above 0 (the setting a user of the engine already runs stands
     unless surely beaten); of the rungs that pass, the one lowest by `tie_break` (then `metric`) is kept. Where
     every candidate scores near the floor of a few dozen greedy answers, the task loss alone picks noise; the answer
-    distribution (the KL) is what held out there (docs/engines.md, "Tried: smooth window shapes")."""
+    distribution (the KL) is what held out there (docs/engines.md, "Tried: smooth window shapes").
+
+    `written(budget, i, j)` (with `confirm`): for an optimized candidate i that is cross-fitted, the measures of the
+    rung that would be written for it (optimized on every calibration sample) on those same samples, and its lead over
+    candidate j; None where the candidate is not fitted (what was graded is what is written). A fitted candidate that
+    passes is kept only where its written rung also passes the same tests there: figures on the samples a rung was
+    made from flatter it, so a written rung that fails even there is not the rung the cross-fitted figure graded
+    (docs/engines.md, "The rung written is graded too")."""
     if not uniform:
         raise ConfigError("the guard needs at least one uniform policy to compare the plan with")
     names = [name, *(n for n, _ in alternatives), *(n for n, _ in uniform)]
@@ -135,8 +145,18 @@ def guard_rungs(plan_file: PlanFile, uniform: Sequence[tuple[str, PlanFile]],
                 if chance:
                     stood = "; not kept, their lead within chance: " + "; ".join(
                         f"{rungs[i][0]} ({leads[i].describe()})" for i in chance)
+            in_sample = {i: written(budget, i, best) for i in passing} if written is not None else {}
+            fails = {i: w for i, w in in_sample.items() if w is not None and not _passes(w, values[best], metric,
+                                                                                     tie_break)}
+            if fails:
+                passing = [i for i in passing if i not in fails]
+                stood += ("; not kept, the rung written for it (optimized on every sample) failing the same tests on "
+                          "those samples: " + "; ".join(f"{rungs[i][0]} ({_describe(w, metric, tie_break)})"
+                                                        for i, w in fails.items()))
             keep = bool(passing)
             top = min(passing, key=lambda i: (values[i][tie_break], values[i][metric])) if passing else 0
+            if keep and in_sample.get(top) is not None:
+                stood += f"; its written rung on those samples: {_describe(in_sample[top], metric, tie_break)}"
         else:
             top = min(range(optimized), key=order)  # min keeps the earliest of equals
             if lead is not None and top != 0 and order(0)[0] <= values[best][metric]:  # the plan passes; is the
@@ -185,6 +205,20 @@ def guard_rungs(plan_file: PlanFile, uniform: Sequence[tuple[str, PlanFile]],
                                    optimized=tuple(names[:optimized]), kept_plan=keep, reason=note,
                                    same_as=same_as))
     return plans, rungs_out
+
+
+def _passes(held: tuple[Measures, Lead | None], engine: Measures, metric: Metric, tie_break: Metric) -> bool:
+    """`confirm`'s tests for a written rung's measures and lead against the engine's setting's measures."""
+    measures, ahead = held
+    return (measures[metric] <= engine[metric] and measures[tie_break] < engine[tie_break]
+            and (ahead is None or ahead.low > 0))
+
+
+def _describe(held: tuple[Measures, Lead | None], metric: Metric, tie_break: Metric) -> str:
+    """A written rung's measures and lead, as the rung's notes give them."""
+    measures, ahead = held
+    return (f"mean {metric} {measures[metric]:.4g}, {tie_break} {measures[tie_break]:.4g}"
+            + (f", {ahead.describe()}" if ahead is not None else ""))
 
 
 def guard_plan(model: ModelSpec, plan_file: PlanFile | str | Path, samples: DataSpec, *,
@@ -272,8 +306,26 @@ def guard_plan(model: ModelSpec, plan_file: PlanFile | str | Path, samples: Data
     ladders = [plan_file, *(f for _, f in others), *(f for files in fold_files for f in files)]
     measurer: RungMeasure | None = None  # built (every sample prefilled) only when something is not in the cache
 
-    def measure(plans: list[Plan]) -> list[Measures]:
+    def fill(keys: list[str], plans: list[Plan], for_sample: Callable[[Sample], list[Plan]]) -> None:
+        """Measure the candidates whose key the cache lacks (`for_sample`: what each sample answers with)."""
         nonlocal measurer, samples_scored
+        missing = [i for i, k in enumerate(keys) if k not in entries or k not in per_sample]  # both, or again
+        if not missing:
+            return
+        if measurer is None:
+            measurer = RungMeasure(lm, loaded, ladders + [f for _, f in uniform], metric="task", stage="guard",
+                                   budgets=len(plan_file.budgets), progress=progress,
+                                   max_context_tokens=max_context_tokens, windowed=windowed)
+        each = measurer.each([plans[i] for i in missing], lambda s: [for_sample(s)[i] for i in missing])
+        for i, pairs in zip(missing, each):  # the mean as RungMeasure's call gives it
+            entries[keys[i]] = measurer.objective.means([[m] for _, m in pairs], 1)[0]
+            per_sample[keys[i]] = {str(s.id): float(m["task"]) for s, m in pairs}  # by _id, as reports name them
+        samples_scored = measurer.samples
+        if cache is not None:  # after every measurement: an interrupted guard keeps what it measured
+            write_sealed_json(cache, {"run": key, "samples": samples_scored, "entries": entries,
+                                      "per_sample": per_sample})
+
+    def measure(plans: list[Plan]) -> list[Measures]:
         budget = plans[0].average_budget
 
         def for_sample(sample: Sample) -> list[Plan]:
@@ -286,21 +338,22 @@ def guard_plan(model: ModelSpec, plan_file: PlanFile | str | Path, samples: Data
         keys = [_rungs_key([plan, *(f.plan_for(budget) for f in (fold_files[i] if i < len(fold_files) else ()))])
                 for i, plan in enumerate(plans)]
         keys_at[budget] = keys
-        missing = [i for i, k in enumerate(keys) if k not in entries or k not in per_sample]  # both, or again
-        if missing:
-            if measurer is None:
-                measurer = RungMeasure(lm, loaded, ladders + [f for _, f in uniform], metric="task", stage="guard",
-                                       budgets=len(plan_file.budgets), progress=progress,
-                                       max_context_tokens=max_context_tokens, windowed=windowed)
-            each = measurer.each([plans[i] for i in missing], lambda s: [for_sample(s)[i] for i in missing])
-            for i, pairs in zip(missing, each):  # the mean as RungMeasure's call gives it
-                entries[keys[i]] = measurer.objective.means([[m] for _, m in pairs], 1)[0]
-                per_sample[keys[i]] = {str(s.id): float(m["task"]) for s, m in pairs}  # by _id, as reports name them
-            samples_scored = measurer.samples
-            if cache is not None:  # after every budget: an interrupted guard keeps what it measured
-                write_sealed_json(cache, {"run": key, "samples": samples_scored, "entries": entries,
-                                          "per_sample": per_sample})
+        fill(keys, plans, for_sample)
         return [entries[k] for k in keys]
+
+    fitted = [plan_file, *(f for _, f, _ in alternatives)][:len(fold_files)]  # the cross-fitted ladders, in order
+
+    def written_at(budget: float, i: int, j: int) -> tuple[Measures, Lead | None] | None:
+        """Candidate i's written rung measured on every calibration sample (it answers each one itself, as an
+        unfitted candidate does), and its lead over candidate j; None for a candidate that is not fitted."""
+        if i >= len(fitted):
+            return None
+        rung = fitted[i].plan_for(budget)
+        keys = [_rungs_key([rung])]
+        fill(keys, [rung], lambda _: [rung])
+        other = per_sample.get(keys_at[budget][j])
+        ahead = paired_lead(per_sample[keys[0]], other, task_of, over=names[j]) if other else None
+        return entries[keys[0]], ahead
 
     names = [PLAN, *(n for n, _ in others), *(n for n, _ in uniform)]  # guard_rungs' candidate order
 
@@ -311,7 +364,8 @@ def guard_plan(model: ModelSpec, plan_file: PlanFile | str | Path, samples: Data
         return paired_lead(kept, other, task_of, over=names[j]) if kept and other else None
 
     plans, rungs = guard_rungs(plan_file, uniform, measure, where=where, alternatives=others,
-                               tie_break="kl" if windowed else "lost", confirm=windowed, lead=lead_at)
+                               tie_break="kl" if windowed else "lost", confirm=windowed, lead=lead_at,
+                               written=written_at if windowed else None)
     for j, rung in enumerate(rungs):
         lead = _lead(rung, names, lead_at) if rung.kept_plan else None
         if lead is not None:

@@ -208,3 +208,41 @@ def test_with_confirm_the_engines_own_setting_stands_unless_a_candidates_lead_ov
         rungs[0].reason
     assert "no optimized rung surely beat uniform streaming" in rungs[1].reason
     assert "chance: plan (lead over streaming" in rungs[1].reason and "this rung is that uniform policy" in rungs[1].reason
+
+
+def test_with_confirm_a_fitted_candidate_is_kept_only_where_its_written_rung_passes_on_the_samples_too():
+    from polykv_search.optimization.lead import Lead  # imported here: only these tests build leads by hand
+
+    info = tiny_loaded("llama").info
+    plan, shape = ladder(info, "snapkv", [16, 32, 64]), ladder(info, "tova", [16, 32, 64])
+    uniform = [("streaming", ladder(info, "streaming", [16, 32, 64]))]
+    # cross-fitted, the plan passes every test at every budget with the lower KL; the shape passes too (KL 2.1).
+    # The plan's written rung, on the samples it was made from: 16 passes (the plan stands), 32 scores worse than the
+    # window (the shape takes the rung), 64 passes the means with a lead within chance (the shape again)
+    task = {"snapkv": 0.5, "tova": 0.55, "streaming": 0.6}
+    kl = {"snapkv": 2.0, "tova": 2.1, "streaming": 2.5}
+    sure = Lead("streaming", 0.1, 0.02, 0.2, 24)
+    written_figures = {16: ({"task": 0.45, "kl": 1.9, "lost": 0.1}, sure),
+                       32: ({"task": 0.65, "kl": 1.9, "lost": 0.1}, Lead("streaming", -0.05, -0.1, 0.0, 24)),
+                       64: ({"task": 0.55, "kl": 2.2, "lost": 0.1}, Lead("streaming", 0.05, -0.01, 0.1, 24))}
+    asked = []
+
+    def measure(candidates):
+        return [{"task": task[next(x for x in p.policies if x)], "kl": kl[next(x for x in p.policies if x)],
+                 "lost": 0.1} for p in candidates]
+
+    def written(budget, i, j):
+        asked.append((budget, i, j))
+        return written_figures[budget] if i == 0 else None  # the shape is not fitted
+
+    plans, rungs = guard_rungs(plan, uniform, measure, alternatives=[("inverted windows", shape)], tie_break="kl",
+                               confirm=True, lead=lambda budget, i, j: sure, written=written)
+    assert [r.chosen for r in rungs] == ["plan", "inverted windows", "inverted windows"]
+    assert set(asked) == {(b, i, 2) for b in (16, 32, 64) for i in (0, 1)}  # against the engine's setting
+    assert "its written rung on those samples: mean task 0.45, kl 1.9, lead over streaming +0.100" in rungs[0].reason
+    failing = "not kept, the rung written for it (optimized on every sample) failing the same tests on those samples"
+    assert failing + ": plan (mean task 0.65, kl 1.9" in rungs[1].reason and failing in rungs[2].reason
+    assert set(plans[1].policies) - {None} == {"tova"}
+    _, unchecked = guard_rungs(plan, uniform, measure, alternatives=[("inverted windows", shape)], tie_break="kl",
+                               confirm=True, lead=lambda budget, i, j: sure)
+    assert [r.chosen for r in unchecked] == ["plan"] * 3  # without `written` the cross-fitted figures decide
