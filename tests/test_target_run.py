@@ -12,6 +12,7 @@ import polykv_search as pk
 from polykv_search.errors import ConfigError
 from polykv_search.export import DuoPattern, export_plan
 from polykv_search.optimization import guard as guard_module
+from polykv_search.optimization.crossfit import fold_plans
 from polykv_search.optimization.measure import RungMeasure
 from polykv_search.optimization.targets import check_target_budgets
 from polykv_search.optimization.window_shapes import WINDOW_SHAPES, shape_ladder
@@ -102,32 +103,46 @@ def test_the_guard_writes_the_engine_setting_where_the_target_plan_measures_wors
                       config=config)
 
 
-@pytest.mark.parametrize("written_passes", [False, True])
+@pytest.mark.parametrize("written", ["fails", "passes", "is every fold's"])
 def test_the_trtllm_guard_also_grades_the_rung_it_would_write_on_the_samples_it_was_made_from(
-        tiny_llama, trtllm_run, files, tmp_path, monkeypatch, written_passes):
+        tiny_llama, trtllm_run, files, tmp_path, monkeypatch, written):
     calib, _, _ = files
-    shift = -1.0 if written_passes else 1.0
+    shift = -1.0 if written == "passes" else 1.0
+    alone = []
 
     class OnlyThePlanLeads(RungMeasure):  # cross-fitted the plan leads surely; the shapes lose; the window is as is
         def each(self, plans, plans_for=None):
             values = super().each(plans, plans_for)
             if len(plans) == 1:  # the written rung alone, each sample answered by it
+                alone.append(plans[0].average_budget)
                 return [[(s, dict(m, task=m["task"] + shift, kl=m["kl"] + shift)) for s, m in values[0]]]
             plan = [(s, dict(m, task=m["task"] - 1.0, kl=m["kl"] - 1.0)) for s, m in values[0]]
             return [plan] + [[(s, dict(m, task=m["task"] + 1.0)) for s, m in v] for v in values[1:-1]] + values[-1:]
 
+    def folds_unlike_the_plan(profile, budgets, *, config, folds):  # on 2 tiny samples every fold solves alike
+        fold_of, files = fold_plans(profile, budgets, config=config, folds=folds)
+        if written == "is every fold's":
+            return fold_of, files
+        return fold_of, [shape_ladder(files[0].model, "pyramid", budgets)] * folds
+
     monkeypatch.setattr(guard_module, "RungMeasure", OnlyThePlanLeads)
+    monkeypatch.setattr(guard_module, "fold_plans", folds_unlike_the_plan)
     config = pk.OptimizeConfig(cost="head_fisher", target="trtllm")
     optimized = pk.load_plan(trtllm_run.out_dir / "plan_optimized.json")
     cache = tmp_path / "guard.json"
     _, rungs, _ = pk.guard_plan(tiny_llama, optimized, calib, profile=trtllm_run.calibration.profile, config=config,
                                 cache=cache)
-    if written_passes:
-        assert [r.chosen for r in rungs] == ["plan", "plan"]
-        assert all("its written rung on those samples: mean task" in r.reason for r in rungs)
-    else:
-        assert [r.chosen for r in rungs] == ["streaming", "streaming"]
+    said = "the rung written, on the samples it was optimized on: mean task"
+    if written == "fails":
+        assert [r.chosen for r in rungs] == ["streaming", "streaming"] and alone == [12, 16]
         assert all("failing the same tests on those samples: plan (mean task" in r.reason for r in rungs)
+        assert all("no optimized rung passed every test against uniform streaming" in r.reason for r in rungs)
+    elif written == "passes":
+        assert [r.chosen for r in rungs] == ["plan", "plan"] and alone == [12, 16]
+        assert all(said in r.reason for r in rungs)
+    else:  # the cross-fitted figures are the written rung's own: nothing more to measure
+        assert [r.chosen for r in rungs] == ["plan", "plan"] and alone == []
+        assert not any(said in r.reason for r in rungs)
 
     class MeasuresNothing(RungMeasure):
         def __init__(self, *args, **kwargs):
@@ -180,3 +195,14 @@ def test_feasible_budgets_pass_the_check(tiny_llama):
                          info)
     with pytest.raises(ConfigError, match="--budget 73"):
         check_target_budgets(pk.OptimizeConfig(target="duo-attention", cost="head_kl"), [73], DUO_GRID, info)
+
+
+def test_a_trtllm_guard_that_cannot_cross_fit_still_grades_as_the_engine_computes(tiny_llama, tmp_path):
+    one = write_jsonl(tmp_path / "one.jsonl", sample_rows(1, words=150))  # one sample: no folds
+    result = pk.run(tiny_llama, budgets=[12], calib=one, eval_data=one, grid=GRID, compare=["streaming"],
+                    allocators=[], out_dir=tmp_path / "run",
+                    config=pk.OptimizeConfig(cost="head_fisher", target="trtllm"))
+    [choice] = result.guard
+    assert "as TensorRT-LLM runs its windows" in choice.reason and "fold" not in choice.reason
+    assert {"plan", "streaming"} <= set(choice.measured) and choice.tie_break == "kl"  # the shapes and KL too
+    assert "the rung written" not in choice.reason  # measured in-sample already: what is graded is what is written

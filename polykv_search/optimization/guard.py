@@ -6,7 +6,7 @@ and writes the best uniform policy in its place where it does not, so the plan a
 policy on the data it was made from. Given other optimized ladders too (`run`'s per-head default: the plan with six
 candidate policies and the plan with eleven), it first takes the best optimized rung per budget, then holds it to
 the same test. Each candidate's measurement is kept in a cache file under the rungs it answered with, written after
-every budget: an interrupted `run` measures again only the budget it was in, and a guard asked about another
+every measurement: an interrupted `run` measures again only what it was measuring, and a guard asked about another
 candidate set or uniform policy measures only those.
 
 For the trtllm target the uniform candidate is the engine's own window, every rung is graded as TensorRT-LLM runs its
@@ -156,7 +156,8 @@ def guard_rungs(plan_file: PlanFile, uniform: Sequence[tuple[str, PlanFile]],
             keep = bool(passing)
             top = min(passing, key=lambda i: (values[i][tie_break], values[i][metric])) if passing else 0
             if keep and in_sample.get(top) is not None:
-                stood += f"; its written rung on those samples: {_describe(in_sample[top], metric, tie_break)}"
+                stood += (f"; the rung written, on the samples it was optimized on: "
+                          f"{_describe(in_sample[top], metric, tie_break)}")
         else:
             top = min(range(optimized), key=order)  # min keeps the earliest of equals
             if lead is not None and top != 0 and order(0)[0] <= values[best][metric]:  # the plan passes; is the
@@ -187,7 +188,7 @@ def guard_rungs(plan_file: PlanFile, uniform: Sequence[tuple[str, PlanFile]],
         else:
             worse = "the optimized plans" if optimized > 1 else "the optimized plan"
             if confirm and stood:
-                note = (f"guard: no optimized rung surely beat uniform {chosen_name} on mean {metric} {where} "
+                note = (f"guard: no optimized rung passed every test against uniform {chosen_name} {where} "
                         f"({others}){stood}; this rung is that uniform policy")
             elif confirm:
                 note = (f"guard: no optimized rung measured at most uniform {chosen_name}'s mean {metric} and below "
@@ -241,14 +242,17 @@ def guard_plan(model: ModelSpec, plan_file: PlanFile | str | Path, samples: Data
     (with `profile` and `config`): also the ladders optimized from the profile with the candidates restricted to
     each set, measured the same way; per budget the best optimized rung stands for the plan (`run`'s per-head
     default: the plan of six policies, then that of eleven). `cache`: a JSON file keeping each candidate's
-    measurement, reused for the same rungs on the same model and samples (written after every budget: an interrupted
-    `run` does not measure again what it measured).
+    measurement, reused for the same rungs on the same model and samples (written after every measurement: an
+    interrupted `run` does not measure again what it measured).
     `max_context_tokens`: prompts truncated (middle) to this many tokens, as calibrate and evaluate do.
 
     For the trtllm target every rung is graded as TensorRT-LLM computes its windows, the ladders of `window_shapes`
     (optimization/window_shapes.py: fixed shapes of the engine window's total, nothing fitted to the samples, so not
     cross-fitted) are candidates beside the optimized plan, and a candidate is kept only where it is at most the
-    engine's window by task loss and below it by KL, the lowest KL of those winning (`guard_rungs`' `confirm`)."""
+    engine's window by task loss and below it by KL and leads it surely on the task, the lowest KL of those winning
+    (`guard_rungs`' `confirm`); a cross-fitted candidate must pass the same tests with the rung written for it (the
+    plan optimized on every sample) on those samples (`guard_rungs`' `written`), measured unless its fold plans
+    already are that rung."""
     plan_file = load_plan(plan_file) if isinstance(plan_file, (str, Path)) else plan_file
     engine = engine_settings(config.target) if config is not None else []
     policies = check_policy_names(list(policies)) if policies is not None else engine or list(DEFAULT_POLICIES)
@@ -306,8 +310,10 @@ def guard_plan(model: ModelSpec, plan_file: PlanFile | str | Path, samples: Data
     ladders = [plan_file, *(f for _, f in others), *(f for files in fold_files for f in files)]
     measurer: RungMeasure | None = None  # built (every sample prefilled) only when something is not in the cache
 
-    def fill(keys: list[str], plans: list[Plan], for_sample: Callable[[Sample], list[Plan]]) -> None:
-        """Measure the candidates whose key the cache lacks (`for_sample`: what each sample answers with)."""
+    def fill(keys: list[str], plans: list[Plan], for_sample: Callable[[Sample], list[Plan]], *,
+             extra: bool = False) -> None:
+        """Measure the candidates whose key the cache lacks (`for_sample`: what each sample answers with); `extra`:
+        a measurement beyond the one per budget that the progress counts on (a written rung)."""
         nonlocal measurer, samples_scored
         missing = [i for i, k in enumerate(keys) if k not in entries or k not in per_sample]  # both, or again
         if not missing:
@@ -316,6 +322,8 @@ def guard_plan(model: ModelSpec, plan_file: PlanFile | str | Path, samples: Data
             measurer = RungMeasure(lm, loaded, ladders + [f for _, f in uniform], metric="task", stage="guard",
                                    budgets=len(plan_file.budgets), progress=progress,
                                    max_context_tokens=max_context_tokens, windowed=windowed)
+        if extra:
+            measurer.steps += 1
         each = measurer.each([plans[i] for i in missing], lambda s: [for_sample(s)[i] for i in missing])
         for i, pairs in zip(missing, each):  # the mean as RungMeasure's call gives it
             entries[keys[i]] = measurer.objective.means([[m] for _, m in pairs], 1)[0]
@@ -349,8 +357,10 @@ def guard_plan(model: ModelSpec, plan_file: PlanFile | str | Path, samples: Data
         if i >= len(fitted):
             return None
         rung = fitted[i].plan_for(budget)
+        if all(f.plan_for(budget).kept_key() == rung.kept_key() for f in fold_files[i]):
+            return None  # every fold plan is the written rung: the cross-fitted figures are already its own
         keys = [_rungs_key([rung])]
-        fill(keys, [rung], lambda _: [rung])
+        fill(keys, [rung], lambda _: [rung], extra=True)
         other = per_sample.get(keys_at[budget][j])
         ahead = paired_lead(per_sample[keys[0]], other, task_of, over=names[j]) if other else None
         return entries[keys[0]], ahead

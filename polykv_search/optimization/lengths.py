@@ -156,8 +156,8 @@ def guard_each_length(lm: LoadedModel, ladders: Sequence[PlanFile], parts: Seque
                         "they were" if len(policy_sets) > 1 else "it was", obstacle)
         if len(parts) > 1:
             logger.info("guard: prompts of %s", part.context.describe())
-        from_profile = ({"profile": profile, "config": config, "policy_sets": policy_sets[1:]}
-                        if not obstacle or policy_sets else {})
+        from_profile = ({"profile": profile, "config": config, "policy_sets": policy_sets[1:]}  # an engine target
+                        if not obstacle or policy_sets or engine_settings(config.target) else {})  # grades its way
         kept, part.guard, part.guard_samples = guard_plan(lm, ladder, samples, progress=progress,
                                                           policies=engine_settings(config.target) or policies,
                                                           cache=folder / "guard.json", crossfit=not obstacle,

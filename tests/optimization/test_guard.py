@@ -206,7 +206,7 @@ def test_with_confirm_the_engines_own_setting_stands_unless_a_candidates_lead_ov
     assert set(asked) == {(0, 2), (1, 2)}  # each passing candidate against the engine's setting
     assert "not kept, their lead within chance: inverted windows (lead over streaming +0.100 [90%: -0.030" in \
         rungs[0].reason
-    assert "no optimized rung surely beat uniform streaming" in rungs[1].reason
+    assert "no optimized rung passed every test against uniform streaming" in rungs[1].reason
     assert "chance: plan (lead over streaming" in rungs[1].reason and "this rung is that uniform policy" in rungs[1].reason
 
 
@@ -239,10 +239,25 @@ def test_with_confirm_a_fitted_candidate_is_kept_only_where_its_written_rung_pas
                                confirm=True, lead=lambda budget, i, j: sure, written=written)
     assert [r.chosen for r in rungs] == ["plan", "inverted windows", "inverted windows"]
     assert set(asked) == {(b, i, 2) for b in (16, 32, 64) for i in (0, 1)}  # against the engine's setting
-    assert "its written rung on those samples: mean task 0.45, kl 1.9, lead over streaming +0.100" in rungs[0].reason
+    assert ("the rung written, on the samples it was optimized on: mean task 0.45, kl 1.9, lead over streaming "
+            "+0.100") in rungs[0].reason
     failing = "not kept, the rung written for it (optimized on every sample) failing the same tests on those samples"
     assert failing + ": plan (mean task 0.65, kl 1.9" in rungs[1].reason and failing in rungs[2].reason
     assert set(plans[1].policies) - {None} == {"tova"}
     _, unchecked = guard_rungs(plan, uniform, measure, alternatives=[("inverted windows", shape)], tie_break="kl",
                                confirm=True, lead=lambda budget, i, j: sure)
     assert [r.chosen for r in unchecked] == ["plan"] * 3  # without `written` the cross-fitted figures decide
+
+
+def test_a_written_rung_without_per_sample_losses_is_held_to_the_means_alone():
+    info = tiny_loaded("llama").info
+    plan, uniform = ladder(info, "snapkv", [16, 32]), [("streaming", ladder(info, "streaming", [16, 32]))]
+    written = {16: ({"task": 0.55, "kl": 2.0, "lost": 0.1}, None), 32: ({"task": 0.65, "kl": 2.0, "lost": 0.1}, None)}
+
+    def measure(candidates):
+        return [{"task": 0.6 if "streaming" in p.policies else 0.5, "kl": 2.5 if "streaming" in p.policies else 2.0,
+                 "lost": 0.1} for p in candidates]
+
+    _, rungs = guard_rungs(plan, uniform, measure, tie_break="kl", confirm=True,
+                           written=lambda budget, i, j: written[budget])
+    assert [r.chosen for r in rungs] == ["plan", "streaming"]  # 0.55 passes the window's 0.6; 0.65 does not
