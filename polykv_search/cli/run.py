@@ -170,6 +170,7 @@ def run(
                                        samples=part.guard_samples))
         typer.echo(f"guard{lengths}: " + ", ".join(f"{c.budget:g} -> {kept_name(c)}" for c in part.guard))
         leads = [f"{c.budget:g} {c.lead.value:+.3f} [{c.lead.low:+.3f}, {c.lead.high:+.3f}] over {c.lead.over}"
+                 + (f" ({c.lead.alone} of {c.lead.tasks} tasks of one sample: spread unseen)" if c.lead.alone else "")
                  for c in part.guard if c.lead is not None]
         if leads:
             typer.echo(f"guard lead{lengths} (task loss, 90% paired bootstrap): " + ", ".join(leads))

@@ -26,10 +26,14 @@ class Lead:
     low: float
     high: float
     samples: int
+    tasks: int = 0
+    alone: int = 0  # tasks of one sample: redrawn, they never vary, so the interval cannot see their spread
 
     def describe(self) -> str:
+        thin = (f"; {self.alone} of its {self.tasks} tasks with one sample, whose spread the interval cannot see"
+                if self.alone else "")
         return (f"lead over {self.over} {self.value:+.3f} [90%: {self.low:+.3f}, {self.high:+.3f}], paired bootstrap "
-                f"within tasks over {self.samples} samples")
+                f"within tasks over {self.samples} samples{thin}")
 
 
 def paired_lead(kept: Mapping[str, float], other: Mapping[str, float], tasks: Mapping[str, str], *, over: str,
@@ -49,7 +53,8 @@ def paired_lead(kept: Mapping[str, float], other: Mapping[str, float], tasks: Ma
 
     values = [mean(draw) for draw in stratified_redraws(groups, rounds, seed)]
     low, high = interval_90(values)
-    return Lead(over=over, value=mean(groups), low=low, high=high, samples=sum(len(g) for g in groups))
+    return Lead(over=over, value=mean(groups), low=low, high=high, samples=sum(len(g) for g in groups),
+                tasks=len(groups), alone=sum(len(g) == 1 for g in groups))
 
 
 def stratified_redraws(groups: Sequence[Sequence[T]], rounds: int = ROUNDS, seed: int = 0) -> Iterator[list[list[T]]]:

@@ -15,6 +15,8 @@ def test_a_constant_lead_has_no_spread_and_tasks_weigh_the_same():
     assert lead.low == pytest.approx(0.25) and lead.high == pytest.approx(0.25)
     assert lead.samples == 4 and lead.over == "streaming"
     assert "lead over streaming +0.250 [90%: +0.250, +0.250]" in lead.describe()
+    assert (lead.tasks, lead.alone) == (2, 1)  # task b's one sample is redrawn as itself: its spread is unseen
+    assert lead.describe().endswith("; 1 of its 2 tasks with one sample, whose spread the interval cannot see")
 
 
 def test_a_lead_carried_by_one_sample_has_an_interval_reaching_below_zero():
@@ -25,6 +27,7 @@ def test_a_lead_carried_by_one_sample_has_an_interval_reaching_below_zero():
     assert lead.value == pytest.approx((0.5 + 0.1) / 8)
     assert lead.low <= 0.0 < lead.value < lead.high
     assert paired_lead(kept, other, tasks, over="snapkv") == lead  # seeded: the same interval every time
+    assert lead.alone == 0 and "one sample" not in lead.describe()
 
 
 def test_only_samples_both_were_measured_on_count():
