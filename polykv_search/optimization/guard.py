@@ -136,18 +136,17 @@ def guard_rungs(plan_file: PlanFile, uniform: Sequence[tuple[str, PlanFile]],
         others = ", ".join(f"{n}={v:.4g}" for n, v in measured.items())
         if confirm:
             others += f"; mean {tie_break}: " + ", ".join(f"{n}={v[tie_break]:.4g}" for (n, _), v in zip(rungs, values))
-            passing = [i for i in range(optimized) if values[i][metric] <= values[best][metric]
-                       and values[i][tie_break] < values[best][tie_break]]
+            passing = [i for i in range(optimized) if _no_worse_and_closer(values[i], values[best], metric, tie_break)]
             if lead is not None and passing:  # the engine's own setting stands unless surely beaten on the task
                 leads = {i: lead(budget, i, best) for i in passing}
-                chance = [i for i, held in leads.items() if held is not None and held.low <= 0]
+                chance = [i for i, held in leads.items() if not _sure(held)]
                 passing = [i for i in passing if i not in chance]
                 if chance:
                     stood = "; not kept, their lead within chance: " + "; ".join(
                         f"{rungs[i][0]} ({leads[i].describe()})" for i in chance)
             in_sample = {i: written(budget, i, best) for i in passing} if written is not None else {}
-            fails = {i: w for i, w in in_sample.items() if w is not None and not _passes(w, values[best], metric,
-                                                                                     tie_break)}
+            fails = {i: w for i, w in in_sample.items() if w is not None
+                     and not (_no_worse_and_closer(w[0], values[best], metric, tie_break) and _sure(w[1]))}
             if fails:
                 passing = [i for i in passing if i not in fails]
                 stood += ("; not kept, the rung written for it (optimized on every sample) failing the same tests on "
@@ -163,7 +162,7 @@ def guard_rungs(plan_file: PlanFile, uniform: Sequence[tuple[str, PlanFile]],
             if lead is not None and top != 0 and order(0)[0] <= values[best][metric]:  # the plan passes; is the
                 # lead of an alternative that measured lower sure? (a plan that fails gives way to one that passes)
                 leads = {i: lead(budget, i, 0) for i in range(1, optimized) if order(i) < order(0)}
-                sure = [i for i, held in leads.items() if held is None or held.low > 0]  # None: the mean decides
+                sure = [i for i, held in leads.items() if _sure(held)]  # None: the mean decides
                 if sure:
                     top = min(sure, key=order)
                     stood = f"; its lead sure at 90%: {leads[top].describe()}" if leads[top] is not None else ""
@@ -208,11 +207,14 @@ def guard_rungs(plan_file: PlanFile, uniform: Sequence[tuple[str, PlanFile]],
     return plans, rungs_out
 
 
-def _passes(held: tuple[Measures, Lead | None], engine: Measures, metric: Metric, tie_break: Metric) -> bool:
-    """`confirm`'s tests for a written rung's measures and lead against the engine's setting's measures."""
-    measures, ahead = held
-    return (measures[metric] <= engine[metric] and measures[tie_break] < engine[tie_break]
-            and (ahead is None or ahead.low > 0))
+def _no_worse_and_closer(measures: Measures, engine: Measures, metric: Metric, tie_break: Metric) -> bool:
+    """`confirm`'s tests on the means: `metric` at most the engine setting's, `tie_break` strictly below it."""
+    return measures[metric] <= engine[metric] and measures[tie_break] < engine[tie_break]
+
+
+def _sure(lead: Lead | None) -> bool:
+    """A lead whose 90% interval lies above 0; None (no per-sample losses): the means alone decide."""
+    return lead is None or lead.low > 0
 
 
 def _describe(held: tuple[Measures, Lead | None], metric: Metric, tie_break: Metric) -> str:

@@ -60,6 +60,5 @@ class RungMeasure:
         return [[(sample, row[i]) for sample, row in zip(samples, rows)] for i in range(len(plans))]
 
     def _step(self, done: int, note: str) -> None:
-        self.steps = max(self.steps, done)  # a measurement beyond one per budget (the trtllm guard's written rungs)
         if self.progress:
             self.progress(self.stage, done, self.steps, note)
